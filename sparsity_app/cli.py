@@ -1,0 +1,187 @@
+"""python -m sparsity_app {layers, run, sweep}: a thin door onto experiment and store.
+
+Bad input gets one line on stderr and exit status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+
+from .errors import UserError
+from .spec import BLOCK_PRESETS, NORMS, Spec, parse_block, parse_nm
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints usage + message; we want one line
+        raise UserError(f"{message} (see `python -m sparsity_app {self.prog.split()[-1]} --help`)")
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"expected comma-separated numbers like 0.5,0.9, got {text!r}") from None
+
+
+def _add_spec_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
+    d = Spec()
+    p.add_argument("--model", default=d.model, help="model name (default %(default)s)")
+    p.add_argument("--layer", default=d.layer, help="dotted layer name (see `layers`)")
+    p.add_argument("--method", default=d.method, help="magnitude | block | nm | random (default %(default)s)")
+    if not sweep:
+        p.add_argument("--block", default="32x1", help=f"bs_r x bs_c, e.g. {', '.join(BLOCK_PRESETS)}")
+        p.add_argument("--sparsity", type=float, default=d.sparsity, help="fraction removed, 0..0.99")
+        p.add_argument("--nm", default=None, help="N:M pattern for --method nm (or random), e.g. 2:4")
+    p.add_argument("--norm", default=d.norm, choices=NORMS, help="block score norm (default %(default)s)")
+    p.add_argument("--tokens", type=int, default=d.tokens, help="rows of X (default %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of random pruning")
+    p.add_argument("--threads", type=int, default=0, help="threads for every kernel (0 = all cores)")
+    p.add_argument("--cache-dir", default=None, help="result cache (default cache/ or $SPARSITY_APP_CACHE_DIR)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sparsity_app", description="Prune a layer, compile it to a TVM block-sparse "
+                     "kernel, time it against dense, score the accuracy cost.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("layers", help="list a model's prunable layers and their (out, in) shapes")
+    p.add_argument("--model", default=Spec().model)
+    p.add_argument("--json", action="store_true", help="a JSON list of {name, shape}")
+
+    p = sub.add_parser("run", help="measure one configuration")
+    _add_spec_args(p)
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+
+    p = sub.add_parser("sweep", help="measure a grid of block shapes x sparsities on one layer")
+    _add_spec_args(p, sweep=True)
+    p.add_argument("--blocks", default="32x1,16x1,1x32,4x4", help="comma-separated block shapes")
+    p.add_argument("--sparsities", default="0.5,0.7,0.8,0.9,0.95", help="comma-separated sparsities")
+    p.add_argument("--nms", default="2:4,1:4", help="comma-separated N:M patterns (with --method nm)")
+    p.add_argument("--csv", default=None, help="also write the table to this CSV file")
+    return parser
+
+
+def _spec(args: argparse.Namespace, **over) -> Spec:
+    fields = dict(model=args.model, layer=args.layer, method=args.method, norm=args.norm,
+                  tokens=args.tokens, seed=args.seed, threads=args.threads)
+    if hasattr(args, "block"):
+        fields.update(block=parse_block(args.block), sparsity=args.sparsity,
+                      nm=None if args.nm is None else parse_nm(args.nm))
+    fields.update(over)
+    return Spec(**fields)
+
+
+def _layers(args) -> None:
+    from .models import get_model
+
+    layers = get_model(args.model).layers()
+    if args.json:
+        print(json.dumps([{"name": l.name, "shape": list(l.shape)} for l in layers]))
+    else:
+        for l in layers:
+            print(f"{l.name:48s} {l.shape[0]}x{l.shape[1]}")
+
+
+def _run(args) -> None:
+    from .experiment import run
+    from .store import Store
+
+    spec = _spec(args)
+    result = run(spec, store=Store(args.cache_dir), progress=lambda step, detail: _err(f"[{step}] {detail}"))
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(format_table([result.row()]))
+
+
+def _sweep(args) -> None:
+    from .experiment import run, validate
+    from .store import Store
+
+    if args.method == "nm":
+        specs = [_spec(args, nm=parse_nm(v)) for v in args.nms.split(",") if v.strip()]
+    else:
+        blocks = [parse_block(b) for b in args.blocks.split(",") if b.strip()]
+        specs = [_spec(args, block=b, sparsity=s) for b in blocks for s in _floats(args.sparsities)]
+    for s in specs:  # validate the whole grid before measuring any of it
+        validate(s)
+    store, rows = Store(args.cache_dir), []
+    try:
+        for i, spec in enumerate(specs):
+            _progress(i, len(specs), spec)
+            rows.append(run(spec, store=store).row())
+        _progress(len(specs), len(specs), None)
+    finally:  # an error or ^C mid-sweep still shows (and writes) what was measured
+        if rows:
+            print(format_table(rows))
+            if args.csv:
+                write_csv(rows, args.csv)
+                _err(f"wrote {len(rows)} rows to {args.csv}")
+
+
+def _progress(done: int, total: int, spec: Spec | None) -> None:
+    width = 30
+    bar = "#" * (width * done // max(total, 1))
+    what = "done" if spec is None else f"{spec.label()} @ {spec.sparsity:g}"
+    end = "\n" if spec is None else ""
+    sys.stderr.write(f"\r[{bar:<{width}}] {done}/{total} {what:<28}{end}")
+    sys.stderr.flush()
+
+
+TABLE_COLUMNS = (("pattern", "pattern", "{}"), ("sparsity_achieved", "sparsity", "{:.3f}"),
+                 ("tvm_bsr_ms", "bsr ms", "{:.4f}"), ("tvm_dense_ms", "tvm dense ms", "{:.4f}"),
+                 ("torch_dense_ms", "torch ms", "{:.4f}"), ("speedup_vs_tvm_dense", "vs tvm", "{:.2f}x"),
+                 ("speedup_vs_torch_dense", "vs torch", "{:.2f}x"), ("ideal_speedup", "ideal", "{:.2f}x"),
+                 ("output_cosine", "out cos", "{:.3f}"), ("lee_pearson", "lee r", "{:.3f}"),
+                 ("cached", "cached", "{}"))
+
+
+def format_table(rows: list[dict]) -> str:
+    head = [title for _, title, _ in TABLE_COLUMNS]
+    body = [[("-" if r.get(k) is None else fmt.format(r[k])) for k, _, fmt in TABLE_COLUMNS] for r in rows]
+    widths = [max(len(c) for c in col) for col in zip(head, *body)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in [head, *body]]
+    note = "" if all(r.get("lee_pearson") is not None for r in rows) else \
+        "\n(synthetic weights: accuracy columns mean nothing)" if any(r["model"].endswith("synthetic") for r in rows) else ""
+    return "\n".join(lines) + note
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+    try:
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}") from None
+
+
+def _err(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+COMMANDS = {"layers": _layers, "run": _run, "sweep": _sweep}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        COMMANDS[args.command](args)
+        return 0
+    except UserError as e:
+        _err(f"error: {e}")
+        return 2
+    except BrokenPipeError:  # e.g. `| head`: the reader left, nothing to report
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+    except Exception as e:  # a bug, not bad input: still one line, full trace on request
+        if os.environ.get("SPARSITY_APP_DEBUG"):
+            raise
+        _err(f"internal error: {type(e).__name__}: {e} (set SPARSITY_APP_DEBUG=1 for the traceback)")
+        return 1

@@ -1,0 +1,52 @@
+"""Real human-labelled text shipped inside the `gensim` wheel (read in place, never copied).
+
+- Lee corpus: 50 news documents and a 50x50 matrix of human similarity scores (0..1).
+- Pang & Lee polarity: 200 movie-review sentences, 100 positive and 100 negative.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import pathlib
+
+import numpy as np
+
+from .errors import UserError
+
+
+@functools.cache
+def data_dir() -> pathlib.Path:
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the labelled data needs the 'gensim' package: pip install -r requirements.txt")
+    return pathlib.Path(spec.submodule_search_locations[0]) / "test" / "test_data"
+
+
+@functools.cache
+def lee_documents() -> tuple[str, ...]:
+    """The 50 Lee news documents, in the order of the similarity matrix."""
+    text = (data_dir() / "lee.cor").read_text(encoding="cp1252")
+    docs = tuple(line.strip() for line in text.splitlines() if line.strip())
+    assert len(docs) == 50, f"lee.cor: expected 50 documents, found {len(docs)}"
+    return docs
+
+
+@functools.cache
+def lee_similarity() -> np.ndarray:
+    """Human similarity scores, float64 [50, 50], symmetric, ones on the diagonal.
+
+    The file stores the upper triangle only (zeros below the diagonal).
+    """
+    upper = np.loadtxt(data_dir() / "similarities0-1.txt", delimiter="\t", dtype=np.float64)
+    return np.triu(upper) + np.triu(upper, 1).T
+
+
+@functools.cache
+def polarity_sentences() -> tuple[tuple[str, int], ...]:
+    """200 (sentence, label) pairs; label 1 = positive, 0 = negative."""
+    rows = []
+    for line in (data_dir() / "pang_lee_polarity.cor").read_text(encoding="cp1252").splitlines():
+        label, _, text = line.partition(" ")
+        if text:
+            rows.append((text.strip(), int(label == "__label__pos")))
+    return tuple(rows)

@@ -1,0 +1,102 @@
+"""run(spec) -> Result: prune -> BSR -> compile -> time -> score -> store, in that order."""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+
+from . import proxies
+from .errors import UserError
+from .formats import to_bsr
+from .models import get_model, layer_info
+from .pruning import prune
+from .spec import Result, Spec
+from .store import Store, key_of
+from .timing import fingerprint, measure
+
+STEPS = ("prune", "bsr", "compile", "time", "score")  # what `progress` is told, in order
+Progress = Callable[[str, str], None]  # (step, one-line detail)
+
+
+def _quiet(step: str, detail: str) -> None:
+    pass
+
+
+def validate(spec: Spec) -> tuple[Spec, tuple[int, int]]:
+    """The resolved spec and its layer's (out, in) shape; UserError for anything unmeasurable.
+
+    Cheap (no weights, no TVM): call it on a whole grid before measuring any of it.
+    """
+    spec = spec.resolve()
+    shape = layer_info(spec.model, spec.layer).shape
+    spec.check_shape(shape)
+    return spec, shape
+
+
+def run(spec: Spec, store: Store | None = None, progress: Progress = _quiet, repeat: int = 25) -> Result:
+    """Measure one configuration; with a store, a stored result returns at once (cached=True).
+
+    Raises UserError for a request that cannot be measured (unknown model, block that does not
+    divide the layer, ...).
+    """
+    spec, shape = validate(spec)
+    model = get_model(spec.model)
+    machine = fingerprint()
+    key = key_of(spec, machine)
+    if store is not None and (hit := store.get(key)) is not None:
+        return hit
+
+    from .kernels import host_mcpu, set_threads  # imports TVM and torch: only on a cache miss
+    from .kernels.bsr import TVMBSR
+    from .kernels.dense import TorchDense, TVMDense
+
+    weight, bias = model.weight(spec.layer)
+    x = model.calibration(spec.layer, spec.tokens)
+
+    progress("prune", f"{spec.label()} at sparsity {spec.sparsity:.2f} on {shape[0]}x{shape[1]}")
+    mask = prune(weight, spec)
+    pruned = weight * mask
+    achieved = 1.0 - float(mask.mean())
+
+    progress("bsr", f"converting to BSR with {spec.block[0]}x{spec.block[1]} blocks")
+    bsr = to_bsr(weight, mask, spec.block)
+
+    progress("compile", f"compiling the TVM kernels for {bsr.nnz_blocks} blocks")
+    set_threads(spec.threads)
+    start = time.perf_counter()
+    tvm_bsr = TVMBSR(bsr, x)
+    compile_s = time.perf_counter() - start
+    tvm_dense, torch_dense = TVMDense(weight, x), TorchDense(weight, x)
+    reference = x.astype(np.float64) @ pruned.astype(np.float64).T
+    _check("TVM BSR", tvm_bsr.output(), reference)
+    _check("TVM dense", tvm_dense.output(), x.astype(np.float64) @ weight.astype(np.float64).T)
+
+    progress("time", f"timing TVM BSR, TVM dense and PyTorch dense on {spec.threads} threads")
+    times = measure({"tvm_bsr": tvm_bsr.run, "tvm_dense": tvm_dense.run, "torch_dense": torch_dense.run},
+                    repeat=repeat)
+
+    progress("score", "scoring the accuracy proxies")
+    rel, cos = proxies.output_error(x, weight, pruned, bias)
+    scores = {"retained_energy": proxies.retained_energy(weight, mask), "output_rel_error": rel,
+              "output_cosine": cos, **proxies.model_level(spec.model, spec.layer, pruned)}
+
+    result = Result(spec=spec, shape=shape, sparsity_achieved=achieved, nnz_blocks=bsr.nnz_blocks,
+                    bsr_bytes=bsr.nbytes, dense_bytes=weight.nbytes, times_ms=times, compile_s=compile_s,
+                    proxies=scores, machine={**machine, "threads": spec.threads},
+                    kernel={"format": "bsr", "mcpu": host_mcpu(), "bsr": vars(tvm_bsr.knobs), "dense": vars(tvm_dense.knobs)},
+                    real_weights=model.real_weights)
+    if store is not None:
+        store.put(key, result)
+    return result
+
+
+def _check(name: str, got: np.ndarray, want: np.ndarray) -> None:
+    """A kernel that computes the wrong answer must never produce a speedup."""
+    scale = max(float(np.abs(want).max()), 1.0)
+    err = float(np.abs(got - want).max()) / scale
+    if not err < 1e-4:
+        raise RuntimeError(f"{name} kernel disagrees with NumPy (max relative error {err:.2e})")
+
+
+__all__ = ["run", "STEPS", "UserError"]

@@ -1,0 +1,69 @@
+"""TVM kernels for Y = X @ W^T on the host CPU, and the machinery they share.
+
+X is float32 [tokens, in] row-major; Y is float32 [tokens, out]; W is [out, in] as in nn.Linear.
+Each kernel family lives in its own module (dense.py, bsr.py) with its compute written as a
+TVMScript function whose schedule knobs are plain Python arguments.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+from ..spec import default_threads
+
+# TVM sizes its thread pool once, from this variable, when the first parallel kernel runs; without
+# it the pool has one thread on these machines. Per-run thread counts are set by `set_threads`.
+os.environ.setdefault("TVM_NUM_THREADS", str(default_threads()))
+# After a call TVM's idle workers spin before they sleep (default ~300k yields, a long time); while
+# they spin they steal the cores PyTorch's OpenMP threads need, which made PyTorch dense read 20x
+# slower when the two were timed alternately. 1000 keeps back-to-back TVM calls at full speed.
+os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "1000")
+
+import numpy as np  # noqa: E402
+import tvm  # noqa: E402
+
+from ..errors import UserError  # noqa: E402
+
+
+@functools.cache
+def host_target() -> "tvm.target.Target":
+    """LLVM target for this CPU: its own mcpu (e.g. znver4), so LLVM uses every ISA extension."""
+    return tvm.target.Target({"kind": "llvm", "mcpu": host_mcpu(), "num-cores": default_threads()})
+
+
+@functools.cache
+def host_mcpu() -> str:
+    return str(tvm.target.codegen.llvm_get_system_cpu())
+
+
+def max_threads() -> int:
+    return int(os.environ["TVM_NUM_THREADS"])
+
+
+def set_threads(n: int) -> None:
+    """Use n threads in TVM kernels and in PyTorch from now on (same count for every implementation)."""
+    import torch
+
+    if not 1 <= n <= max_threads():
+        raise UserError(f"threads must be between 1 and {max_threads()} on this machine, got {n}")
+    tvm.get_global_func("runtime.config_threadpool")(1, n)
+    torch.set_num_threads(n)
+
+
+def compile_prim_func(func: "tvm.tirx.PrimFunc", name: str):
+    """Compile one PrimFunc for the host; returns the callable (takes tvm tensors or torch tensors)."""
+    ex = tvm.compile(tvm.IRModule({name: func.with_attr("global_symbol", name)}), target=host_target())
+    return ex[name]
+
+
+def tensor(array: np.ndarray) -> "tvm.runtime.Tensor":
+    return tvm.runtime.tensor(np.ascontiguousarray(array), tvm.cpu())
+
+
+def empty(shape: tuple[int, ...]) -> "tvm.runtime.Tensor":
+    return tvm.runtime.empty(shape, "float32", tvm.cpu())
+
+
+def largest_divisor(n: int, at_most: int) -> int:
+    """Largest d <= at_most with n % d == 0 (tiles must divide their loop; 1 always does)."""
+    return next(d for d in range(min(n, at_most), 0, -1) if n % d == 0)

@@ -1,0 +1,101 @@
+"""Pruning methods: each turns a weight [out, in] into a boolean keep-mask of the same shape.
+
+Scoring (which weights matter) is kept apart from the mask's shape (which pattern is allowed):
+`_block_scores` scores bs_r x bs_c tiles, `_keep_top` keeps the best whole tiles, `_nm_mask` keeps
+the best N of every M consecutive weights along the input dimension.
+
+Adding a method is one function with the signature of `magnitude` plus one line in `METHODS`.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from .errors import UserError
+from .spec import Spec
+
+MaskFn = Callable[[np.ndarray, Spec], np.ndarray]
+
+
+def _block_scores(weight: np.ndarray, bs_r: int, bs_c: int, norm: str) -> np.ndarray:
+    """Score of each tile: float64 [out / bs_r, in / bs_c], the tile's L1 or L2 norm."""
+    out_f, in_f = weight.shape
+    tiles = np.abs(weight.astype(np.float64)).reshape(out_f // bs_r, bs_r, in_f // bs_c, bs_c)
+    if norm == "l1":
+        return tiles.sum(axis=(1, 3))
+    return np.sqrt((tiles**2).sum(axis=(1, 3)))
+
+
+def _keep_top(scores: np.ndarray, sparsity: float) -> np.ndarray:
+    """Keep-mask of the grid of `scores`: drops the round(sparsity * n) lowest-scoring cells.
+
+    Rounding to whole cells keeps the achieved sparsity within half a block of the target.
+    Ties are broken by position (stable sort), so the result is deterministic.
+    """
+    flat = scores.ravel()
+    drop = int(round(sparsity * flat.size))
+    keep = np.ones(flat.size, dtype=bool)
+    keep[np.argsort(flat, kind="stable")[:drop]] = False
+    return keep.reshape(scores.shape)
+
+
+def _expand(block_mask: np.ndarray, bs_r: int, bs_c: int) -> np.ndarray:
+    """Tile mask [out / bs_r, in / bs_c] -> element mask [out, in]."""
+    return np.repeat(np.repeat(block_mask, bs_r, axis=0), bs_c, axis=1)
+
+
+def _nm_mask(scores: np.ndarray, n: int, m: int) -> np.ndarray:
+    """Keep the n highest scores of every m consecutive entries along the input dimension."""
+    out_f, in_f = scores.shape
+    groups = scores.reshape(out_f, in_f // m, m)
+    order = np.argsort(-groups, axis=-1, kind="stable")
+    keep = np.zeros_like(groups, dtype=bool)
+    np.put_along_axis(keep, order[..., :n], True, axis=-1)
+    return keep.reshape(out_f, in_f)
+
+
+def magnitude(weight: np.ndarray, spec: Spec) -> np.ndarray:
+    """Unstructured: drop the smallest |w| (a 1x1 block)."""
+    return _keep_top(np.abs(weight), spec.sparsity)
+
+
+def block(weight: np.ndarray, spec: Spec) -> np.ndarray:
+    """Whole bs_r x bs_c tiles, ranked by their L1 or L2 norm."""
+    bs_r, bs_c = spec.block
+    return _expand(_keep_top(_block_scores(weight, bs_r, bs_c, spec.norm), spec.sparsity), bs_r, bs_c)
+
+
+def nm(weight: np.ndarray, spec: Spec) -> np.ndarray:
+    """N:M: the N largest |w| of every M consecutive weights along the input dimension."""
+    n, m = spec.nm
+    return _nm_mask(np.abs(weight), n, m)
+
+
+def random(weight: np.ndarray, spec: Spec) -> np.ndarray:
+    """The naive baseline: the same pattern as `nm` (if N:M is set) or `block`, chosen at random."""
+    scores = np.random.default_rng(spec.seed).random(weight.shape)
+    if spec.nm is not None:
+        return _nm_mask(scores, *spec.nm)
+    bs_r, bs_c = spec.block
+    tile_scores = scores[::bs_r, ::bs_c]  # one random score per tile
+    return _expand(_keep_top(tile_scores, spec.sparsity), bs_r, bs_c)
+
+
+METHODS: dict[str, MaskFn] = {
+    "magnitude": magnitude,
+    "block": block,
+    "nm": nm,
+    "random": random,
+}
+
+
+def prune(weight: np.ndarray, spec: Spec) -> np.ndarray:
+    """Keep-mask, bool [out, in], for `weight` float32 [out, in] under `spec` (already validated)."""
+    try:
+        method = METHODS[spec.method]
+    except KeyError:
+        raise UserError(f"unknown pruning method {spec.method!r}; valid methods: {', '.join(METHODS)}") from None
+    mask = method(weight, spec)
+    assert mask.shape == weight.shape and mask.dtype == bool
+    return mask

@@ -1,0 +1,222 @@
+"""The request (`Spec`) and the measured answer (`Result`): data flows spec -> experiment -> result.
+
+A resolved `Spec` is canonical (fields a method ignores are set to fixed values) so that two
+requests that mean the same experiment share one cache entry.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Any
+
+from .errors import UserError
+
+BLOCK_PRESETS = ("32x1", "16x1", "8x1", "4x1", "1x32", "4x4", "8x8", "16x16", "1x1")
+NM_PRESETS = ("2:4", "1:4", "4:8")
+NORMS = ("l2", "l1")
+MAX_SPARSITY = 0.99
+
+
+def parse_block(text: str) -> tuple[int, int]:
+    """'32x1' -> (32, 1): bs_r (rows of W, i.e. output features) x bs_c (input features)."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX*]\s*(\d+)\s*", str(text))
+    if not m or int(m[1]) < 1 or int(m[2]) < 1:
+        raise UserError(f"block must look like 32x1 (bs_r x bs_c, both >= 1), got {text!r}")
+    return int(m[1]), int(m[2])
+
+
+def parse_nm(text: str) -> tuple[int, int]:
+    """'2:4' -> (2, 4): keep N of every M consecutive weights along the input dimension."""
+    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(text))
+    if not m:
+        raise UserError(f"N:M must look like 2:4, got {text!r}")
+    n, mm = int(m[1]), int(m[2])
+    if not 1 <= n < mm:
+        raise UserError(f"N:M needs 1 <= N < M, got {n}:{mm}")
+    return n, mm
+
+
+def fmt_block(block: tuple[int, int]) -> str:
+    return f"{block[0]}x{block[1]}"
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """One experiment. Frozen and hashable: once resolved it is the cache key (with the machine)."""
+
+    model: str = "minilm-l6"  # catalog name, see models.MODEL_NAMES
+    layer: str = "encoder.layer.0.attention.self.query"  # dotted name of an nn.Linear
+    method: str = "block"  # pruning.METHODS: magnitude | block | nm | random
+    block: tuple[int, int] = (32, 1)  # (bs_r, bs_c): rows of W (outputs) x columns (inputs)
+    sparsity: float = 0.9  # target fraction of weights removed, in [0, 0.99]
+    nm: tuple[int, int] | None = None  # (N, M): keep N of every M inputs; method nm, or random
+    norm: str = "l2"  # block score: l1 or l2 norm of the tile (method block only)
+    tokens: int = 128  # rows of X: real calibration tokens fed to the layer
+    seed: int = 0  # random pruning's seed
+    threads: int = 0  # threads for every kernel; 0 = all cores
+
+    def resolve(self) -> "Spec":
+        """Validate everything that needs no model, and return the canonical form.
+
+        Raises UserError with one line that says what to change.
+        """
+        from .models import MAX_TOKENS
+        from .pruning import METHODS
+
+        if self.method not in METHODS:
+            raise UserError(f"unknown pruning method {self.method!r}; valid methods: {', '.join(METHODS)}")
+        if self.norm not in NORMS:
+            raise UserError(f"unknown norm {self.norm!r}; valid norms: {', '.join(NORMS)}")
+        if not isinstance(self.tokens, int) or not 1 <= self.tokens <= MAX_TOKENS:
+            raise UserError(f"tokens must be an integer in [1, {MAX_TOKENS}], got {self.tokens}")
+        if not isinstance(self.threads, int) or not 0 <= self.threads <= default_threads():
+            raise UserError(f"threads must be between 1 and {default_threads()} on this machine "
+                            f"(0 = all cores), got {self.threads}")
+        block = tuple(int(b) for b in self.block)
+        if len(block) != 2 or min(block) < 1:
+            raise UserError(f"block must be two positive sizes bs_r x bs_c, got {self.block}")
+        nm = None if self.nm is None else tuple(int(v) for v in self.nm)
+        if nm is not None and not 1 <= nm[0] < nm[1]:
+            raise UserError(f"N:M needs 1 <= N < M, got {nm[0]}:{nm[1]}")
+        if self.method == "nm" and nm is None:
+            raise UserError("method nm needs an N:M pattern, e.g. --nm 2:4")
+        sparsity = float(self.sparsity)
+        if self.method == "nm" or (self.method == "random" and nm is not None):
+            sparsity, block = 1 - nm[0] / nm[1], (1, 1)  # N:M fixes the sparsity; stored weight by weight
+        else:
+            nm = None
+            if not 0.0 <= sparsity <= MAX_SPARSITY:
+                raise UserError(f"sparsity must be in [0, {MAX_SPARSITY}], got {self.sparsity}")
+            if self.method == "magnitude":
+                block = (1, 1)
+        norm = self.norm if self.method == "block" else "l2"
+        seed = self.seed if self.method == "random" else 0
+        return dataclasses.replace(self, block=block, nm=nm, sparsity=round(sparsity, 6), norm=norm,
+                                   seed=int(seed), threads=self.threads or default_threads())
+
+    def check_shape(self, shape: tuple[int, int]) -> None:
+        """Raise UserError unless the block (or N:M group) tiles a weight of `shape` (out, in)."""
+        out_f, in_f = shape
+        bs_r, bs_c = self.block
+        if out_f % bs_r:
+            raise UserError(f"block {fmt_block(self.block)} does not divide layer {self.layer} {out_f}x{in_f}: "
+                            f"bs_r={bs_r} must divide the output dimension {out_f}")
+        if in_f % bs_c:
+            raise UserError(f"block {fmt_block(self.block)} does not divide layer {self.layer} {out_f}x{in_f}: "
+                            f"bs_c={bs_c} must divide the input dimension {in_f}")
+        if self.nm is not None and in_f % self.nm[1]:
+            raise UserError(f"N:M {self.nm[0]}:{self.nm[1]} does not fit layer {self.layer}: "
+                            f"M={self.nm[1]} must divide the input dimension {in_f}")
+
+    def label(self) -> str:
+        """Short name of the pattern, e.g. 'block 32x1', 'nm 2:4', 'magnitude'."""
+        if self.nm is not None:
+            return f"{self.method} {self.nm[0]}:{self.nm[1]}"
+        if self.method == "magnitude":
+            return "magnitude"
+        return f"{self.method} {fmt_block(self.block)}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """One implementation's latency over repeated runs, in milliseconds."""
+
+    median: float
+    spread: float  # interquartile range (p75 - p25)
+    min: float
+    max: float
+    runs: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """What one experiment measured. `to_dict` is the CLI's --json object and the stored form."""
+
+    spec: Spec
+    shape: tuple[int, int]  # (out, in) of the layer
+    sparsity_achieved: float  # fraction of weights removed by the mask
+    nnz_blocks: int  # stored blocks (N:M and 1x1: stored weights)
+    bsr_bytes: int  # data + indices + indptr
+    dense_bytes: int
+    times_ms: dict[str, Timing]  # tvm_bsr, tvm_dense, torch_dense
+    compile_s: float  # compiling the BSR kernel, seconds
+    proxies: dict[str, float | None]  # retained_energy, output_rel_error, output_cosine, ...
+    machine: dict[str, Any]  # fingerprint: cpu, isa, cores, threads, versions
+    kernel: dict[str, Any] = dataclasses.field(default_factory=dict)  # format and schedule knobs used
+    cached: bool = False
+    real_weights: bool = True
+
+    @property
+    def speedup_vs_tvm_dense(self) -> float:
+        return self.times_ms["tvm_dense"].median / self.times_ms["tvm_bsr"].median
+
+    @property
+    def speedup_vs_torch_dense(self) -> float:
+        return self.times_ms["torch_dense"].median / self.times_ms["tvm_bsr"].median
+
+    @property
+    def ideal_speedup(self) -> float:
+        return 1.0 / max(1.0 - self.sparsity_achieved, 1e-9)
+
+    def to_dict(self) -> dict[str, Any]:
+        s = self.spec
+        return {
+            "model": s.model,
+            "layer": s.layer,
+            "shape": list(self.shape),
+            "method": s.method,
+            "block": fmt_block(s.block),
+            "nm": None if s.nm is None else f"{s.nm[0]}:{s.nm[1]}",
+            "norm": s.norm,
+            "seed": s.seed,
+            "sparsity_target": s.sparsity,
+            "sparsity_achieved": self.sparsity_achieved,
+            "tokens": s.tokens,
+            "threads": s.threads,
+            "nnz_blocks": self.nnz_blocks,
+            "bsr_bytes": self.bsr_bytes,
+            "dense_bytes": self.dense_bytes,
+            "times_ms": {k: dataclasses.asdict(v) for k, v in self.times_ms.items()},
+            "speedup_vs_tvm_dense": self.speedup_vs_tvm_dense,
+            "speedup_vs_torch_dense": self.speedup_vs_torch_dense,
+            "ideal_speedup": self.ideal_speedup,
+            "compile_s": self.compile_s,
+            "proxies": dict(self.proxies),
+            "kernel": dict(self.kernel),
+            "cached": self.cached,
+            "real_weights": self.real_weights,
+            "accuracy_note": None if self.real_weights else
+            "synthetic random weights: the accuracy figures mean nothing (timing only)",
+            "machine": dict(self.machine),
+        }
+
+    def row(self) -> dict[str, Any]:
+        """One flat row for tables, CSV and charts (times in ms, speedups as ratios)."""
+        d, s = self.to_dict(), self.spec
+        row = {k: d[k] for k in ("model", "layer", "method", "block", "nm", "norm", "seed", "sparsity_target",
+                                 "sparsity_achieved", "tokens", "threads", "nnz_blocks", "bsr_bytes",
+                                 "dense_bytes", "speedup_vs_tvm_dense", "speedup_vs_torch_dense",
+                                 "ideal_speedup", "compile_s", "cached")}
+        row["pattern"] = s.label()
+        row["shape"] = f"{self.shape[0]}x{self.shape[1]}"
+        for name, t in self.times_ms.items():
+            row[f"{name}_ms"], row[f"{name}_spread_ms"] = t.median, t.spread
+        row.update(self.proxies)
+        row["cpu"], row["tvm"] = self.machine.get("cpu"), self.machine.get("tvm")
+        return row
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Result":
+        spec = Spec(model=d["model"], layer=d["layer"], method=d["method"], block=parse_block(d["block"]),
+                    sparsity=d["sparsity_target"], nm=None if d["nm"] is None else parse_nm(d["nm"]),
+                    norm=d["norm"], tokens=d["tokens"], seed=d["seed"], threads=d["threads"])
+        return cls(spec=spec, shape=tuple(d["shape"]), sparsity_achieved=d["sparsity_achieved"],
+                   nnz_blocks=d["nnz_blocks"], bsr_bytes=d["bsr_bytes"], dense_bytes=d["dense_bytes"],
+                   times_ms={k: Timing(**v) for k, v in d["times_ms"].items()}, compile_s=d["compile_s"],
+                   proxies=d["proxies"], machine=d["machine"], kernel=d.get("kernel", {}),
+                   cached=d.get("cached", False), real_weights=d.get("real_weights", True))

@@ -1,0 +1,80 @@
+"""The CLI's contract: JSON keys, one-line errors with non-zero exit, cache hits."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sparsity_app.cli import main
+
+RUN = ["run", "--model", "minilm-l6", "--layer", "encoder.layer.0.attention.self.query", "--method", "block",
+       "--block", "32x1", "--sparsity", "0.9", "--tokens", "128", "--json"]
+KEYS = {"model", "layer", "shape", "method", "block", "sparsity_target", "sparsity_achieved", "tokens",
+        "nnz_blocks", "bsr_bytes", "dense_bytes", "times_ms", "speedup_vs_tvm_dense", "speedup_vs_torch_dense",
+        "ideal_speedup", "compile_s", "proxies", "cached", "machine"}
+
+
+def _cli(args, cache_dir):
+    env = {**os.environ, "SPARSITY_APP_CACHE_DIR": str(cache_dir)}
+    return subprocess.run([sys.executable, "-m", "sparsity_app", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_run_json_contract_and_cache_hit(cache_dir):
+    cold = _cli(RUN, cache_dir)
+    assert cold.returncode == 0, cold.stderr
+    d = json.loads(cold.stdout)  # exactly one JSON object, nothing else on stdout
+    assert KEYS <= d.keys()
+    assert set(d["times_ms"]) == {"tvm_bsr", "tvm_dense", "torch_dense"}
+    assert all({"median", "spread"} <= t.keys() for t in d["times_ms"].values())
+    assert set(d["proxies"]) == {"retained_energy", "output_rel_error", "output_cosine", "embedding_cosine",
+                                 "lee_pearson"}
+    assert d["cached"] is False and d["shape"] == [384, 384] and d["block"] == "32x1"
+    assert d["speedup_vs_torch_dense"] == pytest.approx(
+        d["times_ms"]["torch_dense"]["median"] / d["times_ms"]["tvm_bsr"]["median"])
+    assert {"cpu", "isa", "cores", "threads", "tvm", "torch"} <= d["machine"].keys()
+    warm = _cli(RUN, cache_dir)
+    assert warm.returncode == 0 and json.loads(warm.stdout)["cached"] is True
+    assert "compile" not in warm.stderr
+
+
+def test_layers_json(capsys):
+    assert main(["layers", "--model", "bert-base-synthetic", "--json"]) == 0
+    layers = json.loads(capsys.readouterr().out)
+    assert {"name": "encoder.layer.0.intermediate.dense", "shape": [3072, 768]} in layers
+    assert len(layers) == 72
+
+
+@pytest.mark.parametrize("args, words", [
+    (["run", "--model", "gpt9"], "valid models: minilm-l6, bert-base-synthetic"),
+    (["run", "--layer", "encoder.nope"], "valid layers: encoder.layer.0.attention.self.query"),
+    (["run", "--block", "5x1"], "bs_r=5 must divide the output dimension 384"),
+    (["run", "--block", "1x7"], "bs_c=7 must divide the input dimension 384"),
+    (["run", "--block", "big"], "block must look like 32x1"),
+    (["run", "--sparsity", "1.2"], "sparsity must be in [0, 0.99]"),
+    (["run", "--method", "nm", "--nm", "4:2"], "1 <= N < M"),
+    (["run", "--tokens", "0"], "tokens must be an integer"),
+    (["run", "--tokens", "-5"], "tokens must be an integer"),
+    (["run", "--threads", "999"], "threads must be between 1 and"),
+    (["run", "--method", "prune-it"], "valid methods: magnitude, block, nm, random"),
+    (["sweep", "--blocks", "32x1,5x5"], "must divide"),
+    (["sweep", "--sparsities", "0.5,x"], "comma-separated numbers"),
+    (["layers", "--model", "gpt9"], "valid models"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, words, capsys, cache_dir):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and words in err
+    assert "\n" not in err and "Traceback" not in err
+
+
+def test_sweep_prints_table_and_writes_csv(tmp_path, cache_dir, capsys):
+    out = tmp_path / "grid.csv"
+    assert main(["sweep", "--model", "bert-base-synthetic", "--tokens", "8", "--blocks", "32x1,4x4",
+                 "--sparsities", "0.9,0.95", "--csv", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "block 32x1" in table and "block 4x4" in table
+    lines = out.read_text().splitlines()
+    assert len(lines) == 5 and "speedup_vs_torch_dense" in lines[0]

@@ -1,0 +1,114 @@
+"""The engine end to end on real weights: proxies, cache, model catalog."""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from sparsity_app import Spec, UserError, run
+from sparsity_app import proxies
+from sparsity_app.models import get_model
+from sparsity_app.store import Store, key_of
+from sparsity_app.timing import fingerprint
+
+LAYER = "encoder.layer.0.attention.self.query"
+
+
+def test_minilm_layers_from_config_are_the_real_linears():
+    import torch
+
+    model = get_model("minilm-l6")
+    real = [(n, (m.out_features, m.in_features)) for n, m in model._hf[0].named_modules()
+            if isinstance(m, torch.nn.Linear) and n.startswith("encoder.")]
+    assert [(l.name, l.shape) for l in model.layers()] == real
+    assert len(real) == 36
+
+
+def test_calibration_is_real_activations_of_the_layer():
+    model = get_model("minilm-l6")
+    x = model.calibration(LAYER, 64)
+    assert x.shape == (64, 384) and x.dtype == np.float32
+    assert np.isfinite(x).all() and x.std() > 0.1  # layer-normed hidden states, not zeros
+    assert not np.allclose(x, model.calibration("encoder.layer.3.attention.self.query", 64))
+
+
+def test_proxies_at_sparsity_zero_are_exact():
+    model = get_model("minilm-l6")
+    w, b = model.weight(LAYER)
+    x = model.calibration(LAYER, 128)
+    mask = np.ones_like(w, bool)
+    assert proxies.retained_energy(w, mask) == 1.0
+    rel, cos = proxies.output_error(x, w, w, b)
+    assert rel == 0.0 and cos == pytest.approx(1.0)
+    level = proxies.model_level("minilm-l6", LAYER, w)
+    assert level["embedding_cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert level["lee_pearson"] == pytest.approx(0.656, abs=0.002)  # the dense MiniLM's known figure
+
+
+def test_proxies_fall_as_sparsity_rises():
+    model = get_model("minilm-l6")
+    layer = "encoder.layer.0.intermediate.dense"
+    w, b = model.weight(layer)
+    x = model.calibration(layer, 128)
+    errs = []
+    for keep in (0.5, 0.1):
+        mask = np.abs(w) >= np.quantile(np.abs(w), 1 - keep)
+        errs.append(proxies.output_error(x, w, w * mask, b)[0])
+    assert 0 < errs[0] < errs[1] < 1.5
+
+
+def test_run_then_cache_hit(cache_dir):
+    store = Store()
+    spec = Spec(method="block", block=(16, 1), sparsity=0.8, tokens=32)
+    steps = []
+    first = run(spec, store=store, progress=lambda step, detail: steps.append(step), repeat=3)
+    assert steps == ["prune", "bsr", "compile", "time", "score"]
+    assert not first.cached and abs(first.sparsity_achieved - 0.8) <= 16 / (384 * 384) + 1e-9
+    assert first.nnz_blocks == round(0.2 * 384 * 384 / 16)
+    second = run(spec, store=store, progress=lambda *a: pytest.fail("a cache hit recomputed"))
+    assert second.cached and second.times_ms == first.times_ms
+    assert [r.spec for r in store.results(layer=LAYER)] == [first.spec]
+
+
+def test_corrupt_entry_is_recomputed_not_a_crash(cache_dir):
+    store = Store()
+    spec = Spec(model="bert-base-synthetic", sparsity=0.95, tokens=16)
+    run(spec, store=store, repeat=3)
+    key = key_of(spec.resolve(), fingerprint())
+    store._cache.set(key, "{not json")
+    again = run(spec, store=store, repeat=3)
+    assert not again.cached
+    assert run(spec, store=store).cached
+
+
+def test_unreadable_cache_database_starts_afresh(tmp_path):
+    d = tmp_path / "c"
+    d.mkdir()
+    (d / "cache.db").write_bytes(b"this is not sqlite" * 100)
+    store = Store(d)
+    assert len(store) == 0
+    assert any(p.name.startswith("c.corrupt-") for p in tmp_path.iterdir())
+
+
+def test_synthetic_model_says_its_accuracy_means_nothing(cache_dir):
+    r = run(Spec(model="bert-base-synthetic", layer="encoder.layer.0.intermediate.dense", tokens=16), repeat=3)
+    d = r.to_dict()
+    assert d["shape"] == [3072, 768] and d["real_weights"] is False
+    assert "mean nothing" in d["accuracy_note"]
+    assert d["proxies"]["lee_pearson"] is None
+
+
+def test_nm_result_reports_the_pattern(cache_dir):
+    r = run(Spec(method="nm", nm=(2, 4), tokens=16), repeat=3)
+    assert r.spec.sparsity == 0.5 and r.sparsity_achieved == 0.5 and r.to_dict()["nm"] == "2:4"
+
+
+def test_result_round_trips_through_json(cache_dir):
+    r = run(Spec(model="bert-base-synthetic", tokens=8), repeat=3)
+    back = type(r).from_dict(json.loads(json.dumps(r.to_dict())))
+    assert back == dataclasses.replace(r)
+
+
+def test_unknown_layer_lists_valid_ones():
+    with pytest.raises(UserError, match="valid layers: encoder.layer.0.attention.self.query"):
+        run(Spec(layer="encoder.layer.9.attention.self.query"))

@@ -1,0 +1,96 @@
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sparsity_app.errors import UserError
+from sparsity_app.pruning import METHODS, prune
+from sparsity_app.spec import Spec
+
+
+@st.composite
+def weights_and_blocks(draw):
+    bs_r, bs_c = draw(st.sampled_from([(1, 1), (32, 1), (1, 32), (4, 4), (8, 1), (16, 16), (2, 8)]))
+    rows, cols = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    seed = draw(st.integers(0, 2**16))
+    w = np.random.default_rng(seed).standard_normal((rows * bs_r, cols * bs_c)).astype(np.float32)
+    return w, (bs_r, bs_c)
+
+
+def _spec(**kw):
+    return Spec(**kw).resolve()
+
+
+@given(weights_and_blocks(), st.floats(0.0, 0.99), st.sampled_from(["block", "random"]))
+def test_block_masks_are_aligned_and_hit_the_target(wb, sparsity, method):
+    w, (bs_r, bs_c) = wb
+    mask = prune(w, _spec(method=method, block=(bs_r, bs_c), sparsity=sparsity))
+    tiles = mask.reshape(w.shape[0] // bs_r, bs_r, w.shape[1] // bs_c, bs_c)
+    assert (tiles.all(axis=(1, 3)) == tiles.any(axis=(1, 3))).all(), "a block is partly kept"
+    n_blocks = tiles.shape[0] * tiles.shape[2]
+    assert abs((1 - mask.mean()) - sparsity) <= 1 / n_blocks + 1e-9
+
+
+@given(weights_and_blocks(), st.floats(0.0, 0.99))
+def test_magnitude_keeps_the_largest_weights(wb, sparsity):
+    w, _ = wb
+    mask = prune(w, _spec(method="magnitude", sparsity=sparsity))
+    assert abs((1 - mask.mean()) - sparsity) <= 1 / w.size + 1e-9
+    if mask.any() and (~mask).any():
+        assert np.abs(w[mask]).min() >= np.abs(w[~mask]).max()
+
+
+@given(st.integers(1, 7), st.integers(2, 8), st.integers(1, 5), st.integers(1, 5), st.sampled_from(["nm", "random"]))
+def test_nm_keeps_exactly_n_of_every_m(n, m, rows, groups, method):
+    n = min(n, m - 1)
+    w = np.random.default_rng(rows * 31 + groups).standard_normal((rows, groups * m)).astype(np.float32)
+    mask = prune(w, _spec(method=method, nm=(n, m)))
+    assert (mask.reshape(rows, groups, m).sum(axis=-1) == n).all()
+    if method == "nm":  # the kept ones are the largest of their group
+        g, k = np.abs(w).reshape(rows, groups, m), mask.reshape(rows, groups, m)
+        kept_min = np.where(k, g, np.inf).min(-1)
+        dropped_max = np.where(~k, g, -np.inf).max(-1)
+        assert (kept_min >= dropped_max).all()
+
+
+def test_block_norm_l1_and_l2_differ_where_they_should():
+    # Block 0: one large weight (wins under L2), block 1: many medium ones (wins under L1).
+    w = np.array([[3.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]], np.float32)
+    l2 = prune(w, _spec(method="block", block=(1, 4), sparsity=0.5, norm="l2"))
+    l1 = prune(w, _spec(method="block", block=(1, 4), sparsity=0.5, norm="l1"))
+    assert l2[0, 0] and not l2[0, 4]
+    assert l1[0, 4] and not l1[0, 0]
+
+
+def test_random_depends_on_seed_and_only_on_seed():
+    w = np.ones((64, 64), np.float32)
+    a, b, c = (prune(w, _spec(method="random", block=(4, 4), sparsity=0.5, seed=s)) for s in (0, 0, 1))
+    assert (a == b).all() and not (a == c).all()
+
+
+def test_every_registered_method_returns_a_mask_of_the_weight_shape():
+    w = np.random.default_rng(0).standard_normal((32, 32)).astype(np.float32)
+    for method in METHODS:
+        mask = prune(w, _spec(method=method, nm=(2, 4) if method == "nm" else None, block=(4, 4), sparsity=0.5))
+        assert mask.shape == w.shape and mask.dtype == bool
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(method="nope"), "valid methods: magnitude, block, nm, random"),
+    (dict(sparsity=1.0), "sparsity must be in [0, 0.99]"),
+    (dict(sparsity=-0.1), "sparsity must be in [0, 0.99]"),
+    (dict(method="nm", nm=(4, 4)), "1 <= N < M"),
+    (dict(method="nm"), "needs an N:M pattern"),
+    (dict(tokens=0), "tokens must be"),
+    (dict(norm="l3"), "valid norms"),
+])
+def test_bad_specs_say_what_to_change(kw, words):
+    with pytest.raises(UserError, match=words.replace("[", r"\[").replace("]", r"\]")):
+        Spec(**kw).resolve()
+
+
+def test_block_that_does_not_divide_names_the_dimension():
+    with pytest.raises(UserError, match="bs_r=5 must divide the output dimension 384"):
+        Spec(block=(5, 1)).resolve().check_shape((384, 384))
+    with pytest.raises(UserError, match="bs_c=7 must divide the input dimension 1536"):
+        Spec(block=(1, 7)).resolve().check_shape((384, 1536))
