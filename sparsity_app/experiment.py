@@ -42,15 +42,14 @@ def run(spec: Spec, store: Store | None = None, progress: Progress = _quiet, rep
     """
     spec, shape = validate(spec)
     model = get_model(spec.model)
-    machine = fingerprint()
-    key = key_of(spec, machine)
-    if store is not None and (hit := store.get(key)) is not None:
+    if store is not None and (hit := lookup(spec, store)) is not None:
         return hit
 
     from .kernels import host_mcpu, set_threads  # imports TVM and torch: only on a cache miss
     from .kernels.bsr import TVMBSR
     from .kernels.dense import TorchDense, TVMDense
 
+    machine = fingerprint()
     weight, bias = model.weight(spec.layer)
     x = model.calibration(spec.layer, spec.tokens)
 
@@ -87,8 +86,21 @@ def run(spec: Spec, store: Store | None = None, progress: Progress = _quiet, rep
                     kernel={"format": "bsr", "mcpu": host_mcpu(), "bsr": vars(tvm_bsr.knobs), "dense": vars(tvm_dense.knobs)},
                     real_weights=model.real_weights)
     if store is not None:
-        store.put(key, result)
+        store.put(key_of(spec, machine), result)
     return result
+
+
+def lookup(spec: Spec, store: Store) -> Result | None:
+    """The stored result of `spec` on this machine, or None; never computes anything."""
+    spec, _ = validate(spec)
+    return store.get(key_of(spec, fingerprint()))
+
+
+def mask_of(spec: Spec) -> np.ndarray:
+    """The keep-mask, bool [out, in], that `run(spec)` measures (pruning only: no TVM)."""
+    spec, _ = validate(spec)
+    weight, _ = get_model(spec.model).weight(spec.layer)
+    return prune(weight, spec)
 
 
 def _check(name: str, got: np.ndarray, want: np.ndarray) -> None:

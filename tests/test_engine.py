@@ -112,3 +112,11 @@ def test_result_round_trips_through_json(cache_dir):
 def test_unknown_layer_lists_valid_ones():
     with pytest.raises(UserError, match="valid layers: encoder.layer.0.attention.self.query"):
         run(Spec(layer="encoder.layer.9.attention.self.query"))
+
+
+def test_weights_read_from_safetensors_are_the_models_own():
+    model = get_model("minilm-l6")
+    w, b = model.weight("encoder.layer.1.output.dense")
+    module = model._hf[0].get_submodule("encoder.layer.1.output.dense")
+    np.testing.assert_array_equal(w, module.weight.detach().numpy())
+    np.testing.assert_array_equal(b, module.bias.detach().numpy())

@@ -1,0 +1,11 @@
+"""Sparsity Co-design Explorer: the page router. Each page describes its screen; the engine computes."""
+import streamlit as st
+
+st.set_page_config(page_title="Sparsity Co-design Explorer", page_icon=":material/grid_on:", layout="wide")
+
+page = st.navigation([
+    st.Page("app_pages/explore.py", title="Explore a layer", icon=":material/tune:", default=True),
+    st.Page("app_pages/sweep.py", title="Sweep", icon=":material/grid_view:"),
+    st.Page("app_pages/learn.py", title="Learn", icon=":material/school:"),
+])
+page.run()

@@ -1,0 +1,101 @@
+"""Explore a layer: configure one experiment, run it, see its cost and its place among the others."""
+import streamlit as st
+
+from app_pages.common import conditions, query_spec, run_with_status, store
+from sparsity_app import Spec, UserError, analysis, charts
+from sparsity_app.experiment import lookup, mask_of
+from sparsity_app.links import spec_to_query
+from sparsity_app.models import MODEL_NAMES, get_model
+from sparsity_app.pruning import METHODS
+from sparsity_app.spec import BLOCK_PRESETS, NM_PRESETS, NORMS, fmt_block, parse_block, parse_nm
+
+st.title("Explore a layer")
+st.caption("Prune one layer of a real model, compile it to a block-sparse TVM kernel for this CPU, and see "
+           "how much faster it runs than dense (TVM and PyTorch) and what it costs in accuracy.")
+
+start = query_spec()
+model_name = st.selectbox("Model", MODEL_NAMES, index=MODEL_NAMES.index(start.model), key="model",
+                          format_func=lambda n: f"{n}: {get_model(n).description}")
+layers = {l.name: l.shape for l in get_model(model_name).layers()}
+block_text = fmt_block(start.block)
+
+with st.form("explore"):
+    c1, c2 = st.columns([3, 1])
+    layer = c1.selectbox("Layer", list(layers), index=list(layers).index(start.layer) if start.layer in layers else 0,
+                         format_func=lambda n: f"{n}  ({layers[n][0]}x{layers[n][1]})", key="layer")
+    tokens = c2.number_input("Tokens", 1, 4096, start.tokens, key="tokens")
+    c1, c2, c3 = st.columns(3)
+    method = c1.selectbox("Pruning method", list(METHODS), index=list(METHODS).index(start.method), key="method",
+                          help="random draws the block (or N:M) pattern at random: the baseline to beat")
+    preset = c2.selectbox("Block shape (bs_r x bs_c)", [*BLOCK_PRESETS, "custom"], key="block",
+                          index=BLOCK_PRESETS.index(block_text) if block_text in BLOCK_PRESETS else len(BLOCK_PRESETS))
+    custom = c3.text_input("Custom block", block_text, key="custom_block", help="e.g. 64x1; used when the preset is 'custom'")
+    c1, c2, c3 = st.columns(3)
+    sparsity = c1.slider("Sparsity (fraction removed)", 0.0, 0.99, float(start.sparsity), 0.01, key="sparsity")
+    nm_names = [*NM_PRESETS, "none"]
+    nm_default = "none" if start.nm is None else f"{start.nm[0]}:{start.nm[1]}"
+    nm = c2.selectbox("N:M (method nm, or random N:M)", nm_names, key="nm",
+                      index=nm_names.index(nm_default) if nm_default in nm_names else 0)
+    norm = c3.radio("Block score", NORMS, index=NORMS.index(start.norm), horizontal=True, key="norm")
+    submitted = st.form_submit_button("Run", type="primary")
+
+spec = None
+try:
+    spec = Spec(model=model_name, layer=layer, method=method, tokens=int(tokens), sparsity=float(sparsity), norm=norm,
+                block=parse_block(custom if preset == "custom" else preset),
+                nm=None if nm == "none" else parse_nm(nm))
+except UserError as e:
+    st.error(str(e))
+
+result = None
+if submitted and spec is not None:
+    st.query_params.from_dict(spec_to_query(spec))
+    result = run_with_status(spec)
+elif spec is not None:
+    try:
+        result = lookup(spec, store())  # a shared link whose result is cached shows at once
+    except UserError as e:
+        st.error(str(e))
+
+if result is None:
+    st.info("Choose a configuration and press **Run**. Nothing is compiled until you do.")
+    st.stop()
+
+r, d = result, result.to_dict()
+t = r.times_ms
+if not r.real_weights:
+    st.warning(d["accuracy_note"])
+st.subheader(f"{r.spec.label()} at sparsity {r.sparsity_achieved:.3f} on {r.spec.layer} ({r.shape[0]}x{r.shape[1]})")
+c = st.columns(4)
+c[0].metric("Speedup vs TVM dense", f"{r.speedup_vs_tvm_dense:.2f}x", f"ideal {r.ideal_speedup:.2f}x",
+            delta_color="off")
+c[1].metric("Speedup vs PyTorch dense", f"{r.speedup_vs_torch_dense:.2f}x", f"ideal {r.ideal_speedup:.2f}x",
+            delta_color="off")
+c[2].metric("Achieved sparsity", f"{r.sparsity_achieved:.3f}", f"target {r.spec.sparsity:g}", delta_color="off")
+c[3].metric("BSR bytes vs dense", f"{r.bsr_bytes / 1024:.0f} KiB", f"dense {r.dense_bytes / 1024:.0f} KiB",
+            delta_color="off")
+c = st.columns(4)
+for col, (name, title) in zip(c, [("tvm_bsr", "TVM BSR"), ("tvm_dense", "TVM dense"), ("torch_dense", "PyTorch dense")]):
+    col.metric(f"{title} latency", f"{t[name].median * 1000:.1f} us", f"spread {t[name].spread * 1000:.1f} us",
+               delta_color="off")
+c[3].metric("Compile time", f"{r.compile_s:.2f} s", f"{r.nnz_blocks} blocks stored", delta_color="off")
+c = st.columns(5)
+for col, (name, (title, _)) in zip(c, analysis.PROXIES.items()):
+    value = r.proxies.get(name)
+    col.metric(title, "n/a" if value is None else f"{value:.3f}")
+st.caption(conditions(r) + (" Loaded from the cache." if r.cached else ""))
+
+left, right = st.columns([1, 2])
+with left:
+    chart, factor = charts.mask_heatmap(mask_of(r.spec))
+    st.altair_chart(chart, key="mask")
+    st.caption(f"Kept weights of the real {r.shape[0]}x{r.shape[1]} weight (white = pruned). "
+               + (f"Downsampled: each cell is the kept fraction of {factor}x{factor} weights." if factor > 1
+                  else "One cell per weight."))
+with right:
+    proxy = st.selectbox("Accuracy proxy", list(analysis.PROXIES), key="proxy",
+                         format_func=lambda p: analysis.PROXIES[p][0])
+    df = analysis.frame(store().results(model=r.spec.model, layer=r.spec.layer))
+    df = df[df["tokens"] == r.spec.tokens]
+    st.altair_chart(charts.tradeoff(df, proxy, current=r.row()), key="tradeoff")
+    st.caption(f"Every cached result of this layer at {r.spec.tokens} tokens ({len(df)} points).")

@@ -1,0 +1,87 @@
+"""Chart builders: pure functions, DataFrame (see analysis.frame) in, `alt.Chart` out."""
+from __future__ import annotations
+
+import altair as alt
+import numpy as np
+import pandas as pd
+
+from .analysis import PROXIES, pareto_mask
+
+TOOLTIP = ["pattern", "block", "nm", "sparsity_target", alt.Tooltip("sparsity_achieved", format=".3f"),
+           alt.Tooltip("tvm_bsr_ms", format=".4f"), alt.Tooltip("tvm_dense_ms", format=".4f"),
+           alt.Tooltip("torch_dense_ms", format=".4f"), alt.Tooltip("speedup_vs_torch_dense", format=".2f"),
+           alt.Tooltip("speedup_vs_tvm_dense", format=".2f"), alt.Tooltip("output_cosine", format=".3f"),
+           alt.Tooltip("lee_pearson", format=".3f"), "tokens", "threads", "norm", "seed"]
+
+
+def tradeoff(df: pd.DataFrame, proxy: str = "output_cosine", speedup: str = "speedup_vs_torch_dense",
+             current: dict | None = None) -> alt.Chart:
+    """Accuracy proxy against speedup, one point per result, coloured by pattern; the Pareto front
+    (best proxy for a given speedup) as a line; `current` (a row) ringed."""
+    label, higher = PROXIES[proxy]
+    data = df.dropna(subset=[proxy]).copy()
+    data["_y"] = data[proxy] if higher else -data[proxy]
+    data["pareto"] = pareto_mask(data[speedup].to_numpy(), data["_y"].to_numpy()) if len(data) else []
+    base = alt.Chart(data).encode(
+        x=alt.X(f"{speedup}:Q", title=speedup.replace("_", " ") + " (x)", scale=alt.Scale(zero=False)),
+        y=alt.Y(f"{proxy}:Q", title=label, scale=alt.Scale(zero=False)))
+    points = base.mark_circle(size=80, opacity=0.8).encode(color=alt.Color("pattern:N", title="pattern"),
+                                                           tooltip=TOOLTIP)
+    front = base.transform_filter("datum.pareto").mark_line(color="gray", strokeDash=[4, 3]).encode(
+        order=f"{speedup}:Q")
+    layers = [front, points]
+    if current is not None:
+        ring = pd.DataFrame([{speedup: current[speedup], proxy: current.get(proxy)}]).dropna()
+        layers.append(alt.Chart(ring).mark_point(size=400, color="black", strokeWidth=2, shape="circle")
+                      .encode(x=f"{speedup}:Q", y=f"{proxy}:Q"))
+    return alt.layer(*layers).properties(title=f"{label} vs speedup (dashed: Pareto front)", height=380)
+
+
+def speedup_vs_sparsity(df: pd.DataFrame, speedup: str = "speedup_vs_best_dense") -> alt.Chart:
+    """Measured speedup per pattern against sparsity, with the ideal 1/(1-s) and break-even (1x)."""
+    s = np.linspace(0, max(0.96, float(df["sparsity_achieved"].max())), 60)
+    ideal = alt.Chart(pd.DataFrame({"sparsity_achieved": s, "ideal": 1 / (1 - s)})).mark_line(
+        color="black", strokeDash=[6, 3]).encode(x="sparsity_achieved:Q", y="ideal:Q")
+    even = alt.Chart(pd.DataFrame({"y": [1.0]})).mark_rule(color="red").encode(y="y:Q")
+    lines = alt.Chart(df).mark_line(point=True).encode(
+        x=alt.X("sparsity_achieved:Q", title="sparsity"),
+        y=alt.Y(f"{speedup}:Q", title=speedup.replace("_", " ") + " (x)", scale=alt.Scale(type="log")),
+        color="pattern:N", tooltip=TOOLTIP)
+    return alt.layer(ideal, even, lines).properties(
+        title="speedup vs sparsity (dashed: ideal 1/(1-s); red: break-even)", height=340)
+
+
+def speedup_heatmap(df: pd.DataFrame, speedup: str = "speedup_vs_best_dense") -> alt.Chart:
+    base = alt.Chart(df).encode(x=alt.X("sparsity_target:O", title="sparsity"), y=alt.Y("pattern:N", title="pattern"))
+    cells = base.mark_rect().encode(color=alt.Color(f"{speedup}:Q", scale=alt.Scale(scheme="redyellowgreen",
+                                                                                    domainMid=1)),
+                                    tooltip=TOOLTIP)
+    text = base.mark_text(baseline="middle").encode(text=alt.Text(f"{speedup}:Q", format=".1f"))
+    return (cells + text).properties(title=f"{speedup.replace('_', ' ')} (x)", height=220)
+
+
+def proxy_vs_sparsity(df: pd.DataFrame, proxy: str = "output_cosine") -> alt.Chart:
+    label, _ = PROXIES[proxy]
+    return alt.Chart(df.dropna(subset=[proxy])).mark_line(point=True).encode(
+        x=alt.X("sparsity_achieved:Q", title="sparsity"), y=alt.Y(f"{proxy}:Q", title=label, scale=alt.Scale(zero=False)),
+        color="pattern:N", tooltip=TOOLTIP).properties(title=f"{label} vs sparsity", height=340)
+
+
+def mask_heatmap(mask: np.ndarray, max_cells: int = 96) -> tuple[alt.Chart, int]:
+    """Kept fraction of the mask on a grid of at most max_cells per side; returns (chart, factor).
+
+    factor > 1 means each cell averages factor x factor weights (the caption must say so).
+    """
+    out_f, in_f = mask.shape
+    factor = max(1, int(np.ceil(max(out_f, in_f) / max_cells)))
+    r, c = out_f // factor, in_f // factor
+    grid = mask[: r * factor, : c * factor].reshape(r, factor, c, factor).mean(axis=(1, 3))
+    rows, cols = np.indices(grid.shape)
+    data = pd.DataFrame({"out": rows.ravel() * factor, "in": cols.ravel() * factor, "kept": grid.ravel()})
+    chart = alt.Chart(data).mark_rect().encode(
+        x=alt.X("in:O", title="input feature", axis=alt.Axis(labels=False, ticks=False)),
+        y=alt.Y("out:O", title="output feature", axis=alt.Axis(labels=False, ticks=False)),
+        color=alt.Color("kept:Q", title="kept", scale=alt.Scale(scheme="greys", domain=[0, 1])),
+        tooltip=["out", "in", alt.Tooltip("kept", format=".2f")],
+    ).properties(width=min(420, 4 * c + 40), height=min(420, 4 * r + 40))
+    return chart, factor

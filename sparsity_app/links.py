@@ -1,0 +1,62 @@
+"""A view's configuration <-> URL query parameters, so a link reproduces the view.
+
+Each parameter that is invalid falls back to its default, with a note saying so.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Mapping
+
+from .errors import UserError
+from .spec import Spec, fmt_block, parse_block, parse_nm
+
+_PARSERS: dict[str, Callable[[str], object]] = {  # in the order they are applied
+    "model": str,
+    "layer": str,
+    "nm": parse_nm,  # before method: method=nm is only valid once the pattern is known
+    "method": str,
+    "block": parse_block,
+    "sparsity": float,
+    "norm": str,
+    "tokens": int,
+}
+
+
+def spec_from_query(query: Mapping[str, str], default: Spec = Spec()) -> tuple[Spec, list[str]]:
+    """(spec, notes): every valid parameter applied, every invalid one replaced by its default."""
+    from .experiment import validate
+
+    spec, notes = default, []
+    for name, parse in _PARSERS.items():
+        if name not in query:
+            continue
+        raw = query[name]
+        try:
+            candidate = dataclasses.replace(spec, **{name: parse(raw)})
+            if name == "model" and candidate.model != spec.model:  # the default layer may not exist there
+                from .models import get_model
+
+                candidate = dataclasses.replace(candidate, layer=get_model(candidate.model).layers()[0].name)
+            validate(candidate)
+        except (UserError, ValueError) as e:
+            notes.append(f"ignored {name}={raw!r} from the link ({e}); using {_show(spec, name)}")
+            continue
+        spec = candidate
+    return spec, notes
+
+
+def _show(spec: Spec, name: str) -> str:
+    value = getattr(spec, name)
+    if name == "block":
+        return fmt_block(value)
+    if name == "nm":
+        return "no N:M" if value is None else f"{value[0]}:{value[1]}"
+    return str(value)
+
+
+def spec_to_query(spec: Spec) -> dict[str, str]:
+    q = {"model": spec.model, "layer": spec.layer, "method": spec.method, "block": fmt_block(spec.block),
+         "sparsity": f"{spec.sparsity:g}", "norm": spec.norm, "tokens": str(spec.tokens)}
+    if spec.nm is not None:
+        q["nm"] = f"{spec.nm[0]}:{spec.nm[1]}"
+    return q
