@@ -1,4 +1,4 @@
-"""python -m sparsity_app {layers, run, sweep}: a thin door onto experiment and store.
+"""python -m sparsity_app {layers, run, sweep, bench}: a thin door onto experiment and store.
 
 Bad input gets one line on stderr and exit status 2, never a traceback.
 """
@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsities", default="0.5,0.7,0.8,0.9,0.95", help="comma-separated sparsities")
     p.add_argument("--nms", default="2:4,1:4", help="comma-separated N:M patterns (with --method nm)")
     p.add_argument("--csv", default=None, help="also write the table to this CSV file")
+    p = sub.add_parser("bench", help="kernel benchmark: every sparse format against every dense peer")
+    from .bench import add_arguments
+
+    add_arguments(p)
     return parser
 
 
@@ -169,6 +173,10 @@ COMMANDS = {"layers": _layers, "run": _run, "sweep": _sweep}
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if args.command == "bench":
+            from .bench import main as bench_main
+
+            return bench_main(args)
         COMMANDS[args.command](args)
         return 0
     except UserError as e:

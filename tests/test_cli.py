@@ -78,3 +78,14 @@ def test_sweep_prints_table_and_writes_csv(tmp_path, cache_dir, capsys):
     assert "block 32x1" in table and "block 4x4" in table
     lines = out.read_text().splitlines()
     assert len(lines) == 5 and "speedup_vs_torch_dense" in lines[0]
+
+
+def test_bench_json_has_every_row(capsys):
+    assert main(["bench", "--shapes", "64x64", "--sparsities", "0.5,0.9", "--tokens", "8", "--repeat", "2",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    impls = {r["impl"] for r in out["rows"]}
+    assert {"PyTorch dense", "TVM dense", "TVM BSR 32x1", "TVM BSR 1x32", "TVM CSR (BSR 1x1)", "PyTorch CSR (MKL)",
+            "SciPy CSR", "SciPy BSR 32x1", "TVM N:M 2:4 (as BSR 1x1)"} <= impls
+    assert all(r["median_ms"] > 0 and r["bytes"] > 0 for r in out["rows"])
+    assert {"cpu", "isa", "cores"} <= out["machine"].keys()
