@@ -8,7 +8,7 @@ Python API (the CLI and the app are thin doors onto it):
                       method="block", block=(32, 1), sparsity=0.9))
     result.speedup_vs_torch_dense, result.proxies["lee_pearson"]
 """
-__version__ = "0.1.0"  # part of every cache key: bump when kernels or measurement change results
+__version__ = "0.2.0"  # part of every cache key: bump when kernels or measurement change results
 
 from .errors import UserError  # noqa: E402
 from .spec import Result, Spec, Timing  # noqa: E402

@@ -6,7 +6,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import proxies
+from . import proxies, tuner
 from .errors import UserError
 from .formats import to_bsr
 from .models import get_model, layer_info
@@ -16,6 +16,7 @@ from .store import Store, key_of
 from .timing import fingerprint, measure
 
 STEPS = ("prune", "bsr", "compile", "time", "score")  # what `progress` is told, in order
+FORMAT_NAMES = {"bsr": "BSR", "csr": "CSR", "nm": "the N:M format"}
 Progress = Callable[[str, str], None]  # (step, one-line detail)
 
 
@@ -46,7 +47,6 @@ def run(spec: Spec, store: Store | None = None, progress: Progress = _quiet, rep
         return hit
 
     from .kernels import host_mcpu, set_threads  # imports TVM and torch: only on a cache miss
-    from .kernels.bsr import TVMBSR
     from .kernels.dense import TorchDense, TVMDense
 
     machine = fingerprint()
@@ -58,21 +58,25 @@ def run(spec: Spec, store: Store | None = None, progress: Progress = _quiet, rep
     pruned = weight * mask
     achieved = 1.0 - float(mask.mean())
 
-    progress("bsr", f"converting to BSR with {spec.block[0]}x{spec.block[1]} blocks")
-    bsr = to_bsr(weight, mask, spec.block)
+    family, sparse = tuner.sparse_format(weight, mask, spec)
+    bsr = to_bsr(weight, mask, spec.block)  # block count, whatever format the kernel reads
+    progress("bsr", f"converting to {FORMAT_NAMES[family]} ({bsr.nnz_blocks} blocks of "
+                    f"{spec.block[0]}x{spec.block[1]}, {sparse.nbytes / 1024:.0f} KiB)")
 
-    progress("compile", f"compiling the TVM kernels for {bsr.nnz_blocks} blocks")
     set_threads(spec.threads)
+    reference = x.astype(np.float64) @ pruned.astype(np.float64).T
+    progress("compile", "compiling the tuned schedule" if store is not None and tuner.is_tuned(
+        family, sparse, x, spec, spec.threads, store) else "tuning: compiling and timing candidate schedules")
     start = time.perf_counter()
-    tvm_bsr = TVMBSR(bsr, x)
+    tuning = tuner.best_schedule(family, sparse, x, reference, spec, spec.threads, store)
+    kernel = tuner.families()[family].kernel(sparse, x, tuning.knobs())
     compile_s = time.perf_counter() - start
     tvm_dense, torch_dense = TVMDense(weight, x), TorchDense(weight, x)
-    reference = x.astype(np.float64) @ pruned.astype(np.float64).T
-    _check("TVM BSR", tvm_bsr.output(), reference)
-    _check("TVM dense", tvm_dense.output(), x.astype(np.float64) @ weight.astype(np.float64).T)
+    tuner.check_output("TVM sparse", kernel.output(), reference)
+    tuner.check_output("TVM dense", tvm_dense.output(), x.astype(np.float64) @ weight.astype(np.float64).T)
 
-    progress("time", f"timing TVM BSR, TVM dense and PyTorch dense on {spec.threads} threads")
-    times = measure({"tvm_bsr": tvm_bsr.run, "tvm_dense": tvm_dense.run, "torch_dense": torch_dense.run},
+    progress("time", f"timing the TVM {family.upper()} kernel, TVM dense and PyTorch dense on {spec.threads} threads")
+    times = measure({"tvm_bsr": kernel.run, "tvm_dense": tvm_dense.run, "torch_dense": torch_dense.run},
                     repeat=repeat)
 
     progress("score", "scoring the accuracy proxies")
@@ -81,9 +85,10 @@ def run(spec: Spec, store: Store | None = None, progress: Progress = _quiet, rep
               "output_cosine": cos, **proxies.model_level(spec.model, spec.layer, pruned)}
 
     result = Result(spec=spec, shape=shape, sparsity_achieved=achieved, nnz_blocks=bsr.nnz_blocks,
-                    bsr_bytes=bsr.nbytes, dense_bytes=weight.nbytes, times_ms=times, compile_s=compile_s,
+                    bsr_bytes=sparse.nbytes, dense_bytes=weight.nbytes, times_ms=times, compile_s=compile_s,
                     proxies=scores, machine={**machine, "threads": spec.threads},
-                    kernel={"format": "bsr", "mcpu": host_mcpu(), "bsr": vars(tvm_bsr.knobs), "dense": vars(tvm_dense.knobs)},
+                    kernel={"format": family, "mcpu": host_mcpu(), "knobs": tuning.winner, "schedule": tuning.label,
+                            "tuning": tuning.to_dict(), "dense": vars(tvm_dense.knobs)},
                     real_weights=model.real_weights)
     if store is not None:
         store.put(key_of(spec, machine), result)
@@ -101,14 +106,6 @@ def mask_of(spec: Spec) -> np.ndarray:
     spec, _ = validate(spec)
     weight, _ = get_model(spec.model).weight(spec.layer)
     return prune(weight, spec)
-
-
-def _check(name: str, got: np.ndarray, want: np.ndarray) -> None:
-    """A kernel that computes the wrong answer must never produce a speedup."""
-    scale = max(float(np.abs(want).max()), 1.0)
-    err = float(np.abs(got - want).max()) / scale
-    if not err < 1e-4:
-        raise RuntimeError(f"{name} kernel disagrees with NumPy (max relative error {err:.2e})")
 
 
 __all__ = ["run", "STEPS", "UserError"]

@@ -140,11 +140,11 @@ class Result:
     spec: Spec
     shape: tuple[int, int]  # (out, in) of the layer
     sparsity_achieved: float  # fraction of weights removed by the mask
-    nnz_blocks: int  # stored blocks (N:M and 1x1: stored weights)
-    bsr_bytes: int  # data + indices + indptr
+    nnz_blocks: int  # stored blocks of spec.block (N:M and 1x1: stored weights)
+    bsr_bytes: int  # bytes of the sparse format the kernel reads (kernel['format']: bsr, csr or nm)
     dense_bytes: int
-    times_ms: dict[str, Timing]  # tvm_bsr, tvm_dense, torch_dense
-    compile_s: float  # compiling the BSR kernel, seconds
+    times_ms: dict[str, Timing]  # tvm_bsr (the TVM sparse kernel, any format), tvm_dense, torch_dense
+    compile_s: float  # tuning (unless a winner was stored) and compiling the sparse kernel, seconds
     proxies: dict[str, float | None]  # retained_energy, output_rel_error, output_cosine, ...
     machine: dict[str, Any]  # fingerprint: cpu, isa, cores, threads, versions
     kernel: dict[str, Any] = dataclasses.field(default_factory=dict)  # format and schedule knobs used

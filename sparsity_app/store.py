@@ -1,6 +1,6 @@
 """Result cache on disk (diskcache), keyed by the resolved Spec plus the machine fingerprint.
 
-Values are JSON text (Result.to_dict), so a code change never meets an unpicklable object; an
+Values are JSON text (Result.to_dict; tuner.Tuning.to_dict under tuning/), so a code change never meets an unpicklable object; an
 entry that cannot be read back is dropped and recomputed, never a crash. Size is bounded by
 diskcache's least-recently-stored eviction.
 """
@@ -34,18 +34,24 @@ def key_of(spec: Spec, machine: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def _open(directory: pathlib.Path, size_limit: int) -> diskcache.Cache:
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        return diskcache.Cache(str(directory), size_limit=size_limit)
+    except sqlite3.DatabaseError:
+        # The index itself is unreadable: keep it aside for inspection and start afresh.
+        directory.rename(directory.with_name(f"{directory.name}.corrupt-{int(time.time())}"))
+        directory.mkdir(parents=True)
+        return diskcache.Cache(str(directory), size_limit=size_limit)
+
+
 class Store:
+    """Results, and the schedule tuner's winners (kept apart: `results()` reads every result key)."""
+
     def __init__(self, directory: str | os.PathLike | None = None):
         self.directory = cache_dir(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        try:
-            self._cache = diskcache.Cache(str(self.directory), size_limit=SIZE_LIMIT)
-        except sqlite3.DatabaseError:
-            # The index itself is unreadable: keep it aside for inspection and start afresh.
-            aside = self.directory.with_name(f"{self.directory.name}.corrupt-{int(time.time())}")
-            self.directory.rename(aside)
-            self.directory.mkdir(parents=True)
-            self._cache = diskcache.Cache(str(self.directory), size_limit=SIZE_LIMIT)
+        self._cache = _open(self.directory, SIZE_LIMIT)
+        self._tunings = _open(self.directory / "tuning", SIZE_LIMIT // 4)
 
     def get(self, key: str) -> Result | None:
         try:
@@ -60,6 +66,18 @@ class Store:
     def put(self, key: str, result: Result) -> None:
         self._cache.set(key, json.dumps(dataclasses.replace(result, cached=False).to_dict()))
 
+    def get_tuning(self, key: str) -> dict | None:
+        """A stored tuner winner (tuner.Tuning.to_dict), or None; unreadable entries are dropped."""
+        try:
+            raw = self._tunings.get(key)
+            return None if raw is None else json.loads(raw)
+        except Exception:
+            self._tunings.delete(key)
+            return None
+
+    def put_tuning(self, key: str, tuning: dict) -> None:
+        self._tunings.set(key, json.dumps(tuning))
+
     def results(self, model: str | None = None, layer: str | None = None) -> Iterator[Result]:
         """Every readable stored result, optionally only those of one model / layer."""
         for key in list(self._cache.iterkeys()):
@@ -72,3 +90,4 @@ class Store:
 
     def close(self) -> None:
         self._cache.close()
+        self._tunings.close()

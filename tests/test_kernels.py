@@ -1,13 +1,18 @@
-"""Every kernel against a dense NumPy reference, through one oracle helper."""
+"""Every kernel, and every schedule the tuner may pick, against a dense NumPy reference, through one
+oracle helper."""
 import numpy as np
 import pytest
 import scipy.sparse
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsity_app.formats import to_bsr
+from sparsity_app import tuner
+from sparsity_app.formats import to_bsr, to_csr, to_nm
+from sparsity_app.kernels import balanced_parts, csr, nm
 from sparsity_app.kernels.bsr import BSRKnobs, TVMBSR
 from sparsity_app.kernels.dense import DenseKnobs, TorchDense, TVMDense
+from sparsity_app.pruning import prune
+from sparsity_app.spec import Spec
 
 
 def assert_matches_dense(kernel_output: np.ndarray, x: np.ndarray, w: np.ndarray) -> None:
@@ -37,6 +42,69 @@ def test_bsr_kernel_matches_dense(block, rows, cols, tokens, keep, empty_rows, s
     w, mask, x = _case(rows * bs_r * 2, cols * bs_c * 2, tokens, keep, seed, empty_rows, bs_r)
     bsr = to_bsr(w, mask, block)
     assert_matches_dense(TVMBSR(bsr, x).output(), x, w * mask)
+
+
+PATTERNS = [*(Spec(method="block", block=b, sparsity=0.7) for b in BLOCKS),
+            Spec(method="magnitude", block=(1, 1), sparsity=0.8), Spec(method="nm", nm=(2, 4)),
+            Spec(method="nm", nm=(1, 4)), Spec(method="random", nm=(3, 8))]
+
+
+@pytest.mark.parametrize("spec", PATTERNS, ids=lambda s: s.label())
+@pytest.mark.parametrize("tokens", [48, 5])
+def test_every_schedule_the_tuner_may_pick_matches_dense(spec, tokens):
+    """Both tuner rounds' knobs (the variants of every first-round candidate), per format."""
+    spec = spec.resolve()
+    bs_r, bs_c = spec.block
+    w, _, x = _case(bs_r * 6, bs_c * 16, tokens, 1.0, seed=7)
+    mask = prune(w, spec)
+    mask[:bs_r] = False if spec.nm is None else mask[:bs_r]  # an empty (block) row, where allowed
+    family, weight = tuner.sparse_format(w, mask, spec)
+    fam = tuner.families()[family]
+    first = fam.candidates(tokens, weight)
+    knobs = dict.fromkeys([fam.default(tokens, weight), *first, *(v for k in first for v in fam.variants(k, weight))])
+    for k in knobs:
+        assert_matches_dense(fam.kernel(weight, x, k).output(), x, w * mask)
+
+
+@given(rows=st.integers(1, 40), cols=st.integers(1, 40), tokens=st.sampled_from([1, 3, 16, 24, 128]),
+       keep=st.sampled_from([0.0, 0.05, 0.3, 1.0]), seed=st.integers(0, 1000))
+@settings(max_examples=30, deadline=None)
+def test_csr_kernel_matches_dense(rows, cols, tokens, keep, seed):
+    w, mask, x = _case(rows, cols, tokens, keep, seed)
+    assert_matches_dense(csr.TVMCSR(to_csr(w, mask), x).output(), x, w * mask)
+
+
+@given(nm_=st.sampled_from([(1, 2), (2, 4), (1, 4), (2, 8)]), rows=st.integers(1, 20), groups=st.integers(1, 6),
+       tokens=st.sampled_from([1, 3, 16, 128]), seed=st.integers(0, 1000))
+@settings(max_examples=30, deadline=None)
+def test_nm_kernel_matches_dense(nm_, rows, groups, tokens, seed):
+    w, _, x = _case(rows, groups * nm_[1], tokens, 1.0, seed)
+    mask = prune(w, Spec(method="nm", nm=nm_).resolve())
+    weight = to_nm(w, mask, nm_)
+    assert weight.offsets.dtype == np.uint8 and weight.values.shape == (rows, groups * nm_[0])
+    assert_matches_dense(nm.TVMNM(weight, x).output(), x, w * mask)
+
+
+def test_csr_and_nm_formats_round_trip():
+    w, mask, _ = _case(24, 32, 1, 0.3, seed=5)
+    c = to_csr(w, mask)
+    ref = scipy.sparse.csr_matrix(w * mask)
+    np.testing.assert_array_equal(c.indptr, ref.indptr)
+    np.testing.assert_array_equal(c.to_dense(), w * mask)
+    nm_mask = prune(w, Spec(method="nm", nm=(2, 8)).resolve())
+    np.testing.assert_array_equal(to_nm(w, nm_mask, (2, 8)).to_dense(), w * nm_mask)
+    with pytest.raises(ValueError, match="not 2:8"):
+        to_nm(w, mask, (2, 8))
+
+
+def test_balanced_parts_cover_every_row_once_and_even_out_work():
+    indptr = np.concatenate([[0], np.cumsum([50, 0, 1, 1, 1, 1, 1, 45, 0, 0])]).astype(np.int32)
+    for n in (1, 2, 3, 7, 12):
+        parts = balanced_parts(indptr, n)
+        assert parts[0] == 0 and parts[-1] == 10 and (np.diff(parts) >= 0).all() and len(parts) == n + 1
+    parts = balanced_parts(indptr, 2)
+    work = np.add.reduceat(np.diff(indptr) + 1, parts[:-1])
+    assert abs(int(work[0]) - int(work[1])) <= 52  # the 50-block row cannot be split
 
 
 @pytest.mark.parametrize("tile", [1, 2, 4, 8, 16])

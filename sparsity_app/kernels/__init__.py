@@ -67,3 +67,37 @@ def empty(shape: tuple[int, ...]) -> "tvm.runtime.Tensor":
 def largest_divisor(n: int, at_most: int) -> int:
     """Largest d <= at_most with n % d == 0 (tiles must divide their loop; 1 always does)."""
     return next(d for d in range(min(n, at_most), 0, -1) if n % d == 0)
+
+
+def balanced_parts(indptr: np.ndarray, n_parts: int) -> np.ndarray:
+    """Row bounds int32 [n_parts + 1] cutting rows into contiguous runs of about equal work.
+
+    indptr: int32 [rows + 1] (CSR/BSR row pointers); a row's work is its stored entries plus one
+    (for its stores). Rows of a pruned weight keep unequal counts, so a static split by row number
+    leaves one thread waiting for the other.
+    """
+    work = np.diff(indptr).astype(np.int64) + 1
+    cum = np.concatenate([[0], np.cumsum(work)])
+    cuts = np.searchsorted(cum, np.arange(1, n_parts) * cum[-1] / n_parts)
+    return np.concatenate([[0], cuts, [len(work)]]).astype(np.int32)
+
+
+class Kernel:
+    """A compiled kernel bound to its arguments: Y = X @ W^T for one weight and one X.
+
+    Subclasses set `_fn` (the compiled function), `_args` (its tvm tensors, output last) and
+    `_feature_major` (True when the output is Y^T [out, tokens]). `run()` reuses the preallocated
+    buffers, for timing; `output()` returns Y float32 [tokens, out] whatever the layout.
+    """
+
+    _fn = None
+    _args: tuple = ()
+    _feature_major = False
+
+    def run(self) -> None:
+        self._fn(*self._args)
+
+    def output(self) -> np.ndarray:
+        self.run()
+        y = self._args[-1].numpy()
+        return np.ascontiguousarray(y.T) if self._feature_major else y

@@ -1,10 +1,24 @@
 """Block-sparse (BSR) x dense: Y = X @ W^T with W in BSR, written in TensorIR for the host CPU.
 
-The schedule follows the dense micro-kernel: block rows of W run in parallel; for each tile of
-tokens an accumulator [tile, bs_r] stays in registers while the row's stored blocks stream past,
-so each weight block is loaded once per token tile and reused `tile` times, vectorised over the
-block's bs_r outputs. Blocks are repacked as [nnz_blocks, bs_c, bs_r] so the vector loads are
-contiguous for every block shape. Empty block rows write zeros.
+Every schedule keeps an accumulator for one (block row, token tile) pair in registers while the
+row's stored blocks stream past, so each loaded weight block is reused `tile` times. What varies
+is a small space of knobs (`BSRKnobs`), because which schedule wins depends on the block shape:
+
+- vec="rows": vectorise over the block's bs_r outputs. Blocks are packed [nnz_blocks, bs_c, bs_r]
+  so the vector loads of W are contiguous; X is broadcast one element at a time. Good for tall
+  blocks (32x1, 16x1); useless for bs_r = 1 (1x32, 1x1), whose vector would be one lane wide.
+- vec="tokens": vectorise over `tile` tokens; each W element is broadcast and X^T rows are loaded
+  as vectors. Needs the feature-major layout. Good for flat and small blocks.
+- layout="row-major": X float32 [tokens, in], Y float32 [tokens, out] (nn.Linear's layout).
+  layout="feature-major": X^T float32 [in, tokens], Y^T float32 [out, tokens], the activation
+  layout sparse inference engines keep between layers (XNNPACK's sparse path uses NCHW for this
+  reason); a dense GEMM costs the same in either layout, and the benchmark times both.
+- unroll: unroll the loop over a block's bs_c columns.
+- split="rows": one parallel task per block row, token tiles inside it; "rows*tokens": one task
+  per (block row, token tile), finer grained when there are few block rows; "nnz": one task per
+  thread, each a contiguous run of block rows holding about equal stored blocks (rows of a pruned
+  weight keep unequal numbers of blocks, and a static split by rows leaves one thread waiting).
+Empty block rows write zeros.
 """
 from __future__ import annotations
 
@@ -15,74 +29,167 @@ import numpy as np
 from tvm.script import tirx as T
 
 from ..formats import BSR
-from . import compile_prim_func, empty, largest_divisor, tensor
+from . import Kernel, balanced_parts, compile_prim_func, empty, largest_divisor, max_threads, tensor
+
+VECS = ("rows", "tokens")
+LAYOUTS = ("row-major", "feature-major")
+SPLITS = ("rows", "rows*tokens", "nnz")
 
 
 @dataclasses.dataclass(frozen=True)
 class BSRKnobs:
     tile: int = 8  # tokens per register tile (each loaded block is reused this many times)
+    vec: str = "rows"  # vectorised axis: VECS
+    layout: str = "row-major"  # X and Y layout: LAYOUTS
+    unroll: bool = False  # unroll the loop over a block's bs_c columns
+    split: str = "rows"  # what the parallel loop runs over: SPLITS
+
+    def __post_init__(self):
+        if self.vec not in VECS or self.layout not in LAYOUTS or self.split not in SPLITS or self.tile < 1:
+            raise ValueError(f"invalid BSR knobs {self}")
+        if self.vec == "tokens" and self.layout != "feature-major":
+            raise ValueError("vectorising over tokens needs the feature-major layout (contiguous tokens)")
+
+    def label(self) -> str:
+        return (f"tile {self.tile}, vec {self.vec}, {self.layout}, "
+                f"{'unrolled' if self.unroll else 'rolled'} columns, parallel over {self.split}")
 
 
 def bsr_prim_func(tokens: int, shape: tuple[int, int], block: tuple[int, int], nnz_blocks: int,
-                  knobs: BSRKnobs):
-    """PrimFunc(X, data, indices, indptr, Y).
+                  knobs: BSRKnobs, n_parts: int = 1):
+    """PrimFunc(X, data, indices, indptr, parts, Y) for one shape, block and schedule.
 
-    X: float32 [tokens, in]; data: float32 [nnz_blocks, bs_c, bs_r] (blocks transposed);
-    indices: int32 [nnz_blocks]; indptr: int32 [out / bs_r + 1]; Y: float32 [tokens, out].
-    nnz_blocks must be >= 1 (an empty matrix passes one unused zero block).
+    X: float32 [tokens, in], or [in, tokens] if feature-major; data: float32 [nnz_blocks, bs_c, bs_r]
+    (blocks transposed); indices: int32 [nnz_blocks]; indptr: int32 [out / bs_r + 1];
+    parts: int32 [n_parts + 1], block-row bounds of the parallel tasks of split="nnz"
+    (`balanced_parts`; other splits ignore it); Y: float32 [tokens, out], or [out, tokens] if
+    feature-major. nnz_blocks must be >= 1 (an empty matrix passes one unused zero block);
+    tile divides tokens.
     """
     out_f, in_f = shape
     bs_r, bs_c = block
-    n_rows, tile = out_f // bs_r, knobs.tile
+    tile = knobs.tile
+    n_rows, n_tiles = out_f // bs_r, tokens // tile
+    cols = T.unroll if knobs.unroll else T.serial
+    fm = knobs.layout == "feature-major"
+    x_shape, y_shape = ((in_f, tokens), (out_f, tokens)) if fm else ((tokens, in_f), (tokens, out_f))
+
+    @T.macro
+    def tile_vec_tokens(X, data, indices, indptr, Y, i, t0):
+        """Y^T[i-th block row, t0-th token tile] as acc[bs_r, tile], vectorised over tokens."""
+        acc = T.alloc_buffer((bs_r, tile), "float32", scope="local")
+        for r in T.unroll(bs_r):
+            for t in T.vectorized(tile):
+                acc[r, t] = T.float32(0)
+        for nb in range(indptr[i], indptr[i + 1]):
+            for c in cols(bs_c):
+                for r in T.unroll(bs_r):
+                    for t in T.vectorized(tile):
+                        acc[r, t] = acc[r, t] + data[nb, c, r] * X[indices[nb] * bs_c + c, t0 * tile + t]
+        for r in T.unroll(bs_r):
+            for t in T.vectorized(tile):
+                Y[i * bs_r + r, t0 * tile + t] = acc[r, t]
+
+    @T.macro
+    def tile_vec_rows(X, data, indices, indptr, Y, i, t0):
+        """The same tile as acc[tile, bs_r], vectorised over the block's rows."""
+        acc = T.alloc_buffer((tile, bs_r), "float32", scope="local")
+        for t in T.unroll(tile):
+            for r in T.vectorized(bs_r):
+                acc[t, r] = T.float32(0)
+        for nb in range(indptr[i], indptr[i + 1]):
+            for c in cols(bs_c):
+                for t in T.unroll(tile):
+                    for r in T.vectorized(bs_r):
+                        if fm:
+                            acc[t, r] = acc[t, r] + data[nb, c, r] * X[indices[nb] * bs_c + c, t0 * tile + t]
+                        else:
+                            acc[t, r] = acc[t, r] + data[nb, c, r] * X[t0 * tile + t, indices[nb] * bs_c + c]
+        for t in T.unroll(tile):
+            for r in T.vectorized(bs_r):
+                if fm:
+                    Y[i * bs_r + r, t0 * tile + t] = acc[t, r]
+                else:
+                    Y[t0 * tile + t, i * bs_r + r] = acc[t, r]
+
+    body = tile_vec_tokens if knobs.vec == "tokens" else tile_vec_rows
 
     @T.prim_func
-    def bsr(X: T.Buffer((tokens, in_f), "float32"), data: T.Buffer((nnz_blocks, bs_c, bs_r), "float32"),
+    def bsr(X: T.Buffer(x_shape, "float32"), data: T.Buffer((nnz_blocks, bs_c, bs_r), "float32"),
             indices: T.Buffer((nnz_blocks,), "int32"), indptr: T.Buffer((n_rows + 1,), "int32"),
-            Y: T.Buffer((tokens, out_f), "float32")):
+            parts: T.Buffer((n_parts + 1,), "int32"), Y: T.Buffer(y_shape, "float32")):
         T.func_attr({"tirx.noalias": True})
-        for i in T.parallel(n_rows):
-            for t0 in range(tokens // tile):
-                acc = T.alloc_buffer((tile, bs_r), "float32", scope="local")
-                for t in T.unroll(tile):
-                    for r in T.vectorized(bs_r):
-                        acc[t, r] = T.float32(0)
-                for nb in range(indptr[i], indptr[i + 1]):
-                    for c in range(bs_c):
-                        for t in T.unroll(tile):
-                            for r in T.vectorized(bs_r):
-                                acc[t, r] = acc[t, r] + data[nb, c, r] * X[t0 * tile + t, indices[nb] * bs_c + c]
-                for t in T.unroll(tile):
-                    for r in T.vectorized(bs_r):
-                        Y[t0 * tile + t, i * bs_r + r] = acc[t, r]
+        if knobs.split == "rows":
+            for i in T.parallel(n_rows):
+                for t0 in range(n_tiles):
+                    body(X, data, indices, indptr, Y, i, t0)
+        elif knobs.split == "rows*tokens":
+            for task in T.parallel(n_rows * n_tiles):
+                body(X, data, indices, indptr, Y, task // n_tiles, task % n_tiles)
+        else:
+            for p in T.parallel(n_parts):
+                for j in range(parts[p + 1] - parts[p]):  # not range(lo, hi): TVM 0.27 lowers a
+                    for t0 in range(n_tiles):  # non-zero loop start under a data-dependent one wrongly
+                        body(X, data, indices, indptr, Y, parts[p] + j, t0)
 
     return bsr
 
 
-def pick_knobs(tokens: int, block: tuple[int, int]) -> BSRKnobs:
+def default_knobs(tokens: int, weight: BSR) -> BSRKnobs:
+    """The untuned schedule: what the kernel does before (or without) the tuner."""
     return BSRKnobs(tile=largest_divisor(tokens, 8))
 
 
-@functools.lru_cache(maxsize=64)
-def _compiled(tokens: int, shape: tuple[int, int], block: tuple[int, int], nnz_blocks: int, knobs: BSRKnobs):
-    return compile_prim_func(bsr_prim_func(tokens, shape, block, nnz_blocks, knobs), "bsr")
+def candidates(tokens: int, weight: BSR) -> list[BSRKnobs]:
+    """The tuner's first round for this block shape: vectorised axis x layout x token tile.
+
+    Register budget on AVX-512 (32 vector registers of 16 floats): vec=rows holds tile x
+    ceil(bs_r / 16) accumulators, vec=tokens holds bs_r x ceil(tile / 16); both stay <= 24.
+    The second round (`variants`) then tries the other splits and unrolling on the winner.
+    """
+    bs_r, bs_c = weight.block
+    out: list[BSRKnobs] = [default_knobs(tokens, weight)]
+    if bs_r > 1:  # vectorising a one-lane axis is never worth timing
+        lanes = -(-bs_r // 16)
+        for tile in (4, 8, 16):
+            if tile * lanes <= 24:
+                for layout in LAYOUTS:
+                    out.append(BSRKnobs(largest_divisor(tokens, tile), "rows", layout, bs_c > 1, "nnz"))
+    for tile in (16, 32, 64, 128):
+        if bs_r * -(-tile // 16) <= 24 or tile == 16:
+            out.append(BSRKnobs(largest_divisor(tokens, tile), "tokens", "feature-major", bs_c > 1, "nnz"))
+    return list(dict.fromkeys(out))
 
 
-class TVMBSR:
-    """Callable Y = X @ W^T for a BSR weight; `run()` reuses preallocated X and Y (for timing)."""
+def variants(knobs: BSRKnobs, weight: BSR) -> list[BSRKnobs]:
+    """The tuner's second round: the first round's winner with each other split, and unroll flipped."""
+    out = [dataclasses.replace(knobs, split=s) for s in SPLITS if s != knobs.split]
+    if weight.block[1] > 1:
+        out.append(dataclasses.replace(knobs, unroll=not knobs.unroll))
+    return out
+
+
+@functools.lru_cache(maxsize=128)
+def _compiled(tokens: int, shape: tuple[int, int], block: tuple[int, int], nnz_blocks: int, knobs: BSRKnobs,
+              n_parts: int):
+    return compile_prim_func(bsr_prim_func(tokens, shape, block, nnz_blocks, knobs, n_parts), "bsr")
+
+
+class TVMBSR(Kernel):
+    """Y = X @ W^T for a BSR weight with one schedule. x: float32 [tokens, in] row-major; for a
+    feature-major schedule it is transposed once here, as a feature-major network's previous layer
+    would have produced it."""
 
     def __init__(self, weight: BSR, x: np.ndarray, knobs: BSRKnobs | None = None):
         tokens = x.shape[0]
-        self.knobs = knobs or pick_knobs(tokens, weight.block)
+        self.knobs = knobs or default_knobs(tokens, weight)
+        self._feature_major = self.knobs.layout == "feature-major"
         data = weight.data.transpose(0, 2, 1)
         indices = weight.indices
         if weight.nnz_blocks == 0:  # TVM buffers cannot be empty; indptr keeps this block unused
             data, indices = np.zeros((1,) + data.shape[1:], np.float32), np.zeros(1, np.int32)
-        self._fn = _compiled(tokens, weight.shape, weight.block, data.shape[0], self.knobs)
-        self._args = (tensor(x), tensor(data), tensor(indices), tensor(weight.indptr), empty((tokens, weight.shape[0])))
-
-    def run(self) -> None:
-        self._fn(*self._args)
-
-    def output(self) -> np.ndarray:
-        self.run()
-        return self._args[-1].numpy()
+        n_parts = max_threads() if self.knobs.split == "nnz" else 1
+        self._fn = _compiled(tokens, weight.shape, weight.block, data.shape[0], self.knobs, n_parts)
+        y_shape = (weight.shape[0], tokens) if self._feature_major else (tokens, weight.shape[0])
+        self._args = (tensor(x.T if self._feature_major else x), tensor(data), tensor(indices),
+                      tensor(weight.indptr), tensor(balanced_parts(weight.indptr, n_parts)), empty(y_shape))

@@ -1,0 +1,129 @@
+"""Unstructured sparse (CSR) x dense: Y^T = W @ X^T with W in CSR, in TensorIR for the host CPU.
+
+A 1x1 BSR kernel vectorised over the block's rows runs one lane wide. This kernel vectorises over
+tokens instead: for each stored weight w[i, k] it broadcasts the value and adds value * X^T[k, tile]
+into a register accumulator acc[tile] for output row i. X is feature-major, X^T [in, tokens], so
+those loads are contiguous; with pack=True X is further packed per token tile, Xp [tokens / tile,
+in, tile], so the tile of X a task reads is one contiguous block that stays in cache while every
+row of its part streams past (rows-outer order re-reads X per row; tiles-outer reads it once).
+Knobs (`CSRKnobs`): token tile, packing, and the parallel split (rows, or nnz-balanced parts).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+from tvm.script import tirx as T
+
+from ..formats import CSR
+from . import Kernel, balanced_parts, compile_prim_func, empty, largest_divisor, max_threads, tensor
+
+SPLITS = ("rows", "nnz")
+
+
+@dataclasses.dataclass(frozen=True)
+class CSRKnobs:
+    tile: int = 64  # tokens per register accumulator (tile / 16 AVX-512 registers)
+    pack: bool = False  # X packed per token tile [tokens / tile, in, tile] instead of X^T [in, tokens]
+    split: str = "nnz"  # "rows": a task per row; "nnz": a task per thread, rows balanced by nnz
+
+    def __post_init__(self):
+        if self.split not in SPLITS or self.tile < 1:
+            raise ValueError(f"invalid CSR knobs {self}")
+
+    def label(self) -> str:
+        return f"tile {self.tile}, {'packed X tiles' if self.pack else 'X^T'}, parallel over {self.split}"
+
+
+def csr_prim_func(tokens: int, shape: tuple[int, int], nnz: int, knobs: CSRKnobs, n_parts: int = 1):
+    """PrimFunc(X, values, indices, indptr, parts, Y).
+
+    X: float32 [in, tokens], or [tokens / tile, in, tile] if packed; values: float32 [nnz];
+    indices, int32 [nnz]; indptr: int32 [out + 1]; parts: int32 [n_parts + 1], row bounds of
+    split="nnz"; Y: float32 [out, tokens] (Y^T). nnz >= 1 (pass one unused zero if empty).
+    """
+    out_f, in_f = shape
+    tile = knobs.tile
+    n_tiles = tokens // tile
+    x_shape = (n_tiles, in_f, tile) if knobs.pack else (in_f, tokens)
+
+    @T.macro
+    def row_tile(X, values, indices, indptr, Y, i, t0):
+        """Y^T[i, t0-th tile of tokens] = sum over row i's stored weights of value * X^T[col, tile]."""
+        acc = T.alloc_buffer((tile,), "float32", scope="local")
+        for t in T.vectorized(tile):
+            acc[t] = T.float32(0)
+        for k in range(indptr[i], indptr[i + 1]):
+            for t in T.vectorized(tile):
+                if knobs.pack:
+                    acc[t] = acc[t] + values[k] * X[t0, indices[k], t]
+                else:
+                    acc[t] = acc[t] + values[k] * X[indices[k], t0 * tile + t]
+        for t in T.vectorized(tile):
+            Y[i, t0 * tile + t] = acc[t]
+
+    @T.prim_func
+    def csr(X: T.Buffer(x_shape, "float32"), values: T.Buffer((nnz,), "float32"),
+            indices: T.Buffer((nnz,), "int32"), indptr: T.Buffer((out_f + 1,), "int32"),
+            parts: T.Buffer((n_parts + 1,), "int32"), Y: T.Buffer((out_f, tokens), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        if knobs.split == "rows":
+            for i in T.parallel(out_f):
+                for t0 in range(n_tiles):
+                    row_tile(X, values, indices, indptr, Y, i, t0)
+        else:
+            for p in T.parallel(n_parts):
+                for t0 in range(n_tiles):  # tiles outer: the part's rows reuse one tile of X
+                    for j in range(parts[p + 1] - parts[p]):  # see bsr.py on range(lo, hi)
+                        row_tile(X, values, indices, indptr, Y, parts[p] + j, t0)
+
+    return csr
+
+
+def default_knobs(tokens: int, weight: CSR) -> CSRKnobs:
+    return CSRKnobs(tile=largest_divisor(tokens, 64))
+
+
+def candidates(tokens: int, weight: CSR) -> list[CSRKnobs]:
+    """First round: token tile x packing (split nnz)."""
+    out = [default_knobs(tokens, weight)]
+    for tile in (16, 32, 64, 128):
+        for pack in (False, True):
+            out.append(CSRKnobs(largest_divisor(tokens, tile), pack, "nnz"))
+    return list(dict.fromkeys(out))
+
+
+def variants(knobs: CSRKnobs, weight: CSR) -> list[CSRKnobs]:
+    """Second round: the winner split by rows instead."""
+    return [dataclasses.replace(knobs, split=s) for s in SPLITS if s != knobs.split]
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(tokens: int, shape: tuple[int, int], nnz: int, knobs: CSRKnobs, n_parts: int):
+    return compile_prim_func(csr_prim_func(tokens, shape, nnz, knobs, n_parts), "csr")
+
+
+class TVMCSR(Kernel):
+    """Y = X @ W^T for a CSR weight; x: float32 [tokens, in] row-major, laid out here as the
+    schedule wants it (a feature-major network's previous layer would produce it so)."""
+
+    _feature_major = True
+
+    def __init__(self, weight: CSR, x: np.ndarray, knobs: CSRKnobs | None = None):
+        tokens = x.shape[0]
+        self.knobs = knobs or default_knobs(tokens, weight)
+        values, indices = weight.values, weight.indices
+        if weight.nnz == 0:
+            values, indices = np.zeros(1, np.float32), np.zeros(1, np.int32)
+        n_parts = max_threads() if self.knobs.split == "nnz" else 1
+        self._fn = _compiled(tokens, weight.shape, values.shape[0], self.knobs, n_parts)
+        self._args = (tensor(pack_x(x, self.knobs.tile) if self.knobs.pack else x.T), tensor(values),
+                      tensor(indices), tensor(weight.indptr), tensor(balanced_parts(weight.indptr, n_parts)),
+                      empty((weight.shape[0], tokens)))
+
+
+def pack_x(x: np.ndarray, tile: int) -> np.ndarray:
+    """x float32 [tokens, in] -> [tokens / tile, in, tile]: each token tile's X^T contiguous."""
+    tokens, in_f = x.shape
+    return x.reshape(tokens // tile, tile, in_f).transpose(0, 2, 1)

@@ -1,0 +1,176 @@
+"""The schedule tuner: which of a handful of schedules runs this sparse weight fastest here?
+
+Each kernel family (BSR, CSR, N:M) offers a first round of candidate schedules for a weight
+(`candidates`) and a second round around the first round's winner (`variants`). The tuner times
+each round in one `measure` call on the real weight, after checking every candidate's output
+against NumPy, and keeps the fastest. Winners are stored per (family, shape, pattern, sparsity
+bucket, tokens, threads, machine), so the app never tunes the same case twice. Which knob won,
+and by how much over the untuned default, is the paper's third finding made visible: the best
+schedule depends on the block shape.
+
+Adding a kernel family is one module (Knobs, kernel class, default_knobs, candidates, variants)
+plus one line in FAMILIES.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any, Callable
+
+import numpy as np
+
+from .formats import BSR, CSR, NM, to_bsr, to_csr, to_nm
+from .spec import Spec
+
+BUCKETS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)  # sparsities near one another share a tuned schedule
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    knobs: type  # frozen dataclass of schedule knobs
+    kernel: type  # kernels.Kernel subclass: kernel(weight_format, x, knobs)
+    default: Callable  # (tokens, weight_format) -> knobs: the untuned schedule
+    candidates: Callable  # (tokens, weight_format) -> [knobs]: first round
+    variants: Callable  # (knobs, weight_format) -> [knobs]: second round, around a winner
+
+
+def families() -> dict[str, Family]:
+    """name -> Family (imports TVM: call only when compiling)."""
+    from .kernels import bsr, csr, nm
+
+    return {
+        "bsr": Family(bsr.BSRKnobs, bsr.TVMBSR, bsr.default_knobs, bsr.candidates, bsr.variants),
+        "csr": Family(csr.CSRKnobs, csr.TVMCSR, csr.default_knobs, csr.candidates, csr.variants),
+        "nm": Family(nm.NMKnobs, nm.TVMNM, nm.default_knobs, nm.candidates, nm.variants),
+    }
+
+
+def sparse_format(weight: np.ndarray, mask: np.ndarray, spec: Spec) -> tuple[str, BSR | CSR | NM]:
+    """The format the kernel reads, by pattern: N:M masks -> NM, 1x1 blocks -> CSR, else BSR.
+
+    weight: float32 [out, in]; mask: bool [out, in]; spec: resolved.
+    """
+    if spec.nm is not None:
+        return "nm", to_nm(weight, mask, spec.nm)
+    if spec.block == (1, 1):
+        return "csr", to_csr(weight, mask)
+    return "bsr", to_bsr(weight, mask, spec.block)
+
+
+def bucket(sparsity: float) -> float:
+    return min(BUCKETS, key=lambda b: abs(b - sparsity))
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """The tuner's answer. trials: [{"knobs", "label", "median_ms", "round"}], fastest first."""
+
+    family: str
+    winner: dict[str, Any]
+    label: str
+    trials: list[dict[str, Any]]
+    default_ms: float  # the untuned default schedule, first round
+    best_ms: float
+    cached: bool = False
+
+    @property
+    def gain(self) -> float:
+        """How much faster the winner is than the untuned default (1.0 = the default won)."""
+        return self.default_ms / self.best_ms
+
+    def knobs(self):
+        return families()[self.family].knobs(**self.winner)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "gain": self.gain}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Tuning":
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+
+def tuning_key(family: str, weight, spec: Spec, tokens: int, threads: int, machine: dict) -> str:
+    pattern = list(spec.nm) if spec.nm is not None else list(spec.block)
+    blob = json.dumps({"family": family, "shape": list(weight.shape), "pattern": pattern,
+                       "bucket": bucket(1 - _density(weight)), "tokens": tokens, "threads": threads,
+                       "machine": machine}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _density(weight) -> float:
+    out_f, in_f = weight.shape
+    if isinstance(weight, NM):
+        return weight.nm[0] / weight.nm[1]
+    if isinstance(weight, CSR):
+        return weight.nnz / (out_f * in_f)
+    return weight.data.size / (out_f * in_f)
+
+
+def tune(family: str, weight, x: np.ndarray, reference: np.ndarray) -> Tuning:
+    """Time the family's candidates on this weight and X; every candidate must match `reference`.
+
+    weight: the family's format; x: float32 [tokens, in]; reference: float64 [tokens, out] = X W^T.
+    Uses the threads set by kernels.set_threads.
+    """
+    from .timing import measure
+
+    fam = families()[family]
+    tokens = x.shape[0]
+    default = fam.default(tokens, weight)
+    first = list(dict.fromkeys([default, *fam.candidates(tokens, weight)]))
+    round1 = _time(fam, weight, x, reference, first, measure)
+    best = min(round1, key=lambda k: round1[k])
+    second = [k for k in fam.variants(best, weight) if k not in round1]
+    round2 = _time(fam, weight, x, reference, [best, *second], measure) if second else {best: round1[best]}
+    winner = min(round2, key=lambda k: round2[k])
+    # The round-2 re-timing of the first winner puts both rounds on one scale.
+    scale = round2[best] / round1[best]
+    trials = [{"knobs": dataclasses.asdict(k), "label": k.label(), "median_ms": t * scale, "round": 1}
+              for k, t in round1.items() if k != best]
+    trials += [{"knobs": dataclasses.asdict(k), "label": k.label(), "median_ms": t, "round": 2} for k, t in round2.items()]
+    trials.sort(key=lambda r: r["median_ms"])
+    default_ms = round2[default] if default in round2 else round1[default] * scale
+    return Tuning(family=family, winner=dataclasses.asdict(winner), label=winner.label(), trials=trials,
+                  default_ms=default_ms, best_ms=round2[winner])
+
+
+def _time(fam: Family, weight, x, reference, knobs: list, measure) -> dict:
+    """knobs -> median ms, all timed in one round-robin measurement."""
+    kernels = {}
+    for k in knobs:
+        kernel = fam.kernel(weight, x, k)
+        check_output(f"{k.label()}", kernel.output(), reference)
+        kernels[k] = kernel
+    times = measure({k: kern.run for k, kern in kernels.items()}, repeat=6, per_round=2, warmup_s=0.01,
+                    min_sample_s=0.001, settle_s=0.0)
+    return {k: t.median for k, t in times.items()}
+
+
+def check_output(name: str, got: np.ndarray, want: np.ndarray) -> None:
+    """A kernel that computes the wrong answer must never produce a speedup (or win a tuning)."""
+    scale = max(float(np.abs(want).max()), 1.0)
+    err = float(np.abs(got - want).max()) / scale
+    if not err < 1e-4:
+        raise RuntimeError(f"{name} kernel disagrees with NumPy (max relative error {err:.2e})")
+
+
+def best_schedule(family: str, weight, x: np.ndarray, reference: np.ndarray, spec: Spec, threads: int,
+                  store=None) -> Tuning:
+    """The stored winner for this case on this machine, else `tune` now (and store the winner)."""
+    from .timing import fingerprint
+
+    key = tuning_key(family, weight, spec, x.shape[0], threads, fingerprint())
+    if store is not None and (hit := store.get_tuning(key)) is not None:
+        return dataclasses.replace(Tuning.from_dict(hit), cached=True)
+    tuning = tune(family, weight, x, reference)
+    if store is not None:
+        store.put_tuning(key, tuning.to_dict())
+    return tuning
+
+
+def is_tuned(family: str, weight, x: np.ndarray, spec: Spec, threads: int, store) -> bool:
+    """Whether `best_schedule` would find a stored winner (it then compiles one schedule only)."""
+    from .timing import fingerprint
+
+    return store.get_tuning(tuning_key(family, weight, spec, x.shape[0], threads, fingerprint())) is not None
