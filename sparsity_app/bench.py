@@ -13,12 +13,15 @@ import sys
 import numpy as np
 
 from .errors import UserError
+from .pruning import prune
 from .spec import Spec, parse_block
+from .store import Store
 
 SHAPES = ("768x768", "3072x768", "768x3072", "384x384", "1536x384", "384x1536")  # (out x in)
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
-BLOCKS = ((32, 1), (16, 1), (8, 1), (4, 4), (8, 8), (16, 16), (1, 32), (1, 1))
-NMS = ((2, 4), (1, 4))
+BLOCKS = ((32, 1), (16, 1), (8, 1), (4, 4), (8, 8), (16, 16), (1, 32))
+NMS = ((2, 4), (1, 4))  # timed at their own sparsity (1 - N/M), beside unstructured at the same one
+DENSE = ("PyTorch dense", "PyTorch dense, feature-major", "TVM dense")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="0 = all cores; the benchmark also runs 1 thread with --also-1-thread")
     p.add_argument("--also-1-thread", action="store_true", help="repeat the whole benchmark on one thread")
     p.add_argument("--repeat", type=int, default=15, help="timed samples per implementation")
+    p.add_argument("--cache-dir", default=None, help="where tuner winners are kept (default cache/)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout instead of tables")
 
 
@@ -56,71 +60,100 @@ def _peer(name: str, w: np.ndarray, mask: np.ndarray, x: np.ndarray, block: tupl
 PEERS = {"PyTorch CSR (MKL)": (1, 1), "SciPy CSR": (1, 1), "SciPy BSR 32x1": (32, 1)}  # name -> mask block
 
 
-def bench_shape(shape: tuple[int, int], sparsities, tokens: int, threads: int, repeat: int) -> list[dict]:
-    from .formats import to_bsr
-    from .kernels import set_threads
-    from .kernels.bsr import TVMBSR
+def _dense_rows(w: np.ndarray, x: np.ndarray) -> dict:
+    """The dense peers, in both activation layouts (so the best dense is the best in either)."""
+    import torch
+
     from .kernels.dense import TorchDense, TVMDense
-    from .pruning import prune
+
+    wt, xt = torch.from_numpy(w), torch.from_numpy(np.ascontiguousarray(x.T))
+    return {"PyTorch dense": TorchDense(w, x).run, "PyTorch dense, feature-major": lambda: torch.mm(wt, xt),
+            "TVM dense": TVMDense(w, x).run}
+
+
+def _patterns(shape: tuple[int, int], s: float, sweep: bool) -> list[tuple[str, Spec]]:
+    """(row name, pattern) of every TVM sparse row timed at sparsity s on this shape."""
+    out = []
+    if sweep:
+        out += [(f"TVM BSR {b[0]}x{b[1]}", Spec(method="block", block=b, sparsity=s)) for b in BLOCKS
+                if not (shape[0] % b[0] or shape[1] % b[1])]
+    out.append(("TVM CSR (1x1)", Spec(method="magnitude", block=(1, 1), sparsity=s)))
+    out += [(f"TVM N:M {n}:{m}", Spec(method="nm", nm=(n, m))) for n, m in NMS
+            if shape[1] % m == 0 and abs((1 - n / m) - s) < 1e-9]
+    return out
+
+
+def bench_shape(shape: tuple[int, int], sparsities, tokens: int, threads: int, repeat: int, store) -> list[dict]:
+    from . import tuner
+    from .kernels import set_threads
     from .timing import measure
 
     set_threads(threads)
     rng = np.random.default_rng(0)
     w = rng.standard_normal(shape, dtype=np.float32)
     x = rng.standard_normal((tokens, shape[1]), dtype=np.float32)
-    dense = {"PyTorch dense": TorchDense(w, x).run, "TVM dense": TVMDense(w, x).run}
+    dense = _dense_rows(w, x)
+    nm_sparsities = [1 - n / m for n, m in NMS if shape[1] % m == 0]
     rows = []
-    for s in sparsities:
-        fns, meta = dict(dense), {name: (0.0, w.nbytes) for name in dense}
-        for block in BLOCKS:
-            if shape[0] % block[0] or shape[1] % block[1]:
-                continue
-            method = "magnitude" if block == (1, 1) else "block"
-            mask = prune(w, Spec(method=method, block=block, sparsity=s).resolve())
-            b = to_bsr(w, mask, block)
-            name = "TVM CSR (BSR 1x1)" if block == (1, 1) else f"TVM BSR {block[0]}x{block[1]}"
-            fns[name], meta[name] = TVMBSR(b, x).run, (1 - mask.mean(), b.nbytes)
+    for s in sorted({*sparsities, *(v for v in nm_sparsities if not any(abs(v - t) < 1e-9 for t in sparsities))}):
+        fns, meta = dict(dense), {name: (0.0, w.nbytes, None) for name in dense}
+        for name, spec in _patterns(shape, s, sweep=any(abs(s - t) < 1e-9 for t in sparsities)):
+            spec = spec.resolve()
+            mask = prune(w, spec)
+            family, weight = tuner.sparse_format(w, mask, spec)
+            reference = x.astype(np.float64) @ (w * mask).astype(np.float64).T
+            tuning = tuner.best_schedule(family, weight, x, reference, spec, threads, store)
+            kernel = tuner.families()[family].kernel(weight, x, tuning.knobs())
+            tuner.check_output(name, kernel.output(), reference)
+            fns[name], meta[name] = kernel.run, (1 - mask.mean(), weight.nbytes, tuning)
             for peer, peer_block in PEERS.items():
-                if peer_block == block:
-                    fns[peer], nbytes = _peer(peer, w, mask, x, block)
-                    meta[peer] = (1 - mask.mean(), nbytes)
-        for n, m in NMS:
-            if shape[1] % m == 0 and abs((1 - n / m) - s) < 1e-9:
-                mask = prune(w, Spec(method="nm", nm=(n, m)).resolve())
-                b = to_bsr(w, mask, (1, 1))
-                fns[f"TVM N:M {n}:{m} (as BSR 1x1)"], meta[f"TVM N:M {n}:{m} (as BSR 1x1)"] = TVMBSR(b, x).run, (1 - n / m, b.nbytes)
+                if peer_block == spec.block and spec.nm is None:
+                    fns[peer], nbytes = _peer(peer, w, mask, x, spec.block)
+                    meta[peer] = (1 - mask.mean(), nbytes, None)
         times = measure(fns, repeat=repeat)
-        best = min(times["PyTorch dense"].median, times["TVM dense"].median)
+        best = min(times[name].median for name in DENSE)
         for name, t in times.items():
-            achieved, nbytes = meta[name]
+            achieved, nbytes, tuning = meta[name]
             speedup = best / t.median
             ideal = 1 / (1 - achieved) if achieved else 1.0
             rows.append({"shape": f"{shape[0]}x{shape[1]}", "sparsity": s, "impl": name, "threads": threads,
                          "median_ms": t.median, "spread_ms": t.spread, "speedup_vs_best_dense": speedup,
                          "fraction_of_ideal": speedup / ideal, "bytes": nbytes,
-                         "gflops_effective": 2 * tokens * shape[0] * shape[1] * (1 - achieved) / t.median / 1e6})
+                         "gflops_effective": 2 * tokens * shape[0] * shape[1] * (1 - achieved) / t.median / 1e6,
+                         "schedule": None if tuning is None else tuning.label,
+                         "knobs": None if tuning is None else tuning.winner,
+                         "tuner_gain": None if tuning is None else tuning.gain})
     return rows
 
 
+def _table(head: list[str], body: list[list[str]]) -> list[str]:
+    widths = [max(len(c) for c in col) for col in zip(head, *body)]
+    return ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in [head, *body]]
+
+
 def format_tables(rows: list[dict]) -> str:
+    """Per (shape, threads): the timing table, then which schedule the tuner picked for each cell."""
     out = []
     for (shape, threads) in dict.fromkeys((r["shape"], r["threads"]) for r in rows):
         sub = [r for r in rows if r["shape"] == shape and r["threads"] == threads]
         sparsities = sorted({r["sparsity"] for r in sub})
         impls = list(dict.fromkeys(r["impl"] for r in sub))
-        head = ["implementation", *[f"s={s:g}: ms / x best / of ideal" for s in sparsities], "bytes @ max s"]
-        body = []
+        cell = {(r["impl"], r["sparsity"]): r for r in sub}
+        body, tuned = [], []
         for impl in impls:
-            cells = []
-            for s in sparsities:
-                r = next((r for r in sub if r["impl"] == impl and r["sparsity"] == s), None)
-                cells.append("" if r is None else f"{r['median_ms']:.4f} / {r['speedup_vs_best_dense']:.2f}x / "
-                             f"{r['fraction_of_ideal']:.2f}")
-            last = [r for r in sub if r["impl"] == impl][-1]
-            body.append([impl, *cells, str(last["bytes"])])
-        widths = [max(len(c) for c in col) for col in zip(head, *body)]
+            got = [cell.get((impl, s)) for s in sparsities]
+            body.append([impl, *["" if r is None else f"{r['median_ms']:.4f} / {r['speedup_vs_best_dense']:.2f}x / "
+                                 f"{r['fraction_of_ideal']:.2f}" for r in got],
+                         str([r for r in got if r][-1]["bytes"])])
+            if any(r and r["knobs"] for r in got):
+                tuned.append([impl, *["" if not (r and r["knobs"]) else
+                                      f"{'/'.join(str(v) for v in r['knobs'].values())} ({r['tuner_gain']:.2f}x)"
+                                      for r in got]])
         out.append(f"\n== {shape} (out x in), {threads} thread(s)")
-        out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in [head, *body]]
+        out += _table(["implementation", *[f"s={s:g}: ms / x best / of ideal" for s in sparsities], "bytes @ max s"], body)
+        out.append(f"-- schedules the tuner picked ({shape}, {threads} thread(s)); in brackets, how much faster "
+                   "than the untuned default")
+        out += _table(["implementation", *[f"s={s:g}" for s in sparsities]], tuned)
     return "\n".join(out)
 
 
@@ -137,17 +170,22 @@ def main(args: argparse.Namespace) -> int:
     threads = args.threads or default_threads()
     Spec(tokens=args.tokens, threads=args.threads).resolve()  # validates tokens and threads
     runs = [threads] + ([1] if args.also_1_thread and threads != 1 else [])
+    store = Store(args.cache_dir)
     rows = []
     for t in runs:
         for shape in shapes:
             print(f"benchmarking {shape[0]}x{shape[1]} on {t} thread(s)...", file=sys.stderr, flush=True)
-            rows += bench_shape(shape, sparsities, args.tokens, t, args.repeat)
+            rows += bench_shape(shape, sparsities, args.tokens, t, args.repeat, store)
     machine = fingerprint()
     if args.json:
         print(json.dumps({"machine": machine, "tokens": args.tokens, "rows": rows}))
     else:
         print(f"machine: {machine['cpu']}, ISA {' '.join(machine['isa'])}, {machine['cores']} cores, "
               f"TVM {machine['tvm']}, torch {machine['torch']}; {args.tokens} tokens, float32")
-        print("cells: median ms / speedup vs the best dense (faster of PyTorch and TVM dense) / fraction of ideal 1/(1-s)")
+        print("cells: median ms / speedup vs the best dense (fastest of the three dense rows) / fraction of ideal 1/(1-s)")
+        print("TVM sparse rows run the tuner's winning schedule (tuned once per shape, pattern, sparsity, threads; "
+              "kept in the cache). Feature-major schedules read X^T [in, tokens] and write Y^T [out, tokens]; "
+              "'PyTorch dense, feature-major' is the dense peer in that layout.")
+        print("knobs: BSR tile/vec/layout/unroll/split; CSR tile/pack/split; N:M tile/chunk/pack/split")
         print(format_tables(rows))
     return 0

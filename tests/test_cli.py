@@ -80,12 +80,15 @@ def test_sweep_prints_table_and_writes_csv(tmp_path, cache_dir, capsys):
     assert len(lines) == 5 and "speedup_vs_torch_dense" in lines[0]
 
 
-def test_bench_json_has_every_row(capsys):
+def test_bench_json_has_every_row(capsys, cache_dir):
     assert main(["bench", "--shapes", "64x64", "--sparsities", "0.5,0.9", "--tokens", "8", "--repeat", "2",
                  "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     impls = {r["impl"] for r in out["rows"]}
-    assert {"PyTorch dense", "TVM dense", "TVM BSR 32x1", "TVM BSR 1x32", "TVM CSR (BSR 1x1)", "PyTorch CSR (MKL)",
-            "SciPy CSR", "SciPy BSR 32x1", "TVM N:M 2:4 (as BSR 1x1)"} <= impls
+    assert {"PyTorch dense", "PyTorch dense, feature-major", "TVM dense", "TVM BSR 32x1", "TVM BSR 1x32",
+            "TVM CSR (1x1)", "PyTorch CSR (MKL)", "SciPy CSR", "SciPy BSR 32x1", "TVM N:M 2:4", "TVM N:M 1:4"} <= impls
     assert all(r["median_ms"] > 0 and r["bytes"] > 0 for r in out["rows"])
+    assert {r["sparsity"] for r in out["rows"] if r["impl"] == "TVM N:M 1:4"} == {0.75}  # at its own sparsity
+    tvm_sparse = [r for r in out["rows"] if r["impl"].startswith("TVM") and r["impl"] != "TVM dense"]
+    assert all(r["schedule"] and r["knobs"] and r["tuner_gain"] > 0 for r in tvm_sparse)
     assert {"cpu", "isa", "cores"} <= out["machine"].keys()
