@@ -72,10 +72,11 @@ c[0].metric("Speedup vs TVM dense", f"{r.speedup_vs_tvm_dense:.2f}x", f"ideal {r
 c[1].metric("Speedup vs PyTorch dense", f"{r.speedup_vs_torch_dense:.2f}x", f"ideal {r.ideal_speedup:.2f}x",
             delta_color="off")
 c[2].metric("Achieved sparsity", f"{r.sparsity_achieved:.3f}", f"target {r.spec.sparsity:g}", delta_color="off")
-c[3].metric("BSR bytes vs dense", f"{r.bsr_bytes / 1024:.0f} KiB", f"dense {r.dense_bytes / 1024:.0f} KiB",
-            delta_color="off")
+c[3].metric(f"{analysis.kernel_title(r)[4:]} bytes vs dense", f"{r.bsr_bytes / 1024:.0f} KiB",
+            f"dense {r.dense_bytes / 1024:.0f} KiB", delta_color="off")
 c = st.columns(4)
-for col, (name, title) in zip(c, [("tvm_bsr", "TVM BSR"), ("tvm_dense", "TVM dense"), ("torch_dense", "PyTorch dense")]):
+for col, (name, title) in zip(c, [("tvm_bsr", analysis.kernel_title(r)), ("tvm_dense", "TVM dense"),
+                                  ("torch_dense", "PyTorch dense")]):
     col.metric(f"{title} latency", f"{t[name].median * 1000:.1f} us", f"spread {t[name].spread * 1000:.1f} us",
                delta_color="off")
 c[3].metric("Compile time", f"{r.compile_s:.2f} s", f"{r.nnz_blocks} blocks stored", delta_color="off")
@@ -84,6 +85,16 @@ for col, (name, (title, _)) in zip(c, analysis.PROXIES.items()):
     value = r.proxies.get(name)
     col.metric(title, "n/a" if value is None else f"{value:.3f}")
 st.caption(conditions(r) + (" Loaded from the cache." if r.cached else ""))
+
+tuning = r.kernel.get("tuning")
+if tuning:
+    with st.expander(f"Schedule: {tuning['label']}, {tuning['gain']:.2f}x faster than the untuned default"
+                     + (" (tuned earlier, reused)" if tuning.get("cached") else "")):
+        st.caption("The tuner compiled these schedules for this block shape and sparsity, checked each against "
+                   "NumPy and timed them; the winner is kept, so this case is never tuned again on this machine.")
+        st.dataframe(analysis.tuning_frame(r), hide_index=True,
+                     column_config={"median_us": st.column_config.NumberColumn("median (us)", format="%.1f"),
+                                    "vs_winner": st.column_config.NumberColumn("x winner's time", format="%.2f")})
 
 left, right = st.columns([1, 2])
 with left:

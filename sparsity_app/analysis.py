@@ -49,3 +49,22 @@ def break_even(df: pd.DataFrame, speedup: str = "speedup_vs_best_dense") -> pd.D
         rows.append({"pattern": pattern, "break_even_sparsity": wins.min() if len(wins) else np.nan,
                      "measured": len(g)})
     return pd.DataFrame(rows)
+
+
+FORMAT_TITLES = {"bsr": "TVM BSR", "csr": "TVM CSR", "nm": "TVM N:M"}
+
+
+def kernel_title(result: Result) -> str:
+    """'TVM BSR', 'TVM CSR' or 'TVM N:M': the sparse kernel the result timed."""
+    return FORMAT_TITLES.get(result.kernel.get("format", "bsr"), "TVM sparse")
+
+
+def tuning_frame(result: Result) -> pd.DataFrame:
+    """The tuner's trials for this result, fastest first: schedule, median us, x slower than the winner."""
+    tuning = result.kernel.get("tuning") or {}
+    trials = tuning.get("trials", [])
+    if not trials:
+        return pd.DataFrame(columns=["schedule", "median_us", "vs_winner", "round"])
+    best = min(t["median_ms"] for t in trials)
+    return pd.DataFrame([{"schedule": t["label"], "median_us": t["median_ms"] * 1e3,
+                          "vs_winner": t["median_ms"] / best, "round": t["round"]} for t in trials])

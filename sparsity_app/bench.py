@@ -110,7 +110,7 @@ def bench_shape(shape: tuple[int, int], sparsities, tokens: int, threads: int, r
                 if peer_block == spec.block and spec.nm is None:
                     fns[peer], nbytes = _peer(peer, w, mask, x, spec.block)
                     meta[peer] = (1 - mask.mean(), nbytes, None)
-        times = measure(fns, repeat=repeat)
+        times = measure(fns, repeat=repeat, per_round=3)  # many short rounds: a burst of noise hits every row alike
         best = min(times[name].median for name in DENSE)
         for name, t in times.items():
             achieved, nbytes, tuning = meta[name]
@@ -157,6 +157,45 @@ def format_tables(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def summary(rows: list[dict]) -> str:
+    """The figures the kernels are held to, per thread count, from the rows of this one run."""
+    out = []
+    for threads in dict.fromkeys(r["threads"] for r in rows):
+        sub = [r for r in rows if r["threads"] == threads]
+        cell = {(r["shape"], r["impl"], r["sparsity"]): r for r in sub}
+        shapes = list(dict.fromkeys(r["shape"] for r in sub))
+        out.append(f"\n== summary, {threads} thread(s): worst case over the shapes measured")
+
+        def worst(impls, sparsities, goal):
+            got = [(r["fraction_of_ideal"], f"{r['impl']} s={r['sparsity']:g} {r['shape']}")
+                   for i in impls for s in sparsities for sh in shapes if (r := cell.get((sh, i, s)))]
+            if got:
+                f, where = min(got)
+                out.append(f"{'/'.join(i[8:] for i in impls)} at s={','.join(f'{s:g}' for s in sparsities)}: "
+                           f"fraction of ideal >= {goal}: min {f:.2f} ({where}) {'ok' if f >= goal else 'MISSED'}")
+
+        worst(["TVM BSR 32x1", "TVM BSR 16x1"], [0.8, 0.9, 0.95], 0.9)
+        worst(["TVM BSR 8x1", "TVM BSR 4x4", "TVM BSR 8x8"], [0.9], 0.6)
+        ratios = [cell[(sh, "PyTorch CSR (MKL)", 0.9)]["median_ms"] / cell[(sh, "TVM CSR (1x1)", 0.9)]["median_ms"]
+                  for sh in shapes if (sh, "TVM CSR (1x1)", 0.9) in cell and (sh, "PyTorch CSR (MKL)", 0.9) in cell]
+        if ratios:
+            out.append(f"TVM CSR vs PyTorch CSR at s=0.9: >= 2x faster: min {min(ratios):.2f}x "
+                       f"{'ok' if min(ratios) >= 2 else 'MISSED'}")
+        for sh in shapes:
+            wins = sorted(s for (shape, impl, s), r in cell.items()
+                          if shape == sh and impl == "TVM BSR 32x1" and r["speedup_vs_best_dense"] > 1)
+            out.append(f"break-even of 32x1 on {sh}: {wins[0] if wins else 'none'}"
+                       + (f" {'ok' if wins and wins[0] <= 0.5 else 'MISSED'} (<= 0.5)"))
+        for sh in shapes:
+            tvm = [r["median_ms"] for (shape, impl, _), r in cell.items() if shape == sh and impl == "TVM dense"]
+            pt = [r["median_ms"] for (shape, impl, _), r in cell.items() if shape == sh and impl == "PyTorch dense"]
+            if tvm and pt:
+                ratio = float(np.median(pt)) / float(np.median(tvm))
+                out.append(f"TVM dense vs PyTorch dense on {sh}: {ratio:.2f}x PyTorch's speed (>= 0.9) "
+                           f"{'ok' if ratio >= 0.9 else 'MISSED'}")
+    return "\n".join(out)
+
+
 def main(args: argparse.Namespace) -> int:
     from .cli import _floats
     from .spec import default_threads
@@ -171,21 +210,25 @@ def main(args: argparse.Namespace) -> int:
     Spec(tokens=args.tokens, threads=args.threads).resolve()  # validates tokens and threads
     runs = [threads] + ([1] if args.also_1_thread and threads != 1 else [])
     store = Store(args.cache_dir)
-    rows = []
-    for t in runs:
-        for shape in shapes:
-            print(f"benchmarking {shape[0]}x{shape[1]} on {t} thread(s)...", file=sys.stderr, flush=True)
-            rows += bench_shape(shape, sparsities, args.tokens, t, args.repeat, store)
     machine = fingerprint()
-    if args.json:
-        print(json.dumps({"machine": machine, "tokens": args.tokens, "rows": rows}))
-    else:
+    if not args.json:
         print(f"machine: {machine['cpu']}, ISA {' '.join(machine['isa'])}, {machine['cores']} cores, "
               f"TVM {machine['tvm']}, torch {machine['torch']}; {args.tokens} tokens, float32")
         print("cells: median ms / speedup vs the best dense (fastest of the three dense rows) / fraction of ideal 1/(1-s)")
         print("TVM sparse rows run the tuner's winning schedule (tuned once per shape, pattern, sparsity, threads; "
               "kept in the cache). Feature-major schedules read X^T [in, tokens] and write Y^T [out, tokens]; "
               "'PyTorch dense, feature-major' is the dense peer in that layout.")
-        print("knobs: BSR tile/vec/layout/unroll/split; CSR tile/pack/split; N:M tile/chunk/pack/split")
-        print(format_tables(rows))
+        print("knobs: BSR tile/vec/layout/unroll/split; CSR tile/pack/split; N:M tile/chunk/pack/split", flush=True)
+    rows = []
+    for t in runs:
+        for shape in shapes:
+            print(f"benchmarking {shape[0]}x{shape[1]} on {t} thread(s)...", file=sys.stderr, flush=True)
+            got = bench_shape(shape, sparsities, args.tokens, t, args.repeat, store)
+            rows += got
+            if not args.json:  # each table as soon as it is measured
+                print(format_tables(got), flush=True)
+    if args.json:
+        print(json.dumps({"machine": machine, "tokens": args.tokens, "rows": rows}))
+    else:
+        print(summary(rows))
     return 0

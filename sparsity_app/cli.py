@@ -136,7 +136,7 @@ def _progress(done: int, total: int, spec: Spec | None) -> None:
 
 
 TABLE_COLUMNS = (("pattern", "pattern", "{}"), ("sparsity_achieved", "sparsity", "{:.3f}"),
-                 ("tvm_bsr_ms", "bsr ms", "{:.4f}"), ("tvm_dense_ms", "tvm dense ms", "{:.4f}"),
+                 ("tvm_bsr_ms", "sparse ms", "{:.4f}"), ("tvm_dense_ms", "tvm dense ms", "{:.4f}"),
                  ("torch_dense_ms", "torch ms", "{:.4f}"), ("speedup_vs_tvm_dense", "vs tvm", "{:.2f}x"),
                  ("speedup_vs_torch_dense", "vs torch", "{:.2f}x"), ("ideal_speedup", "ideal", "{:.2f}x"),
                  ("output_cosine", "out cos", "{:.3f}"), ("lee_pearson", "lee r", "{:.3f}"),

@@ -162,19 +162,26 @@ class MiniLM:
                     param = self._module(layer).weight
                     saved[layer] = param.detach().clone()
                     param.copy_(torch.from_numpy(np.asarray(w, dtype=np.float32)))
-                out = []
-                for start in range(0, len(texts), 32):
-                    enc = tok(texts[start:start + 32], padding=True, truncation=True,
+                out = np.zeros((len(texts), model.config.hidden_size), np.float32)
+                for batch in _length_batches(tok, texts, 32):  # similar lengths: little padding
+                    enc = tok([texts[i] for i in batch], padding=True, truncation=True,
                               max_length=_EMBED_MAX_LEN, return_tensors="pt")
                     hidden = model(**enc).last_hidden_state
                     mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                     pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                    out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
+                    out[batch] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
         finally:
             with torch.inference_mode():
                 for layer, w in saved.items():
                     self._module(layer).weight.copy_(w)
-        return np.concatenate(out)
+        return out
+
+
+def _length_batches(tok, texts: list[str], size: int) -> list[list[int]]:
+    """Indices of `texts` in batches of `size`, shortest first (padding costs as much as text)."""
+    lengths = [len(ids) for ids in tok(list(texts), truncation=True, max_length=_EMBED_MAX_LEN)["input_ids"]]
+    order = sorted(range(len(texts)), key=lengths.__getitem__)
+    return [order[i:i + size] for i in range(0, len(order), size)]
 
 
 class SyntheticBert:

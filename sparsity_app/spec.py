@@ -203,6 +203,7 @@ class Result:
                                  "dense_bytes", "speedup_vs_tvm_dense", "speedup_vs_torch_dense",
                                  "ideal_speedup", "compile_s", "cached")}
         row["pattern"] = s.label()
+        row["format"], row["schedule"] = self.kernel.get("format"), self.kernel.get("schedule")
         row["shape"] = f"{self.shape[0]}x{self.shape[1]}"
         for name, t in self.times_ms.items():
             row[f"{name}_ms"], row[f"{name}_spread_ms"] = t.median, t.spread

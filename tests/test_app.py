@@ -41,6 +41,9 @@ def test_explore_run_shows_metrics_mask_and_chart(cache_dir):
     assert labels["Achieved sparsity"] == "0.900"
     assert _charts(at) == 2  # the mask and the trade-off chart
     assert any("Measured on" in c.value for c in at.caption)
+    schedule = [e for e in at.expander if e.label.startswith("Schedule: ")]
+    assert len(schedule) == 1 and "faster than the untuned default" in schedule[0].label
+    assert len(at.dataframe[-1].value) >= 3  # the tuner's trials, one row per schedule timed
     link = {k: at.query_params[k] for k in at.query_params}
     assert link["block"] == "32x1" and link["layer"] == "encoder.layer.0.attention.self.query"
 

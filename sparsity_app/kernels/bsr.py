@@ -43,15 +43,19 @@ class BSRKnobs:
     layout: str = "row-major"  # X and Y layout: LAYOUTS
     unroll: bool = False  # unroll the loop over a block's bs_c columns
     split: str = "rows"  # what the parallel loop runs over: SPLITS
+    rows_per_pass: int = 0  # vec="tokens": block rows accumulated per pass over the blocks (0 = all bs_r)
 
     def __post_init__(self):
         if self.vec not in VECS or self.layout not in LAYOUTS or self.split not in SPLITS or self.tile < 1:
             raise ValueError(f"invalid BSR knobs {self}")
         if self.vec == "tokens" and self.layout != "feature-major":
             raise ValueError("vectorising over tokens needs the feature-major layout (contiguous tokens)")
+        if self.rows_per_pass and self.vec != "tokens":
+            raise ValueError("rows_per_pass applies to vec='tokens' only")
 
     def label(self) -> str:
-        return (f"tile {self.tile}, vec {self.vec}, {self.layout}, "
+        passes = f", {self.rows_per_pass} rows per pass" if self.rows_per_pass else ""
+        return (f"tile {self.tile}, vec {self.vec}{passes}, {self.layout}, "
                 f"{'unrolled' if self.unroll else 'rolled'} columns, parallel over {self.split}")
 
 
@@ -74,21 +78,24 @@ def bsr_prim_func(tokens: int, shape: tuple[int, int], block: tuple[int, int], n
     fm = knobs.layout == "feature-major"
     x_shape, y_shape = ((in_f, tokens), (out_f, tokens)) if fm else ((tokens, in_f), (tokens, out_f))
 
+    rp = knobs.rows_per_pass or bs_r  # tall blocks: a few passes, each with rp x tile accumulators
+
     @T.macro
     def tile_vec_tokens(X, data, indices, indptr, Y, i, t0):
-        """Y^T[i-th block row, t0-th token tile] as acc[bs_r, tile], vectorised over tokens."""
-        acc = T.alloc_buffer((bs_r, tile), "float32", scope="local")
-        for r in T.unroll(bs_r):
-            for t in T.vectorized(tile):
-                acc[r, t] = T.float32(0)
-        for nb in range(indptr[i], indptr[i + 1]):
-            for c in cols(bs_c):
-                for r in T.unroll(bs_r):
-                    for t in T.vectorized(tile):
-                        acc[r, t] = acc[r, t] + data[nb, c, r] * X[indices[nb] * bs_c + c, t0 * tile + t]
-        for r in T.unroll(bs_r):
-            for t in T.vectorized(tile):
-                Y[i * bs_r + r, t0 * tile + t] = acc[r, t]
+        """Y^T[i-th block row, t0-th token tile], rp rows at a time as acc[rp, tile], vectorised over tokens."""
+        for h in range(bs_r // rp):
+            acc = T.alloc_buffer((rp, tile), "float32", scope="local")
+            for r in T.unroll(rp):
+                for t in T.vectorized(tile):
+                    acc[r, t] = T.float32(0)
+            for nb in range(indptr[i], indptr[i + 1]):
+                for c in cols(bs_c):
+                    for r in T.unroll(rp):
+                        for t in T.vectorized(tile):
+                            acc[r, t] = acc[r, t] + data[nb, c, h * rp + r] * X[indices[nb] * bs_c + c, t0 * tile + t]
+            for r in T.unroll(rp):
+                for t in T.vectorized(tile):
+                    Y[i * bs_r + h * rp + r, t0 * tile + t] = acc[r, t]
 
     @T.macro
     def tile_vec_rows(X, data, indices, indptr, Y, i, t0):
@@ -144,7 +151,7 @@ def candidates(tokens: int, weight: BSR) -> list[BSRKnobs]:
     """The tuner's first round for this block shape: vectorised axis x layout x token tile.
 
     Register budget on AVX-512 (32 vector registers of 16 floats): vec=rows holds tile x
-    ceil(bs_r / 16) accumulators, vec=tokens holds bs_r x ceil(tile / 16); both stay <= 24.
+    ceil(bs_r / 16) accumulators, vec=tokens holds rows_per_pass x ceil(tile / 16); both stay <= 24.
     The second round (`variants`) then tries the other splits and unrolling on the winner.
     """
     bs_r, bs_c = weight.block
@@ -156,8 +163,11 @@ def candidates(tokens: int, weight: BSR) -> list[BSRKnobs]:
                 for layout in LAYOUTS:
                     out.append(BSRKnobs(largest_divisor(tokens, tile), "rows", layout, bs_c > 1, "nnz"))
     for tile in (16, 32, 64, 128):
-        if bs_r * -(-tile // 16) <= 24 or tile == 16:
+        if bs_r * -(-tile // 16) <= 24:
             out.append(BSRKnobs(largest_divisor(tokens, tile), "tokens", "feature-major", bs_c > 1, "nnz"))
+    for rp in (16, 8):  # blocks too tall for one pass: split their rows into passes
+        if bs_r > rp and bs_r % rp == 0:
+            out.append(BSRKnobs(largest_divisor(tokens, 16 * 16 // rp), "tokens", "feature-major", bs_c > 1, "nnz", rp))
     return list(dict.fromkeys(out))
 
 
