@@ -218,7 +218,8 @@ def main(args: argparse.Namespace) -> int:
         print("TVM sparse rows run the tuner's winning schedule (tuned once per shape, pattern, sparsity, threads; "
               "kept in the cache). Feature-major schedules read X^T [in, tokens] and write Y^T [out, tokens]; "
               "'PyTorch dense, feature-major' is the dense peer in that layout.")
-        print("knobs: BSR tile/vec/layout/unroll/split; CSR tile/pack/split; N:M tile/chunk/pack/split", flush=True)
+        print("knobs: BSR tile/vec/layout/unroll/split/rows_per_pass; CSR tile/pack/split; N:M tile/chunk/pack/split",
+              flush=True)
     rows = []
     for t in runs:
         for shape in shapes:
