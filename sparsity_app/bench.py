@@ -207,7 +207,8 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--shapes must look like 768x768,3072x768 (out x in), got {args.shapes!r}") from None
     sparsities = _floats(args.sparsities)
     threads = args.threads or default_threads()
-    Spec(tokens=args.tokens, threads=args.threads).resolve()  # validates tokens and threads
+    for s in sparsities:  # validate everything before the first (long) measurement
+        Spec(tokens=args.tokens, threads=args.threads, sparsity=s).resolve()
     runs = [threads] + ([1] if args.also_1_thread and threads != 1 else [])
     store = Store(args.cache_dir)
     machine = fingerprint()

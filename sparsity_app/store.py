@@ -17,6 +17,7 @@ from typing import Iterator
 
 import diskcache
 
+from .errors import UserError
 from .spec import Result, Spec
 
 DEFAULT_DIR = pathlib.Path(__file__).resolve().parent.parent / "cache"
@@ -35,7 +36,10 @@ def key_of(spec: Spec, machine: dict) -> str:
 
 
 def _open(directory: pathlib.Path, size_limit: int) -> diskcache.Cache:
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot use {directory} as the cache directory: {e.strerror or e}") from None
     try:
         return diskcache.Cache(str(directory), size_limit=size_limit)
     except sqlite3.DatabaseError:

@@ -61,6 +61,9 @@ def test_layers_json(capsys):
     (["sweep", "--blocks", "32x1,5x5"], "must divide"),
     (["sweep", "--sparsities", "0.5,x"], "comma-separated numbers"),
     (["layers", "--model", "gpt9"], "valid models"),
+    (["run", "--cache-dir", "/proc/no-such-dir"], "cannot use /proc/no-such-dir as the cache directory"),
+    (["bench", "--shapes", "64x64", "--sparsities", "0.5,1.5"], "sparsity must be in [0, 0.99]"),
+    (["bench", "--shapes", "64by64"], "--shapes must look like"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, words, capsys, cache_dir):
