@@ -35,7 +35,12 @@ st.markdown("A CPU multiplies 8 (AVX2) or 16 (AVX-512) floats in one instruction
             "the whole block row. The index is read once per 32 weights. With a **1x32** block the 32 weights "
             "all feed the *same* output, so the work becomes a horizontal reduction; a **16x16** block moves "
             "256 weights per index but the block is so coarse that pruning whole blocks hurts accuracy more for "
-            "the same sparsity. 1x1 (unstructured) blocks pay an index and a scattered load per weight.")
+            "the same sparsity. 1x1 (unstructured) blocks pay an index and a scattered load per weight.\n\n"
+            "The best **schedule** depends on the block shape too (the paper's third finding): tall blocks "
+            "vectorise over their rows; flat and small blocks (1x32, 4x4, 8x1) are faster vectorised over "
+            "tokens, but then every stored weight needs its own load of a row of X, which caps 1x32 and 1x1 "
+            "near half the ideal speedup on this CPU. On **Explore**, open *Schedule* under a result to see "
+            "which schedule the tuner picked and by how much it beat the untuned default.")
 
 st.header("3. Break-even sparsity")
 st.markdown("Each stored block costs an index lookup and, for small blocks, a partly empty vector. So a sparse "

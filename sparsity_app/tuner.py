@@ -113,16 +113,14 @@ def tune(family: str, weight, x: np.ndarray, reference: np.ndarray) -> Tuning:
     weight: the family's format; x: float32 [tokens, in]; reference: float64 [tokens, out] = X W^T.
     Uses the threads set by kernels.set_threads.
     """
-    from .timing import measure
-
     fam = families()[family]
     tokens = x.shape[0]
     default = fam.default(tokens, weight)
     first = list(dict.fromkeys([default, *fam.candidates(tokens, weight)]))
-    round1 = _time(fam, weight, x, reference, first, measure)
+    round1 = _time(fam, weight, x, reference, first)
     best = min(round1, key=lambda k: round1[k])
     second = [k for k in fam.variants(best, weight) if k not in round1]
-    round2 = _time(fam, weight, x, reference, [best, *second], measure) if second else {best: round1[best]}
+    round2 = _time(fam, weight, x, reference, [best, *second]) if second else {best: round1[best]}
     winner = min(round2, key=lambda k: round2[k])
     # The round-2 re-timing of the first winner puts both rounds on one scale.
     scale = round2[best] / round1[best]
@@ -135,12 +133,14 @@ def tune(family: str, weight, x: np.ndarray, reference: np.ndarray) -> Tuning:
                   default_ms=default_ms, best_ms=round2[winner])
 
 
-def _time(fam: Family, weight, x, reference, knobs: list, measure) -> dict:
+def _time(fam: Family, weight, x, reference, knobs: list) -> dict:
     """knobs -> median ms, all timed in one round-robin measurement."""
+    from .timing import measure
+
     kernels = {}
     for k in knobs:
         kernel = fam.kernel(weight, x, k)
-        check_output(f"{k.label()}", kernel.output(), reference)
+        check_output(k.label(), kernel.output(), reference)
         kernels[k] = kernel
     times = measure({k: kern.run for k, kern in kernels.items()}, repeat=6, per_round=2, warmup_s=0.01,
                     min_sample_s=0.001, settle_s=0.0)
