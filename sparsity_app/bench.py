@@ -13,6 +13,7 @@ import sys
 import numpy as np
 
 from .errors import UserError
+from .formats import sparse_format
 from .pruning import prune
 from .spec import Spec, parse_block
 from .store import Store
@@ -100,7 +101,7 @@ def bench_shape(shape: tuple[int, int], sparsities, tokens: int, threads: int, r
         for name, spec in _patterns(shape, s, sweep=any(abs(s - t) < 1e-9 for t in sparsities)):
             spec = spec.resolve()
             mask = prune(w, spec)
-            family, weight = tuner.sparse_format(w, mask, spec)
+            family, weight = sparse_format(w, mask, spec)
             reference = x.astype(np.float64) @ (w * mask).astype(np.float64).T
             tuning = tuner.best_schedule(family, weight, x, reference, spec, threads, store)
             kernel = tuner.families()[family].kernel(weight, x, tuning.knobs())

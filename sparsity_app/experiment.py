@@ -8,7 +8,7 @@ import numpy as np
 
 from . import proxies, tuner
 from .errors import UserError
-from .formats import to_bsr
+from .formats import sparse_format, to_bsr
 from .models import get_model, layer_info
 from .pruning import prune
 from .spec import Result, Spec
@@ -58,7 +58,7 @@ def run(spec: Spec, store: Store | None = None, progress: Progress = _quiet, rep
     pruned = weight * mask
     achieved = 1.0 - float(mask.mean())
 
-    family, sparse = tuner.sparse_format(weight, mask, spec)
+    family, sparse = sparse_format(weight, mask, spec)
     bsr = to_bsr(weight, mask, spec.block)  # block count, whatever format the kernel reads
     progress("bsr", f"converting to {FORMAT_NAMES[family]} ({bsr.nnz_blocks} blocks of "
                     f"{spec.block[0]}x{spec.block[1]}, {sparse.nbytes / 1024:.0f} KiB)")

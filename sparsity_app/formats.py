@@ -5,13 +5,16 @@ BSR of a weight W [out, in] with blocks bs_r x bs_c:
 - indices: int32 [nnz_blocks], block-column index (in units of bs_c) of each stored block;
 - indptr: int32 [out / bs_r + 1], block row i owns data[indptr[i]:indptr[i + 1]].
 This is exactly `scipy.sparse.bsr_matrix`'s layout. A 1x1 BSR is CSR, which also has its own
-class (`CSR`, no block axes), as does N:M (`NM`: fixed count per group, so no row pointers).
+class (`CSR`, no block axes), as does N:M (`NM`: fixed count per group, so no row pointers);
+`sparse_format` picks the one a pattern's kernel reads.
 """
 from __future__ import annotations
 
 import dataclasses
 
 import numpy as np
+
+from .spec import Spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +35,11 @@ class BSR:
     @property
     def nbytes(self) -> int:
         return self.data.nbytes + self.indices.nbytes + self.indptr.nbytes
+
+    @property
+    def density(self) -> float:
+        """Fraction of W's entries stored (whole blocks, pruned zeros inside them included)."""
+        return self.data.size / (self.shape[0] * self.shape[1])
 
     def to_dense(self) -> np.ndarray:
         """float32 [out, in]."""
@@ -78,6 +86,10 @@ class CSR:
     def nbytes(self) -> int:
         return self.values.nbytes + self.indices.nbytes + self.indptr.nbytes
 
+    @property
+    def density(self) -> float:
+        return self.nnz / (self.shape[0] * self.shape[1])
+
     def to_dense(self) -> np.ndarray:
         out = np.zeros(self.shape, np.float32)
         out[np.repeat(np.arange(self.shape[0]), np.diff(self.indptr)), self.indices] = self.values
@@ -108,6 +120,10 @@ class NM:
     def nbytes(self) -> int:
         return self.values.nbytes + self.offsets.nbytes
 
+    @property
+    def density(self) -> float:
+        return self.nm[0] / self.nm[1]
+
     def to_dense(self) -> np.ndarray:
         out_f, in_f = self.shape
         n, m = self.nm
@@ -133,3 +149,15 @@ def to_nm(weight: np.ndarray, mask: np.ndarray, nm: tuple[int, int]) -> NM:
     cols = (np.arange(offsets.shape[1]) // n * m)[None, :] + offsets
     return NM(values=np.ascontiguousarray(np.take_along_axis(weight, cols, axis=1), np.float32),
               offsets=offsets.astype(np.uint8), nm=(n, m), shape=weight.shape)
+
+
+def sparse_format(weight: np.ndarray, mask: np.ndarray, spec: Spec) -> tuple[str, BSR | CSR | NM]:
+    """The format the kernel reads, by pattern: N:M masks -> NM, 1x1 blocks -> CSR, else BSR.
+
+    weight: float32 [out, in]; mask: bool [out, in]; spec: resolved.
+    """
+    if spec.nm is not None:
+        return "nm", to_nm(weight, mask, spec.nm)
+    if spec.block == (1, 1):
+        return "csr", to_csr(weight, mask)
+    return "bsr", to_bsr(weight, mask, spec.block)

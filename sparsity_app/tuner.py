@@ -20,7 +20,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .formats import BSR, CSR, NM, to_bsr, to_csr, to_nm
 from .spec import Spec
 
 BUCKETS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)  # sparsities near one another share a tuned schedule
@@ -44,18 +43,6 @@ def families() -> dict[str, Family]:
         "csr": Family(csr.CSRKnobs, csr.TVMCSR, csr.default_knobs, csr.candidates, csr.variants),
         "nm": Family(nm.NMKnobs, nm.TVMNM, nm.default_knobs, nm.candidates, nm.variants),
     }
-
-
-def sparse_format(weight: np.ndarray, mask: np.ndarray, spec: Spec) -> tuple[str, BSR | CSR | NM]:
-    """The format the kernel reads, by pattern: N:M masks -> NM, 1x1 blocks -> CSR, else BSR.
-
-    weight: float32 [out, in]; mask: bool [out, in]; spec: resolved.
-    """
-    if spec.nm is not None:
-        return "nm", to_nm(weight, mask, spec.nm)
-    if spec.block == (1, 1):
-        return "csr", to_csr(weight, mask)
-    return "bsr", to_bsr(weight, mask, spec.block)
 
 
 def bucket(sparsity: float) -> float:
@@ -93,18 +80,9 @@ class Tuning:
 def tuning_key(family: str, weight, spec: Spec, tokens: int, threads: int, machine: dict) -> str:
     pattern = list(spec.nm) if spec.nm is not None else list(spec.block)
     blob = json.dumps({"family": family, "shape": list(weight.shape), "pattern": pattern,
-                       "bucket": bucket(1 - _density(weight)), "tokens": tokens, "threads": threads,
+                       "bucket": bucket(1 - weight.density), "tokens": tokens, "threads": threads,
                        "machine": machine}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def _density(weight) -> float:
-    out_f, in_f = weight.shape
-    if isinstance(weight, NM):
-        return weight.nm[0] / weight.nm[1]
-    if isinstance(weight, CSR):
-        return weight.nnz / (out_f * in_f)
-    return weight.data.size / (out_f * in_f)
 
 
 def tune(family: str, weight, x: np.ndarray, reference: np.ndarray) -> Tuning:

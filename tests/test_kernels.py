@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparsity_app import tuner
-from sparsity_app.formats import to_bsr, to_csr, to_nm
+from sparsity_app.formats import sparse_format, to_bsr, to_csr, to_nm
 from sparsity_app.kernels import balanced_parts, csr, nm
 from sparsity_app.kernels.bsr import BSRKnobs, TVMBSR
 from sparsity_app.kernels.dense import DenseKnobs, TorchDense, TVMDense
@@ -58,7 +58,7 @@ def test_every_schedule_the_tuner_may_pick_matches_dense(spec, tokens):
     w, _, x = _case(bs_r * 6, bs_c * 16, tokens, 1.0, seed=7)
     mask = prune(w, spec)
     mask[:bs_r] = False if spec.nm is None else mask[:bs_r]  # an empty (block) row, where allowed
-    family, weight = tuner.sparse_format(w, mask, spec)
+    family, weight = sparse_format(w, mask, spec)
     fam = tuner.families()[family]
     first = fam.candidates(tokens, weight)
     knobs = dict.fromkeys([fam.default(tokens, weight), *first, *(v for k in first for v in fam.variants(k, weight))])

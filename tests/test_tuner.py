@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from sparsity_app import tuner
+from sparsity_app.formats import sparse_format
 from sparsity_app.pruning import prune
 from sparsity_app.spec import Spec
 from sparsity_app.store import Store
@@ -15,7 +16,7 @@ def _case(spec: Spec, shape=(64, 96), tokens=32):
     w = rng.standard_normal(shape, dtype=np.float32)
     x = rng.standard_normal((tokens, shape[1]), dtype=np.float32)
     mask = prune(w, spec)
-    family, weight = tuner.sparse_format(w, mask, spec)
+    family, weight = sparse_format(w, mask, spec)
     return family, weight, x, x.astype(np.float64) @ (w * mask).astype(np.float64).T
 
 
