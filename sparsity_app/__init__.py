@@ -8,7 +8,7 @@ Python API (the CLI and the app are thin doors onto it):
                       method="block", block=(32, 1), sparsity=0.9))
     result.speedup_vs_torch_dense, result.proxies["lee_pearson"]
 """
-__version__ = "0.2.0"  # part of every cache key: bump when kernels or measurement change results
+__version__ = "0.3.0"  # the release; cache keys use timing.code_version(), a hash of the sources
 
 from .errors import UserError  # noqa: E402
 from .spec import Result, Spec, Timing  # noqa: E402

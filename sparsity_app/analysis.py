@@ -6,7 +6,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from .spec import Result
+from .spec import Result, conditions_label
 
 PROXIES = {  # column -> (label, higher is better)
     "output_cosine": ("layer output cosine", True),
@@ -18,14 +18,29 @@ PROXIES = {  # column -> (label, higher is better)
 
 
 def frame(results: Iterable[Result]) -> pd.DataFrame:
-    """One row per result, with `speedup_vs_best_dense` (vs the faster of TVM and PyTorch dense)."""
+    """One row per result (`Result.row`), sorted by pattern and sparsity.
+
+    Rows measured under different conditions (see `by_conditions`) must not share a chart or a
+    break-even: pass the results of one condition set.
+    """
     df = pd.DataFrame([r.row() for r in results])
     if df.empty:
         return df
-    df["best_dense_ms"] = df[["tvm_dense_ms", "torch_dense_ms"]].min(axis=1)
-    df["speedup_vs_best_dense"] = df["best_dense_ms"] / df["tvm_bsr_ms"]
-    df["fraction_of_ideal"] = df["speedup_vs_best_dense"] / df["ideal_speedup"]
     return df.sort_values(["pattern", "sparsity_target"]).reset_index(drop=True)
+
+
+def by_conditions(results: Iterable[Result], prefer: Result | None = None) -> dict[str, list[Result]]:
+    """Results grouped by their measurement conditions (machine, code, threads, tokens, samples).
+
+    Keys are `conditions_label`s, the group of `prefer` first, then the larger groups first: a
+    chart shows one group and offers the others as an explicit choice.
+    """
+    groups: dict[str, list[Result]] = {}
+    for r in results:
+        groups.setdefault(conditions_label(r.conditions()), []).append(r)
+    first = conditions_label(prefer.conditions()) if prefer is not None else None
+    order = sorted(groups, key=lambda k: (k != first, -len(groups[k]), k))
+    return {k: groups[k] for k in order}
 
 
 def pareto_mask(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -39,16 +54,48 @@ def pareto_mask(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def break_even(df: pd.DataFrame, speedup: str = "speedup_vs_best_dense") -> pd.DataFrame:
-    """Per pattern: the lowest measured sparsity whose BSR kernel beats dense (speedup >= 1).
+    """Per pattern: the sparsity at which the sparse kernel starts to beat dense (speedup 1x).
 
-    Columns: pattern, break_even_sparsity (NaN if it never pays off), measured (number of points).
+    Needs measured points on both sides of 1x: it is interpolated (linearly in sparsity, in log
+    speedup) between the two points that bracket the first crossing from below. Otherwise it says
+    "below the lowest sparsity measured", "not reached", or "not determined" (one point).
+    Columns: pattern, break_even_sparsity (NaN unless interpolated), verdict, measured.
+    Raises ValueError for rows from more than one set of conditions.
     """
+    if "conditions" in df and df["conditions"].nunique() > 1:
+        raise ValueError("break_even needs results measured under one set of conditions "
+                         f"(got {df['conditions'].nunique()})")
     rows = []
     for pattern, g in df.groupby("pattern"):
-        wins = g.loc[g[speedup] >= 1.0, "sparsity_achieved"]
-        rows.append({"pattern": pattern, "break_even_sparsity": wins.min() if len(wins) else np.nan,
-                     "measured": len(g)})
-    return pd.DataFrame(rows)
+        g = g.sort_values("sparsity_achieved")
+        s, y = g["sparsity_achieved"].to_numpy(float), g[speedup].to_numpy(float)
+        value, verdict = np.nan, None
+        if len(g) < 2:
+            verdict = f"not determined: one point measured ({s[0]:.2f}), needs points on both sides of 1x"
+        elif y[0] >= 1:
+            verdict = f"below the lowest sparsity measured ({s[0]:.2f})"
+        elif (y < 1).all():
+            verdict = f"not reached (up to {s[-1]:.2f})"
+        else:
+            i = int(np.argmax(y >= 1))  # first point that beats dense; the one before it does not
+            t = (0 - np.log(y[i - 1])) / (np.log(y[i]) - np.log(y[i - 1]))
+            value = float(s[i - 1] + t * (s[i] - s[i - 1]))
+            verdict = f"{value:.2f} (interpolated between {s[i - 1]:.2f} and {s[i]:.2f})"
+        rows.append({"pattern": pattern, "break_even_sparsity": value, "verdict": verdict, "measured": len(g)})
+    return pd.DataFrame(rows, columns=["pattern", "break_even_sparsity", "verdict", "measured"])
+
+
+def fraction_of_ideal(df: pd.DataFrame, min_sparsity: float = 0.8) -> pd.DataFrame:
+    """Per pattern: median fraction of the ideal speedup 1/(1-s) at sparsity >= min_sparsity.
+
+    Columns: pattern, fraction_of_ideal, measured. From measurements, for prose that quotes them.
+    """
+    high = df[df["sparsity_achieved"] >= min_sparsity - 1e-9]
+    if high.empty:
+        return pd.DataFrame(columns=["pattern", "fraction_of_ideal", "measured"])
+    return (high.groupby("pattern")["fraction_of_ideal"].agg(["median", "size"]).reset_index()
+            .rename(columns={"median": "fraction_of_ideal", "size": "measured"})
+            .sort_values("fraction_of_ideal", ascending=False).reset_index(drop=True))
 
 
 FORMAT_TITLES = {"bsr": "TVM BSR", "csr": "TVM CSR", "nm": "TVM N:M"}
@@ -56,7 +103,7 @@ FORMAT_TITLES = {"bsr": "TVM BSR", "csr": "TVM CSR", "nm": "TVM N:M"}
 
 def kernel_title(result: Result) -> str:
     """'TVM BSR', 'TVM CSR' or 'TVM N:M': the sparse kernel the result timed."""
-    return FORMAT_TITLES.get(result.kernel.get("format", "bsr"), "TVM sparse")
+    return FORMAT_TITLES.get(result.kernel.get("format"), "TVM sparse")
 
 
 def tuning_frame(result: Result) -> pd.DataFrame:

@@ -22,7 +22,6 @@ SHAPES = ("768x768", "3072x768", "768x3072", "384x384", "1536x384", "384x1536") 
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
 BLOCKS = ((32, 1), (16, 1), (8, 1), (4, 4), (8, 8), (16, 16), (1, 32))
 NMS = ((2, 4), (1, 4))  # timed at their own sparsity (1 - N/M), beside unstructured at the same one
-DENSE = ("PyTorch dense", "PyTorch dense, feature-major", "TVM dense")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -61,15 +60,20 @@ def _peer(name: str, w: np.ndarray, mask: np.ndarray, x: np.ndarray, block: tupl
 PEERS = {"PyTorch CSR (MKL)": (1, 1), "SciPy CSR": (1, 1), "SciPy BSR 32x1": (32, 1)}  # name -> mask block
 
 
+DENSE_TITLES = {"torch_dense": "PyTorch dense", "torch_dense_fm": "PyTorch dense, feature-major", "tvm_dense": "TVM dense"}
+
+
 def _dense_rows(w: np.ndarray, x: np.ndarray) -> dict:
-    """The dense peers, in both activation layouts (so the best dense is the best in either)."""
-    import torch
+    """The dense peers of `run` (kernels.peers), in both layouts, each checked against NumPy first."""
+    from .kernels.peers import dense_peers
+    from .tuner import check_output
 
-    from .kernels.dense import TorchDense, TVMDense
-
-    wt, xt = torch.from_numpy(w), torch.from_numpy(np.ascontiguousarray(x.T))
-    return {"PyTorch dense": TorchDense(w, x).run, "PyTorch dense, feature-major": lambda: torch.mm(wt, xt),
-            "TVM dense": TVMDense(w, x).run}
+    want = x.astype(np.float64) @ w.astype(np.float64).T
+    rows = {}
+    for name, peer in dense_peers(w, x).items():
+        check_output(DENSE_TITLES[name], peer.output(), want)
+        rows[DENSE_TITLES[name]] = peer.run
+    return rows
 
 
 def _patterns(shape: tuple[int, int], s: float, sweep: bool) -> list[tuple[str, Spec]]:
@@ -112,7 +116,7 @@ def bench_shape(shape: tuple[int, int], sparsities, tokens: int, threads: int, r
                     fns[peer], nbytes = _peer(peer, w, mask, x, spec.block)
                     meta[peer] = (1 - mask.mean(), nbytes, None)
         times = measure(fns, repeat=repeat, per_round=3)  # many short rounds: a burst of noise hits every row alike
-        best = min(times[name].median for name in DENSE)
+        best = min(times[name].median for name in DENSE_TITLES.values())
         for name, t in times.items():
             achieved, nbytes, tuning = meta[name]
             speedup = best / t.median
@@ -158,7 +162,7 @@ def format_tables(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def summary(rows: list[dict]) -> str:
+def summary(rows: list[dict], tokens: int = 128) -> str:
     """The figures the kernels are held to, per thread count, from the rows of this one run."""
     out = []
     for threads in dict.fromkeys(r["threads"] for r in rows):
@@ -192,8 +196,9 @@ def summary(rows: list[dict]) -> str:
             pt = [r["median_ms"] for (shape, impl, _), r in cell.items() if shape == sh and impl == "PyTorch dense"]
             if tvm and pt:
                 ratio = float(np.median(pt)) / float(np.median(tvm))
-                out.append(f"TVM dense vs PyTorch dense on {sh}: {ratio:.2f}x PyTorch's speed (>= 0.9) "
-                           f"{'ok' if ratio >= 0.9 else 'MISSED'}")
+                goal = 0.9 if tokens % 8 == 0 else 1 / 1.3  # awkward token counts: within 1.3x of PyTorch
+                out.append(f"TVM dense vs PyTorch dense on {sh} at {tokens} tokens: {ratio:.2f}x PyTorch's speed "
+                           f"(>= {goal:.2f}) {'ok' if ratio >= goal else 'MISSED'}")
     return "\n".join(out)
 
 
@@ -233,5 +238,5 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"machine": machine, "tokens": args.tokens, "rows": rows}))
     else:
-        print(summary(rows))
+        print(summary(rows, args.tokens))
     return 0

@@ -7,14 +7,14 @@ import pandas as pd
 
 from .analysis import PROXIES, pareto_mask
 
-TOOLTIP = ["pattern", "block", "nm", "sparsity_target", alt.Tooltip("sparsity_achieved", format=".3f"),
-           alt.Tooltip("tvm_bsr_ms", format=".4f"), alt.Tooltip("tvm_dense_ms", format=".4f"),
-           alt.Tooltip("torch_dense_ms", format=".4f"), alt.Tooltip("speedup_vs_torch_dense", format=".2f"),
+TOOLTIP = ["pattern", "format", "sparsity_target", alt.Tooltip("sparsity_achieved", format=".3f"),
+           alt.Tooltip("tvm_sparse_ms", format=".4f"), alt.Tooltip("best_dense_ms", format=".4f"), "best_dense",
+           alt.Tooltip("speedup_vs_best_dense", format=".2f"), alt.Tooltip("speedup_vs_torch_dense", format=".2f"),
            alt.Tooltip("speedup_vs_tvm_dense", format=".2f"), alt.Tooltip("output_cosine", format=".3f"),
-           alt.Tooltip("lee_pearson", format=".3f"), "tokens", "threads", "norm", "seed"]
+           alt.Tooltip("lee_pearson", format=".3f"), "tokens", "threads", "seed"]
 
 
-def tradeoff(df: pd.DataFrame, proxy: str = "output_cosine", speedup: str = "speedup_vs_torch_dense",
+def tradeoff(df: pd.DataFrame, proxy: str = "output_cosine", speedup: str = "speedup_vs_best_dense",
              current: dict | None = None) -> alt.Chart:
     """Accuracy proxy against speedup, one point per result, coloured by pattern; the Pareto front
     (best proxy for a given speedup) as a line; `current` (a row) ringed."""

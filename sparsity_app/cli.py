@@ -1,4 +1,4 @@
-"""python -m sparsity_app {layers, run, sweep, bench}: a thin door onto experiment and store.
+"""python -m sparsity_app {layers, run, sweep, bench, cache}: a thin door onto experiment and store.
 
 Bad input gets one line on stderr and exit status 2, never a traceback.
 """
@@ -39,6 +39,9 @@ def _add_spec_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     p.add_argument("--tokens", type=int, default=d.tokens, help="rows of X (default %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of random pruning")
     p.add_argument("--threads", type=int, default=0, help="threads for every kernel (0 = all cores)")
+    p.add_argument("--repeat", type=int, default=d.repeat, help="timed samples per implementation (default %(default)s)")
+    p.add_argument("--retune", action="store_true", help="measure again and re-tune the schedule, "
+                   "replacing what is stored")
     p.add_argument("--cache-dir", default=None, help="result cache (default cache/ or $SPARSITY_APP_CACHE_DIR)")
 
 
@@ -61,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsities", default="0.5,0.7,0.8,0.9,0.95", help="comma-separated sparsities")
     p.add_argument("--nms", default="2:4,1:4", help="comma-separated N:M patterns (with --method nm)")
     p.add_argument("--csv", default=None, help="also write the table to this CSV file")
+    p = sub.add_parser("cache", help="what the result cache holds, or clear it")
+    p.add_argument("action", choices=("info", "clear"))
+    p.add_argument("--only", choices=("results", "tuning"), default=None,
+                   help="clear only stored results, or only the tuner's winning schedules")
+    p.add_argument("--cache-dir", default=None, help="result cache (default cache/ or $SPARSITY_APP_CACHE_DIR)")
     p = sub.add_parser("bench", help="kernel benchmark: every sparse format against every dense peer")
     from .bench import add_arguments
 
@@ -70,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _spec(args: argparse.Namespace, **over) -> Spec:
     fields = dict(model=args.model, layer=args.layer, method=args.method, norm=args.norm,
-                  tokens=args.tokens, seed=args.seed, threads=args.threads)
+                  tokens=args.tokens, seed=args.seed, threads=args.threads, repeat=args.repeat)
     if hasattr(args, "block"):
         fields.update(block=parse_block(args.block), sparsity=args.sparsity,
                       nm=None if args.nm is None else parse_nm(args.nm))
@@ -94,7 +102,8 @@ def _run(args) -> None:
     from .store import Store
 
     spec = _spec(args)
-    result = run(spec, store=Store(args.cache_dir), progress=lambda step, detail: _err(f"[{step}] {detail}"))
+    result = run(spec, store=Store(args.cache_dir), progress=lambda step, detail: _err(f"[{step}] {detail}"),
+                 retune=args.retune)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -116,7 +125,7 @@ def _sweep(args) -> None:
     try:
         for i, spec in enumerate(specs):
             _progress(i, len(specs), spec)
-            rows.append(run(spec, store=store).row())
+            rows.append(run(spec, store=store, retune=args.retune).row())
         _progress(len(specs), len(specs), None)
     finally:  # an error or ^C mid-sweep still shows (and writes) what was measured
         if rows:
@@ -135,11 +144,12 @@ def _progress(done: int, total: int, spec: Spec | None) -> None:
     sys.stderr.flush()
 
 
-TABLE_COLUMNS = (("pattern", "pattern", "{}"), ("sparsity_achieved", "sparsity", "{:.3f}"),
-                 ("tvm_bsr_ms", "sparse ms", "{:.4f}"), ("tvm_dense_ms", "tvm dense ms", "{:.4f}"),
-                 ("torch_dense_ms", "torch ms", "{:.4f}"), ("speedup_vs_tvm_dense", "vs tvm", "{:.2f}x"),
-                 ("speedup_vs_torch_dense", "vs torch", "{:.2f}x"), ("ideal_speedup", "ideal", "{:.2f}x"),
-                 ("output_cosine", "out cos", "{:.3f}"), ("lee_pearson", "lee r", "{:.3f}"),
+TABLE_COLUMNS = (("pattern", "pattern", "{}"), ("format", "format", "{}"), ("sparsity_achieved", "sparsity", "{:.3f}"),
+                 ("tvm_sparse_ms", "sparse ms", "{:.4f}"), ("best_dense_ms", "best dense ms", "{:.4f}"),
+                 ("best_dense", "best dense", "{}"), ("speedup_vs_best_dense", "vs best", "{:.2f}x"),
+                 ("speedup_vs_tvm_dense", "vs tvm", "{:.2f}x"), ("speedup_vs_torch_dense", "vs torch", "{:.2f}x"),
+                 ("ideal_speedup", "ideal", "{:.2f}x"), ("output_cosine", "out cos", "{:.3f}"),
+                 ("lee_pearson", "lee r", "{:.3f}"), ("tune_s", "tune s", "{:.2f}"), ("compile_s", "compile s", "{:.2f}"),
                  ("cached", "cached", "{}"))
 
 
@@ -167,7 +177,18 @@ def _err(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-COMMANDS = {"layers": _layers, "run": _run, "sweep": _sweep}
+def _cache(args) -> None:
+    from .store import Store
+
+    store = Store(args.cache_dir)
+    if args.action == "clear":
+        results, tunings = store.clear(results=args.only != "tuning", tuning=args.only != "results")
+        print(f"cleared {results} results and {tunings} tuned schedules from {store.directory}")
+    else:
+        print(f"{store.directory}: {len(store)} results, {store.tunings()} tuned schedules")
+
+
+COMMANDS = {"layers": _layers, "run": _run, "sweep": _sweep, "cache": _cache}
 
 
 def main(argv: list[str] | None = None) -> int:

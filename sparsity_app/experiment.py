@@ -1,8 +1,13 @@
-"""run(spec) -> Result: prune -> BSR -> compile -> time -> score -> store, in that order."""
+"""run(spec) -> Result: prune -> format -> tune -> compile -> verify -> time -> score -> store.
+
+Each step is a small function; `run` strings them together, tells `progress` as each begins, and
+records how long each took (Result.step_s), so the figures a user reads about time come from the run.
+"""
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -11,11 +16,11 @@ from .errors import UserError
 from .formats import sparse_format, to_bsr
 from .models import get_model, layer_info
 from .pruning import prune
-from .spec import Result, Spec
+from .spec import SPARSE, Result, Spec
 from .store import Store, key_of
 from .timing import fingerprint, measure
 
-STEPS = ("prune", "bsr", "compile", "time", "score")  # what `progress` is told, in order
+STEPS = ("prune", "format", "tune", "compile", "verify", "time", "score")  # what `progress` is told, in order
 FORMAT_NAMES = {"bsr": "BSR", "csr": "CSR", "nm": "the N:M format"}
 Progress = Callable[[str, str], None]  # (step, one-line detail)
 
@@ -35,68 +40,97 @@ def validate(spec: Spec) -> tuple[Spec, tuple[int, int]]:
     return spec, shape
 
 
-def run(spec: Spec, store: Store | None = None, progress: Progress = _quiet, repeat: int = 25) -> Result:
+class _Clock:
+    """Tells `progress` as each step begins and keeps its wall time."""
+
+    def __init__(self, progress: Progress):
+        self.progress, self.seconds = progress, {}
+
+    @contextlib.contextmanager
+    def step(self, name: str, detail: str) -> Iterator[None]:
+        assert name in STEPS
+        self.progress(name, detail)
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 4)
+
+
+def run(spec: Spec, store: Store | None = None, progress: Progress = _quiet, retune: bool = False) -> Result:
     """Measure one configuration; with a store, a stored result returns at once (cached=True).
 
+    retune=True measures again and re-tunes the schedule even if a result or winner is stored.
     Raises UserError for a request that cannot be measured (unknown model, block that does not
     divide the layer, ...).
     """
     spec, shape = validate(spec)
-    model = get_model(spec.model)
-    if store is not None and (hit := lookup(spec, store)) is not None:
+    if store is not None and not retune and (hit := lookup(spec, store)) is not None:
         return hit
 
     from .kernels import host_mcpu, set_threads  # imports TVM and torch: only on a cache miss
-    from .kernels.dense import TorchDense, TVMDense
+    from .kernels.peers import dense_peers
 
-    machine = fingerprint()
+    model, machine, clock = get_model(spec.model), fingerprint(), _Clock(progress)
     weight, bias = model.weight(spec.layer)
     x = model.calibration(spec.layer, spec.tokens)
 
-    progress("prune", f"{spec.label()} at sparsity {spec.sparsity:.2f} on {shape[0]}x{shape[1]}")
-    mask = prune(weight, spec)
-    pruned = weight * mask
-    achieved = 1.0 - float(mask.mean())
-
-    family, sparse = sparse_format(weight, mask, spec)
-    bsr = to_bsr(weight, mask, spec.block)  # block count, whatever format the kernel reads
-    progress("bsr", f"converting to {FORMAT_NAMES[family]} ({bsr.nnz_blocks} blocks of "
-                    f"{spec.block[0]}x{spec.block[1]}, {sparse.nbytes / 1024:.0f} KiB)")
+    with clock.step("prune", f"{spec.label()} at sparsity {spec.sparsity:.2f} on {shape[0]}x{shape[1]}"):
+        mask = prune(weight, spec)
+        pruned = weight * mask
+    with clock.step("format", "storing the kept weights in the kernel's sparse format"):
+        family, sparse = sparse_format(weight, mask, spec)
+        stored = to_bsr(weight, mask, spec.block).nnz_blocks  # blocks of spec.block, whatever the format
+    stored_note = (f"{FORMAT_NAMES[family]} holds {stored} blocks of {spec.block[0]}x{spec.block[1]} "
+                   f"in {sparse.nbytes / 1024:.0f} KiB; ")
 
     set_threads(spec.threads)
     reference = x.astype(np.float64) @ pruned.astype(np.float64).T
-    progress("compile", "compiling the tuned schedule" if store is not None and tuner.is_tuned(
-        family, sparse, x, spec, spec.threads, store) else "tuning: compiling and timing candidate schedules")
-    start = time.perf_counter()
-    tuning = tuner.best_schedule(family, sparse, x, reference, spec, spec.threads, store)
-    kernel = tuner.families()[family].kernel(sparse, x, tuning.knobs())
-    compile_s = time.perf_counter() - start
-    tvm_dense, torch_dense = TVMDense(weight, x), TorchDense(weight, x)
-    tuner.check_output("TVM sparse", kernel.output(), reference)
-    tuner.check_output("TVM dense", tvm_dense.output(), x.astype(np.float64) @ weight.astype(np.float64).T)
+    tuned = store is not None and not retune and tuner.is_tuned(family, sparse, x, spec, spec.threads, store)
+    with clock.step("tune", stored_note + ("reusing the stored winning schedule" if tuned else
+                                          "tuning: compiling, checking and timing candidate schedules")):
+        tuning = tuner.best_schedule(family, sparse, x, reference, spec, spec.threads, store, retune=retune)
+    with clock.step("compile", f"compiling the {FORMAT_NAMES[family]} kernel ({tuning.label}) and the dense peers"):
+        kernel = tuner.families()[family].kernel(sparse, x, tuning.knobs())
+        peers = dense_peers(weight, x)
+    with clock.step("verify", "checking every kernel against NumPy before timing it"):
+        _verify(kernel, peers, x, weight, reference)
+    with clock.step("time", f"timing the sparse kernel and {len(peers)} dense peers on {spec.threads} threads "
+                    f"({spec.repeat} samples each)"):
+        times = measure({SPARSE: kernel.run, **{name: p.run for name, p in peers.items()}}, repeat=spec.repeat)
+    with clock.step("score", "scoring the accuracy proxies on the full calibration set"):
+        scores, scored = _score(spec, weight, mask, bias)
 
-    progress("time", f"timing the TVM {family.upper()} kernel, TVM dense and PyTorch dense on {spec.threads} threads")
-    times = measure({"tvm_bsr": kernel.run, "tvm_dense": tvm_dense.run, "torch_dense": torch_dense.run},
-                    repeat=repeat)
-
-    progress("score", "scoring the accuracy proxies")
-    rel, cos = proxies.output_error(x, weight, pruned, bias)
-    scores = {"retained_energy": proxies.retained_energy(weight, mask), "output_rel_error": rel,
-              "output_cosine": cos, **proxies.model_level(spec.model, spec.layer, pruned)}
-
-    result = Result(spec=spec, shape=shape, sparsity_achieved=achieved, nnz_blocks=bsr.nnz_blocks,
-                    bsr_bytes=sparse.nbytes, dense_bytes=weight.nbytes, times_ms=times, compile_s=compile_s,
-                    proxies=scores, machine={**machine, "threads": spec.threads},
+    result = Result(spec=spec, shape=shape, sparsity_achieved=1.0 - float(mask.mean()), stored_blocks=stored,
+                    sparse_bytes=sparse.nbytes, dense_bytes=weight.nbytes, times_ms=times,
+                    tune_s=0.0 if tuning.cached else clock.seconds["tune"], compile_s=clock.seconds["compile"],
+                    proxies=scores, scored_tokens=scored, machine={**machine, "threads": spec.threads},
                     kernel={"format": family, "mcpu": host_mcpu(), "knobs": tuning.winner, "schedule": tuning.label,
-                            "tuning": tuning.to_dict(), "dense": vars(tvm_dense.knobs)},
-                    real_weights=model.real_weights)
+                            "tuning": tuning.to_dict(), "dense": vars(peers["tvm_dense"].knobs)},
+                    step_s=dict(clock.seconds), real_weights=model.real_weights)
     if store is not None:
         store.put(key_of(spec, machine), result)
     return result
 
 
+def _verify(kernel, peers: dict, x: np.ndarray, weight: np.ndarray, reference: np.ndarray) -> None:
+    """A kernel that computes the wrong answer never reports a time (raises RuntimeError)."""
+    tuner.check_output("TVM sparse", kernel.output(), reference)
+    dense_reference = x.astype(np.float64) @ weight.astype(np.float64).T
+    for name, peer in peers.items():
+        tuner.check_output(name, peer.output(), dense_reference)
+
+
+def _score(spec: Spec, weight: np.ndarray, mask: np.ndarray, bias: np.ndarray | None) -> tuple[dict, int]:
+    """(proxies, scored tokens): layer proxies on every calibration token, whatever spec.tokens is."""
+    x_all = get_model(spec.model).calibration_set(spec.layer)
+    pruned = weight * mask
+    rel, cos = proxies.output_error(x_all, weight, pruned, bias)
+    scores = {"retained_energy": proxies.retained_energy(weight, mask), "output_rel_error": rel,
+              "output_cosine": cos, **proxies.model_level(spec.model, spec.layer, pruned)}
+    return scores, len(x_all)
+
+
 def lookup(spec: Spec, store: Store) -> Result | None:
-    """The stored result of `spec` on this machine, or None; never computes anything."""
+    """The stored result of `spec` on this machine with this code, or None; never computes anything."""
     spec, _ = validate(spec)
     return store.get(key_of(spec, fingerprint()))
 
@@ -108,4 +142,4 @@ def mask_of(spec: Spec) -> np.ndarray:
     return prune(weight, spec)
 
 
-__all__ = ["run", "STEPS", "UserError"]
+__all__ = ["run", "lookup", "validate", "mask_of", "STEPS", "UserError"]

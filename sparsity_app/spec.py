@@ -16,6 +16,7 @@ BLOCK_PRESETS = ("32x1", "16x1", "8x1", "4x1", "1x32", "4x4", "8x8", "16x16", "1
 NM_PRESETS = ("2:4", "1:4", "4:8")
 NORMS = ("l2", "l1")
 MAX_SPARSITY = 0.99
+MAX_REPEAT = 200
 
 
 def parse_block(text: str) -> tuple[int, int]:
@@ -59,6 +60,7 @@ class Spec:
     tokens: int = 128  # rows of X: real calibration tokens fed to the layer
     seed: int = 0  # random pruning's seed
     threads: int = 0  # threads for every kernel; 0 = all cores
+    repeat: int = 25  # timed samples per implementation (more: a steadier median)
 
     def resolve(self) -> "Spec":
         """Validate everything that needs no model, and return the canonical form.
@@ -74,6 +76,8 @@ class Spec:
             raise UserError(f"unknown norm {self.norm!r}; valid norms: {', '.join(NORMS)}")
         if not isinstance(self.tokens, int) or not 1 <= self.tokens <= MAX_TOKENS:
             raise UserError(f"tokens must be an integer in [1, {MAX_TOKENS}], got {self.tokens}")
+        if not isinstance(self.repeat, int) or not 3 <= self.repeat <= MAX_REPEAT:
+            raise UserError(f"repeat must be an integer in [3, {MAX_REPEAT}], got {self.repeat}")
         if not isinstance(self.threads, int) or not 0 <= self.threads <= default_threads():
             raise UserError(f"threads must be between 1 and {default_threads()} on this machine "
                             f"(0 = all cores), got {self.threads}")
@@ -116,10 +120,13 @@ class Spec:
     def label(self) -> str:
         """Short name of the pattern, e.g. 'block 32x1', 'nm 2:4', 'magnitude'."""
         if self.nm is not None:
-            return f"{self.method} {self.nm[0]}:{self.nm[1]}"
+            seed = f" seed {self.seed}" if self.method == "random" and self.seed else ""
+            return f"{self.method} {self.nm[0]}:{self.nm[1]}{seed}"
         if self.method == "magnitude":
             return "magnitude"
-        return f"{self.method} {fmt_block(self.block)}"
+        seed = f" seed {self.seed}" if self.method == "random" and self.seed else ""
+        norm = f" {self.norm}" if self.method == "block" and self.norm != "l2" else ""
+        return f"{self.method} {fmt_block(self.block)}{norm}{seed}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +140,16 @@ class Timing:
     runs: int
 
 
+# What `Result.times_ms` holds: the sparse kernel and every dense peer, all timed in one `measure` call.
+SPARSE = "tvm_sparse"  # our TVM kernel for the layer's format (BSR, CSR or N:M)
+DENSE_PEERS = {  # name -> what it is; the best dense is the fastest of these
+    "tvm_dense": "TVM dense (hand-scheduled GEMM, X row-major)",
+    "torch_dense": "PyTorch dense (nn.functional.linear, X row-major)",
+    "torch_dense_fm": "PyTorch dense, feature-major (W @ X^T, the sparse kernels' layout)",
+}
+_OLD_NAMES = {"tvm_bsr": SPARSE, "bsr_bytes": "sparse_bytes", "nnz_blocks": "stored_blocks"}  # before 0.3
+
+
 @dataclasses.dataclass(frozen=True)
 class Result:
     """What one experiment measured. `to_dict` is the CLI's --json object and the stored form."""
@@ -140,28 +157,50 @@ class Result:
     spec: Spec
     shape: tuple[int, int]  # (out, in) of the layer
     sparsity_achieved: float  # fraction of weights removed by the mask
-    nnz_blocks: int  # stored blocks of spec.block (N:M and 1x1: stored weights)
-    bsr_bytes: int  # bytes of the sparse format the kernel reads (kernel['format']: bsr, csr or nm)
+    stored_blocks: int  # stored blocks of spec.block (N:M and 1x1: stored weights)
+    sparse_bytes: int  # bytes of the sparse format the kernel reads (kernel['format']: bsr, csr or nm)
     dense_bytes: int
-    times_ms: dict[str, Timing]  # tvm_bsr (the TVM sparse kernel, any format), tvm_dense, torch_dense
-    compile_s: float  # tuning (unless a winner was stored) and compiling the sparse kernel, seconds
+    times_ms: dict[str, Timing]  # SPARSE and the DENSE_PEERS (old results may lack torch_dense_fm)
+    tune_s: float  # tuning the schedule (0.0 when a stored winner was reused)
+    compile_s: float  # compiling the chosen schedule (the one that is timed)
     proxies: dict[str, float | None]  # retained_energy, output_rel_error, output_cosine, ...
-    machine: dict[str, Any]  # fingerprint: cpu, isa, cores, threads, versions
+    machine: dict[str, Any]  # fingerprint: cpu, isa, cores, threads, versions, code
     kernel: dict[str, Any] = dataclasses.field(default_factory=dict)  # format and schedule knobs used
+    scored_tokens: int | None = None  # calibration tokens the layer proxies were scored on
+    step_s: dict[str, float] = dataclasses.field(default_factory=dict)  # wall seconds of each pipeline step
     cached: bool = False
     real_weights: bool = True
 
     @property
+    def best_dense(self) -> str:
+        """Name (a DENSE_PEERS key) of the fastest dense peer timed with this result."""
+        return min((k for k in DENSE_PEERS if k in self.times_ms), key=lambda k: self.times_ms[k].median)
+
+    def speedup_vs(self, peer: str) -> float:
+        return self.times_ms[peer].median / self.times_ms[SPARSE].median
+
+    @property
+    def speedup_vs_best_dense(self) -> float:
+        return self.speedup_vs(self.best_dense)
+
+    @property
     def speedup_vs_tvm_dense(self) -> float:
-        return self.times_ms["tvm_dense"].median / self.times_ms["tvm_bsr"].median
+        return self.speedup_vs("tvm_dense")
 
     @property
     def speedup_vs_torch_dense(self) -> float:
-        return self.times_ms["torch_dense"].median / self.times_ms["tvm_bsr"].median
+        return self.speedup_vs("torch_dense")
 
     @property
     def ideal_speedup(self) -> float:
         return 1.0 / max(1.0 - self.sparsity_achieved, 1e-9)
+
+    def conditions(self) -> dict[str, Any]:
+        """What a timing depends on besides the configuration: results compare only if these are equal."""
+        m = self.machine
+        return {"cpu": m.get("cpu"), "isa": " ".join(m.get("isa", [])), "cores": m.get("cores"), "tvm": m.get("tvm"),
+                "torch": m.get("torch"), "code": m.get("code"), "threads": self.spec.threads,
+                "tokens": self.spec.tokens, "repeat": self.spec.repeat}
 
     def to_dict(self) -> dict[str, Any]:
         s = self.spec
@@ -178,15 +217,21 @@ class Result:
             "sparsity_achieved": self.sparsity_achieved,
             "tokens": s.tokens,
             "threads": s.threads,
-            "nnz_blocks": self.nnz_blocks,
-            "bsr_bytes": self.bsr_bytes,
+            "repeat": s.repeat,
+            "stored_blocks": self.stored_blocks,
+            "sparse_bytes": self.sparse_bytes,
             "dense_bytes": self.dense_bytes,
             "times_ms": {k: dataclasses.asdict(v) for k, v in self.times_ms.items()},
+            "best_dense": self.best_dense,
+            "speedup_vs_best_dense": self.speedup_vs_best_dense,
             "speedup_vs_tvm_dense": self.speedup_vs_tvm_dense,
             "speedup_vs_torch_dense": self.speedup_vs_torch_dense,
             "ideal_speedup": self.ideal_speedup,
+            "tune_s": self.tune_s,
             "compile_s": self.compile_s,
+            "step_s": dict(self.step_s),
             "proxies": dict(self.proxies),
+            "scored_tokens": self.scored_tokens,
             "kernel": dict(self.kernel),
             "cached": self.cached,
             "real_weights": self.real_weights,
@@ -199,25 +244,40 @@ class Result:
         """One flat row for tables, CSV and charts (times in ms, speedups as ratios)."""
         d, s = self.to_dict(), self.spec
         row = {k: d[k] for k in ("model", "layer", "method", "block", "nm", "norm", "seed", "sparsity_target",
-                                 "sparsity_achieved", "tokens", "threads", "nnz_blocks", "bsr_bytes",
-                                 "dense_bytes", "speedup_vs_tvm_dense", "speedup_vs_torch_dense",
-                                 "ideal_speedup", "compile_s", "cached")}
+                                 "sparsity_achieved", "tokens", "threads", "repeat", "stored_blocks", "sparse_bytes",
+                                 "dense_bytes", "best_dense", "speedup_vs_best_dense", "speedup_vs_tvm_dense",
+                                 "speedup_vs_torch_dense", "ideal_speedup", "tune_s", "compile_s", "scored_tokens",
+                                 "cached")}
+        row["fraction_of_ideal"] = self.speedup_vs_best_dense / self.ideal_speedup
         row["pattern"] = s.label()
         row["format"], row["schedule"] = self.kernel.get("format"), self.kernel.get("schedule")
         row["shape"] = f"{self.shape[0]}x{self.shape[1]}"
         for name, t in self.times_ms.items():
             row[f"{name}_ms"], row[f"{name}_spread_ms"] = t.median, t.spread
+        row["best_dense_ms"] = self.times_ms[self.best_dense].median
         row.update(self.proxies)
-        row["cpu"], row["tvm"] = self.machine.get("cpu"), self.machine.get("tvm")
+        row["cpu"], row["tvm"], row["code"] = self.machine.get("cpu"), self.machine.get("tvm"), self.machine.get("code")
+        row["conditions"] = conditions_label(self.conditions())
         return row
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Result":
+        """The inverse of `to_dict`; also reads results stored before the format-neutral names."""
+        d = {_OLD_NAMES.get(k, k): v for k, v in d.items()}
+        times = {_OLD_NAMES.get(k, k): Timing(**v) for k, v in d["times_ms"].items()}
         spec = Spec(model=d["model"], layer=d["layer"], method=d["method"], block=parse_block(d["block"]),
                     sparsity=d["sparsity_target"], nm=None if d["nm"] is None else parse_nm(d["nm"]),
-                    norm=d["norm"], tokens=d["tokens"], seed=d["seed"], threads=d["threads"])
+                    norm=d["norm"], tokens=d["tokens"], seed=d["seed"], threads=d["threads"],
+                    repeat=d.get("repeat", times[SPARSE].runs))
         return cls(spec=spec, shape=tuple(d["shape"]), sparsity_achieved=d["sparsity_achieved"],
-                   nnz_blocks=d["nnz_blocks"], bsr_bytes=d["bsr_bytes"], dense_bytes=d["dense_bytes"],
-                   times_ms={k: Timing(**v) for k, v in d["times_ms"].items()}, compile_s=d["compile_s"],
+                   stored_blocks=d["stored_blocks"], sparse_bytes=d["sparse_bytes"], dense_bytes=d["dense_bytes"],
+                   times_ms=times, tune_s=d.get("tune_s", 0.0), compile_s=d["compile_s"],
                    proxies=d["proxies"], machine=d["machine"], kernel=d.get("kernel", {}),
+                   scored_tokens=d.get("scored_tokens"), step_s=d.get("step_s", {}),
                    cached=d.get("cached", False), real_weights=d.get("real_weights", True))
+
+
+def conditions_label(c: dict[str, Any]) -> str:
+    """One line naming measurement conditions, e.g. for a chart's caption or a choice between them."""
+    return (f"{c['cpu']}, {c['threads']} threads, {c['tokens']} tokens, {c['repeat']} samples, "
+            f"TVM {c['tvm']}, PyTorch {c['torch']}, code {str(c['code'])[:8]}")

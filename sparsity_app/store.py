@@ -30,7 +30,8 @@ def cache_dir(override: str | os.PathLike | None = None) -> pathlib.Path:
 
 
 def key_of(spec: Spec, machine: dict) -> str:
-    """Everything that changes a result: the resolved spec, the machine, the code version."""
+    """Everything that changes a result: the resolved spec (repeat included), and the machine
+    fingerprint (CPU, ISA, cores, package versions, weights and data packages, code hash)."""
     blob = json.dumps({"spec": dataclasses.asdict(spec), "machine": machine}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -91,6 +92,14 @@ class Store:
 
     def __len__(self) -> int:
         return len(self._cache)
+
+    def tunings(self) -> int:
+        return len(self._tunings)
+
+    def clear(self, results: bool = True, tuning: bool = True) -> tuple[int, int]:
+        """Drop every stored result and/or tuner winner; returns how many of each were dropped."""
+        dropped = (self._cache.clear() if results else 0, self._tunings.clear() if tuning else 0)
+        return dropped
 
     def close(self) -> None:
         self._cache.close()

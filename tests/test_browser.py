@@ -62,7 +62,7 @@ def test_press_run_and_see_speedup_and_chart(server, tmp_path):
             run = page.get_by_role("button", name="Run", exact=True)
             run.wait_for(timeout=60_000)
             run.click()
-            expect(page.get_by_text("Speedup vs PyTorch dense")).to_be_visible(timeout=120_000)
+            expect(page.get_by_text("Speedup vs best dense")).to_be_visible(timeout=120_000)
             charts = page.locator('[data-testid="stVegaLiteChart"]')
             expect(charts).to_have_count(2, timeout=30_000)
             value = page.locator('[data-testid="stMetricValue"]').first.inner_text()

@@ -10,9 +10,10 @@ from sparsity_app.cli import main
 
 RUN = ["run", "--model", "minilm-l6", "--layer", "encoder.layer.0.attention.self.query", "--method", "block",
        "--block", "32x1", "--sparsity", "0.9", "--tokens", "128", "--json"]
-KEYS = {"model", "layer", "shape", "method", "block", "sparsity_target", "sparsity_achieved", "tokens",
-        "nnz_blocks", "bsr_bytes", "dense_bytes", "times_ms", "speedup_vs_tvm_dense", "speedup_vs_torch_dense",
-        "ideal_speedup", "compile_s", "proxies", "cached", "machine"}
+KEYS = {"model", "layer", "shape", "method", "block", "sparsity_target", "sparsity_achieved", "tokens", "repeat",
+        "stored_blocks", "sparse_bytes", "dense_bytes", "times_ms", "best_dense", "speedup_vs_best_dense",
+        "speedup_vs_tvm_dense", "speedup_vs_torch_dense", "ideal_speedup", "tune_s", "compile_s", "step_s", "proxies",
+        "scored_tokens", "cached", "machine"}
 
 
 def _cli(args, cache_dir):
@@ -26,14 +27,18 @@ def test_run_json_contract_and_cache_hit(cache_dir):
     assert cold.returncode == 0, cold.stderr
     d = json.loads(cold.stdout)  # exactly one JSON object, nothing else on stdout
     assert KEYS <= d.keys()
-    assert set(d["times_ms"]) == {"tvm_bsr", "tvm_dense", "torch_dense"}
+    assert set(d["times_ms"]) == {"tvm_sparse", "tvm_dense", "torch_dense", "torch_dense_fm"}
     assert all({"median", "spread"} <= t.keys() for t in d["times_ms"].values())
     assert set(d["proxies"]) == {"retained_energy", "output_rel_error", "output_cosine", "embedding_cosine",
                                  "lee_pearson"}
     assert d["cached"] is False and d["shape"] == [384, 384] and d["block"] == "32x1"
     assert d["speedup_vs_torch_dense"] == pytest.approx(
-        d["times_ms"]["torch_dense"]["median"] / d["times_ms"]["tvm_bsr"]["median"])
-    assert {"cpu", "isa", "cores", "threads", "tvm", "torch"} <= d["machine"].keys()
+        d["times_ms"]["torch_dense"]["median"] / d["times_ms"]["tvm_sparse"]["median"])
+    best = min(("tvm_dense", "torch_dense", "torch_dense_fm"), key=lambda k: d["times_ms"][k]["median"])
+    assert d["best_dense"] == best and d["speedup_vs_best_dense"] == pytest.approx(
+        d["times_ms"][best]["median"] / d["times_ms"]["tvm_sparse"]["median"])
+    assert d["tune_s"] > 0 and d["compile_s"] > 0 and d["scored_tokens"] > 10_000
+    assert {"cpu", "isa", "cores", "threads", "tvm", "torch", "versions", "code"} <= d["machine"].keys()
     warm = _cli(RUN, cache_dir)
     assert warm.returncode == 0 and json.loads(warm.stdout)["cached"] is True
     assert "compile" not in warm.stderr
@@ -57,6 +62,8 @@ def test_layers_json(capsys):
     (["run", "--tokens", "0"], "tokens must be an integer"),
     (["run", "--tokens", "-5"], "tokens must be an integer"),
     (["run", "--threads", "999"], "threads must be between 1 and"),
+    (["run", "--repeat", "1"], "repeat must be an integer in [3, 200]"),
+    (["cache", "wipe"], "invalid choice"),
     (["run", "--method", "prune-it"], "valid methods: magnitude, block, nm, random"),
     (["sweep", "--blocks", "32x1,5x5"], "must divide"),
     (["sweep", "--sparsities", "0.5,x"], "comma-separated numbers"),

@@ -59,12 +59,13 @@ def test_proxies_fall_as_sparsity_rises():
 
 def test_run_then_cache_hit(cache_dir):
     store = Store()
-    spec = Spec(method="block", block=(16, 1), sparsity=0.8, tokens=32)
+    spec = Spec(method="block", block=(16, 1), sparsity=0.8, tokens=32, repeat=3)
     steps = []
-    first = run(spec, store=store, progress=lambda step, detail: steps.append(step), repeat=3)
-    assert steps == ["prune", "bsr", "compile", "time", "score"]
+    first = run(spec, store=store, progress=lambda step, detail: steps.append(step))
+    assert steps == ["prune", "format", "tune", "compile", "verify", "time", "score"]
+    assert set(first.step_s) == set(steps) and all(v >= 0 for v in first.step_s.values())
     assert not first.cached and abs(first.sparsity_achieved - 0.8) <= 16 / (384 * 384) + 1e-9
-    assert first.nnz_blocks == round(0.2 * 384 * 384 / 16)
+    assert first.stored_blocks == round(0.2 * 384 * 384 / 16)
     second = run(spec, store=store, progress=lambda *a: pytest.fail("a cache hit recomputed"))
     assert second.cached and second.times_ms == first.times_ms
     assert [r.spec for r in store.results(layer=LAYER)] == [first.spec]
@@ -72,11 +73,11 @@ def test_run_then_cache_hit(cache_dir):
 
 def test_corrupt_entry_is_recomputed_not_a_crash(cache_dir):
     store = Store()
-    spec = Spec(model="bert-base-synthetic", sparsity=0.95, tokens=16)
-    run(spec, store=store, repeat=3)
+    spec = Spec(model="bert-base-synthetic", sparsity=0.95, tokens=16, repeat=3)
+    run(spec, store=store)
     key = key_of(spec.resolve(), fingerprint())
     store._cache.set(key, "{not json")
-    again = run(spec, store=store, repeat=3)
+    again = run(spec, store=store)
     assert not again.cached
     assert run(spec, store=store).cached
 
@@ -91,7 +92,7 @@ def test_unreadable_cache_database_starts_afresh(tmp_path):
 
 
 def test_synthetic_model_says_its_accuracy_means_nothing(cache_dir):
-    r = run(Spec(model="bert-base-synthetic", layer="encoder.layer.0.intermediate.dense", tokens=16), repeat=3)
+    r = run(Spec(model="bert-base-synthetic", layer="encoder.layer.0.intermediate.dense", tokens=16, repeat=3))
     d = r.to_dict()
     assert d["shape"] == [3072, 768] and d["real_weights"] is False
     assert "mean nothing" in d["accuracy_note"]
@@ -99,12 +100,12 @@ def test_synthetic_model_says_its_accuracy_means_nothing(cache_dir):
 
 
 def test_nm_result_reports_the_pattern(cache_dir):
-    r = run(Spec(method="nm", nm=(2, 4), tokens=16), repeat=3)
+    r = run(Spec(method="nm", nm=(2, 4), tokens=16, repeat=3))
     assert r.spec.sparsity == 0.5 and r.sparsity_achieved == 0.5 and r.to_dict()["nm"] == "2:4"
 
 
 def test_result_round_trips_through_json(cache_dir):
-    r = run(Spec(model="bert-base-synthetic", tokens=8), repeat=3)
+    r = run(Spec(model="bert-base-synthetic", tokens=8, repeat=3))
     back = type(r).from_dict(json.loads(json.dumps(r.to_dict())))
     assert back == dataclasses.replace(r)
 

@@ -143,3 +143,34 @@ def test_dense_kernels_match_dense(shape, tokens):
 def test_dense_kernel_every_knob(knobs):
     w, _, x = _case(128, 64, 16, 1.0)
     assert_matches_dense(TVMDense(w, x, knobs).output(), x, w)
+
+
+# Paths the usual CI never reaches: the N:M cache-blocked loop (chunk > 0, the usual winner on
+# 384- and 1536-wide layers), and every parallel split with several parts, forced on any core count.
+
+@pytest.mark.parametrize("in_f", [384, 1536])
+@pytest.mark.parametrize("nm_", [(2, 4), (1, 4)])
+def test_nm_cache_blocked_path_on_real_layer_widths(in_f, nm_):
+    w, _, x = _case(48, in_f, 32, 1.0, seed=in_f)
+    mask = prune(w, Spec(method="nm", nm=nm_).resolve())
+    weight = to_nm(w, mask, nm_)
+    chunked = [k for k in nm.candidates(32, weight) if k.chunk > 0]
+    assert chunked, "the tuner offers no cache-blocked schedule on this width"
+    for k in chunked:
+        for parts in (1, 3):
+            assert_matches_dense(nm.TVMNM(weight, x, k, n_parts=parts).output(), x, w * mask)
+
+
+@pytest.mark.parametrize("n_parts", [2, 3, 5])
+def test_parallel_splits_with_several_parts_match_dense(n_parts):
+    w, mask, x = _case(96, 64, 16, 0.3, seed=n_parts, empty_rows=1, bs_r=8)
+    block_mask = prune(w, Spec(method="block", block=(8, 1), sparsity=0.7).resolve())
+    block_mask[:8] = False
+    bsr = to_bsr(w, block_mask, (8, 1))
+    for knobs in (BSRKnobs(tile=8, split="nnz"), BSRKnobs(tile=16, vec="tokens", layout="feature-major", split="nnz")):
+        assert_matches_dense(TVMBSR(bsr, x, knobs, n_parts=n_parts).output(), x, w * block_mask)
+    assert_matches_dense(csr.TVMCSR(to_csr(w, mask), x, csr.CSRKnobs(tile=16, split="nnz"), n_parts=n_parts).output(),
+                         x, w * mask)
+    nm_mask = prune(w, Spec(method="nm", nm=(2, 4)).resolve())
+    assert_matches_dense(nm.TVMNM(to_nm(w, nm_mask, (2, 4)), x, nm.NMKnobs(tile=16, chunk=16), n_parts=n_parts).output(),
+                         x, w * nm_mask)

@@ -190,7 +190,7 @@ class TVMBSR(Kernel):
     feature-major schedule it is transposed once here, as a feature-major network's previous layer
     would have produced it."""
 
-    def __init__(self, weight: BSR, x: np.ndarray, knobs: BSRKnobs | None = None):
+    def __init__(self, weight: BSR, x: np.ndarray, knobs: BSRKnobs | None = None, n_parts: int | None = None):
         tokens = x.shape[0]
         self.knobs = knobs or default_knobs(tokens, weight)
         self._feature_major = self.knobs.layout == "feature-major"
@@ -198,7 +198,8 @@ class TVMBSR(Kernel):
         indices = weight.indices
         if weight.nnz_blocks == 0:  # TVM buffers cannot be empty; indptr keeps this block unused
             data, indices = np.zeros((1,) + data.shape[1:], np.float32), np.zeros(1, np.int32)
-        n_parts = max_threads() if self.knobs.split == "nnz" else 1
+        # split="nnz" runs one part per thread; n_parts overrides it (tests run several parts on one core)
+        n_parts = (n_parts or max_threads()) if self.knobs.split == "nnz" else 1
         self._fn = _compiled(tokens, weight.shape, weight.block, data.shape[0], self.knobs, n_parts)
         y_shape = (weight.shape[0], tokens) if self._feature_major else (tokens, weight.shape[0])
         self._args = (tensor(x.T if self._feature_major else x), tensor(data), tensor(indices),

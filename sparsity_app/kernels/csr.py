@@ -110,13 +110,14 @@ class TVMCSR(Kernel):
 
     _feature_major = True
 
-    def __init__(self, weight: CSR, x: np.ndarray, knobs: CSRKnobs | None = None):
+    def __init__(self, weight: CSR, x: np.ndarray, knobs: CSRKnobs | None = None, n_parts: int | None = None):
         tokens = x.shape[0]
         self.knobs = knobs or default_knobs(tokens, weight)
         values, indices = weight.values, weight.indices
         if weight.nnz == 0:
             values, indices = np.zeros(1, np.float32), np.zeros(1, np.int32)
-        n_parts = max_threads() if self.knobs.split == "nnz" else 1
+        # split="nnz" runs one part per thread; n_parts overrides it (tests run several parts on one core)
+        n_parts = (n_parts or max_threads()) if self.knobs.split == "nnz" else 1
         self._fn = _compiled(tokens, weight.shape, values.shape[0], self.knobs, n_parts)
         self._args = (tensor(pack_x(x, self.knobs.tile) if self.knobs.pack else x.T), tensor(values),
                       tensor(indices), tensor(weight.indptr), tensor(balanced_parts(weight.indptr, n_parts)),

@@ -123,10 +123,11 @@ class TVMNM(Kernel):
 
     _feature_major = True
 
-    def __init__(self, weight: NM, x: np.ndarray, knobs: NMKnobs | None = None):
+    def __init__(self, weight: NM, x: np.ndarray, knobs: NMKnobs | None = None, n_parts: int | None = None):
         tokens = x.shape[0]
         self.knobs = knobs or default_knobs(tokens, weight)
-        n_parts = max_threads() if self.knobs.split == "nnz" else 1
+        # split="nnz" runs one part per thread; n_parts overrides it (tests run several parts on one core)
+        n_parts = (n_parts or max_threads()) if self.knobs.split == "nnz" else 1
         self._fn = _compiled(tokens, weight.shape, weight.nm, self.knobs, n_parts)
         self._args = (tensor(pack_x(x, self.knobs.tile) if self.knobs.pack else x.T), tensor(weight.values),
                       tensor(weight.offsets), empty((weight.shape[0], tokens)))
