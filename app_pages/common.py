@@ -5,6 +5,7 @@ import streamlit as st
 
 from sparsity_app import Spec, UserError
 from sparsity_app.experiment import run
+from sparsity_app.spec import DENSE_PEERS
 from sparsity_app.store import Store
 
 
@@ -13,14 +14,15 @@ def store() -> Store:
     return Store()
 
 
-def run_with_status(spec: Spec):
+def run_with_status(spec: Spec, retune: bool = False):
     """Run the engine inside st.status, one line per step; a cached result appears at once.
 
     Returns the Result, or None after showing the error on the page.
     """
     try:
         with st.status(f"Running {spec.label()} at sparsity {spec.sparsity:g}...", expanded=True) as status:
-            result = run(spec, store=store(), progress=lambda step, detail: status.write(f"**{step}**: {detail}"))
+            result = run(spec, store=store(), progress=lambda step, detail: status.write(f"**{step}**: {detail}"),
+                         retune=retune)
             status.update(label="Loaded from the cache" if result.cached else "Measured", state="complete",
                           expanded=False)
         return result
@@ -32,11 +34,13 @@ def run_with_status(spec: Spec):
 
 
 def conditions(result) -> str:
-    m = result.machine
+    """One caption stating how `result` was measured."""
+    m, best = result.machine, result.best_dense
     return (f"Measured on {m.get('cpu')} ({result.kernel.get('mcpu', '?')}, {', '.join(m.get('isa', [])[-3:])}), "
-            f"{result.spec.threads} threads, TVM {m.get('tvm')}, PyTorch {m.get('torch')}, "
-            f"{result.spec.tokens} tokens, float32. Median of {result.times_ms['tvm_bsr'].runs} samples; "
-            f"spread = interquartile range.")
+            f"{result.spec.threads} threads, TVM {m.get('tvm')}, PyTorch {m.get('torch')}, code {str(m.get('code'))[:8]}, "
+            f"{result.spec.tokens} tokens timed, float32. Median of {result.spec.repeat} samples; spread = "
+            f"interquartile range. Best dense = fastest of {len([k for k in DENSE_PEERS if k in result.times_ms])} "
+            f"dense peers timed in the same measurement: {DENSE_PEERS[best]}.")
 
 
 def query_spec(default: Spec = Spec()) -> Spec:
@@ -47,3 +51,28 @@ def query_spec(default: Spec = Spec()) -> Spec:
     for note in notes:
         st.warning(note, icon=":material/link_off:")
     return spec
+
+
+def pick_conditions(groups: dict, key: str) -> str | None:
+    """A choice between sets of measurement conditions (analysis.by_conditions); the first is the default."""
+    if not groups:
+        return None
+    if len(groups) == 1:
+        return next(iter(groups))
+    return st.selectbox(f"Measurement conditions ({len(groups)} sets in the cache; results of different sets are "
+                        "never mixed)", list(groups), key=key,
+                        format_func=lambda k: f"{k} ({len(groups[k])} results)")
+
+
+def cache_controls() -> None:
+    """Sidebar: what the cache holds, and buttons to clear results or tuned schedules."""
+    s = store()
+    with st.sidebar.expander("Cache"):
+        st.caption(f"{len(s)} results and {s.tunings()} tuned schedules in `{s.directory}`. Clearing forces every "
+                   "figure to be measured (and every schedule tuned) again.")
+        if st.button("Clear results", key="clear_results"):
+            n, _ = s.clear(results=True, tuning=False)
+            st.success(f"Cleared {n} results.")
+        if st.button("Clear tuned schedules", key="clear_tuning"):
+            _, n = s.clear(results=False, tuning=True)
+            st.success(f"Cleared {n} tuned schedules.")

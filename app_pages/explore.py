@@ -1,17 +1,18 @@
 """Explore a layer: configure one experiment, run it, see its cost and its place among the others."""
 import streamlit as st
 
-from app_pages.common import conditions, query_spec, run_with_status, store
+from app_pages.common import cache_controls, conditions, pick_conditions, query_spec, run_with_status, store
 from sparsity_app import Spec, UserError, analysis, charts
 from sparsity_app.experiment import lookup, mask_of
 from sparsity_app.links import spec_to_query
 from sparsity_app.models import MODEL_NAMES, get_model
 from sparsity_app.pruning import METHODS
-from sparsity_app.spec import BLOCK_PRESETS, NM_PRESETS, NORMS, fmt_block, parse_block, parse_nm
+from sparsity_app.spec import BLOCK_PRESETS, DENSE_PEERS, NM_PRESETS, NORMS, SPARSE, fmt_block, parse_block, parse_nm
 
 st.title("Explore a layer")
-st.caption("Prune one layer of a real model, compile it to a block-sparse TVM kernel for this CPU, and see "
-           "how much faster it runs than dense (TVM and PyTorch) and what it costs in accuracy.")
+st.caption("Prune one layer of a real model, compile it to a sparse TVM kernel for this CPU (BSR, CSR or N:M), "
+           "and see how much faster it runs than the best dense kernel and what it costs in accuracy.")
+cache_controls()
 
 start = query_spec()
 model_name = st.selectbox("Model", MODEL_NAMES, index=MODEL_NAMES.index(start.model), key="model",
@@ -37,6 +38,7 @@ with st.form("explore"):
     nm = c2.selectbox("N:M (method nm, or random N:M)", nm_names, key="nm",
                       index=nm_names.index(nm_default) if nm_default in nm_names else 0)
     norm = c3.radio("Block score", NORMS, index=NORMS.index(start.norm), horizontal=True, key="norm")
+    retune = st.checkbox("Measure again and re-tune the schedule (ignore what is stored)", key="retune")
     submitted = st.form_submit_button("Run", type="primary")
 
 spec = None
@@ -50,7 +52,7 @@ except UserError as e:
 result = None
 if submitted and spec is not None:
     st.query_params.from_dict(spec_to_query(spec))
-    result = run_with_status(spec)
+    result = run_with_status(spec, retune=retune)
 elif spec is not None:
     try:
         result = lookup(spec, store())  # a shared link whose result is cached shows at once
@@ -67,24 +69,30 @@ if not r.real_weights:
     st.warning(d["accuracy_note"])
 st.subheader(f"{r.spec.label()} at sparsity {r.sparsity_achieved:.3f} on {r.spec.layer} ({r.shape[0]}x{r.shape[1]})")
 c = st.columns(4)
-c[0].metric("Speedup vs TVM dense", f"{r.speedup_vs_tvm_dense:.2f}x", f"ideal {r.ideal_speedup:.2f}x",
-            delta_color="off")
-c[1].metric("Speedup vs PyTorch dense", f"{r.speedup_vs_torch_dense:.2f}x", f"ideal {r.ideal_speedup:.2f}x",
-            delta_color="off")
-c[2].metric("Achieved sparsity", f"{r.sparsity_achieved:.3f}", f"target {r.spec.sparsity:g}", delta_color="off")
-c[3].metric(f"{analysis.kernel_title(r)[4:]} bytes vs dense", f"{r.bsr_bytes / 1024:.0f} KiB",
+c[0].metric("Speedup vs best dense", f"{r.speedup_vs_best_dense:.2f}x", f"ideal {r.ideal_speedup:.2f}x",
+            delta_color="off", help="Best dense = the fastest dense peer of the same measurement: "
+            + "; ".join(DENSE_PEERS.values()))
+c[1].metric("Achieved sparsity", f"{r.sparsity_achieved:.3f}", f"target {r.spec.sparsity:g}", delta_color="off")
+c[2].metric(f"{analysis.kernel_title(r)[4:]} bytes vs dense", f"{r.sparse_bytes / 1024:.0f} KiB",
             f"dense {r.dense_bytes / 1024:.0f} KiB", delta_color="off")
-c = st.columns(4)
-for col, (name, title) in zip(c, [("tvm_bsr", analysis.kernel_title(r)), ("tvm_dense", "TVM dense"),
-                                  ("torch_dense", "PyTorch dense")]):
-    col.metric(f"{title} latency", f"{t[name].median * 1000:.1f} us", f"spread {t[name].spread * 1000:.1f} us",
+c[3].metric("Tuning / compile time", f"{r.tune_s:.2f} s / {r.compile_s:.2f} s",
+            "schedule reused: no tuning" if not r.tune_s else "tuned in this run", delta_color="off")
+titles = {SPARSE: analysis.kernel_title(r), **{k: v.split(" (")[0] for k, v in DENSE_PEERS.items()}}
+c = st.columns(len([k for k in titles if k in t]))
+for col, name in zip(c, [k for k in titles if k in t]):
+    best = " (best dense)" if name == r.best_dense else ""
+    col.metric(f"{titles[name]}{best}", f"{t[name].median * 1000:.1f} us",
+               f"spread {t[name].spread * 1000:.1f} us" + ("" if name == SPARSE else f"; {r.speedup_vs(name):.2f}x"),
                delta_color="off")
-c[3].metric("Compile time", f"{r.compile_s:.2f} s", f"{r.nnz_blocks} blocks stored", delta_color="off")
 c = st.columns(5)
 for col, (name, (title, _)) in zip(c, analysis.PROXIES.items()):
     value = r.proxies.get(name)
     col.metric(title, "n/a" if value is None else f"{value:.3f}")
-st.caption(conditions(r) + (" Loaded from the cache." if r.cached else ""))
+st.caption(conditions(r) + f" Layer proxies scored on {r.scored_tokens or '?'} calibration tokens (all of them), "
+           f"independent of the {r.spec.tokens} timed. {r.stored_blocks} blocks stored."
+           + (" Loaded from the cache." if r.cached else ""))
+if r.step_s:
+    st.caption("This run's steps, wall seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in r.step_s.items()))
 
 tuning = r.kernel.get("tuning")
 if tuning:
@@ -106,7 +114,9 @@ with left:
 with right:
     proxy = st.selectbox("Accuracy proxy", list(analysis.PROXIES), key="proxy",
                          format_func=lambda p: analysis.PROXIES[p][0])
-    df = analysis.frame(store().results(model=r.spec.model, layer=r.spec.layer))
-    df = df[df["tokens"] == r.spec.tokens]
-    st.altair_chart(charts.tradeoff(df, proxy, current=r.row()), key="tradeoff")
-    st.caption(f"Every cached result of this layer at {r.spec.tokens} tokens ({len(df)} points).")
+    groups = analysis.by_conditions(store().results(model=r.spec.model, layer=r.spec.layer), prefer=r)
+    chosen = pick_conditions(groups, key="tradeoff_conditions")
+    df = analysis.frame(groups.get(chosen, []))
+    mine = bool(len(df)) and chosen == analysis.conditions_label(r.conditions())
+    st.altair_chart(charts.tradeoff(df, proxy, current=r.row() if mine else None), key="tradeoff")
+    st.caption(f"Every cached result of this layer measured under one set of conditions ({len(df)} points): {chosen}.")

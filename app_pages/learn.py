@@ -2,12 +2,14 @@
 import pandas as pd
 import streamlit as st
 
-from app_pages.common import conditions, run_with_status, store
-from sparsity_app import Spec, analysis
+from app_pages.common import cache_controls, pick_conditions, store
+from sparsity_app import analysis
+from sparsity_app.claims import DENSE_TITLES, layer_claims
 from sparsity_app.spec import fmt_block
-from sparsity_app.teach import PAPER_CLAIMS, bsr_example
+from sparsity_app.teach import bsr_example, rounded, weight_table
 
 st.title("Learn: why block shape decides whether sparsity pays off")
+cache_controls()
 
 st.header("1. What BSR stores")
 st.markdown("Block compressed sparse row (BSR) cuts the weight into **bs_r x bs_c** blocks and stores only the "
@@ -19,14 +21,14 @@ block = st.radio("Block shape", [(1, 1), (4, 1), (8, 1), (1, 4), (2, 2), (4, 4)]
 w, mask, bsr = bsr_example(block)
 c1, c2 = st.columns([3, 2])
 c1.markdown(f"**An 8x16 weight pruned to 75% with {fmt_block(block)} blocks** (pruned weights blank)")
-c1.dataframe(pd.DataFrame(w).where(mask).style.format(precision=1, na_rep=""), key="learn_weight")
+c1.dataframe(pd.DataFrame(weight_table(w, mask)), key="learn_weight")
 c2.markdown(f"**indptr** ({bsr.indptr.size} entries, one per block row + 1)")
 c2.code(str(bsr.indptr.tolist()))
 c2.markdown(f"**indices** ({bsr.indices.size} stored blocks)")
 c2.code(str(bsr.indices.tolist()))
 c2.markdown(f"**data** shape {list(bsr.data.shape)}: {bsr.data.size} values for {int(mask.sum())} kept weights; "
             f"{bsr.nbytes} bytes vs {w.nbytes} dense")
-c2.code(str(bsr.data[:2].tolist()) + (" ..." if bsr.nnz_blocks > 2 else ""))
+c2.code(str(rounded(bsr.data[:2], 1)) + (" ..." if bsr.nnz_blocks > 2 else ""))
 
 st.header("2. Why linear blocks suit CPU vector units")
 st.markdown("A CPU multiplies 8 (AVX2) or 16 (AVX-512) floats in one instruction. With a **32x1** block, one "
@@ -38,39 +40,58 @@ st.markdown("A CPU multiplies 8 (AVX2) or 16 (AVX-512) floats in one instruction
             "the same sparsity. 1x1 (unstructured) blocks pay an index and a scattered load per weight.\n\n"
             "The best **schedule** depends on the block shape too (the paper's third finding): tall blocks "
             "vectorise over their rows; flat and small blocks (1x32, 4x4, 8x1) are faster vectorised over "
-            "tokens, but then every stored weight needs its own load of a row of X, which caps 1x32 and 1x1 "
-            "near half the ideal speedup on this CPU. On **Explore**, open *Schedule* under a result to see "
-            "which schedule the tuner picked and by how much it beat the untuned default.")
+            "tokens, but then every stored weight needs its own load of a row of X. On **Explore**, open "
+            "*Schedule* under a result to see which schedule the tuner picked and by how much it beat the untuned "
+            "default.")
+
+results = list(store().results())
+groups = analysis.by_conditions(results)
+st.markdown("**How close each pattern gets to the ideal speedup 1/(1-s) on this machine**, from your own cached "
+            "measurements at sparsity >= 0.8 (median fraction of ideal against the best dense):")
+chosen = pick_conditions(groups, key="learn_conditions")
+df = analysis.frame(groups.get(chosen, []))
+if df.empty:
+    st.info("No measurements cached yet: run a sweep (or the claims test below) and this fills in.")
+else:
+    st.caption(f"Conditions: {chosen}")
+    for (model, layer), g in df.groupby(["model", "layer"]):
+        fractions = analysis.fraction_of_ideal(g)
+        if len(fractions):
+            st.markdown(f"*{model}, {layer} ({g['shape'].iloc[0]})*: " + ", ".join(
+                f"{row.pattern} {row.fraction_of_ideal:.2f} ({row.measured} points)" for row in fractions.itertuples()))
 
 st.header("3. Break-even sparsity")
 st.markdown("Each stored block costs an index lookup and, for small blocks, a partly empty vector. So a sparse "
-            "kernel only wins above some sparsity: the **break-even sparsity**, the lowest sparsity at which it "
-            "beats the best dense kernel. Below are your own cached measurements.")
-df = analysis.frame(store().results())
+            "kernel only wins above some sparsity: the **break-even sparsity**, where it starts to beat the best "
+            "dense kernel. It needs measured points on both sides of 1x and is interpolated between them; with "
+            "fewer points it says so. Per layer, from your cached measurements under the conditions chosen above.")
 if df.empty:
-    st.info("No measurements cached yet: run a sweep, or the test below.")
+    st.info("No measurements cached yet.")
 else:
-    for (model, shape), g in df.groupby(["model", "shape"]):
-        st.markdown(f"**{model}, {shape} layers** ({len(g)} results)")
-        st.dataframe(analysis.break_even(g), hide_index=True, key=f"breakeven_{model}_{shape}")
+    for (model, layer), g in df.groupby(["model", "layer"]):
+        st.markdown(f"**{model}, {layer} ({g['shape'].iloc[0]})**, {len(g)} results")
+        st.dataframe(analysis.break_even(g), hide_index=True, key=f"breakeven_{model}_{layer}")
 
 st.header("4. The paper's claims, tested on this machine")
-st.markdown("*Algorithm to Compilation Co-design* (arXiv 2106.08846) pruned BERT's attention weights with "
-            "structured blocks and ran BSR kernels in TVM on a CPU. Its findings, as claims you can test here "
-            "on a BERT-base sized 768x768 layer (seeded random weights: only the timings mean something):")
-for _, target, text in PAPER_CLAIMS:
-    st.markdown(f"- {text}")
-st.markdown("- linear 32x1 blocks beat square 16x16 blocks at the same sparsity")
+st.markdown("*Algorithm to Compilation Co-design* (arXiv 2106.08846) pruned BERT-base with structured blocks and ran "
+            "BSR kernels in TVM on a CPU: about **4x** faster than PyTorch dense and **2.2x** faster than standard "
+            "TVM, end to end on the whole model, with linear 32x1 blocks beating square ones. The test below is "
+            "narrower, and says so: **one** BERT-base sized 768x768 layer (seeded random weights: only timings mean "
+            "something), 32x1 and 16x16 at 90%, every kernel timed **in one measurement** with the dense peers. "
+            "The paper's *standard TVM* was TVM's own tuned x86 dense schedule; TVM 0.27 has none (its default "
+            "leaves a matmul unscheduled), so the 2.2x claim is tested against our hand-scheduled TVM dense, and "
+            "the default-scheduled figure is shown beside it.")
 if st.button("Test the claims on this machine", type="primary", key="learn_test"):
-    layer = "encoder.layer.0.attention.self.query"
-    linear = run_with_status(Spec(model="bert-base-synthetic", layer=layer, block=(32, 1), sparsity=0.9))
-    square = run_with_status(Spec(model="bert-base-synthetic", layer=layer, block=(16, 16), sparsity=0.9))
-    if linear and square:
-        rows = [{"claim": text, "paper": f"{target:.1f}x", "measured (32x1, 90%)": f"{getattr(linear, key):.2f}x",
-                 "holds here": getattr(linear, key) >= target} for key, target, text in PAPER_CLAIMS]
-        rows.append({"claim": "32x1 beats 16x16 at 90%", "paper": "yes",
-                     "measured (32x1, 90%)": f"{linear.speedup_vs_tvm_dense:.2f}x vs {square.speedup_vs_tvm_dense:.2f}x "
-                                             "(vs TVM dense)",
-                     "holds here": linear.times_ms["tvm_bsr"].median < square.times_ms["tvm_bsr"].median})
-        st.dataframe(pd.DataFrame(rows), hide_index=True, key="learn_claims")
-        st.caption(conditions(linear))
+    try:
+        with st.status("Testing the claims...", expanded=True) as status:
+            report = layer_claims(store=store(), progress=status.write)
+            status.update(label="Measured", state="complete", expanded=False)
+        st.dataframe(pd.DataFrame([vars(c) for c in report.claims]), hide_index=True, key="learn_claims")
+        names = {"linear": "TVM BSR 32x1", "square": "TVM BSR 16x16", **DENSE_TITLES}
+        st.dataframe(pd.DataFrame([{"implementation": names[k], "median_us": t.median * 1e3, "spread_us": t.spread * 1e3}
+                                   for k, t in report.times_ms.items()]), hide_index=True, key="learn_claim_times")
+        c = report.conditions
+        st.caption(f"One measurement on {c['cpu']}, {c['threads']} threads, {c['tokens']} tokens, layer "
+                   f"{c['shape'][0]}x{c['shape'][1]}, TVM {c['tvm']}, PyTorch {c['torch']}; median of 15 samples.")
+    except Exception as e:  # keep the page alive, say what failed
+        st.error(f"The claims test failed: {type(e).__name__}: {e}")

@@ -1,17 +1,19 @@
-"""Sweep: a grid of block shapes x sparsities on one layer; every point is stored as it finishes."""
+"""Sweep: a grid of patterns x sparsities on one layer; every point is stored as it finishes."""
 import streamlit as st
 
-from app_pages.common import conditions, query_spec, store
+from app_pages.common import cache_controls, conditions, query_spec, store
 from sparsity_app import Spec, UserError, analysis, charts
-from sparsity_app.experiment import run, validate
+from sparsity_app.experiment import lookup, run
 from sparsity_app.models import MODEL_NAMES, get_model
-from sparsity_app.spec import BLOCK_PRESETS, fmt_block, parse_block
+from sparsity_app.pruning import METHODS
+from sparsity_app.spec import BLOCK_PRESETS, NM_PRESETS, NORMS, default_threads, parse_block, parse_nm
 
 SPARSITIES = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98)
 
 st.title("Sweep")
-st.caption("Measure block shapes x sparsities on one layer. Each point is stored the moment it is measured: "
+st.caption("Measure patterns x sparsities on one layer. Each point is stored the moment it is measured: "
            "leaving the page or an error loses nothing, and points already measured come from the cache.")
+cache_controls()
 
 start = query_spec()
 model_name = st.selectbox("Model", MODEL_NAMES, index=MODEL_NAMES.index(start.model), key="sweep_model")
@@ -21,13 +23,30 @@ with st.form("sweep"):
     layer = c1.selectbox("Layer", list(layers), index=list(layers).index(start.layer) if start.layer in layers else 0,
                          format_func=lambda n: f"{n}  ({layers[n][0]}x{layers[n][1]})", key="sweep_layer")
     tokens = c2.number_input("Tokens", 1, 4096, start.tokens, key="sweep_tokens")
-    method = c3.selectbox("Method", ["block", "random"], key="sweep_method")
-    blocks = st.multiselect("Block shapes", BLOCK_PRESETS, default=["32x1", "16x1", "1x32", "4x4"], key="sweep_blocks")
-    sparsities = st.multiselect("Sparsities", SPARSITIES, default=[0.5, 0.7, 0.8, 0.9, 0.95], key="sweep_sparsities")
+    threads = c3.number_input("Threads", 1, default_threads(), default_threads(), key="sweep_threads")
+    c1, c2, c3 = st.columns(3)
+    method = c1.selectbox("Method", list(METHODS), index=list(METHODS).index("block"), key="sweep_method",
+                          help="magnitude: unstructured (1x1, CSR); nm: N:M patterns at their own sparsity; "
+                               "random: the block (or N:M) pattern drawn at random, the baseline to beat")
+    norm = c2.radio("Block score", NORMS, horizontal=True, key="sweep_norm")
+    seed = c3.number_input("Seed (random)", 0, 2**31 - 1, 0, key="sweep_seed")
+    blocks = st.multiselect("Block shapes (block, random)", BLOCK_PRESETS, default=["32x1", "16x1", "1x32", "4x4"],
+                            key="sweep_blocks")
+    nms = st.multiselect("N:M patterns (nm; random draws N:M when any is chosen)", NM_PRESETS, default=["2:4"],
+                         key="sweep_nms")
+    sparsities = st.multiselect("Sparsities (block, magnitude, random)", SPARSITIES, default=[0.5, 0.7, 0.8, 0.9, 0.95],
+                                key="sweep_sparsities")
     go = st.form_submit_button("Run sweep", type="primary")
 
-grid = [Spec(model=model_name, layer=layer, method=method, block=parse_block(b), sparsity=s, tokens=int(tokens))
-        for b in blocks for s in sorted(sparsities)]
+common = dict(model=model_name, layer=layer, method=method, tokens=int(tokens), threads=int(threads), norm=norm,
+              seed=int(seed))
+if method == "nm" or (method == "random" and nms):
+    grid = [Spec(**common, nm=parse_nm(v)) for v in nms]
+elif method == "magnitude":
+    grid = [Spec(**common, block=(1, 1), sparsity=s) for s in sorted(sparsities)]
+else:
+    grid = [Spec(**common, block=parse_block(b), sparsity=s) for b in blocks for s in sorted(sparsities)]
+
 if go:
     bar = st.progress(0.0, text="starting")
     failures = []
@@ -37,17 +56,19 @@ if go:
             run(spec, store=store())
         except UserError as e:  # e.g. a block that does not divide this layer: skip it, keep the rest
             failures.append(f"{spec.label()} at {spec.sparsity:g}: {e}")
+        except Exception as e:  # the engine failed on this point: say so, keep the points already stored
+            failures.append(f"{spec.label()} at {spec.sparsity:g}: the engine failed: {type(e).__name__}: {e}")
     bar.progress(1.0, text=f"done: {len(grid) - len(failures)} of {len(grid)} points")
     for f in failures:
         st.error(f)
 
-wanted = set()
+results = []
 for spec in grid:
     try:
-        wanted.add(validate(spec)[0])
+        if (hit := lookup(spec, store())) is not None:  # this machine, this code: one set of conditions
+            results.append(hit)
     except UserError:
         pass
-results = [r for r in store().results(model=model_name, layer=layer) if r.spec in wanted]
 if not results:
     st.info("No point of this grid is measured yet: press **Run sweep**.")
     st.stop()
@@ -64,7 +85,9 @@ c2.altair_chart(charts.speedup_heatmap(df, speedup), key="sweep_heatmap")
 c1, c2 = st.columns(2)
 c1.altair_chart(charts.proxy_vs_sparsity(df, proxy), key="sweep_proxy_chart")
 c2.altair_chart(charts.tradeoff(df, proxy, speedup), key="sweep_pareto")
-st.dataframe(analysis.break_even(df, speedup), hide_index=True)
+st.markdown("**Break-even sparsity** (where the sparse kernel starts to beat dense; interpolated between the two "
+            "measured points around 1x)")
+st.dataframe(analysis.break_even(df, speedup), hide_index=True, key="sweep_breakeven")
 st.dataframe(df, hide_index=True)
 st.download_button("Download CSV", df.to_csv(index=False), file_name=f"sweep-{model_name}-{layer}.csv",
                    mime="text/csv", key="sweep_csv")
