@@ -22,6 +22,10 @@ from .errors import UserError
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from a pip package; never reach a hub
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+# The fast tokenizer keeps its truncation/padding settings in shared Rust state that every call sets:
+# two threads tokenizing at once fail with "Already borrowed". Tokenizing is a small part of a forward.
+TOKENIZER_LOCK = threading.Lock()
+
 MAX_TOKENS = 4096  # most rows of X a timed layer gets (the real text yields ~11k token rows)
 _SYNTHETIC_CALIBRATION = 4096  # rows of the synthetic model's (Gaussian) calibration set
 _EMBED_MAX_LEN = 256  # all-MiniLM-L6-v2's max_seq_length in sentence-transformers
@@ -153,7 +157,8 @@ class MiniLM:
             model.get_submodule(n).register_forward_hook(hook(n))
         with torch.inference_mode():
             for start in range(0, len(texts), 32):
-                enc = tok(texts[start:start + 32], padding=True, truncation=True, max_length=128, return_tensors="pt")
+                with TOKENIZER_LOCK:
+                    enc = tok(texts[start:start + 32], padding=True, truncation=True, max_length=128, return_tensors="pt")
                 model(**enc)
                 masks.append(enc["attention_mask"].reshape(-1).numpy().astype(bool))
         keep = np.concatenate(masks)
@@ -189,8 +194,9 @@ class MiniLM:
         out = np.zeros((len(texts), model.config.hidden_size), np.float32)
         with torch.inference_mode():
             for batch in _length_batches(tok, texts, 32):  # similar lengths: little padding
-                enc = tok([texts[i] for i in batch], padding=True, truncation=True,
-                          max_length=_EMBED_MAX_LEN, return_tensors="pt")
+                with TOKENIZER_LOCK:
+                    enc = tok([texts[i] for i in batch], padding=True, truncation=True,
+                              max_length=_EMBED_MAX_LEN, return_tensors="pt")
                 hidden = model(**enc).last_hidden_state
                 mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
@@ -200,7 +206,8 @@ class MiniLM:
 
 def _length_batches(tok, texts: list[str], size: int) -> list[list[int]]:
     """Indices of `texts` in batches of `size`, shortest first (padding costs as much as text)."""
-    lengths = [len(ids) for ids in tok(list(texts), truncation=True, max_length=_EMBED_MAX_LEN)["input_ids"]]
+    with TOKENIZER_LOCK:
+        lengths = [len(ids) for ids in tok(list(texts), truncation=True, max_length=_EMBED_MAX_LEN)["input_ids"]]
     order = sorted(range(len(texts)), key=lengths.__getitem__)
     return [order[i:i + size] for i in range(0, len(order), size)]
 

@@ -281,3 +281,141 @@ def conditions_label(c: dict[str, Any]) -> str:
     """One line naming measurement conditions, e.g. for a chart's caption or a choice between them."""
     return (f"{c['cpu']}, {c['threads']} threads, {c['tokens']} tokens, {c['repeat']} samples, "
             f"TVM {c['tvm']}, PyTorch {c['torch']}, code {str(c['code'])[:8]}")
+
+
+# The model level ------------------------------------------------------------------------------------
+
+ROLES = {  # role name -> the BERT sublayers it covers (overrides may name a role instead of a layer glob)
+    "q": ("attention.self.query",), "k": ("attention.self.key",), "v": ("attention.self.value",),
+    "qkv": ("attention.self.query", "attention.self.key", "attention.self.value"),
+    "attention-output": ("attention.output.dense",),
+    "ffn-in": ("intermediate.dense",), "ffn-out": ("output.dense",),
+}
+MAX_BATCH, MAX_SEQ = 8, 512  # batch * tokens rows stay within a single layer's MAX_TOKENS (4096)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelPlan:
+    """Prune a whole model: a default pattern for every encoder linear, then per-layer overrides.
+
+    Frozen and hashable: once resolved it is the cache key of a model result (with the machine).
+    An override is "TARGET=VALUE": TARGET a role (ROLES: q, k, v, qkv, attention-output, ffn-in,
+    ffn-out) or a glob on the layer name (`attention.self.*`, `encoder.layer.0.*`); VALUE a
+    sparsity (`0.7`), `dense` (the layer is not pruned), a block at a sparsity (`16x1@0.8`) or an
+    N:M pattern (`2:4`). Overrides apply in order; the last that matches a layer wins.
+    """
+
+    model: str = "minilm-l6"  # catalog name, see models.MODEL_NAMES
+    method: str = "block"  # default pattern's pruning method (pruning.METHODS)
+    block: tuple[int, int] = (32, 1)  # default (bs_r, bs_c)
+    sparsity: float = 0.9  # default fraction of each layer's weights removed
+    nm: tuple[int, int] | None = None  # default N:M (method nm, or random N:M)
+    norm: str = "l2"  # block score norm
+    seed: int = 0  # random pruning's seed
+    overrides: tuple[str, ...] = ()  # "TARGET=VALUE" strings, applied in order
+    tokens: int = 128  # sequence length (tokens per input)
+    batch: int = 1  # inputs per call; the kernels see batch * tokens rows
+    threads: int = 0  # threads for every implementation; 0 = all cores
+    repeat: int = 25  # timed samples per implementation
+
+    def resolve(self) -> "ModelPlan":
+        """Validate everything that needs no weights; the canonical form. UserError names what to change."""
+        if not isinstance(self.batch, int) or not 1 <= self.batch <= MAX_BATCH:
+            raise UserError(f"batch must be an integer in [1, {MAX_BATCH}], got {self.batch}")
+        if not isinstance(self.tokens, int) or not 1 <= self.tokens <= MAX_SEQ:
+            raise UserError(f"tokens (the sequence length) must be an integer in [1, {MAX_SEQ}], got {self.tokens}")
+        default = self._layer_spec("encoder.layer.0.attention.self.query", self._default_fields()).resolve()
+        overrides = tuple(_canonical_override(o) for o in self.overrides)
+        return dataclasses.replace(self, method=default.method, block=default.block, sparsity=default.sparsity,
+                                   nm=default.nm, norm=default.norm, seed=default.seed, overrides=overrides,
+                                   threads=default.threads)
+
+    def _default_fields(self) -> dict[str, Any]:
+        return dict(method=self.method, block=self.block, sparsity=self.sparsity, nm=self.nm, norm=self.norm,
+                    seed=self.seed)
+
+    def _layer_spec(self, layer: str, fields: dict[str, Any]) -> Spec:
+        return Spec(model=self.model, layer=layer, tokens=self.batch * self.tokens, threads=self.threads,
+                    repeat=self.repeat, **fields)
+
+    def layer_specs(self, layers: list[tuple[str, tuple[int, int]]]) -> dict[str, Spec | None]:
+        """layer -> its resolved single-layer Spec, or None for a layer left dense.
+
+        layers: (name, (out, in)) of every prunable layer. Raises UserError naming the first layer
+        whose pattern does not fit it.
+        """
+        out: dict[str, Spec | None] = {}
+        for name, shape in layers:
+            fields: dict[str, Any] | None = self._default_fields()
+            for override in self.overrides:
+                target, value = override.split("=", 1)
+                if _matches(target, name):
+                    fields = _apply(fields or self._default_fields(), value)
+            if fields is None or (fields["nm"] is None and fields["method"] != "nm" and fields["sparsity"] == 0):
+                out[name] = None
+                continue
+            spec = self._layer_spec(name, fields).resolve()
+            spec.check_shape(shape)
+            out[name] = spec
+        return out
+
+    def label(self) -> str:
+        pattern = self._layer_spec("", self._default_fields()).label()
+        at = "" if self.nm is not None else f" at {self.sparsity:g}"
+        extra = f", {len(self.overrides)} override(s)" if self.overrides else ""
+        return f"{pattern}{at}{extra}"
+
+
+def _matches(target: str, layer: str) -> bool:
+    import fnmatch
+
+    if target in ROLES:  # the sublayer after "encoder.layer.N.", exactly (output.dense is not attention.output.dense)
+        return re.sub(r"^encoder\.layer\.\d+\.", "", layer) in ROLES[target]
+    return fnmatch.fnmatchcase(layer, target) or fnmatch.fnmatchcase(layer, "*." + target)
+
+
+def _apply(fields: dict[str, Any] | None, value: str) -> dict[str, Any] | None:
+    """The layer's pruning fields after an override VALUE (None = left dense)."""
+    if value == "dense":
+        return None
+    fields = dict(fields)
+    if ":" in value:
+        fields.update(method="random" if fields["method"] == "random" else "nm", nm=parse_nm(value))
+    elif "@" in value:
+        block, sparsity = value.split("@", 1)
+        fields.update(block=parse_block(block), sparsity=float(sparsity), nm=None,
+                      method=fields["method"] if fields["method"] in ("block", "random") else "block")
+    else:
+        fields.update(sparsity=float(value))
+        if fields["method"] == "nm":
+            fields.update(method="magnitude", nm=None)  # a sparsity, not a pattern: unstructured
+    return fields
+
+
+def _canonical_override(text: str) -> str:
+    """Check one "TARGET=VALUE" override; returns it stripped. UserError says what is wrong."""
+    target, sep, value = str(text).partition("=")
+    target, value = target.strip(), value.strip()
+    if not sep or not target or not value:
+        raise UserError(f"an override must look like 'attention.self.*=0.7' or 'ffn-in=dense', got {text!r}")
+    if any(c in target for c in "/\\") or target.startswith("."):
+        raise UserError(f"override target {target!r} must be a role ({', '.join(ROLES)}) or a layer-name glob")
+    try:
+        if value != "dense":
+            if ":" in value:
+                parse_nm(value)
+            elif "@" in value:
+                block, sparsity = value.split("@", 1)
+                parse_block(block)
+                _check_sparsity(float(sparsity))
+            else:
+                _check_sparsity(float(value))
+    except ValueError as e:
+        raise UserError(f"override {text!r}: the value must be a sparsity (0.7), 'dense', a block at a sparsity "
+                        f"(16x1@0.8) or an N:M pattern (2:4); {e}") from None
+    return f"{target}={value}"
+
+
+def _check_sparsity(s: float) -> None:
+    if not 0.0 <= s <= MAX_SPARSITY:
+        raise UserError(f"sparsity must be in [0, {MAX_SPARSITY}], got {s}")
