@@ -11,7 +11,7 @@ import os
 import sys
 
 from .errors import UserError
-from .spec import BLOCK_PRESETS, NORMS, Spec, parse_block, parse_nm
+from .spec import BLOCK_PRESETS, NORMS, ModelPlan, Spec, parse_block, parse_nm
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,6 +45,33 @@ def _add_spec_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     p.add_argument("--cache-dir", default=None, help="result cache (default cache/ or $SPARSITY_APP_CACHE_DIR)")
 
 
+def _add_plan_args(p: argparse.ArgumentParser) -> None:
+    d = ModelPlan()
+    p.add_argument("--model", default=d.model, help="model name (default %(default)s)")
+    p.add_argument("--method", default=d.method, help="magnitude | block | nm | random (default %(default)s)")
+    p.add_argument("--block", default="32x1", help="bs_r x bs_c of every layer, e.g. 32x1")
+    p.add_argument("--sparsity", type=float, default=d.sparsity, help="fraction removed from each layer")
+    p.add_argument("--nm", default=None, help="N:M pattern of every layer (method nm or random), e.g. 2:4")
+    p.add_argument("--norm", default=d.norm, choices=NORMS)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--override", action="append", default=[], metavar="TARGET=VALUE",
+                   help="per-layer pattern, repeatable: TARGET a role (q, k, v, qkv, attention-output, ffn-in, "
+                        "ffn-out) or a layer-name glob; VALUE a sparsity, 'dense', BxC@sparsity or N:M")
+    p.add_argument("--tokens", type=int, default=d.tokens, help="sequence length (default %(default)s)")
+    p.add_argument("--batch", type=int, default=d.batch, help="sequences per call (default %(default)s)")
+    p.add_argument("--threads", type=int, default=0, help="threads for every implementation (0 = all cores)")
+    p.add_argument("--repeat", type=int, default=d.repeat, help="timed samples per implementation")
+    p.add_argument("--retune", action="store_true", help="measure again and re-tune every layer's schedule")
+    p.add_argument("--cache-dir", default=None, help="result cache (default cache/ or $SPARSITY_APP_CACHE_DIR)")
+
+
+def _plan(args: argparse.Namespace) -> ModelPlan:
+    return ModelPlan(model=args.model, method=args.method, block=parse_block(args.block), sparsity=args.sparsity,
+                     nm=None if args.nm is None else parse_nm(args.nm), norm=args.norm, seed=args.seed,
+                     overrides=tuple(args.override), tokens=args.tokens, batch=args.batch, threads=args.threads,
+                     repeat=args.repeat)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sparsity_app", description="Prune a layer, compile it to a TVM block-sparse "
                      "kernel, time it against dense, score the accuracy cost.")
@@ -64,6 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsities", default="0.5,0.7,0.8,0.9,0.95", help="comma-separated sparsities")
     p.add_argument("--nms", default="2:4,1:4", help="comma-separated N:M patterns (with --method nm)")
     p.add_argument("--csv", default=None, help="also write the table to this CSV file")
+    p = sub.add_parser("model", help="prune every encoder linear, run the whole model in TVM, time and score it")
+    _add_plan_args(p)
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+
+    p = sub.add_parser("bench-model", help="whole-model benchmark: the targets' configurations, measured afresh")
+    p.add_argument("--configs", default="minilm-l6:1x128,minilm-l6:8x128,bert-base-synthetic:1x128",
+                   help="comma-separated MODEL:BATCHxTOKENS")
+    p.add_argument("--method", default="block")
+    p.add_argument("--block", default="32x1")
+    p.add_argument("--sparsity", type=float, default=0.9)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--repeat", type=int, default=25)
+    p.add_argument("--cache-dir", default=None, help="where tuned schedules are kept (default cache/)")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("cache", help="what the result cache holds, or clear it")
     p.add_argument("action", choices=("info", "clear"))
     p.add_argument("--only", choices=("results", "tuning"), default=None,
@@ -177,6 +219,83 @@ def _err(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def _model(args) -> None:
+    from .model_experiment import run_model, validate
+    from .store import Store
+
+    plan = _plan(args)
+    validate(plan)  # every bad input before anything loads
+    result = run_model(plan, store=Store(args.cache_dir), retune=args.retune,
+                       progress=lambda step, detail: _err(f"[{step}] {detail}"))
+    print(json.dumps(result.to_dict()) if args.json else format_model(result.to_dict()))
+
+
+def format_model(d: dict) -> str:
+    """A whole-model result as text: times, speedups, breakdown, metrics beside the dense model's."""
+    t = d["times_ms"]
+    lines = [f"{d['plan']['model']}: {d['plan']['label']}, batch {d['plan']['batch']} x {d['plan']['tokens']} tokens, "
+             f"{d['plan']['threads']} threads; achieved sparsity {d['sparsity_achieved']:.3f}; max relative error vs "
+             f"masked PyTorch {d['max_abs_error']:.1e}" + ("  (cached)" if d["cached"] else "")]
+    for name, timing in t.items():
+        ratio = "" if name == "tvm_sparse" else f"   sparse is {timing['median'] / t['tvm_sparse']['median']:.2f}x faster"
+        lines.append(f"  {name:20s} {timing['median']:9.3f} ms  (spread {timing['spread']:.3f}){ratio}")
+    lines.append(f"  best dense: {d['best_dense']}; speedup vs best dense {d['speedup_vs_best_dense']:.2f}x; "
+                 f"Amdahl bound (linears free) {d['amdahl_bound']:.2f}x over TVM dense")
+    for name, groups in d["breakdown"].items():
+        lines.append(f"  {name} breakdown (ms): " + ", ".join(f"{g} {v:.3f}" for g, v in groups.items()))
+    if d["real_weights"]:
+        lines.append("  metric              pruned   dense")
+        for k, v in d["metrics"].items():
+            lines.append(f"  {k:18s} {v:7.3f} {d['dense_metrics'][k]:7.3f}")
+    else:
+        lines.append(f"  ({d['accuracy_note']})")
+    return "\n".join(lines)
+
+
+def _bench_model(args) -> None:
+    from .model_experiment import run_model, validate
+    from .store import Store
+
+    plans = []
+    for item in args.configs.split(","):
+        model, _, shape = item.strip().partition(":")
+        try:
+            batch, tokens = parse_block(shape or "1x128")
+        except UserError:
+            raise UserError(f"--configs entries must look like minilm-l6:1x128 (MODEL:BATCHxTOKENS), got {item!r}") from None
+        plan = ModelPlan(model=model, method=args.method, block=parse_block(args.block), sparsity=args.sparsity,
+                         tokens=tokens, batch=batch, threads=args.threads, repeat=args.repeat)
+        validate(plan)
+        plans.append(plan)
+    store, rows = Store(args.cache_dir), []
+    for plan in plans:
+        _err(f"measuring {plan.model}, {plan.label()}, {plan.batch}x{plan.tokens} tokens...")
+        d = run_model(plan, store=store, reuse_result=False, progress=lambda step, detail: _err(f"  [{step}] {detail}"))
+        rows.append(d.to_dict())
+        if not args.json:
+            print(format_model(rows[-1]), flush=True)
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        print(model_targets(rows))
+
+
+def model_targets(rows: list[dict]) -> str:
+    """The issue's end-to-end targets, checked on the rows of this run."""
+    out = ["", "== targets (end to end, same measure call per row)"]
+    for d in rows:
+        t = {k: v["median"] for k, v in d["times_ms"].items()}
+        where = f"{d['plan']['model']} {d['plan']['batch']}x{d['plan']['tokens']}"
+        for peer, goal in (("torch_eager", 5.0), ("onnxruntime", 4.0), ("tvm_dense", 2.5)):
+            ratio = t[peer] / t["tvm_sparse"]
+            out.append(f"{where}: vs {peer} {ratio:.2f}x (>= {goal}) {'ok' if ratio >= goal else 'MISSED'}")
+        fair = t["torch_eager"] / t["tvm_dense"]
+        out.append(f"{where}: TVM dense at {fair:.2f}x PyTorch eager's speed (>= 1) {'ok' if fair >= 1 else 'MISSED'}")
+        out.append(f"{where}: sparse vs masked PyTorch relative error {d['max_abs_error']:.1e} (<= 1e-4) "
+                   f"{'ok' if d['max_abs_error'] <= 1e-4 else 'MISSED'}")
+    return "\n".join(out)
+
+
 def _cache(args) -> None:
     from .store import Store
 
@@ -188,7 +307,8 @@ def _cache(args) -> None:
         print(f"{store.directory}: {len(store)} results, {store.tunings()} tuned schedules")
 
 
-COMMANDS = {"layers": _layers, "run": _run, "sweep": _sweep, "cache": _cache}
+COMMANDS = {"layers": _layers, "run": _run, "sweep": _sweep, "model": _model, "bench-model": _bench_model,
+            "cache": _cache}
 
 
 def main(argv: list[str] | None = None) -> int:

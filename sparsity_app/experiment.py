@@ -40,15 +40,15 @@ def validate(spec: Spec) -> tuple[Spec, tuple[int, int]]:
     return spec, shape
 
 
-class _Clock:
+class StepClock:
     """Tells `progress` as each step begins and keeps its wall time."""
 
-    def __init__(self, progress: Progress):
-        self.progress, self.seconds = progress, {}
+    def __init__(self, progress: Progress, steps: tuple[str, ...] = STEPS):
+        self.progress, self.seconds, self.steps = progress, {}, steps
 
     @contextlib.contextmanager
     def step(self, name: str, detail: str) -> Iterator[None]:
-        assert name in STEPS
+        assert name in self.steps
         self.progress(name, detail)
         start = time.perf_counter()
         yield
@@ -69,7 +69,7 @@ def run(spec: Spec, store: Store | None = None, progress: Progress = _quiet, ret
     from .kernels import host_mcpu, set_threads  # imports TVM and torch: only on a cache miss
     from .kernels.peers import dense_peers
 
-    model, machine, clock = get_model(spec.model), fingerprint(), _Clock(progress)
+    model, machine, clock = get_model(spec.model), fingerprint(), StepClock(progress)
     weight, bias = model.weight(spec.layer)
     x = model.calibration(spec.layer, spec.tokens)
 

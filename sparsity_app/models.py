@@ -46,6 +46,8 @@ class Model(Protocol):
     def weight(self, layer: str) -> tuple[np.ndarray, np.ndarray | None]: ...
     def calibration(self, layer: str, tokens: int) -> np.ndarray: ...
     def calibration_set(self, layer: str) -> np.ndarray: ...
+    def torch_model(self): ...  # the shared transformers BertModel (eval mode): never modify it
+    def tokenizer(self): ...
 
 
 def _bert_layers(n_layers: int, hidden: int, intermediate: int) -> list[LayerInfo]:
@@ -169,17 +171,16 @@ class MiniLM:
             out[n] = rows
         return out
 
+    def torch_model(self):
+        return self._hf[0]
+
+    def tokenizer(self):
+        return self._hf[1]
+
     def pruned_copy(self, weights: dict[str, np.ndarray]):
         """A private copy of the model (torch BertModel, eval mode) with `weights` (layer -> float32
         [out, in]) in place of its own. The shared model is never touched."""
-        import torch
-
-        model = copy.deepcopy(self._hf[0])
-        with torch.no_grad():
-            for layer, w in weights.items():
-                param = model.get_submodule(_check_layer(self, layer).name).weight
-                param.copy_(torch.from_numpy(np.asarray(w, dtype=np.float32)))
-        return model
+        return _copy_with(self, self._hf[0], weights)
 
     def embed(self, texts: list[str], weights: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """Sentence embeddings, float32 [len(texts), 384]: mean pooling, then L2 normalisation.
@@ -202,6 +203,17 @@ class MiniLM:
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
                 out[batch] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
         return out
+
+
+def _copy_with(model: Model, module, weights: dict[str, np.ndarray]):
+    import torch
+
+    copy_ = copy.deepcopy(module).eval()
+    with torch.no_grad():
+        for layer, w in weights.items():
+            copy_.get_submodule(_check_layer(model, layer).name).weight.copy_(
+                torch.from_numpy(np.asarray(w, dtype=np.float32)))
+    return copy_
 
 
 def _length_batches(tok, texts: list[str], size: int) -> list[list[int]]:
@@ -241,6 +253,34 @@ class SyntheticBert:
 
     def calibration_set(self, layer: str) -> np.ndarray:
         return self.calibration(layer, _SYNTHETIC_CALIBRATION)
+
+    @functools.cached_property
+    def _torch(self):
+        """A BERT-base BertModel whose linears carry `weight()` (other parameters: torch's seeded init)."""
+        import torch
+        from transformers import BertConfig, BertModel
+
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = BertModel(BertConfig(num_hidden_layers=12, hidden_size=768, num_attention_heads=12,
+                                         intermediate_size=3072), add_pooling_layer=False).eval()
+        with torch.no_grad():
+            for info in self.layers():
+                w, b = self.weight(info.name)
+                module = model.get_submodule(info.name)
+                module.weight.copy_(torch.from_numpy(w))
+                module.bias.copy_(torch.from_numpy(b))
+        return model
+
+    def torch_model(self):
+        return self._torch
+
+    def tokenizer(self):
+        """MiniLM's (bert-base-uncased's 30522-word vocabulary, as this config's)."""
+        return get_model("minilm-l6").tokenizer()
+
+    def pruned_copy(self, weights: dict[str, np.ndarray]):
+        return _copy_with(self, self._torch, weights)
 
 
 _CATALOG = {m.name: m for m in (MiniLM, SyntheticBert)}

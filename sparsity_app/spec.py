@@ -419,3 +419,87 @@ def _canonical_override(text: str) -> str:
 def _check_sparsity(s: float) -> None:
     if not 0.0 <= s <= MAX_SPARSITY:
         raise UserError(f"sparsity must be in [0, {MAX_SPARSITY}], got {s}")
+
+
+MODEL_DENSE_PEERS = {  # name -> what it is; the best dense is the fastest of these
+    "tvm_dense": "TVM dense: the same compiled graph, every linear the project's scheduled dense kernel",
+    "torch_eager": "PyTorch eager, dense",
+    "torch_eager_pruned": "PyTorch eager with the pruned weights stored dense (pruning alone buys no speed)",
+    "onnxruntime": "ONNX Runtime, dense (exported with torch.onnx.export, all graph optimisations)",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelResult:
+    """What one whole-model experiment measured. `to_dict` is the CLI's --json object and the stored form."""
+
+    plan: ModelPlan  # resolved
+    sparsity_achieved: float  # removed weights / all weights of the encoder linears
+    layers: list[dict[str, Any]]  # per linear: layer, pattern, format, sparsity_achieved, schedule, sparse_bytes, ...
+    times_ms: dict[str, Timing]  # SPARSE and MODEL_DENSE_PEERS, one measure call
+    breakdown: dict[str, dict[str, float]]  # "tvm_sparse" / "tvm_dense" -> operator group -> ms per pass
+    max_abs_error: float  # |TVM sparse - masked PyTorch| max, relative to the output's scale
+    metrics: dict[str, float | None]  # real-label metrics of the pruned model (metrics.METRICS)
+    dense_metrics: dict[str, float | None]  # the same of the unpruned model
+    tune_s: float  # tuning the layers' schedules (0.0 when every winner was stored)
+    compile_s: float  # compiling the sparse and the dense executables
+    machine: dict[str, Any]
+    step_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    cached: bool = False
+    real_weights: bool = True
+
+    @property
+    def best_dense(self) -> str:
+        return min((k for k in MODEL_DENSE_PEERS if k in self.times_ms), key=lambda k: self.times_ms[k].median)
+
+    def speedup_vs(self, peer: str) -> float:
+        return self.times_ms[peer].median / self.times_ms[SPARSE].median
+
+    @property
+    def amdahl_bound(self) -> float:
+        """Speedup over TVM dense if the linears took no time at all (from the dense breakdown)."""
+        dense = self.breakdown.get("tvm_dense", {})
+        total = sum(dense.values())
+        rest = total - dense.get("linears", 0.0)
+        return total / rest if rest > 0 else float("inf")
+
+    def to_dict(self) -> dict[str, Any]:
+        p = self.plan
+        return {
+            "plan": {**dataclasses.asdict(p), "block": fmt_block(p.block),
+                     "nm": None if p.nm is None else f"{p.nm[0]}:{p.nm[1]}", "overrides": list(p.overrides),
+                     "label": p.label()},
+            "sparsity_achieved": self.sparsity_achieved,
+            "layers": [dict(layer) for layer in self.layers],
+            "times_ms": {k: dataclasses.asdict(v) for k, v in self.times_ms.items()},
+            "best_dense": self.best_dense,
+            "speedup_vs_best_dense": self.speedup_vs(self.best_dense),
+            "speedup_vs_torch_eager": self.speedup_vs("torch_eager"),
+            "speedup_vs_tvm_dense": self.speedup_vs("tvm_dense"),
+            "speedup_vs_onnxruntime": self.speedup_vs("onnxruntime") if "onnxruntime" in self.times_ms else None,
+            "breakdown": {k: dict(v) for k, v in self.breakdown.items()},
+            "amdahl_bound": self.amdahl_bound,
+            "max_abs_error": self.max_abs_error,
+            "metrics": dict(self.metrics),
+            "dense_metrics": dict(self.dense_metrics),
+            "tune_s": self.tune_s,
+            "compile_s": self.compile_s,
+            "step_s": dict(self.step_s),
+            "cached": self.cached,
+            "real_weights": self.real_weights,
+            "accuracy_note": None if self.real_weights else
+            "synthetic random weights: the accuracy figures mean nothing (timing only)",
+            "machine": dict(self.machine),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelResult":
+        p = dict(d["plan"])
+        p.pop("label", None)
+        plan = ModelPlan(**{**p, "block": parse_block(p["block"]), "nm": None if p["nm"] is None else parse_nm(p["nm"]),
+                            "overrides": tuple(p["overrides"])})
+        return cls(plan=plan, sparsity_achieved=d["sparsity_achieved"], layers=d["layers"],
+                   times_ms={k: Timing(**v) for k, v in d["times_ms"].items()}, breakdown=d["breakdown"],
+                   max_abs_error=d["max_abs_error"], metrics=d["metrics"], dense_metrics=d["dense_metrics"],
+                   tune_s=d["tune_s"], compile_s=d["compile_s"], machine=d["machine"], step_s=d.get("step_s", {}),
+                   cached=d.get("cached", False), real_weights=d.get("real_weights", True))

@@ -18,7 +18,7 @@ from typing import Iterator
 import diskcache
 
 from .errors import UserError
-from .spec import Result, Spec
+from .spec import ModelPlan, ModelResult, Result, Spec
 
 DEFAULT_DIR = pathlib.Path(__file__).resolve().parent.parent / "cache"
 SIZE_LIMIT = 256 * 2**20  # bytes; one result is ~2 KB
@@ -33,6 +33,12 @@ def key_of(spec: Spec, machine: dict) -> str:
     """Everything that changes a result: the resolved spec (repeat included), and the machine
     fingerprint (CPU, ISA, cores, package versions, weights and data packages, code hash)."""
     blob = json.dumps({"spec": dataclasses.asdict(spec), "machine": machine}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def model_key_of(plan: ModelPlan, machine: dict) -> str:
+    """Everything that changes a whole-model result: the resolved plan and the machine fingerprint."""
+    blob = json.dumps({"plan": dataclasses.asdict(plan), "machine": machine}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -51,12 +57,14 @@ def _open(directory: pathlib.Path, size_limit: int) -> diskcache.Cache:
 
 
 class Store:
-    """Results, and the schedule tuner's winners (kept apart: `results()` reads every result key)."""
+    """Layer results, whole-model results, and the tuner's winners, each in its own namespace
+    (`results()` reads every key of its own)."""
 
     def __init__(self, directory: str | os.PathLike | None = None):
         self.directory = cache_dir(directory)
         self._cache = _open(self.directory, SIZE_LIMIT)
         self._tunings = _open(self.directory / "tuning", SIZE_LIMIT // 4)
+        self._models = _open(self.directory / "models", SIZE_LIMIT // 4)
 
     def get(self, key: str) -> Result | None:
         try:
@@ -90,6 +98,24 @@ class Store:
             if result and (model is None or result.spec.model == model) and (layer is None or result.spec.layer == layer):
                 yield result
 
+    def get_model_result(self, key: str) -> ModelResult | None:
+        try:
+            raw = self._models.get(key)
+            return None if raw is None else dataclasses.replace(ModelResult.from_dict(json.loads(raw)), cached=True)
+        except Exception:  # corrupt or from an incompatible version: recompute
+            self._models.delete(key)
+            return None
+
+    def put_model_result(self, key: str, result: ModelResult) -> None:
+        self._models.set(key, json.dumps(dataclasses.replace(result, cached=False).to_dict()))
+
+    def model_results(self, model: str | None = None) -> Iterator[ModelResult]:
+        """Every readable stored whole-model result, optionally of one model."""
+        for key in list(self._models.iterkeys()):
+            result = self.get_model_result(key)
+            if result and (model is None or result.plan.model == model):
+                yield result
+
     def __len__(self) -> int:
         return len(self._cache)
 
@@ -98,9 +124,11 @@ class Store:
 
     def clear(self, results: bool = True, tuning: bool = True) -> tuple[int, int]:
         """Drop every stored result and/or tuner winner; returns how many of each were dropped."""
-        dropped = (self._cache.clear() if results else 0, self._tunings.clear() if tuning else 0)
+        dropped = (self._cache.clear() + self._models.clear() if results else 0,
+                   self._tunings.clear() if tuning else 0)
         return dropped
 
     def close(self) -> None:
         self._cache.close()
         self._tunings.close()
+        self._models.close()

@@ -1,0 +1,170 @@
+"""run_model(plan) -> ModelResult: the whole encoder pruned, compiled with our kernels, timed, scored.
+
+plan -> prune every linear -> sparse formats + tuned schedules -> compile the sparse and the dense
+TVM executables -> verify both against PyTorch -> time them with PyTorch eager (dense and pruned)
+and ONNX Runtime in one `measure` call -> where the time goes -> real-label metrics -> store.
+Nothing shared is modified: the pruned PyTorch model is a copy.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import numpy as np
+
+from . import tuner
+from .errors import UserError
+from .experiment import StepClock
+from .formats import sparse_format
+from .models import get_model
+from .pruning import prune
+from .spec import SPARSE, ModelPlan, ModelResult, Spec, default_threads
+from .store import Store, model_key_of
+from .timing import fingerprint, measure
+
+STEPS = ("prune", "tune", "compile", "verify", "time", "breakdown", "evaluate")
+Progress = Callable[[str, str], None]
+
+
+def _quiet(step: str, detail: str) -> None:
+    pass
+
+
+def validate(plan: ModelPlan) -> tuple[ModelPlan, dict[str, Spec | None]]:
+    """The resolved plan and each layer's resolved Spec (None = left dense); cheap, no weights.
+
+    Raises UserError naming the first layer whose pattern does not fit it.
+    """
+    plan = plan.resolve()
+    model = get_model(plan.model)
+    return plan, plan.layer_specs([(info.name, info.shape) for info in model.layers()])
+
+
+def lookup(plan: ModelPlan, store: Store) -> ModelResult | None:
+    plan, _ = validate(plan)
+    return store.get_model_result(model_key_of(plan, fingerprint()))
+
+
+def run_model(plan: ModelPlan, store: Store | None = None, progress: Progress = _quiet,
+              retune: bool = False, reuse_result: bool = True) -> ModelResult:
+    """Measure a whole pruned model; with a store, a stored result returns at once (cached=True).
+
+    retune=True re-tunes every layer's schedule; reuse_result=False measures again but keeps the
+    stored schedules (what a benchmark wants).
+    """
+    plan, specs = validate(plan)
+    if store is not None and reuse_result and not retune and (hit := lookup(plan, store)) is not None:
+        return hit
+
+    from . import baselines, graph
+    from .kernels import set_threads
+
+    model, machine, clock = get_model(plan.model), fingerprint(), StepClock(progress, STEPS)
+    threads = plan.threads or default_threads()
+    set_threads(threads)
+    hf, tokenizer = model.torch_model(), model.tokenizer()
+    rows = plan.batch * plan.tokens
+
+    with clock.step("prune", f"{plan.label()}: pruning {len(specs)} linears"):
+        pruned, masks = {}, {}
+        for name, spec in specs.items():
+            weight, _ = model.weight(name)
+            masks[name] = np.ones_like(weight, bool) if spec is None else prune(weight, spec)
+            pruned[name] = weight * masks[name]
+    n_tuned = [0]
+    with clock.step("tune", "sparse formats and each layer's schedule (layers of one shape and pattern share a "
+                    "tuning)"):
+        plans, layers = {}, []
+        for name, spec in specs.items():
+            weight, bias = model.weight(name)
+            if spec is None:
+                plans[name] = graph.LinearPlan("dense", weight, bias)
+                layers.append(_layer_row(name, "dense", "dense", 0.0, None, weight.nbytes, weight.nbytes))
+                continue
+            family, fmt = sparse_format(weight, masks[name], spec)
+            x = model.calibration(name, rows)
+            reference = x.astype(np.float64) @ pruned[name].astype(np.float64).T
+            tuning = tuner.best_schedule(family, fmt, x, reference, spec, threads, store, retune=retune,
+                                         layouts=("feature-major",))
+            n_tuned[0] += not tuning.cached
+            plans[name] = graph.LinearPlan(family, fmt, bias, tuning.knobs())
+            layers.append(_layer_row(name, spec.label(), family, 1.0 - float(masks[name].mean()), tuning.label,
+                                     fmt.nbytes, weight.nbytes))
+    with clock.step("compile", "compiling the sparse and the dense encoders for this CPU"):
+        sparse = graph.compile_encoder(hf, hf, plans, plan.batch, plan.tokens)
+        dense = graph.compile_encoder(hf, hf, {}, plan.batch, plan.tokens)
+    ids, attention = baselines.example_inputs(tokenizer, plan.batch, plan.tokens)
+    with clock.step("verify", "checking both executables against PyTorch (relative error <= 1e-4)"):
+        reference = model.pruned_copy(pruned)
+        error = graph.verify(sparse, reference, ids, attention)
+        graph.verify(dense, hf, ids, attention)
+        sparse.set_inputs(ids, attention)
+        dense.set_inputs(ids, attention)
+        peers = {"torch_eager": baselines.torch_eager(hf, plan.batch, plan.tokens, tokenizer),
+                 "torch_eager_pruned": baselines.torch_eager(reference, plan.batch, plan.tokens, tokenizer),
+                 "onnxruntime": baselines.onnxruntime_session(hf, plan.batch, plan.tokens, threads, tokenizer)}
+    with clock.step("time", f"timing TVM sparse, TVM dense, PyTorch eager (dense and pruned) and ONNX Runtime on "
+                    f"{threads} threads, {plan.repeat} samples each"):
+        set_threads(threads)
+        times = measure({SPARSE: sparse.run, "tvm_dense": dense.run, **peers}, repeat=plan.repeat, per_round=3)
+    with clock.step("breakdown", "timing each operator of both executables"):
+        breakdown = {SPARSE: sparse.breakdown(), "tvm_dense": dense.breakdown()}
+        for row, ms in zip(layers, _per_linear_ms(sparse, list(specs))):
+            row["kernel_ms"] = ms
+    with clock.step("evaluate", "real-label metrics of the pruned model (Lee, polarity, WordSim, SimLex)"):
+        metrics, dense_metrics = _evaluate(plan.model, reference)
+
+    total = sum(m.size for m in masks.values())
+    result = ModelResult(plan=plan, sparsity_achieved=float(sum((~m).sum() for m in masks.values()) / total),
+                         layers=layers, times_ms=times, breakdown=breakdown, max_abs_error=error, metrics=metrics,
+                         dense_metrics=dense_metrics, tune_s=clock.seconds["tune"] if n_tuned[0] else 0.0,
+                         compile_s=clock.seconds["compile"], machine={**machine, "threads": threads},
+                         step_s=dict(clock.seconds), real_weights=model.real_weights)
+    if store is not None:
+        store.put_model_result(model_key_of(plan, machine), result)
+    return result
+
+
+def _layer_row(name, pattern, family, achieved, schedule, sparse_bytes, dense_bytes) -> dict:
+    return {"layer": name, "pattern": pattern, "format": family, "sparsity_achieved": achieved,
+            "schedule": schedule, "sparse_bytes": sparse_bytes, "dense_bytes": dense_bytes, "kernel_ms": None}
+
+
+def _per_linear_ms(encoder, names: list[str]) -> list[float | None]:
+    """Each linear's own kernel time in the sparse executable, when the encoder can tell them apart."""
+    per_call = getattr(encoder, "linear_times", None)
+    if per_call is None:
+        return [None] * len(names)
+    times = per_call()
+    return [times.get(name) for name in names]
+
+
+@functools.lru_cache(maxsize=4)
+def _dense_metrics(model_name: str) -> dict:
+    from . import metrics
+
+    model = get_model(model_name)
+    return metrics.evaluate(model.torch_model(), model.tokenizer(), _dense_embeddings(model_name))
+
+
+@functools.lru_cache(maxsize=4)
+def _dense_embeddings(model_name: str) -> np.ndarray:
+    from . import metrics
+
+    model = get_model(model_name)
+    return metrics.embed(model.torch_model(), model.tokenizer(), metrics.eval_texts())
+
+
+def _evaluate(model_name: str, pruned_model) -> tuple[dict, dict]:
+    """(metrics of the pruned copy, metrics of the dense model); None everywhere for synthetic weights."""
+    from . import metrics
+
+    model = get_model(model_name)
+    if not model.real_weights:
+        empty = {name: None for name in metrics.METRICS}
+        return empty, dict(empty)
+    return (metrics.evaluate(pruned_model, model.tokenizer(), _dense_embeddings(model_name)),
+            _dense_metrics(model_name))
+
+
+__all__ = ["run_model", "lookup", "validate", "STEPS", "UserError"]
