@@ -455,3 +455,162 @@ def verify(encoder: Encoder, reference, input_ids, attention_mask, tol: float = 
     if not err <= tol:
         raise RuntimeError(f"encoder ({encoder.description}) disagrees with PyTorch: max relative error {err:.2e} > {tol:.0e}")
     return err
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark (a command, never a test): python -m sparsity_app.graph
+
+
+def pruned_plans(model, spec, tokens: int, calibration=None, store=None, threads: int = 0,
+                 layouts: tuple[str, ...] | None = ("feature-major",)) -> dict[str, LinearPlan]:
+    """Every encoder linear of a BertModel pruned by `spec` (method, block or N:M, sparsity), in the
+    format its kernel reads, with the tuner's knobs for `tokens` tokens.
+
+    calibration: layer name -> float32 [tokens, in] inputs to tune on (e.g. models.MiniLM.calibration);
+    None = seeded Gaussian. Layers of one shape share a tuning through `store`.
+    """
+    from . import tuner
+    from .formats import sparse_format
+    from .kernels import max_threads
+    from .pruning import prune
+
+    spec = spec.resolve()
+    threads = threads or max_threads()
+    plans = {}
+    for name in EncoderShape.of(model).linear_names():
+        mod = model.get_submodule(name)
+        w = mod.weight.detach().numpy().astype(np.float32)
+        b = None if mod.bias is None else mod.bias.detach().numpy().astype(np.float32)
+        mask = prune(w, spec)
+        family, fmt = sparse_format(w, mask, spec)
+        x = (calibration(name, tokens) if calibration is not None
+             else np.random.default_rng(tokens).standard_normal((tokens, w.shape[1]), dtype=np.float32))
+        reference = x.astype(np.float64) @ (w * mask).astype(np.float64).T
+        tuning = tuner.best_schedule(family, fmt, x, reference, spec, threads, store, layouts)
+        plans[name] = LinearPlan(family, fmt, b, tuning.knobs())
+    return plans
+
+
+def sample_inputs(tokenizer, batch: int, seq: int) -> tuple[np.ndarray, np.ndarray]:
+    """input_ids, attention_mask int64 [batch, seq]: real documents (Lee corpus), padded/truncated."""
+    from . import data
+
+    docs = list(data.lee_documents())
+    enc = tokenizer([docs[i % len(docs)] for i in range(batch)], padding="max_length", truncation=True,
+                    max_length=seq, return_tensors="np")
+    return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+
+
+def synthetic_bert(layers: int = 12, hidden: int = 768, heads: int = 12, intermediate: int = 3072, seed: int = 0):
+    """A BERT-base-shaped BertModel with seeded random weights (timing only) and a tokenizer stand-in."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+                     intermediate_size=intermediate)
+    return BertModel(cfg, add_pooling_layer=False).eval()
+
+
+def bench_encoder(model: str = "minilm-l6", sparsity: float = 0.9, block: tuple[int, int] = (32, 1),
+                  shapes: tuple[tuple[int, int], ...] = ((1, 128), (8, 128)), repeat: int = 15,
+                  cache_dir: str | None = None, out=print) -> list[dict]:
+    """TVM sparse vs TVM dense vs PyTorch eager on the whole encoder, one `measure` call per shape.
+
+    model: "minilm-l6" (real weights, real text) or "bert-base-synthetic" (12 x 768, random).
+    Both TVM executables are checked against PyTorch first (raises if wrong). Returns one dict
+    per (batch, seq): medians and spreads (ms), speedups, breakdowns (ms) and Amdahl bounds.
+    """
+    import torch
+
+    from .kernels import max_threads, set_threads
+    from .models import get_model
+    from .spec import Spec
+    from .store import Store
+    from .timing import measure
+
+    set_threads(max_threads())
+    store = Store(cache_dir)
+    if model == "minilm-l6":
+        m = get_model(model)
+        hf, tok = m._hf
+        calibration = m.calibration
+    elif model == "bert-base-synthetic":
+        hf, tok, calibration = synthetic_bert(), get_model("minilm-l6")._hf[1], None
+    else:
+        raise UserError(f"unknown model {model!r}; valid models: minilm-l6, bert-base-synthetic")
+    spec = Spec(model="minilm-l6", method="block", block=block, sparsity=sparsity)
+    rows = []
+    for batch, seq in shapes:
+        t0 = time.perf_counter()
+        plans = pruned_plans(hf, spec, batch * seq, calibration, store)
+        t1 = time.perf_counter()
+        sparse = compile_encoder(hf, hf, plans, batch, seq)
+        dense = compile_encoder(hf, hf, {}, batch, seq)
+        t2 = time.perf_counter()
+        ids, mask = sample_inputs(tok, batch, seq)
+        reference = reference_model(hf, plans)
+        err_sparse = verify(sparse, reference, ids, mask)
+        err_dense = verify(dense, hf, ids, mask)
+        sparse.set_inputs(ids, mask)
+        dense.set_inputs(ids, mask)
+        ti, tm = torch.as_tensor(ids), torch.as_tensor(mask)
+
+        def eager():
+            with torch.inference_mode():
+                reference(input_ids=ti, attention_mask=tm)
+
+        times = measure({"TVM sparse": sparse.run, "TVM dense": dense.run, "PyTorch eager": eager},
+                        repeat=repeat, per_round=3)
+        bd_sparse, bd_dense = sparse.breakdown(repeat), dense.breakdown(max(3, repeat // 3))
+        row = {"model": model, "batch": batch, "seq": seq, "pattern": f"{block[0]}x{block[1]} at {sparsity:.0%}",
+               "tune_s": t1 - t0, "compile_s": t2 - t1, "max_rel_error": {"sparse": err_sparse, "dense": err_dense},
+               "times_ms": {k: {"median": v.median, "spread": v.spread} for k, v in times.items()},
+               "speedup_vs_tvm_dense": times["TVM dense"].median / times["TVM sparse"].median,
+               "speedup_vs_pytorch": times["PyTorch eager"].median / times["TVM sparse"].median,
+               "tvm_dense_vs_pytorch": times["PyTorch eager"].median / times["TVM dense"].median,
+               "breakdown_ms": {"TVM sparse": bd_sparse, "TVM dense": bd_dense},
+               "amdahl_bound": {"TVM sparse": Encoder.amdahl_bound(bd_sparse), "TVM dense": Encoder.amdahl_bound(bd_dense)},
+               "knobs": sorted({f"{p.family} {p.shape[0]}x{p.shape[1]}: {p.knobs.label()}" for p in plans.values()})}
+        rows.append(row)
+        _print_row(row, out)
+    store.close()
+    return rows
+
+
+def _print_row(row: dict, out) -> None:
+    t = row["times_ms"]
+    out(f"\n{row['model']} {row['batch']}x{row['seq']} tokens, every linear {row['pattern']} "
+        f"(tuning {row['tune_s']:.0f} s, compile {row['compile_s']:.0f} s; max rel. error sparse "
+        f"{row['max_rel_error']['sparse']:.1e}, dense {row['max_rel_error']['dense']:.1e})")
+    for k, v in t.items():
+        out(f"  {k:14s} {v['median']:8.2f} ms  (spread {v['spread']:.2f})")
+    out(f"  speedup: {row['speedup_vs_pytorch']:.2f}x vs PyTorch eager, {row['speedup_vs_tvm_dense']:.2f}x vs TVM dense; "
+        f"TVM dense is {row['tvm_dense_vs_pytorch']:.2f}x PyTorch")
+    for name, bd in row["breakdown_ms"].items():
+        parts = ", ".join(f"{g} {ms:.2f}" for g, ms in bd.items())
+        out(f"  breakdown {name} (ms): {parts}; Amdahl bound {row['amdahl_bound'][name]:.1f}x")
+    for k in row["knobs"]:
+        out(f"  knobs {k}")
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description="whole-encoder benchmark: TVM sparse vs TVM dense vs PyTorch eager")
+    ap.add_argument("--model", default="minilm-l6", choices=("minilm-l6", "bert-base-synthetic"))
+    ap.add_argument("--sparsity", type=float, default=0.9)
+    ap.add_argument("--block", default="32x1")
+    ap.add_argument("--shapes", default="1x128,8x128", help="comma-separated batch x seq")
+    ap.add_argument("--repeat", type=int, default=15)
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    from .spec import parse_block
+
+    shapes = tuple(tuple(int(v) for v in s.lower().split("x")) for s in a.shapes.split(","))
+    rows = bench_encoder(a.model, a.sparsity, parse_block(a.block), shapes, a.repeat, a.cache_dir,
+                         out=(lambda *_: None) if a.json else print)
+    if a.json:
+        print(json.dumps(rows, indent=1))
