@@ -238,6 +238,9 @@ class _Builder:
         out_f, in_f = plan.shape
         t = self.tokens
         c = self.const
+        if plan.family != "dense" and plan.knobs is not None and t % plan.knobs.tile:
+            raise UserError(f"{plan.family} knobs with token tile {plan.knobs.tile} do not fit {t} tokens "
+                            f"(batch x seq); the sparse kernels need a tile that divides the tokens")
         if plan.family == "dense":
             k = plan.knobs or dense.pick_fm_knobs(t, out_f)
             w = plan.dense_weight()
