@@ -85,18 +85,22 @@ def tuning_key(family: str, weight, spec: Spec, tokens: int, threads: int, machi
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def tune(family: str, weight, x: np.ndarray, reference: np.ndarray) -> Tuning:
+def tune(family: str, weight, x: np.ndarray, reference: np.ndarray, layouts: tuple[str, ...] | None = None) -> Tuning:
     """Time the family's candidates on this weight and X; every candidate must match `reference`.
 
     weight: the family's format; x: float32 [tokens, in]; reference: float64 [tokens, out] = X W^T.
-    Uses the threads set by kernels.set_threads.
+    layouts: only schedules with one of these activation layouts may win (knobs without a `layout`
+    are feature-major); None = any. Uses the threads set by kernels.set_threads.
     """
     fam = families()[family]
     tokens = x.shape[0]
     default = fam.default(tokens, weight)
     first = list(dict.fromkeys([default, *fam.candidates(tokens, weight)]))
     round1 = _time(fam, weight, x, reference, first)
-    best = min(round1, key=lambda k: round1[k])
+    allowed = [k for k in round1 if layouts is None or getattr(k, "layout", "feature-major") in layouts]
+    if not allowed:
+        raise ValueError(f"no {family} schedule has a layout in {layouts}")
+    best = min(allowed, key=lambda k: round1[k])
     second = [k for k in fam.variants(best, weight) if k not in round1]
     round2 = _time(fam, weight, x, reference, [best, *second]) if second else {best: round1[best]}
     winner = min(round2, key=lambda k: round2[k])
@@ -141,15 +145,18 @@ def tuning_machine() -> dict:
 
 
 def best_schedule(family: str, weight, x: np.ndarray, reference: np.ndarray, spec: Spec, threads: int,
-                  store=None, retune: bool = False) -> Tuning:
+                  store=None, retune: bool = False, layouts: tuple[str, ...] | None = None) -> Tuning:
     """The stored winner for this case on this machine, else `tune` now (and store the winner).
 
-    retune=True tunes again even if a winner is stored, and replaces it.
+    retune=True tunes again even if a winner is stored, and replaces it. layouts: as in `tune`; a
+    restricted tuning is stored under its own key.
     """
     key = tuning_key(family, weight, spec, x.shape[0], threads, tuning_machine())
+    if layouts is not None:
+        key = hashlib.sha256(json.dumps([key, sorted(layouts)]).encode()).hexdigest()
     if store is not None and not retune and (hit := store.get_tuning(key)) is not None:
         return dataclasses.replace(Tuning.from_dict(hit), cached=True)
-    tuning = tune(family, weight, x, reference)
+    tuning = tune(family, weight, x, reference, layouts)
     if store is not None:
         store.put_tuning(key, tuning.to_dict())
     return tuning

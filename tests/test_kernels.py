@@ -8,9 +8,10 @@ from hypothesis import strategies as st
 
 from sparsity_app import tuner
 from sparsity_app.formats import sparse_format, to_bsr, to_csr, to_nm
-from sparsity_app.kernels import balanced_parts, csr, nm
+from sparsity_app.kernels import balanced_parts, compile_prim_func, csr, empty, nm, tensor
 from sparsity_app.kernels.bsr import BSRKnobs, TVMBSR
-from sparsity_app.kernels.dense import DenseKnobs, TorchDense, TVMDense
+from sparsity_app.kernels.dense import (DenseFMKnobs, DenseKnobs, TorchDense, TVMDense, dense_fm_prim_func, pack_fm,
+                                        pick_fm_knobs, pick_knobs)
 from sparsity_app.pruning import prune
 from sparsity_app.spec import Spec
 
@@ -174,3 +175,25 @@ def test_parallel_splits_with_several_parts_match_dense(n_parts):
     nm_mask = prune(w, Spec(method="nm", nm=(2, 4)).resolve())
     assert_matches_dense(nm.TVMNM(to_nm(w, nm_mask, (2, 4)), x, nm.NMKnobs(tile=16, chunk=16), n_parts=n_parts).output(),
                          x, w * nm_mask)
+
+
+@pytest.mark.parametrize("tokens", [127, 97, 13, 8])
+def test_dense_awkward_token_counts_keep_a_full_tile(tokens):
+    """The token tile need not divide the tokens: no fallback to one-token tiles, still exact."""
+    for out_f in (384, 1536, 40):
+        assert pick_knobs(tokens, out_f).tile >= 8
+        assert pick_fm_knobs(tokens, out_f).nt >= 8
+    w, _, x = _case(96, 40, tokens, 1.0)
+    assert_matches_dense(TVMDense(w, x).output(), x, w)
+    assert_matches_dense(TVMDense(w, x, DenseKnobs(vn=32, tile=16)).output(), x, w)
+
+
+@pytest.mark.parametrize("tokens", [128, 97, 5])
+@pytest.mark.parametrize("knobs", [DenseFMKnobs(), DenseFMKnobs(mr=4, nt=64), DenseFMKnobs(mr=12, nt=16)])
+def test_feature_major_dense_kernel(tokens, knobs):
+    """Y^T = W X^T from X^T [in, tokens] and W packed in panels of mr rows."""
+    w, _, x = _case(48, 40, tokens, 1.0, seed=tokens)
+    k = DenseFMKnobs(knobs.mr, min(knobs.nt, tokens))
+    y = empty((48, tokens))
+    compile_prim_func(dense_fm_prim_func(tokens, 48, 40, k), "dense_fm")(tensor(x.T), tensor(pack_fm(w, k.mr)), y)
+    assert_matches_dense(y.numpy().T, x, w)

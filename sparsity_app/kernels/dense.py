@@ -5,6 +5,13 @@ Wp [out / vn, in, vn], each parallel task owns one (panel, token tile) pair and 
 [tile, vn] accumulator in registers while it walks the input dimension, vectorised over vn.
 Without a schedule TVM's default matmul is ~40x slower than PyTorch, which would make every
 "speedup vs TVM dense" a lie.
+
+The token tile need not divide the token count: the last tile is moved back to end at the last
+token (it overlaps its neighbour, recomputes a few tokens and writes the same values), so awkward
+counts (97, 127) run the same full-width micro-kernel instead of falling back to one-token tiles.
+`dense_fm_prim_func` is the same GEMM for feature-major activations (X^T [in, tokens] ->
+Y^T [out, tokens], the encoder graph's layout): W packed [out / mr, in, mr], an [mr, nt]
+accumulator vectorised over nt tokens.
 """
 from __future__ import annotations
 
@@ -20,13 +27,13 @@ from . import compile_prim_func, empty, largest_divisor, tensor
 @dataclasses.dataclass(frozen=True)
 class DenseKnobs:
     vn: int = 32  # output features per panel (vector width multiple)
-    tile: int = 8  # tokens per register tile
+    tile: int = 8  # tokens per register tile (clipped to tokens; need not divide them)
 
 
 def dense_prim_func(tokens: int, out_f: int, in_f: int, knobs: DenseKnobs):
     """X float32 [tokens, in], Wp float32 [out / vn, in, vn] -> Y float32 [tokens, out]."""
-    vn, tile = knobs.vn, knobs.tile
-    n_tiles = tokens // tile
+    vn, tile = knobs.vn, min(knobs.tile, tokens)
+    n_tiles = -(-tokens // tile)
 
     @T.prim_func
     def dense(X: T.Buffer((tokens, in_f), "float32"), Wp: T.Buffer((out_f // vn, in_f, vn), "float32"),
@@ -40,17 +47,59 @@ def dense_prim_func(tokens: int, out_f: int, in_f: int, knobs: DenseKnobs):
             for k in range(in_f):
                 for t in T.unroll(tile):
                     for v in T.vectorized(vn):
-                        acc[t, v] = acc[t, v] + X[(task % n_tiles) * tile + t, k] * Wp[task // n_tiles, k, v]
+                        acc[t, v] = acc[t, v] + X[T.min((task % n_tiles) * tile, tokens - tile) + t, k] * Wp[
+                            task // n_tiles, k, v]
             for t in T.unroll(tile):
                 for v in T.vectorized(vn):
-                    Y[(task % n_tiles) * tile + t, (task // n_tiles) * vn + v] = acc[t, v]
+                    Y[T.min((task % n_tiles) * tile, tokens - tile) + t, (task // n_tiles) * vn + v] = acc[t, v]
 
     return dense
 
 
 def pick_knobs(tokens: int, out_f: int) -> DenseKnobs:
     vn = largest_divisor(out_f, 32)
-    return DenseKnobs(vn=vn, tile=largest_divisor(tokens, 8 if vn >= 32 else 16))
+    return DenseKnobs(vn=vn, tile=min(tokens, 8 if vn >= 32 else 16))
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseFMKnobs:
+    mr: int = 8  # output features per panel (broadcast weights per input step)
+    nt: int = 32  # tokens per register tile (vector lanes; clipped to tokens, need not divide them)
+
+
+def dense_fm_prim_func(tokens: int, out_f: int, in_f: int, knobs: DenseFMKnobs):
+    """X^T float32 [in, tokens], Wp float32 [out / mr, in, mr] -> Y^T float32 [out, tokens]."""
+    mr, nt = knobs.mr, min(knobs.nt, tokens)
+    n_tiles = -(-tokens // nt)
+
+    @T.prim_func
+    def dense_fm(X: T.Buffer((in_f, tokens), "float32"), Wp: T.Buffer((out_f // mr, in_f, mr), "float32"),
+                 Y: T.Buffer((out_f, tokens), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        for task in T.parallel((out_f // mr) * n_tiles):
+            acc = T.alloc_buffer((mr, nt), "float32", scope="local")
+            for r in T.unroll(mr):
+                for t in T.vectorized(nt):
+                    acc[r, t] = T.float32(0)
+            for k in range(in_f):
+                for r in T.unroll(mr):
+                    for t in T.vectorized(nt):
+                        acc[r, t] = acc[r, t] + Wp[task // n_tiles, k, r] * X[k, T.min((task % n_tiles) * nt, tokens - nt) + t]
+            for r in T.unroll(mr):
+                for t in T.vectorized(nt):
+                    Y[(task // n_tiles) * mr + r, T.min((task % n_tiles) * nt, tokens - nt) + t] = acc[r, t]
+
+    return dense_fm
+
+
+def pick_fm_knobs(tokens: int, out_f: int) -> DenseFMKnobs:
+    return DenseFMKnobs(mr=largest_divisor(out_f, 8), nt=min(tokens, 32))
+
+
+def pack_fm(weight: np.ndarray, mr: int) -> np.ndarray:
+    """W float32 [out, in] -> Wp [out / mr, in, mr] (each panel's weights for one input contiguous)."""
+    out_f, in_f = weight.shape
+    return np.ascontiguousarray(weight.reshape(out_f // mr, mr, in_f).transpose(0, 2, 1))
 
 
 @functools.lru_cache(maxsize=32)

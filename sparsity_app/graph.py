@@ -1,0 +1,619 @@
+"""A whole BERT encoder as one compiled TVM Relax executable, every linear its own kernel.
+
+The graph is built from the model's config with Relax's BlockBuilder: every operator is an
+`R.call_tir` to a hand-scheduled TensorIR PrimFunc, every weight a constant. Linears call the
+project's kernels (kernels/bsr.py, csr.py, nm.py with the tuner's knobs, or the dense GEMM of
+kernels/dense.py); the rest (embeddings, attention, softmax, layer norm, GELU) call kernels/ops.py.
+
+Layout: activations stay feature-major between operators, X^T float32 [features, tokens] with
+tokens = batch * seq batch-major, because the sparse kernels' fastest schedules read X^T and write
+Y^T; only the embeddings (in) and the last layer norm (out, [batch, seq, hidden]) change layout.
+A BSR schedule with layout="row-major" still works, between two transposes (it is slower:
+tune with layouts=("feature-major",)).
+
+Why not torch.export + from_exported_program and pattern rewrites: every operator of the imported
+graph would be replaced anyway (the defaults are unscheduled), and the layout plan changes every
+op's shapes; built from the config, the graph is the plan. `reference_model` gives the PyTorch
+model with the same (pruned) weights, and `verify` compares the two.
+
+Per encoder layer (bias adds are fused into the operator that consumes the linear's output):
+  Q, K, V = linears(X)  (one fused linear of 3 * hidden rows when their plans allow it)
+  C = attention(Q + bq, K + bk, V + bv, mask)     fused per (sequence, head), or split in three
+  X = LayerNorm(linear(C) + bo + X)
+  X = LayerNorm(linear(GELU(linear(X) + bi)) + bo2 + X)
+"""
+from __future__ import annotations
+
+import collections
+import copy
+import dataclasses
+import math
+import time
+from typing import Mapping
+
+import numpy as np
+
+from .errors import UserError
+
+FAMILIES = ("dense", "bsr", "csr", "nm")
+SUBLAYERS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+             "intermediate.dense", "output.dense")
+GROUPS = ("linears", "attention matmuls", "softmax", "layer norm", "GELU", "other")
+# PrimFunc name prefix -> breakdown group (names are given when the functions are added)
+_GROUP_OF = {"linear": "linears", "attention": "attention matmuls", "softmax": "softmax",
+             "layer_norm": "layer norm", "embed": "layer norm", "gelu": "GELU"}
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearPlan:
+    """How one nn.Linear (Y = X W^T + b) runs in the graph."""
+
+    family: str  # "dense" | "bsr" | "csr" | "nm"
+    weight: object  # formats.BSR | CSR | NM, or np.ndarray float32 [out, in] for dense
+    bias: np.ndarray | None  # float32 [out]; None = no bias
+    knobs: object | None = None  # the family's Knobs (tuner winner; DenseFMKnobs for dense); None = default
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise UserError(f"unknown linear family {self.family!r}; valid families: {', '.join(FAMILIES)}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape)
+
+    def dense_weight(self) -> np.ndarray:
+        """float32 [out, in], pruned entries zero."""
+        return np.asarray(self.weight, np.float32) if self.family == "dense" else self.weight.to_dense()
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderShape:
+    """What the graph needs of a BERT config."""
+
+    layers: int  # encoder layers
+    hidden: int  # hidden size
+    heads: int  # attention heads (hidden / heads = head_dim)
+    intermediate: int  # feed-forward size
+    eps: float  # layer norm epsilon
+    vocab: int  # word embeddings
+    positions: int  # max position embeddings
+
+    @classmethod
+    def of(cls, config) -> "EncoderShape":
+        config = getattr(config, "config", config)  # a model, or its config
+        act = getattr(config, "hidden_act", "gelu")
+        if act != "gelu":
+            raise UserError(f"the encoder graph implements BERT's erf GELU only, not hidden_act={act!r}")
+        if getattr(config, "position_embedding_type", "absolute") != "absolute":
+            raise UserError("the encoder graph implements absolute position embeddings only")
+        return cls(config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
+                   config.intermediate_size, float(config.layer_norm_eps), config.vocab_size,
+                   config.max_position_embeddings)
+
+    def linear_names(self) -> list[str]:
+        return [f"encoder.layer.{i}.{sub}" for i in range(self.layers) for sub in SUBLAYERS]
+
+
+def _params_dict(params) -> dict[str, np.ndarray]:
+    """A BertModel (nn.Module) or a mapping name -> tensor/array -> name -> float32 ndarray."""
+    if hasattr(params, "state_dict"):
+        params = params.state_dict()
+    out = {}
+    for k, v in params.items():
+        v = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
+        out[k] = v
+    return out
+
+
+class Encoder:
+    """A compiled encoder for input_ids / attention_mask int64 [batch, seq] -> last_hidden_state
+    float32 [batch, seq, hidden]."""
+
+    def __init__(self, executable, batch: int, seq: int, hidden: int, description: str):
+        import tvm
+        from tvm import relax
+
+        self.batch, self.seq, self.hidden, self.description = batch, seq, hidden, description
+        self._vm = relax.VirtualMachine(executable, tvm.cpu())
+        self._main = self._vm["main"]
+        self._ids = tvm.runtime.tensor(np.zeros((batch, seq), np.int64), tvm.cpu())
+        self._mask = tvm.runtime.tensor(np.ones((batch, seq), np.int64), tvm.cpu())
+        self._out = None
+
+    def _check(self, name: str, a) -> np.ndarray:
+        a = a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
+        if a.shape != (self.batch, self.seq):
+            raise UserError(f"{name} must have shape [{self.batch}, {self.seq}] (this encoder was compiled "
+                            f"for batch {self.batch}, seq {self.seq}), got {list(a.shape)}")
+        if not np.issubdtype(a.dtype, np.integer):
+            raise UserError(f"{name} must hold integers, got {a.dtype}")
+        return a.astype(np.int64)
+
+    def set_inputs(self, input_ids, attention_mask=None) -> None:
+        """Copy inputs (numpy or torch, [batch, seq]) into the buffers `run` reads."""
+        import tvm
+
+        ids = self._check("input_ids", input_ids)
+        mask = np.ones_like(ids) if attention_mask is None else self._check("attention_mask", attention_mask)
+        if ids.min() < 0 or ids.max() >= self._vocab:
+            raise UserError(f"input_ids must be in [0, {self._vocab}), got values in [{ids.min()}, {ids.max()}]")
+        self._ids = tvm.runtime.tensor(ids, tvm.cpu())
+        self._mask = tvm.runtime.tensor(mask, tvm.cpu())
+
+    def run(self) -> None:
+        """One forward pass on the buffers set by `set_inputs` (for timing)."""
+        self._out = self._main(self._ids, self._mask)
+
+    def __call__(self, input_ids, attention_mask=None) -> np.ndarray:
+        """last_hidden_state float32 [batch, seq, hidden]."""
+        self.set_inputs(input_ids, attention_mask)
+        self.run()
+        return self._out.numpy()
+
+    def breakdown(self, repeat: int = 20) -> dict[str, float]:
+        """ms per forward pass by operator group (GROUPS), the median over `repeat` passes.
+
+        Each kernel call is timed on its own (VM instrument), so the groups add up to a little
+        more than a plain `run`; "other" holds the VM's own work (allocation, checks).
+        """
+        samples: dict[str, list[float]] = {g: [] for g in GROUPS}
+        now: dict[str, float] = collections.defaultdict(float)
+        start = [0.0]
+
+        def instrument(func, symbol, before, ret, *args):
+            if before:
+                start[0] = time.perf_counter()
+            else:
+                now[_group(str(symbol))] += time.perf_counter() - start[0]
+            return 0
+
+        self.run()
+        self._vm.set_instrument(instrument)
+        try:
+            for _ in range(repeat):
+                now.clear()
+                self.run()
+                for g in GROUPS:
+                    samples[g].append(now[g] * 1e3)
+        finally:
+            self._vm.set_instrument(None)
+        return {g: float(np.median(samples[g])) for g in GROUPS}
+
+    @staticmethod
+    def amdahl_bound(breakdown: dict[str, float]) -> float:
+        """The speedup of the whole pass if the linears took no time at all."""
+        total = sum(breakdown.values())
+        rest = total - breakdown["linears"]
+        return total / rest if rest > 0 else math.inf
+
+    @property
+    def _vocab(self) -> int:
+        return self._vocab_size
+
+
+def _group(symbol: str) -> str:
+    for prefix, group in _GROUP_OF.items():
+        if symbol.startswith(prefix):
+            return group
+    return "other"
+
+
+# ---------------------------------------------------------------------------------------------
+# building the graph
+
+
+class _Builder:
+    """Emits call_tir bindings into one Relax dataflow block; PrimFuncs named by breakdown group."""
+
+    def __init__(self, bb, tokens: int):
+        self.bb, self.tokens = bb, tokens
+        self._funcs: dict[str, object] = {}
+
+    def const(self, a: np.ndarray):
+        from tvm import relax
+
+        return relax.const(np.ascontiguousarray(a))
+
+    def call(self, name: str, func, args: list, out_shape: tuple[int, ...], dtype: str = "float32"):
+        from tvm import relax
+
+        import tvm_ffi
+
+        key = (name, tvm_ffi.structural_hash(func))
+        gv = self._funcs.get(key)
+        if gv is None:  # same kernel (same shapes and knobs) -> one function; symbols must be unique
+            symbol = f"{name}_{sum(k[0] == name for k in self._funcs)}"
+            gv = self._funcs[key] = self.bb.add_func(func.with_attr("global_symbol", symbol), symbol)
+        return self.bb.emit(relax.call_tir(gv, args, relax.TensorType(out_shape, dtype)))
+
+    def transpose(self, x, rows: int, cols: int):
+        from .kernels import ops
+
+        return self.call("transpose", ops.transpose_prim_func(rows, cols), [x], (cols, rows))
+
+    def linear(self, x, plan: LinearPlan):
+        """Y^T float32 [out, tokens] = W X^T (no bias: the consumer adds it); x: X^T [in, tokens]."""
+        from .kernels import balanced_parts, bsr, csr, dense, max_threads, nm, ops
+
+        out_f, in_f = plan.shape
+        t = self.tokens
+        c = self.const
+        if plan.family != "dense" and plan.knobs is not None and t % plan.knobs.tile:
+            raise UserError(f"{plan.family} knobs with token tile {plan.knobs.tile} do not fit {t} tokens "
+                            f"(batch x seq); the sparse kernels need a tile that divides the tokens")
+        if plan.family == "dense":
+            k = plan.knobs or dense.pick_fm_knobs(t, out_f)
+            w = plan.dense_weight()
+            return self.call("linear_dense", dense.dense_fm_prim_func(t, out_f, in_f, k),
+                             [x, c(dense.pack_fm(w, k.mr))], (out_f, t))
+        if plan.family == "bsr":
+            w = plan.weight
+            k = plan.knobs or bsr.default_knobs(t, w)
+            data, indices = w.data.transpose(0, 2, 1), w.indices
+            if w.nnz_blocks == 0:
+                data, indices = np.zeros((1,) + data.shape[1:], np.float32), np.zeros(1, np.int32)
+            n_parts = max_threads() if k.split == "nnz" else 1
+            func = bsr.bsr_prim_func(t, w.shape, w.block, data.shape[0], k, n_parts)
+            args = [c(data), c(indices), c(w.indptr), c(balanced_parts(w.indptr, n_parts))]
+            if k.layout == "feature-major":
+                return self.call("linear_bsr", func, [x, *args], (out_f, t))
+            y = self.call("linear_bsr", func, [self.transpose(x, in_f, t), *args], (t, out_f))
+            return self.transpose(y, t, out_f)
+        if plan.family == "csr":
+            w = plan.weight
+            k = plan.knobs or csr.default_knobs(t, w)
+            values, indices = (w.values, w.indices) if w.nnz else (np.zeros(1, np.float32), np.zeros(1, np.int32))
+            n_parts = max_threads() if k.split == "nnz" else 1
+            if k.pack:
+                x = self.call("linear_pack", ops.pack_tiles_prim_func(in_f, t, k.tile), [x], (t // k.tile, in_f, k.tile))
+            return self.call("linear_csr", csr.csr_prim_func(t, w.shape, values.shape[0], k, n_parts),
+                             [x, c(values), c(indices), c(w.indptr), c(balanced_parts(w.indptr, n_parts))], (out_f, t))
+        w = plan.weight  # nm
+        k = plan.knobs or nm.default_knobs(t, w)
+        n_parts = max_threads() if k.split == "nnz" else 1
+        if k.pack:
+            x = self.call("linear_pack", ops.pack_tiles_prim_func(in_f, t, k.tile), [x], (t // k.tile, in_f, k.tile))
+        return self.call("linear_nm", nm.nm_prim_func(t, w.shape, w.nm, k, n_parts),
+                         [x, c(w.values), c(w.offsets)], (out_f, t))
+
+
+def _stack_rows(plans: list[LinearPlan]) -> LinearPlan | None:
+    """One plan computing the plans' outputs stacked by rows (Q, K, V in one call), or None when
+    they differ in family, knobs or pattern. Bias is left to the caller."""
+    from . import formats
+
+    p0 = plans[0]
+    if any(p.family != p0.family or p.knobs != p0.knobs or p.shape[1] != p0.shape[1] for p in plans):
+        return None
+    out_f = sum(p.shape[0] for p in plans)
+    if p0.family == "dense":
+        return LinearPlan("dense", np.concatenate([p.dense_weight() for p in plans]), None, p0.knobs)
+    ws = [p.weight for p in plans]
+    if p0.family == "bsr":
+        if any(w.block != ws[0].block for w in ws):
+            return None
+        offsets = np.cumsum([0] + [w.nnz_blocks for w in ws[:-1]])
+        indptr = np.concatenate([ws[0].indptr[:1]] + [w.indptr[1:] + o for w, o in zip(ws, offsets)]).astype(np.int32)
+        return LinearPlan("bsr", formats.BSR(np.concatenate([w.data for w in ws]), np.concatenate([w.indices for w in ws]),
+                                             indptr, (out_f, p0.shape[1])), None, p0.knobs)
+    if p0.family == "csr":
+        offsets = np.cumsum([0] + [w.nnz for w in ws[:-1]])
+        indptr = np.concatenate([ws[0].indptr[:1]] + [w.indptr[1:] + o for w, o in zip(ws, offsets)]).astype(np.int32)
+        return LinearPlan("csr", formats.CSR(np.concatenate([w.values for w in ws]), np.concatenate([w.indices for w in ws]),
+                                             indptr, (out_f, p0.shape[1])), None, p0.knobs)
+    if any(w.nm != ws[0].nm for w in ws):
+        return None
+    return LinearPlan("nm", formats.NM(np.concatenate([w.values for w in ws]), np.concatenate([w.offsets for w in ws]),
+                                       ws[0].nm, (out_f, p0.shape[1])), None, p0.knobs)
+
+
+def _lowering():
+    """Relax's default build pipeline less the passes that rewrite operators: every operator here is
+    already a scheduled call_tir (and RewriteDataflowReshape rejects PrimFuncs without blocks)."""
+    import tvm
+    from tvm.relax import transform
+
+    return tvm.transform.Sequential([
+        transform.ToNonDataflow(), transform.RemovePurityChecking(), transform.CallTIRRewrite(),
+        transform.StaticPlanBlockMemory(), transform.LowerAllocTensor(), transform.KillAfterLastUse(),
+        transform.LowerRuntimeBuiltin(), transform.ComputePrimValue(), transform.VMShapeLower(),
+        transform.AttachGlobalSymbol()])
+
+
+def compile_encoder(config, params, linears: Mapping[str, LinearPlan], batch: int, seq: int, *,
+                    fuse_attention: bool = True, fuse_qkv: bool = True) -> Encoder:
+    """Compile the encoder (embeddings + every layer) for input_ids, attention_mask int64 [batch, seq].
+
+    config: a BERT config (or a model with .config); params: a BertModel or its state_dict (any
+    mapping name -> tensor/array) for the embeddings, layer norms, and every linear that `linears`
+    does not name (those run dense); linears: name (e.g. "encoder.layer.0.attention.self.query")
+    -> LinearPlan. fuse_attention: one kernel per (sequence, head) for scores, softmax and
+    context (else three, which `breakdown` can tell apart); fuse_qkv: Q, K, V as one linear when
+    their plans have the same family and knobs.
+    """
+    import tvm
+    from tvm import relax
+
+    from .kernels import host_target, ops
+
+    shape = EncoderShape.of(config)
+    if not (isinstance(batch, int) and isinstance(seq, int) and batch >= 1 and 1 <= seq <= shape.positions):
+        raise UserError(f"batch must be >= 1 and seq in [1, {shape.positions}], got batch={batch}, seq={seq}")
+    if shape.hidden % shape.heads:
+        raise UserError(f"hidden {shape.hidden} is not a multiple of heads {shape.heads}")
+    names = shape.linear_names()
+    unknown = sorted(set(linears) - set(names))
+    if unknown:
+        raise UserError(f"unknown linear {unknown[0]!r}; valid linears: {names[0]}, ... {names[-1]} ({len(names)} in all)")
+    p = _params_dict(params)
+    plans = {}
+    for n in names:
+        plan = linears.get(n)
+        if plan is None:
+            b = p.get(f"{n}.bias")
+            plan = LinearPlan("dense", p[f"{n}.weight"].astype(np.float32), None if b is None else b.astype(np.float32))
+        plans[n] = plan
+    h, t, f = shape.hidden, batch * seq, shape.intermediate
+    hd = h // shape.heads
+    for n, plan in plans.items():
+        want = (f, h) if n.endswith("intermediate.dense") else (h, f) if n.endswith(".output.dense") and "attention" not in n else (h, h)
+        if plan.shape != want:
+            raise UserError(f"linear {n} must have shape {list(want)} (out, in), got {list(plan.shape)}")
+
+    def bias(plan: LinearPlan):
+        return np.zeros(plan.shape[0], np.float32) if plan.bias is None else np.asarray(plan.bias, np.float32)
+
+    def ln(prefix):
+        return p[f"{prefix}.weight"].astype(np.float32), p[f"{prefix}.bias"].astype(np.float32)
+
+    bb = relax.BlockBuilder()
+    ids = relax.Var("input_ids", relax.TensorType((batch, seq), "int64"))
+    mask = relax.Var("attention_mask", relax.TensorType((batch, seq), "int64"))
+    g = _Builder(bb, t)
+    c = g.const
+    with bb.function("main", [ids, mask]):
+        with bb.dataflow():
+            gamma, beta = ln("embeddings.LayerNorm")
+            x = g.call("embed_layer_norm", ops.embed_layer_norm_prim_func(batch, seq, shape.vocab, shape.positions, h, shape.eps),
+                       [ids, c(p["embeddings.word_embeddings.weight"]), c(p["embeddings.position_embeddings.weight"]),
+                        c(p["embeddings.token_type_embeddings.weight"][0]), c(gamma), c(beta)], (h, t))
+            for i in range(shape.layers):
+                pre = f"encoder.layer.{i}."
+                q_plan, k_plan, v_plan, o_plan, i_plan, out_plan = (plans[pre + s] for s in SUBLAYERS)
+                qkv = _stack_rows([q_plan, k_plan, v_plan]) if fuse_qkv else None
+                if qkv is not None:
+                    y = g.linear(x, qkv)
+                    qy, ky, vy, rows, offs = y, y, y, 3 * h, (0, h, 2 * h)
+                else:
+                    qy, ky, vy = g.linear(x, q_plan), g.linear(x, k_plan), g.linear(x, v_plan)
+                    rows, offs = h, (0, 0, 0)
+                bq, bk, bv = c(bias(q_plan)), c(bias(k_plan)), c(bias(v_plan))
+                scale = 1.0 / math.sqrt(hd)
+                if fuse_attention:
+                    ctx = g.call("attention", ops.attention_prim_func(batch, seq, shape.heads, hd, rows, offs, scale),
+                                 [qy, ky, vy, bq, bk, bv, mask], (h, t))
+                else:
+                    groups = batch * shape.heads
+                    s = g.call("attention_scores", ops.attention_scores_prim_func(batch, seq, shape.heads, hd, rows,
+                                                                                  offs[:2], scale),
+                               [qy, ky, bq, bk, mask], (groups, seq, seq))
+                    pr = g.call("softmax", ops.softmax_prim_func(groups, seq), [s], (groups, seq, seq))
+                    ctx = g.call("attention_context", ops.attention_context_prim_func(batch, seq, shape.heads, hd, rows,
+                                                                                      offs[2]),
+                                 [pr, vy, bv], (h, t))
+                gamma, beta = ln(pre + "attention.output.LayerNorm")
+                x = g.call("layer_norm", ops.add_layer_norm_prim_func(h, t, shape.eps),
+                           [g.linear(ctx, o_plan), c(bias(o_plan)), x, c(gamma), c(beta)], (h, t))
+                inter = g.call("gelu", ops.bias_gelu_prim_func(f, t), [g.linear(x, i_plan), c(bias(i_plan))], (f, t))
+                gamma, beta = ln(pre + "output.LayerNorm")
+                last = i == shape.layers - 1
+                x = g.call("layer_norm_out" if last else "layer_norm",
+                           ops.add_layer_norm_prim_func(h, t, shape.eps, batch, row_major_out=last),
+                           [g.linear(inter, out_plan), c(bias(out_plan)), x, c(gamma), c(beta)],
+                           (batch, seq, h) if last else (h, t))
+            out = bb.emit_output(x)
+        bb.emit_func_output(out)
+    executable = tvm.compile(bb.get(), target=host_target(), relax_pipeline=_lowering())
+    families = collections.Counter(pl.family for pl in plans.values())
+    enc = Encoder(executable, batch, seq, h, ", ".join(f"{n} {fam}" for fam, n in families.items()))
+    enc._vocab_size = shape.vocab
+    return enc
+
+
+# ---------------------------------------------------------------------------------------------
+# the PyTorch reference and the check
+
+
+def reference_model(model, linears: Mapping[str, LinearPlan]):
+    """A deep copy of a BertModel with each planned linear's weight replaced by its dense form
+    (pruned entries zero) and its bias; the shared model is never modified."""
+    import torch
+
+    ref = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for name, plan in linears.items():
+            mod = ref.get_submodule(name)
+            mod.weight.copy_(torch.from_numpy(plan.dense_weight()))
+            if plan.bias is not None:
+                mod.bias.copy_(torch.from_numpy(np.asarray(plan.bias, np.float32)))
+            elif mod.bias is not None:
+                mod.bias.zero_()
+    return ref
+
+
+def torch_forward(model, input_ids, attention_mask) -> np.ndarray:
+    """last_hidden_state float32 [batch, seq, hidden] of a BertModel in eager mode."""
+    import torch
+
+    with torch.inference_mode():
+        return model(input_ids=torch.as_tensor(input_ids), attention_mask=torch.as_tensor(attention_mask)).last_hidden_state.numpy()
+
+
+def verify(encoder: Encoder, reference, input_ids, attention_mask, tol: float = 1e-4) -> float:
+    """Max abs error of the encoder vs the reference model, relative to the output's scale; raises
+    RuntimeError above tol (a wrong model never reports a speedup)."""
+    want = torch_forward(reference, input_ids, attention_mask)
+    got = encoder(input_ids, attention_mask)
+    err = float(np.abs(got - want).max()) / max(float(np.abs(want).max()), 1e-6)
+    if not err <= tol:
+        raise RuntimeError(f"encoder ({encoder.description}) disagrees with PyTorch: max relative error {err:.2e} > {tol:.0e}")
+    return err
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark (a command, never a test): python -m sparsity_app.graph
+
+
+def pruned_plans(model, spec, tokens: int, calibration=None, store=None, threads: int = 0,
+                 layouts: tuple[str, ...] | None = ("feature-major",)) -> dict[str, LinearPlan]:
+    """Every encoder linear of a BertModel pruned by `spec` (method, block or N:M, sparsity), in the
+    format its kernel reads, with the tuner's knobs for `tokens` tokens.
+
+    calibration: layer name -> float32 [tokens, in] inputs to tune on (e.g. models.MiniLM.calibration);
+    None = seeded Gaussian. Layers of one shape share a tuning through `store`.
+    """
+    from . import tuner
+    from .formats import sparse_format
+    from .kernels import max_threads
+    from .pruning import prune
+
+    spec = spec.resolve()
+    threads = threads or max_threads()
+    plans = {}
+    for name in EncoderShape.of(model).linear_names():
+        mod = model.get_submodule(name)
+        w = mod.weight.detach().numpy().astype(np.float32)
+        b = None if mod.bias is None else mod.bias.detach().numpy().astype(np.float32)
+        mask = prune(w, spec)
+        family, fmt = sparse_format(w, mask, spec)
+        x = (calibration(name, tokens) if calibration is not None
+             else np.random.default_rng(tokens).standard_normal((tokens, w.shape[1]), dtype=np.float32))
+        reference = x.astype(np.float64) @ (w * mask).astype(np.float64).T
+        tuning = tuner.best_schedule(family, fmt, x, reference, spec, threads, store, layouts)
+        plans[name] = LinearPlan(family, fmt, b, tuning.knobs())
+    return plans
+
+
+def sample_inputs(tokenizer, batch: int, seq: int) -> tuple[np.ndarray, np.ndarray]:
+    """input_ids, attention_mask int64 [batch, seq]: real documents (Lee corpus), padded/truncated."""
+    from . import data
+
+    docs = list(data.lee_documents())
+    enc = tokenizer([docs[i % len(docs)] for i in range(batch)], padding="max_length", truncation=True,
+                    max_length=seq, return_tensors="np")
+    return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+
+
+def synthetic_bert(layers: int = 12, hidden: int = 768, heads: int = 12, intermediate: int = 3072, seed: int = 0):
+    """A BERT-base-shaped BertModel with seeded random weights (timing only) and a tokenizer stand-in."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+                     intermediate_size=intermediate)
+    return BertModel(cfg, add_pooling_layer=False).eval()
+
+
+def bench_encoder(model: str = "minilm-l6", sparsity: float = 0.9, block: tuple[int, int] = (32, 1),
+                  shapes: tuple[tuple[int, int], ...] = ((1, 128), (8, 128)), repeat: int = 15,
+                  cache_dir: str | None = None, out=print) -> list[dict]:
+    """TVM sparse vs TVM dense vs PyTorch eager on the whole encoder, one `measure` call per shape.
+
+    model: "minilm-l6" (real weights, real text) or "bert-base-synthetic" (12 x 768, random).
+    Both TVM executables are checked against PyTorch first (raises if wrong). Returns one dict
+    per (batch, seq): medians and spreads (ms), speedups, breakdowns (ms) and Amdahl bounds.
+    """
+    import torch
+
+    from .kernels import max_threads, set_threads
+    from .models import get_model
+    from .spec import Spec
+    from .store import Store
+    from .timing import measure
+
+    set_threads(max_threads())
+    store = Store(cache_dir)
+    if model == "minilm-l6":
+        m = get_model(model)
+        hf, tok = m._hf
+        calibration = m.calibration
+    elif model == "bert-base-synthetic":
+        hf, tok, calibration = synthetic_bert(), get_model("minilm-l6")._hf[1], None
+    else:
+        raise UserError(f"unknown model {model!r}; valid models: minilm-l6, bert-base-synthetic")
+    spec = Spec(model="minilm-l6", method="block", block=block, sparsity=sparsity)
+    rows = []
+    for batch, seq in shapes:
+        t0 = time.perf_counter()
+        plans = pruned_plans(hf, spec, batch * seq, calibration, store)
+        t1 = time.perf_counter()
+        sparse = compile_encoder(hf, hf, plans, batch, seq)
+        dense = compile_encoder(hf, hf, {}, batch, seq)
+        t2 = time.perf_counter()
+        ids, mask = sample_inputs(tok, batch, seq)
+        reference = reference_model(hf, plans)
+        err_sparse = verify(sparse, reference, ids, mask)
+        err_dense = verify(dense, hf, ids, mask)
+        sparse.set_inputs(ids, mask)
+        dense.set_inputs(ids, mask)
+        ti, tm = torch.as_tensor(ids), torch.as_tensor(mask)
+
+        def eager():
+            with torch.inference_mode():
+                reference(input_ids=ti, attention_mask=tm)
+
+        times = measure({"TVM sparse": sparse.run, "TVM dense": dense.run, "PyTorch eager": eager},
+                        repeat=repeat, per_round=3)
+        bd_sparse, bd_dense = sparse.breakdown(repeat), dense.breakdown(max(3, repeat // 3))
+        row = {"model": model, "batch": batch, "seq": seq, "pattern": f"{block[0]}x{block[1]} at {sparsity:.0%}",
+               "tune_s": t1 - t0, "compile_s": t2 - t1, "max_rel_error": {"sparse": err_sparse, "dense": err_dense},
+               "times_ms": {k: {"median": v.median, "spread": v.spread} for k, v in times.items()},
+               "speedup_vs_tvm_dense": times["TVM dense"].median / times["TVM sparse"].median,
+               "speedup_vs_pytorch": times["PyTorch eager"].median / times["TVM sparse"].median,
+               "tvm_dense_vs_pytorch": times["PyTorch eager"].median / times["TVM dense"].median,
+               "breakdown_ms": {"TVM sparse": bd_sparse, "TVM dense": bd_dense},
+               "amdahl_bound": {"TVM sparse": Encoder.amdahl_bound(bd_sparse), "TVM dense": Encoder.amdahl_bound(bd_dense)},
+               "knobs": sorted({f"{p.family} {p.shape[0]}x{p.shape[1]}: {p.knobs.label()}" for p in plans.values()})}
+        rows.append(row)
+        _print_row(row, out)
+    store.close()
+    return rows
+
+
+def _print_row(row: dict, out) -> None:
+    t = row["times_ms"]
+    out(f"\n{row['model']} {row['batch']}x{row['seq']} tokens, every linear {row['pattern']} "
+        f"(tuning {row['tune_s']:.0f} s, compile {row['compile_s']:.0f} s; max rel. error sparse "
+        f"{row['max_rel_error']['sparse']:.1e}, dense {row['max_rel_error']['dense']:.1e})")
+    for k, v in t.items():
+        out(f"  {k:14s} {v['median']:8.2f} ms  (spread {v['spread']:.2f})")
+    out(f"  speedup: {row['speedup_vs_pytorch']:.2f}x vs PyTorch eager, {row['speedup_vs_tvm_dense']:.2f}x vs TVM dense; "
+        f"TVM dense is {row['tvm_dense_vs_pytorch']:.2f}x PyTorch")
+    for name, bd in row["breakdown_ms"].items():
+        parts = ", ".join(f"{g} {ms:.2f}" for g, ms in bd.items())
+        out(f"  breakdown {name} (ms): {parts}; Amdahl bound {row['amdahl_bound'][name]:.1f}x")
+    for k in row["knobs"]:
+        out(f"  knobs {k}")
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description="whole-encoder benchmark: TVM sparse vs TVM dense vs PyTorch eager")
+    ap.add_argument("--model", default="minilm-l6", choices=("minilm-l6", "bert-base-synthetic"))
+    ap.add_argument("--sparsity", type=float, default=0.9)
+    ap.add_argument("--block", default="32x1")
+    ap.add_argument("--shapes", default="1x128,8x128", help="comma-separated batch x seq")
+    ap.add_argument("--repeat", type=int, default=15)
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    from .spec import parse_block
+
+    shapes = tuple(tuple(int(v) for v in s.lower().split("x")) for s in a.shapes.split(","))
+    rows = bench_encoder(a.model, a.sparsity, parse_block(a.block), shapes, a.repeat, a.cache_dir,
+                         out=(lambda *_: None) if a.json else print)
+    if a.json:
+        print(json.dumps(rows, indent=1))
