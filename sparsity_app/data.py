@@ -2,6 +2,7 @@
 
 - Lee corpus: 50 news documents and a 50x50 matrix of human similarity scores (0..1).
 - Pang & Lee polarity: 200 movie-review sentences, 100 positive and 100 negative.
+- WordSim353 and SimLex-999: word pairs with a mean human similarity score (0..10).
 """
 from __future__ import annotations
 
@@ -50,3 +51,26 @@ def polarity_sentences() -> tuple[tuple[str, int], ...]:
         if text:
             rows.append((text.strip(), int(label == "__label__pos")))
     return tuple(rows)
+
+
+def _word_pairs(name: str, expected: int) -> tuple[tuple[str, str, float], ...]:
+    """(word 1, word 2, human score) rows of a tab-separated UTF-8 file; '#' lines are headers."""
+    rows = []
+    for line in (data_dir() / name).read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            a, b, score = line.split("\t")
+            rows.append((a.strip(), b.strip(), float(score)))
+    assert len(rows) == expected, f"{name}: expected {expected} word pairs, found {len(rows)}"
+    return tuple(rows)
+
+
+@functools.cache
+def wordsim353() -> tuple[tuple[str, str, float], ...]:
+    """WordSim353: 353 (word, word, score) pairs; relatedness as much as similarity (tiger-cat 7.35)."""
+    return _word_pairs("wordsim353.tsv", 353)
+
+
+@functools.cache
+def simlex999() -> tuple[tuple[str, str, float], ...]:
+    """SimLex-999: 999 (word, word, score) pairs; similarity only, antonyms score low (hard-easy 0.95)."""
+    return _word_pairs("simlex999.txt", 999)
