@@ -33,8 +33,10 @@ _BATCH_MAX = 64  # ... and at most this many texts (single words: 64 x ~3 tokens
 # one of the simple ones that reproduces it ("positive feedback", "a positive text" also do).
 ZERO_SHOT_PROMPTS = {0: "a negative statement", 1: "a positive statement"}
 
-# The fast tokenizer's truncation/padding settings live in shared Rust state that each call sets;
-# two threads tokenizing at once fail with "Already borrowed". Tokenizing is ~1% of an evaluation.
+# A fast tokenizer's truncation/padding settings are shared Rust state that each call may reset;
+# a call that resets them while another thread encodes fails with "Already borrowed"
+# (huggingface/tokenizers#537, transformers#47085). Not reproduced here with 2 threads, but the lock
+# costs little: tokenizing is ~1% of an evaluation. baselines.example_inputs takes it too.
 _TOKENIZER_LOCK = threading.Lock()
 
 

@@ -99,3 +99,9 @@ def test_a_model_in_training_mode_is_refused(minilm):
         baselines.torch_eager(training, 1, 16)
     with pytest.raises(UserError, match="training mode"):
         baselines.onnxruntime_session(training, 1, 16, threads=1)
+
+
+@pytest.mark.parametrize("batch, seq, message", [(0, 16, "batch"), (1, 1, "seq"), (1, "16", "seq")])
+def test_example_inputs_refuse_bad_shapes(minilm, batch, seq, message):
+    with pytest.raises(UserError, match=message):
+        baselines.example_inputs(minilm[1], batch, seq)
