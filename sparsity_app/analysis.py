@@ -115,3 +115,54 @@ def tuning_frame(result: Result) -> pd.DataFrame:
     best = min(t["median_ms"] for t in trials)
     return pd.DataFrame([{"schedule": t["label"], "median_us": t["median_ms"] * 1e3,
                           "vs_winner": t["median_ms"] / best, "round": t["round"]} for t in trials])
+
+
+MODEL_METRICS = {  # column -> label (higher is better for all)
+    "lee_pearson": "Lee document similarity, Pearson vs human scores",
+    "polarity_probe_acc": "polarity, logistic-regression probe accuracy (10-fold CV)",
+    "polarity_zero_shot_acc": "polarity, zero-shot accuracy",
+    "wordsim_spearman": "WordSim353 Spearman",
+    "simlex_spearman": "SimLex-999 Spearman",
+    "embedding_cosine": "embedding cosine vs the dense model",
+}
+
+
+def model_conditions(result) -> str:
+    """Measurement conditions of a whole-model result, as one line (results compare only within one)."""
+    m, p = result.machine, result.plan
+    return (f"{m.get('cpu')}, {m.get('threads')} threads, batch {p.batch} x {p.tokens} tokens, {p.repeat} samples, "
+            f"TVM {m.get('tvm')}, PyTorch {m.get('torch')}, code {str(m.get('code'))[:8]}")
+
+
+def model_frame(results) -> pd.DataFrame:
+    """One row per whole-model result: plan, achieved sparsity, speedups, metrics, conditions."""
+    rows = []
+    for r in results:
+        d = r.to_dict()
+        row = {"plan": d["plan"]["label"], "model": r.plan.model, "sparsity_achieved": r.sparsity_achieved,
+               "batch": r.plan.batch, "tokens": r.plan.tokens, "best_dense": d["best_dense"],
+               "speedup_vs_best_dense": d["speedup_vs_best_dense"], "speedup_vs_torch_eager": d["speedup_vs_torch_eager"],
+               "speedup_vs_tvm_dense": d["speedup_vs_tvm_dense"], "speedup_vs_onnxruntime": d["speedup_vs_onnxruntime"],
+               "tvm_sparse_ms": r.times_ms["tvm_sparse"].median, "conditions": model_conditions(r), "dense": False}
+        row.update(r.metrics)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def dense_point(result) -> dict:
+    """The unpruned model as a point of the same chart: speedup 1 against every baseline, dense metrics."""
+    row = {"plan": "dense (unpruned)", "model": result.plan.model, "sparsity_achieved": 0.0, "dense": True,
+           "speedup_vs_best_dense": result.times_ms[result.best_dense].median / result.times_ms[result.best_dense].median,
+           "conditions": model_conditions(result)}
+    for peer in ("torch_eager", "tvm_dense", "onnxruntime"):
+        row[f"speedup_vs_{peer}"] = 1.0
+    row.update(result.dense_metrics)
+    return row
+
+
+def layer_frame(result) -> pd.DataFrame:
+    """The per-layer table of a whole-model result."""
+    df = pd.DataFrame(result.layers)
+    if "kernel_ms" in df:
+        df["kernel_us"] = df.pop("kernel_ms") * 1e3
+    return df

@@ -4,7 +4,7 @@ Each builder returns a zero-argument callable over fixed, preallocated inputs (`
 input_ids and attention_mask, int64 [batch, seq], real token ids), ready for `timing.measure`.
 The output of every callable is last_hidden_state, float32 [batch, seq, hidden].
 
-The model (a BertModel in eval mode, dense or a `metrics.masked_copy`) is only read: the ONNX
+The model (a BertModel in eval mode, dense or a `models.masked_copy`) is only read: the ONNX
 export works on a deep copy, since the exporter switches the module it is given between train
 and eval mode, and a wrapper left in train mode switched the shared model to train (dropout on).
 PyTorch's thread count is the caller's (`kernels.set_threads` / `torch.set_num_threads`); ONNX
@@ -59,11 +59,11 @@ def example_inputs(tokenizer, batch: int, seq: int) -> tuple[np.ndarray, np.ndar
         raise UserError(f"batch must be a positive integer, got {batch!r}")
     if isinstance(seq, bool) or not isinstance(seq, (int, np.integer)) or seq < 2:
         raise UserError(f"seq must be an integer >= 2 ([CLS] and [SEP]), got {seq!r}")
-    from .metrics import _TOKENIZER_LOCK
+    from .models import TOKENIZER_LOCK
 
     texts = list(data.lee_documents()) + [s for s, _ in data.polarity_sentences()]
     rows = [texts[i % len(texts)] for i in range(batch)]
-    with _TOKENIZER_LOCK:
+    with TOKENIZER_LOCK:
         enc = tokenizer(rows, padding="max_length", truncation=True, max_length=int(seq), return_tensors="np")
     return (np.ascontiguousarray(enc["input_ids"], dtype=np.int64),
             np.ascontiguousarray(enc["attention_mask"], dtype=np.int64))

@@ -85,3 +85,40 @@ def mask_heatmap(mask: np.ndarray, max_cells: int = 96) -> tuple[alt.Chart, int]
         tooltip=["out", "in", alt.Tooltip("kept", format=".2f")],
     ).properties(width=min(420, 4 * c + 40), height=min(420, 4 * r + 40))
     return chart, factor
+
+
+PAPER_SPEEDUPS = {"speedup_vs_torch_eager": (4.0, "paper: 4x vs PyTorch"), "speedup_vs_tvm_dense": (2.2, "paper: 2.2x vs TVM")}
+
+
+def model_tradeoff(df: pd.DataFrame, metric: str, speedup: str = "speedup_vs_best_dense") -> alt.Chart:
+    """A real-label metric against end-to-end speedup, one point per cached plan, the dense model as
+    a black square, and the paper's headline speedup as a rule where it applies to this axis."""
+    from .analysis import MODEL_METRICS
+
+    data = df.dropna(subset=[metric, speedup])
+    base = alt.Chart(data).encode(
+        x=alt.X(f"{speedup}:Q", title=speedup.replace("_", " ") + " (x, end to end)", scale=alt.Scale(zero=False)),
+        y=alt.Y(f"{metric}:Q", title=MODEL_METRICS[metric], scale=alt.Scale(zero=False)),
+        tooltip=["plan", alt.Tooltip("sparsity_achieved", format=".3f"), alt.Tooltip(speedup, format=".2f"),
+                 alt.Tooltip(metric, format=".3f"), "batch", "tokens"])
+    points = base.transform_filter("!datum.dense").mark_circle(size=90).encode(color=alt.Color("plan:N", title="plan"))
+    dense = base.transform_filter("datum.dense").mark_square(size=120, color="black")
+    layers = [points, dense]
+    if speedup in PAPER_SPEEDUPS:
+        value, text = PAPER_SPEEDUPS[speedup]
+        rule = pd.DataFrame({speedup: [value], "text": [text]})
+        layers.append(alt.Chart(rule).mark_rule(color="red", strokeDash=[5, 3]).encode(x=f"{speedup}:Q"))
+        layers.append(alt.Chart(rule).mark_text(align="left", dx=4, dy=-150, color="red").encode(
+            x=f"{speedup}:Q", text="text:N"))
+    return alt.layer(*layers).properties(title=f"{MODEL_METRICS[metric]} vs end-to-end speedup (black: dense)",
+                                         height=380)
+
+
+def breakdown_bars(breakdown: dict[str, dict[str, float]]) -> alt.Chart:
+    """Where the time of one forward pass goes: a stacked bar per executable, one colour per operator group."""
+    rows = [{"executable": name.replace("_", " "), "group": g, "ms": ms}
+            for name, groups in breakdown.items() for g, ms in groups.items()]
+    return alt.Chart(pd.DataFrame(rows)).mark_bar().encode(
+        y=alt.Y("executable:N", title=None), x=alt.X("ms:Q", title="ms per forward pass", stack="zero"),
+        color=alt.Color("group:N", title="operators"), tooltip=["executable", "group", alt.Tooltip("ms", format=".3f")],
+    ).properties(title="where the time goes (each kernel timed on its own)", height=140)

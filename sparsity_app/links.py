@@ -8,7 +8,7 @@ import dataclasses
 from typing import Callable, Mapping
 
 from .errors import UserError
-from .spec import Spec, fmt_block, parse_block, parse_nm
+from .spec import ModelPlan, Spec, fmt_block, parse_block, parse_nm
 
 _PARSERS: dict[str, Callable[[str], object]] = {  # in the order they are applied
     "model": str,
@@ -59,4 +59,47 @@ def spec_to_query(spec: Spec) -> dict[str, str]:
          "sparsity": f"{spec.sparsity:g}", "norm": spec.norm, "tokens": str(spec.tokens)}
     if spec.nm is not None:
         q["nm"] = f"{spec.nm[0]}:{spec.nm[1]}"
+    return q
+
+
+_PLAN_PARSERS: dict[str, Callable[[str], object]] = {  # in the order they are applied
+    "model": str,
+    "nm": parse_nm,
+    "method": str,
+    "block": parse_block,
+    "sparsity": float,
+    "tokens": int,
+    "batch": int,
+    "threads": int,
+    "repeat": int,
+    "overrides": lambda text: tuple(o for o in text.split(";") if o.strip()),
+}
+
+
+def plan_from_query(query: Mapping[str, str], default: ModelPlan = ModelPlan()) -> tuple[ModelPlan, list[str]]:
+    """(plan, notes): every valid parameter applied, every invalid one replaced by its default."""
+    from .model_experiment import validate
+
+    plan, notes = default, []
+    for name, parse in _PLAN_PARSERS.items():
+        if name not in query:
+            continue
+        raw = query[name]
+        try:
+            candidate = dataclasses.replace(plan, **{name: parse(raw)})
+            validate(candidate)
+        except (UserError, ValueError) as e:
+            notes.append(f"ignored {name}={raw!r} from the link ({e})")
+            continue
+        plan = candidate
+    return plan, notes
+
+
+def plan_to_query(plan: ModelPlan) -> dict[str, str]:
+    q = {"model": plan.model, "method": plan.method, "block": fmt_block(plan.block), "sparsity": f"{plan.sparsity:g}",
+         "tokens": str(plan.tokens), "batch": str(plan.batch), "threads": str(plan.threads), "repeat": str(plan.repeat)}
+    if plan.nm is not None:
+        q["nm"] = f"{plan.nm[0]}:{plan.nm[1]}"
+    if plan.overrides:
+        q["overrides"] = ";".join(plan.overrides)
     return q

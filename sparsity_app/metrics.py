@@ -8,21 +8,20 @@ SimLex-999. Dense all-MiniLM-L6-v2 scores (offline-assets.md): lee_pearson 0.656
 polarity_probe_acc 0.745, polarity_zero_shot_acc 0.695, wordsim_spearman 0.729,
 simlex_spearman 0.446, and embedding_cosine 1.0 by definition.
 
-The model is only read: a pruned model is a copy (`masked_copy`), never an edit of the shared one.
+The model is only read: a pruned model is a copy (`models.masked_copy`), never an edit of the shared one.
 Adding a metric is one function of `Embeddings` plus one line in `METRICS`.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
-import threading
 from typing import Callable
 
 import numpy as np
 
 from . import data
 from .errors import UserError
+from .models import TOKENIZER_LOCK
 
 MAX_LENGTH = 256  # all-MiniLM-L6-v2's max_seq_length in sentence-transformers
 _BATCH_TOKENS = 1024  # padded tokens per forward pass; bigger batches ran slower (3x at 8192) on 2 cores
@@ -32,12 +31,6 @@ _BATCH_MAX = 64  # ... and at most this many texts (single words: 64 x ~3 tokens
 # pairs on the dense model); the reference 0.695 was recorded without them, and this pair is
 # one of the simple ones that reproduces it ("positive feedback", "a positive text" also do).
 ZERO_SHOT_PROMPTS = {0: "a negative statement", 1: "a positive statement"}
-
-# A fast tokenizer's truncation/padding settings are shared Rust state that each call may reset;
-# a call that resets them while another thread encodes fails with "Already borrowed"
-# (huggingface/tokenizers#537, transformers#47085). Not reproduced here with 2 threads, but the lock
-# costs little: tokenizing is ~1% of an evaluation. baselines.example_inputs takes it too.
-_TOKENIZER_LOCK = threading.Lock()
 
 
 @functools.cache
@@ -161,7 +154,7 @@ def embed(model, tokenizer, texts: tuple[str, ...] | list[str]) -> np.ndarray:
     if model.training:
         raise UserError("the model is in training mode (dropout on): evaluate a copy in eval mode")
     texts = list(texts)
-    with _TOKENIZER_LOCK:
+    with TOKENIZER_LOCK:
         ids = tokenizer(texts, truncation=True, max_length=MAX_LENGTH)["input_ids"]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out = np.zeros((len(texts), model.config.hidden_size), np.float32)
@@ -226,30 +219,3 @@ def evaluate(model, tokenizer, dense_embeddings: np.ndarray | None = None) -> di
     emb = dense if shared else embed(model, tokenizer, eval_texts())
     e = Embeddings.split(emb, np.asarray(dense, dtype=np.float32))
     return {name: fn(e) for name, fn in METRICS.items()}
-
-
-def masked_copy(hf_model, weights: dict[str, np.ndarray]):
-    """A deep copy of `hf_model` whose named nn.Linear layers carry the given weights.
-
-    weights: layer name (e.g. "encoder.layer.0.attention.self.query") -> float32 [out, in], the
-    pruned weight (W * mask). Biases and every other layer are copied unchanged; `hf_model` is
-    never touched. The copy is in eval mode with gradients off.
-    """
-    import torch
-
-    for name, w in weights.items():
-        try:
-            module = hf_model.get_submodule(name)
-        except AttributeError:
-            raise UserError(f"unknown layer {name!r}; layers are nn.Linear paths such as "
-                            f"encoder.layer.0.attention.self.query") from None
-        if not isinstance(module, torch.nn.Linear):
-            raise UserError(f"{name!r} is a {type(module).__name__}, not an nn.Linear")
-        if tuple(np.shape(w)) != tuple(module.weight.shape):
-            raise UserError(f"weight for {name} must be [out, in] = {list(module.weight.shape)}, got {list(np.shape(w))}")
-    pruned = copy.deepcopy(hf_model).eval()
-    with torch.no_grad():
-        for name, w in weights.items():
-            pruned.get_submodule(name).weight.copy_(torch.from_numpy(np.asarray(w, dtype=np.float32)))
-    pruned.requires_grad_(False)
-    return pruned

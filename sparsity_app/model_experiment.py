@@ -144,27 +144,21 @@ def _dense_metrics(model_name: str) -> dict:
     from . import metrics
 
     model = get_model(model_name)
-    return metrics.evaluate(model.torch_model(), model.tokenizer(), _dense_embeddings(model_name))
-
-
-@functools.lru_cache(maxsize=4)
-def _dense_embeddings(model_name: str) -> np.ndarray:
-    from . import metrics
-
-    model = get_model(model_name)
-    return metrics.embed(model.torch_model(), model.tokenizer(), metrics.eval_texts())
+    return metrics.evaluate(model.torch_model(), model.tokenizer())
 
 
 def _evaluate(model_name: str, pruned_model) -> tuple[dict, dict]:
-    """(metrics of the pruned copy, metrics of the dense model); None everywhere for synthetic weights."""
+    """(metrics of the pruned copy, metrics of the dense model); None everywhere for synthetic weights.
+
+    The dense model's embeddings are the reference of `embedding_cosine` (metrics.reference_embeddings).
+    """
     from . import metrics
 
     model = get_model(model_name)
     if not model.real_weights:
         empty = {name: None for name in metrics.METRICS}
         return empty, dict(empty)
-    return (metrics.evaluate(pruned_model, model.tokenizer(), _dense_embeddings(model_name)),
-            _dense_metrics(model_name))
+    return metrics.evaluate(pruned_model, model.tokenizer()), _dense_metrics(model_name)
 
 
 __all__ = ["run_model", "lookup", "validate", "STEPS", "UserError"]

@@ -22,8 +22,10 @@ from .errors import UserError
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from a pip package; never reach a hub
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-# The fast tokenizer keeps its truncation/padding settings in shared Rust state that every call sets:
-# two threads tokenizing at once fail with "Already borrowed". Tokenizing is a small part of a forward.
+# A fast tokenizer's truncation/padding settings are shared Rust state that each call may reset; a
+# call that resets them while another thread encodes fails with "Already borrowed"
+# (huggingface/tokenizers#537, transformers#47085). Every tokenizer call of the project takes this
+# lock; tokenizing is ~1% of an evaluation.
 TOKENIZER_LOCK = threading.Lock()
 
 MAX_TOKENS = 4096  # most rows of X a timed layer gets (the real text yields ~11k token rows)
@@ -180,7 +182,7 @@ class MiniLM:
     def pruned_copy(self, weights: dict[str, np.ndarray]):
         """A private copy of the model (torch BertModel, eval mode) with `weights` (layer -> float32
         [out, in]) in place of its own. The shared model is never touched."""
-        return _copy_with(self, self._hf[0], weights)
+        return masked_copy(self._hf[0], weights)
 
     def embed(self, texts: list[str], weights: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """Sentence embeddings, float32 [len(texts), 384]: mean pooling, then L2 normalisation.
@@ -205,15 +207,31 @@ class MiniLM:
         return out
 
 
-def _copy_with(model: Model, module, weights: dict[str, np.ndarray]):
+def masked_copy(hf_model, weights: dict[str, np.ndarray]):
+    """A deep copy of `hf_model` whose named nn.Linear layers carry the given weights.
+
+    weights: layer name (e.g. "encoder.layer.0.attention.self.query") -> float32 [out, in], the
+    pruned weight (W * mask). Biases and every other layer are copied unchanged; `hf_model` is
+    never touched. The copy is in eval mode with gradients off.
+    """
     import torch
 
-    copy_ = copy.deepcopy(module).eval()
+    for name, w in weights.items():
+        try:
+            module = hf_model.get_submodule(name)
+        except AttributeError:
+            raise UserError(f"unknown layer {name!r}; layers are nn.Linear paths such as "
+                            f"encoder.layer.0.attention.self.query") from None
+        if not isinstance(module, torch.nn.Linear):
+            raise UserError(f"{name!r} is a {type(module).__name__}, not an nn.Linear")
+        if tuple(np.shape(w)) != tuple(module.weight.shape):
+            raise UserError(f"weight for {name} must be [out, in] = {list(module.weight.shape)}, got {list(np.shape(w))}")
+    pruned = copy.deepcopy(hf_model).eval()
     with torch.no_grad():
-        for layer, w in weights.items():
-            copy_.get_submodule(_check_layer(model, layer).name).weight.copy_(
-                torch.from_numpy(np.asarray(w, dtype=np.float32)))
-    return copy_
+        for name, w in weights.items():
+            pruned.get_submodule(name).weight.copy_(torch.from_numpy(np.asarray(w, dtype=np.float32)))
+    pruned.requires_grad_(False)
+    return pruned
 
 
 def _length_batches(tok, texts: list[str], size: int) -> list[list[int]]:
@@ -280,7 +298,7 @@ class SyntheticBert:
         return get_model("minilm-l6").tokenizer()
 
     def pruned_copy(self, weights: dict[str, np.ndarray]):
-        return _copy_with(self, self._torch, weights)
+        return masked_copy(self._torch, weights)
 
 
 _CATALOG = {m.name: m for m in (MiniLM, SyntheticBert)}

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from sparsity_app import data, metrics
+from sparsity_app import data, metrics, models
 from sparsity_app.errors import UserError
 from sparsity_app.models import get_model
 
@@ -30,7 +30,7 @@ def _magnitude_90(hf) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def pruned(minilm):
-    return metrics.masked_copy(minilm[0], _magnitude_90(minilm[0]))
+    return models.masked_copy(minilm[0], _magnitude_90(minilm[0]))
 
 
 def test_word_pair_readers():
@@ -50,7 +50,7 @@ def test_dense_model_reproduces_the_reference_figures(minilm):
 def test_a_copy_of_the_dense_model_scores_the_same(minilm):
     """Exercises the full path (embed, not the shared model's cache) with unchanged weights."""
     hf, tok = minilm
-    copy = metrics.masked_copy(hf, {})
+    copy = models.masked_copy(hf, {})
     assert copy is not hf
     got = metrics.evaluate(copy, tok)
     for name, ref in DENSE.items():
@@ -81,7 +81,7 @@ def test_masked_copy_sets_exactly_the_given_weights(minilm):
     layer = "encoder.layer.2.intermediate.dense"
     w = np.zeros((1536, 384), np.float32)
     w[3, 5] = 1.5
-    copy = metrics.masked_copy(hf, {layer: w})
+    copy = models.masked_copy(hf, {layer: w})
     assert np.array_equal(copy.get_submodule(layer).weight.detach().numpy(), w)
     assert hf.get_submodule(layer).weight.abs().sum() > 0  # the original keeps its own
     for name, p in copy.named_parameters():
@@ -97,7 +97,7 @@ def test_masked_copy_sets_exactly_the_given_weights(minilm):
 ])
 def test_masked_copy_rejects_bad_weights(minilm, weights, message):
     with pytest.raises(UserError, match=message):
-        metrics.masked_copy(minilm[0], weights)
+        models.masked_copy(minilm[0], weights)
 
 
 def test_dense_embeddings_of_the_wrong_shape_are_refused(minilm, pruned):
@@ -118,7 +118,7 @@ def test_embeddings_are_unit_rows_and_match_the_models_own_embed(minilm):
 
 def test_two_threads_at_once_give_the_same_numbers_as_alone(minilm, pruned):
     hf, tok = minilm
-    alone = {"dense": metrics.evaluate(metrics.masked_copy(hf, {}), tok), "pruned": metrics.evaluate(pruned, tok)}
+    alone = {"dense": metrics.evaluate(models.masked_copy(hf, {}), tok), "pruned": metrics.evaluate(pruned, tok)}
     together, errors = {}, []
     start = threading.Barrier(2)
 
@@ -129,7 +129,7 @@ def test_two_threads_at_once_give_the_same_numbers_as_alone(minilm, pruned):
         except BaseException as e:  # noqa: BLE001 - reported by the main thread
             errors.append(e)
 
-    threads = [threading.Thread(target=work, args=("dense", metrics.masked_copy(hf, {}))),
+    threads = [threading.Thread(target=work, args=("dense", models.masked_copy(hf, {}))),
                threading.Thread(target=work, args=("pruned", pruned))]
     for t in threads:
         t.start()

@@ -1,0 +1,122 @@
+"""Whole model: prune every encoder linear, run the sparse model end to end in TVM, see speed and real accuracy."""
+import pandas as pd
+import streamlit as st
+
+from app_pages.common import cache_controls, pick_conditions, store
+from sparsity_app import UserError, analysis, charts
+from sparsity_app.links import plan_from_query, plan_to_query
+from sparsity_app.model_experiment import lookup, run_model
+from sparsity_app.models import MODEL_NAMES, get_model
+from sparsity_app.pruning import METHODS
+from sparsity_app.spec import BLOCK_PRESETS, MAX_BATCH, MODEL_DENSE_PEERS, NM_PRESETS, ROLES, ModelPlan, parse_block, parse_nm
+
+st.title("Whole model")
+st.caption("Prune every encoder linear of a model with one pattern (and per-layer overrides), run the pruned model "
+           "end to end as one TVM executable of our kernels, and compare it with dense TVM, PyTorch and ONNX Runtime, "
+           "and with the dense model on real labels.")
+cache_controls()
+
+start, notes = plan_from_query(dict(st.query_params))
+for note in notes:
+    st.warning(note, icon=":material/link_off:")
+block_text = f"{start.block[0]}x{start.block[1]}"
+nm_text = "none" if start.nm is None else f"{start.nm[0]}:{start.nm[1]}"
+with st.form("model"):
+    c1, c2, c3, c4 = st.columns([2, 1, 1, 1])
+    model_name = c1.selectbox("Model", MODEL_NAMES, index=MODEL_NAMES.index(start.model), key="m_model",
+                              format_func=lambda n: f"{n}: {get_model(n).description}")
+    method = c2.selectbox("Pruning method", list(METHODS), index=list(METHODS).index(start.method), key="m_method")
+    block = c3.selectbox("Block shape", BLOCK_PRESETS, key="m_block",
+                         index=BLOCK_PRESETS.index(block_text) if block_text in BLOCK_PRESETS else 0)
+    nm_names = [*NM_PRESETS, "none"]
+    nm = c4.selectbox("N:M (method nm)", nm_names, index=nm_names.index(nm_text) if nm_text in nm_names else 0,
+                      key="m_nm")
+    c1, c2, c3 = st.columns(3)
+    sparsity = c1.slider("Sparsity of every layer", 0.0, 0.99, float(start.sparsity), 0.01, key="m_sparsity")
+    tokens = c2.number_input("Tokens per sequence", 1, 512, start.tokens, key="m_tokens")
+    batch = c3.number_input("Batch", 1, MAX_BATCH, start.batch, key="m_batch")
+    overrides = st.text_area("Per-layer overrides, one per line: TARGET=VALUE", "\n".join(start.overrides),
+                             key="m_overrides",
+                             placeholder="attention.self.*=0.7\nffn-out=dense\nencoder.layer.0.*=16x1@0.5\nq=2:4",
+                             help=f"TARGET: a role ({', '.join(ROLES)}) or a layer-name glob. VALUE: a sparsity, "
+                                  "'dense', a block at a sparsity (16x1@0.8) or an N:M pattern (2:4). The last "
+                                  "override that matches a layer wins.")
+    go = st.form_submit_button("Run the whole model", type="primary")
+
+plan = None
+try:
+    plan = ModelPlan(model=model_name, method=method, block=parse_block(block), sparsity=float(sparsity),
+                     nm=None if nm == "none" else parse_nm(nm), tokens=int(tokens), batch=int(batch),
+                     overrides=tuple(line.strip() for line in overrides.splitlines() if line.strip()),
+                     threads=start.threads, repeat=start.repeat)  # from the link (the CLI sets them; the form does not)
+except UserError as e:
+    st.error(str(e))
+
+result = None
+if plan is not None:
+    try:
+        if go:
+            st.query_params.from_dict(plan_to_query(plan))
+            with st.status(f"Running {plan.label()} on the whole model...", expanded=True) as status:
+                result = run_model(plan, store=store(), progress=lambda step, detail: status.write(f"**{step}**: {detail}"))
+                status.update(label="Loaded from the cache" if result.cached else "Measured", state="complete",
+                              expanded=False)
+        else:
+            result = lookup(plan, store())  # a plan already measured shows at once
+    except UserError as e:
+        st.error(str(e))
+    except Exception as e:  # the engine failed: say so, keep the page alive
+        st.error(f"The engine failed: {type(e).__name__}: {e}")
+
+if result is None:
+    st.info("Choose a plan and press **Run the whole model**. A cold run tunes, compiles and evaluates for a minute "
+            "or more; a measured plan shows at once.")
+    st.stop()
+
+d = result.to_dict()
+if not result.real_weights:
+    st.warning(d["accuracy_note"])
+st.subheader(f"{result.plan.label()} on {result.plan.model}: achieved sparsity {result.sparsity_achieved:.3f}")
+c = st.columns(4)
+c[0].metric("Speedup vs best dense", f"{d['speedup_vs_best_dense']:.2f}x", f"best: {d['best_dense']}", delta_color="off")
+c[1].metric("vs PyTorch eager", f"{d['speedup_vs_torch_eager']:.2f}x", "paper: 4x on BERT-base", delta_color="off")
+c[2].metric("vs TVM dense", f"{d['speedup_vs_tvm_dense']:.2f}x", "paper: 2.2x on BERT-base", delta_color="off")
+c[3].metric("Amdahl bound", f"{result.amdahl_bound:.2f}x", "over TVM dense if the linears were free", delta_color="off")
+st.dataframe(pd.DataFrame([{"implementation": MODEL_DENSE_PEERS.get(k, "TVM sparse: the same graph, each linear our "
+                                                                        "sparse kernel"),
+                            "median_ms": t.median, "spread_ms": t.spread,
+                            "sparse is x faster": t.median / result.times_ms["tvm_sparse"].median}
+                           for k, t in result.times_ms.items()]), hide_index=True, key="m_times")
+if result.real_weights:
+    st.dataframe(pd.DataFrame([{"metric": analysis.MODEL_METRICS[k], "pruned": v, "dense": result.dense_metrics.get(k)}
+                               for k, v in result.metrics.items()]), hide_index=True, key="m_metrics")
+st.caption(f"Measured {analysis.model_conditions(result)}; every implementation in one measurement, median and "
+           f"interquartile spread. The sparse executable matches the masked PyTorch model to a relative error of "
+           f"{result.max_abs_error:.1e}. Tuning {result.tune_s:.1f} s, compiling {result.compile_s:.1f} s."
+           + (" Loaded from the cache." if result.cached else ""))
+
+st.altair_chart(charts.breakdown_bars(result.breakdown), key="m_breakdown")
+with st.expander("Per-layer table: pattern, achieved sparsity, kernel, schedule"):
+    st.dataframe(analysis.layer_frame(result), hide_index=True, key="m_layers")
+
+st.subheader("Accuracy vs end-to-end speedup, every measured plan")
+groups = {}
+for r in store().model_results(model=result.plan.model):
+    groups.setdefault(analysis.model_conditions(r), []).append(r)
+mine = analysis.model_conditions(result)
+groups = {mine: groups.pop(mine, [result]), **groups}
+chosen = pick_conditions(groups, key="m_conditions")
+c1, c2 = st.columns(2)
+metric = c1.selectbox("Metric", list(analysis.MODEL_METRICS), key="m_metric",
+                      format_func=lambda k: analysis.MODEL_METRICS[k])
+speedup = c2.radio("Speedup against", ["speedup_vs_best_dense", "speedup_vs_torch_eager", "speedup_vs_tvm_dense",
+                                       "speedup_vs_onnxruntime"], horizontal=True, key="m_speedup",
+                   format_func=lambda s: s.removeprefix("speedup_vs_").replace("_", " "))
+df = analysis.model_frame(groups[chosen])
+if result.real_weights:
+    df = pd.concat([df, pd.DataFrame([analysis.dense_point(groups[chosen][0])])], ignore_index=True)
+    st.altair_chart(charts.model_tradeoff(df, metric, speedup), key="m_tradeoff")
+    st.caption(f"{len(df) - 1} measured plans under one set of conditions: {chosen}. Dashed red: the paper's headline "
+               "speedup where the axis matches it (it measured BERT-base; this is the chosen model).")
+else:
+    st.info("Synthetic weights: no accuracy to chart.")
