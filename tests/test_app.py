@@ -91,11 +91,14 @@ def test_learn_example_follows_the_block_and_claims_run(cache_dir):
     before = [c.value for c in at.code]
     at.radio(key="learn_block").set_value((4, 4)).run()
     assert [c.value for c in at.code] != before
+    at.selectbox(key="learn_model").set_value("minilm-l6")
+    at.number_input(key="learn_tokens").set_value(16)
     at.button(key="learn_test").click().run()
     _ok(at)
     frames = [d.value for d in at.dataframe]
     claims = next(f for f in frames if "claim" in f.columns)
-    assert len(claims) == 3 and set(claims.columns) == {"claim", "paper", "measured", "holds"}
-    assert claims["measured"].str.contains("one 768x768 layer").any()  # says what it compared
+    assert len(claims) == 4 and set(claims.columns) == {"claim", "paper", "measured", "holds"}
+    assert claims["measured"].str.contains("whole minilm-l6").sum() == 3  # says what it compared
+    assert claims["measured"].str.contains("16x16").any()
     times = next(f for f in frames if "implementation" in f.columns)
     assert any("default schedule" in name for name in times["implementation"])
