@@ -6,12 +6,17 @@ import streamlit as st
 from sparsity_app import Spec, UserError
 from sparsity_app.experiment import run
 from sparsity_app.spec import DENSE_PEERS
-from sparsity_app.store import Store
+from sparsity_app.store import Store, cache_dir
 
 
 @st.cache_resource
+def _store(directory: str) -> Store:
+    return Store(directory)
+
+
 def store() -> Store:
-    return Store()
+    """The result store of the configured cache directory, opened once per directory."""
+    return _store(str(cache_dir()))
 
 
 def run_with_status(spec: Spec, retune: bool = False):

@@ -22,27 +22,37 @@ _PARSERS: dict[str, Callable[[str], object]] = {  # in the order they are applie
 }
 
 
-def spec_from_query(query: Mapping[str, str], default: Spec = Spec()) -> tuple[Spec, list[str]]:
-    """(spec, notes): every valid parameter applied, every invalid one replaced by its default."""
-    from .experiment import validate
-
-    spec, notes = default, []
-    for name, parse in _PARSERS.items():
+def _from_query(query: Mapping[str, str], parsers: dict, default, check, show) -> tuple[object, list[str]]:
+    """Apply each parameter of `query` named in `parsers` to `default` in order; one whose value does not
+    parse or fails `check(candidate)` is skipped with a note (`show(current, name)` says what is kept)."""
+    current, notes = default, []
+    for name, parse in parsers.items():
         if name not in query:
             continue
         raw = query[name]
         try:
-            candidate = dataclasses.replace(spec, **{name: parse(raw)})
-            if name == "model" and candidate.model != spec.model:  # the default layer may not exist there
-                from .models import get_model
-
-                candidate = dataclasses.replace(candidate, layer=get_model(candidate.model).layers()[0].name)
-            validate(candidate)
+            candidate = dataclasses.replace(current, **{name: parse(raw)})
+            candidate = check(current, name, candidate)
         except (UserError, ValueError) as e:
-            notes.append(f"ignored {name}={raw!r} from the link ({e}); using {_show(spec, name)}")
+            notes.append(f"ignored {name}={raw!r} from the link ({e}); using {show(current, name)}")
             continue
-        spec = candidate
-    return spec, notes
+        current = candidate
+    return current, notes
+
+
+def spec_from_query(query: Mapping[str, str], default: Spec = Spec()) -> tuple[Spec, list[str]]:
+    """(spec, notes): every valid parameter applied, every invalid one replaced by its default."""
+    from .experiment import validate
+
+    def check(spec: Spec, name: str, candidate: Spec) -> Spec:
+        if name == "model" and candidate.model != spec.model:  # the default layer may not exist there
+            from .models import get_model
+
+            candidate = dataclasses.replace(candidate, layer=get_model(candidate.model).layers()[0].name)
+        validate(candidate)
+        return candidate
+
+    return _from_query(query, _PARSERS, default, check, _show)
 
 
 def _show(spec: Spec, name: str) -> str:
@@ -51,6 +61,8 @@ def _show(spec: Spec, name: str) -> str:
         return fmt_block(value)
     if name == "nm":
         return "no N:M" if value is None else f"{value[0]}:{value[1]}"
+    if name == "overrides":
+        return "; ".join(value) or "no overrides"
     return str(value)
 
 
@@ -80,19 +92,11 @@ def plan_from_query(query: Mapping[str, str], default: ModelPlan = ModelPlan()) 
     """(plan, notes): every valid parameter applied, every invalid one replaced by its default."""
     from .model_experiment import validate
 
-    plan, notes = default, []
-    for name, parse in _PLAN_PARSERS.items():
-        if name not in query:
-            continue
-        raw = query[name]
-        try:
-            candidate = dataclasses.replace(plan, **{name: parse(raw)})
-            validate(candidate)
-        except (UserError, ValueError) as e:
-            notes.append(f"ignored {name}={raw!r} from the link ({e})")
-            continue
-        plan = candidate
-    return plan, notes
+    def check(plan: ModelPlan, name: str, candidate: ModelPlan) -> ModelPlan:
+        validate(candidate)
+        return candidate
+
+    return _from_query(query, _PLAN_PARSERS, default, check, _show)
 
 
 def plan_to_query(plan: ModelPlan) -> dict[str, str]:

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 import pytest
 from hypothesis import settings
@@ -14,3 +16,13 @@ def cache_dir(tmp_path, monkeypatch):
     d = tmp_path / "cache"
     monkeypatch.setenv("SPARSITY_APP_CACHE_DIR", str(d))
     return d
+
+
+@pytest.fixture
+def cli(cache_dir):
+    """Run `python -m sparsity_app ARGS` in a subprocess on the test's private cache."""
+    def run(args, timeout=900):
+        env = {**os.environ, "SPARSITY_APP_CACHE_DIR": str(cache_dir)}
+        return subprocess.run([sys.executable, "-m", "sparsity_app", *args], capture_output=True, text=True, env=env,
+                              timeout=timeout)
+    return run

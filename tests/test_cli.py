@@ -1,8 +1,5 @@
 """The CLI's contract: JSON keys, one-line errors with non-zero exit, cache hits."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -16,14 +13,8 @@ KEYS = {"model", "layer", "shape", "method", "block", "sparsity_target", "sparsi
         "scored_tokens", "cached", "machine"}
 
 
-def _cli(args, cache_dir):
-    env = {**os.environ, "SPARSITY_APP_CACHE_DIR": str(cache_dir)}
-    return subprocess.run([sys.executable, "-m", "sparsity_app", *args], capture_output=True, text=True, env=env,
-                          timeout=300)
-
-
-def test_run_json_contract_and_cache_hit(cache_dir):
-    cold = _cli(RUN, cache_dir)
+def test_run_json_contract_and_cache_hit(cli):
+    cold = cli(RUN)
     assert cold.returncode == 0, cold.stderr
     d = json.loads(cold.stdout)  # exactly one JSON object, nothing else on stdout
     assert KEYS <= d.keys()
@@ -39,7 +30,7 @@ def test_run_json_contract_and_cache_hit(cache_dir):
         d["times_ms"][best]["median"] / d["times_ms"]["tvm_sparse"]["median"])
     assert d["tune_s"] > 0 and d["compile_s"] > 0 and d["scored_tokens"] > 10_000
     assert {"cpu", "isa", "cores", "threads", "tvm", "torch", "versions", "code"} <= d["machine"].keys()
-    warm = _cli(RUN, cache_dir)
+    warm = cli(RUN)
     assert warm.returncode == 0 and json.loads(warm.stdout)["cached"] is True
     assert "compile" not in warm.stderr
 

@@ -1,9 +1,6 @@
 """The whole-model mode: the plan, the pipeline's contract through the CLI, the cache, the page."""
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 from streamlit.testing.v1 import AppTest
@@ -59,14 +56,8 @@ def test_model_cli_bad_input_is_one_line(args, words, capsys, cache_dir):
     assert err.startswith("error: ") and words in err and "\n" not in err
 
 
-def _cli(args, cache_dir):
-    env = {**os.environ, "SPARSITY_APP_CACHE_DIR": str(cache_dir)}
-    return subprocess.run([sys.executable, "-m", "sparsity_app", *args], capture_output=True, text=True, env=env,
-                          timeout=900)
-
-
-def test_model_json_contract_cache_and_page(cache_dir):
-    cold = _cli(SMALL, cache_dir)
+def test_model_json_contract_cache_and_page(cli):
+    cold = cli(SMALL)
     assert cold.returncode == 0, cold.stderr[-2000:]
     d = json.loads(cold.stdout)
     assert {"plan", "sparsity_achieved", "layers", "times_ms", "speedup_vs_best_dense", "speedup_vs_torch_eager",
@@ -90,7 +81,7 @@ def test_model_json_contract_cache_and_page(cache_dir):
     assert d["metrics"]["lee_pearson"] < d["dense_metrics"]["lee_pearson"]
     assert ModelResult.from_dict(d).to_dict()["times_ms"] == d["times_ms"]
 
-    warm = _cli(SMALL, cache_dir)
+    warm = cli(SMALL)
     assert warm.returncode == 0 and json.loads(warm.stdout)["cached"] is True
     assert "[compile]" not in warm.stderr
 
