@@ -30,7 +30,7 @@ def _add_spec_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     d = Spec()
     p.add_argument("--model", default=d.model, help="model name (default %(default)s)")
     p.add_argument("--layer", default=d.layer, help="dotted layer name (see `layers`)")
-    p.add_argument("--method", default=d.method, help="magnitude | block | nm | random (default %(default)s)")
+    p.add_argument("--method", default=d.method, help="magnitude | block | nm | random | wanda (default %(default)s)")
     if not sweep:
         p.add_argument("--block", default="32x1", help=f"bs_r x bs_c, e.g. {', '.join(BLOCK_PRESETS)}")
         p.add_argument("--sparsity", type=float, default=d.sparsity, help="fraction removed, 0..0.99")
@@ -48,7 +48,7 @@ def _add_spec_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
 def _add_plan_args(p: argparse.ArgumentParser) -> None:
     d = ModelPlan()
     p.add_argument("--model", default=d.model, help="model name (default %(default)s)")
-    p.add_argument("--method", default=d.method, help="magnitude | block | nm | random (default %(default)s)")
+    p.add_argument("--method", default=d.method, help="magnitude | block | nm | random | wanda (default %(default)s)")
     p.add_argument("--block", default="32x1", help="bs_r x bs_c of every layer, e.g. 32x1")
     p.add_argument("--sparsity", type=float, default=d.sparsity, help="fraction removed from each layer")
     p.add_argument("--nm", default=None, help="N:M pattern of every layer (method nm or random), e.g. 2:4")

@@ -6,6 +6,7 @@ records how long each took (Result.step_s), so the figures a user reads about ti
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from typing import Callable, Iterator
 
@@ -15,7 +16,7 @@ from . import proxies, tuner
 from .errors import UserError
 from .formats import sparse_format, to_bsr
 from .models import get_model, layer_info
-from .pruning import prune
+from .pruning import ACTIVATION_AWARE, input_norms, prune
 from .spec import SPARSE, Result, Spec
 from .store import Store, key_of
 from .timing import fingerprint, measure
@@ -74,7 +75,7 @@ def run(spec: Spec, store: Store | None = None, progress: Progress = _quiet, ret
     x = model.calibration(spec.layer, spec.tokens)
 
     with clock.step("prune", f"{spec.label()} at sparsity {spec.sparsity:.2f} on {shape[0]}x{shape[1]}"):
-        mask = prune(weight, spec)
+        mask = prune(weight, spec, layer_input_norms(spec))
         pruned = weight * mask
     with clock.step("format", "storing the kept weights in the kernel's sparse format"):
         family, sparse = sparse_format(weight, mask, spec)
@@ -139,7 +140,18 @@ def mask_of(spec: Spec) -> np.ndarray:
     """The keep-mask, bool [out, in], that `run(spec)` measures (pruning only: no TVM)."""
     spec, _ = validate(spec)
     weight, _ = get_model(spec.model).weight(spec.layer)
-    return prune(weight, spec)
+    return prune(weight, spec, layer_input_norms(spec))
 
 
-__all__ = ["run", "lookup", "validate", "mask_of", "STEPS", "UserError"]
+def layer_input_norms(spec: Spec) -> np.ndarray | None:
+    """The input norms an activation-aware method scores with (None for the others): float64 [in],
+    over the layer's whole calibration set, so the mask does not depend on the timed token count."""
+    return _input_norms(spec.model, spec.layer) if spec.method in ACTIVATION_AWARE else None
+
+
+@functools.lru_cache(maxsize=64)
+def _input_norms(model: str, layer: str) -> np.ndarray:
+    return input_norms(get_model(model).calibration_set(layer))
+
+
+__all__ = ["run", "lookup", "validate", "mask_of", "layer_input_norms", "STEPS", "UserError"]

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import tuner
 from .errors import UserError
-from .experiment import StepClock
+from .experiment import StepClock, layer_input_norms
 from .formats import sparse_format
 from .models import get_model
 from .pruning import prune
@@ -69,7 +69,7 @@ def run_model(plan: ModelPlan, store: Store | None = None, progress: Progress = 
         pruned, masks = {}, {}
         for name, spec in specs.items():
             weight, _ = model.weight(name)
-            masks[name] = np.ones_like(weight, bool) if spec is None else prune(weight, spec)
+            masks[name] = np.ones_like(weight, bool) if spec is None else prune(weight, spec, layer_input_norms(spec))
             pruned[name] = weight * masks[name]
     n_tuned = [0]
     with clock.step("tune", "sparse formats and each layer's schedule (layers of one shape and pattern share a "

@@ -4,7 +4,10 @@ Scoring (which weights matter) is kept apart from the mask's shape (which patter
 `_block_scores` scores bs_r x bs_c tiles, `_keep_top` keeps the best whole tiles, `_nm_mask` keeps
 the best N of every M consecutive weights along the input dimension.
 
-Adding a method is one function with the signature of `magnitude` plus one line in `METHODS`.
+Every method has the signature of `magnitude`: (weight, spec, input_norms). input_norms is float64
+[in], the L2 norm of each input feature over the layer's calibration tokens (`input_norms`), for
+the activation-aware methods (`wanda`); the others ignore it. Adding a method is one function plus
+one line in `METHODS` (and, if it reads activations, its name in `ACTIVATION_AWARE`).
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import numpy as np
 from .errors import UserError
 from .spec import Spec
 
-MaskFn = Callable[[np.ndarray, Spec], np.ndarray]
+MaskFn = Callable[[np.ndarray, Spec, "np.ndarray | None"], np.ndarray]
 
 
 def _block_scores(weight: np.ndarray, bs_r: int, bs_c: int, norm: str) -> np.ndarray:
@@ -55,24 +58,38 @@ def _nm_mask(scores: np.ndarray, n: int, m: int) -> np.ndarray:
     return keep.reshape(out_f, in_f)
 
 
-def magnitude(weight: np.ndarray, spec: Spec) -> np.ndarray:
+def input_norms(x: np.ndarray) -> np.ndarray:
+    """||X_j||_2 over the tokens: float64 [in] from calibration inputs x float32 [tokens, in]."""
+    return np.sqrt((x.astype(np.float64) ** 2).sum(axis=0))
+
+
+def _keep_top_per_row(scores: np.ndarray, sparsity: float) -> np.ndarray:
+    """Keep-mask of `scores` [rows, cols] dropping round(sparsity * cols) lowest of every row (stable)."""
+    drop = int(round(sparsity * scores.shape[1]))
+    order = np.argsort(scores, axis=1, kind="stable")
+    keep = np.ones(scores.shape, bool)
+    np.put_along_axis(keep, order[:, :drop], False, axis=1)
+    return keep
+
+
+def magnitude(weight: np.ndarray, spec: Spec, input_norms: np.ndarray | None = None) -> np.ndarray:
     """Unstructured: drop the smallest |w| (a 1x1 block)."""
     return _keep_top(np.abs(weight), spec.sparsity)
 
 
-def block(weight: np.ndarray, spec: Spec) -> np.ndarray:
+def block(weight: np.ndarray, spec: Spec, input_norms: np.ndarray | None = None) -> np.ndarray:
     """Whole bs_r x bs_c tiles, ranked by their L1 or L2 norm."""
     bs_r, bs_c = spec.block
     return _expand(_keep_top(_block_scores(weight, bs_r, bs_c, spec.norm), spec.sparsity), bs_r, bs_c)
 
 
-def nm(weight: np.ndarray, spec: Spec) -> np.ndarray:
+def nm(weight: np.ndarray, spec: Spec, input_norms: np.ndarray | None = None) -> np.ndarray:
     """N:M: the N largest |w| of every M consecutive weights along the input dimension."""
     n, m = spec.nm
     return _nm_mask(np.abs(weight), n, m)
 
 
-def random(weight: np.ndarray, spec: Spec) -> np.ndarray:
+def random(weight: np.ndarray, spec: Spec, input_norms: np.ndarray | None = None) -> np.ndarray:
     """The naive baseline: the same pattern as `nm` (if N:M is set) or `block`, chosen at random."""
     scores = np.random.default_rng(spec.seed).random(weight.shape)
     if spec.nm is not None:
@@ -82,20 +99,40 @@ def random(weight: np.ndarray, spec: Spec) -> np.ndarray:
     return _expand(_keep_top(tile_scores, spec.sparsity), bs_r, bs_c)
 
 
+def wanda(weight: np.ndarray, spec: Spec, input_norms: np.ndarray | None = None) -> np.ndarray:
+    """Activation-aware (Sun et al. 2023, "Wanda"): score |W_ij| * ||X_j||, so a small weight on a
+    loud input outranks a large weight on a quiet one. Unstructured (1x1): compared within each
+    output row; bs_r x bs_c blocks: the block's L1/L2 norm of scores, compared within each block row;
+    N:M: within each group of M."""
+    if input_norms is None:
+        raise ValueError("wanda needs the layer's input norms (pruning.input_norms of its calibration inputs)")
+    scores = np.abs(weight.astype(np.float64)) * np.asarray(input_norms, np.float64)[None, :]
+    if spec.nm is not None:
+        return _nm_mask(scores, *spec.nm)
+    bs_r, bs_c = spec.block
+    tiles = _block_scores(scores, bs_r, bs_c, spec.norm) if (bs_r, bs_c) != (1, 1) else scores
+    return _expand(_keep_top_per_row(tiles, spec.sparsity), bs_r, bs_c)
+
+
 METHODS: dict[str, MaskFn] = {
     "magnitude": magnitude,
     "block": block,
     "nm": nm,
     "random": random,
+    "wanda": wanda,
 }
+ACTIVATION_AWARE = frozenset({"wanda"})  # methods that read input_norms
 
 
-def prune(weight: np.ndarray, spec: Spec) -> np.ndarray:
-    """Keep-mask, bool [out, in], for `weight` float32 [out, in] under `spec` (already validated)."""
+def prune(weight: np.ndarray, spec: Spec, input_norms: np.ndarray | None = None) -> np.ndarray:
+    """Keep-mask, bool [out, in], for `weight` float32 [out, in] under `spec` (already validated).
+
+    input_norms: float64 [in] (see `input_norms`), required by the ACTIVATION_AWARE methods.
+    """
     try:
         method = METHODS[spec.method]
     except KeyError:
         raise UserError(f"unknown pruning method {spec.method!r}; valid methods: {', '.join(METHODS)}") from None
-    mask = method(weight, spec)
+    mask = method(weight, spec, input_norms)
     assert mask.shape == weight.shape and mask.dtype == bool
     return mask

@@ -52,7 +52,7 @@ class Spec:
 
     model: str = "minilm-l6"  # catalog name, see models.MODEL_NAMES
     layer: str = "encoder.layer.0.attention.self.query"  # dotted name of an nn.Linear
-    method: str = "block"  # pruning.METHODS: magnitude | block | nm | random
+    method: str = "block"  # pruning.METHODS: magnitude | block | nm | random | wanda
     block: tuple[int, int] = (32, 1)  # (bs_r, bs_c): rows of W (outputs) x columns (inputs)
     sparsity: float = 0.9  # target fraction of weights removed, in [0, 0.99]
     nm: tuple[int, int] | None = None  # (N, M): keep N of every M inputs; method nm, or random
@@ -90,7 +90,7 @@ class Spec:
         if self.method == "nm" and nm is None:
             raise UserError("method nm needs an N:M pattern, e.g. --nm 2:4")
         sparsity = float(self.sparsity)
-        if self.method == "nm" or (self.method == "random" and nm is not None):
+        if self.method == "nm" or (self.method in ("random", "wanda") and nm is not None):
             sparsity, block = 1 - nm[0] / nm[1], (1, 1)  # N:M fixes the sparsity; stored weight by weight
         else:
             nm = None
@@ -98,7 +98,7 @@ class Spec:
                 raise UserError(f"sparsity must be in [0, {MAX_SPARSITY}], got {self.sparsity}")
             if self.method == "magnitude":
                 block = (1, 1)
-        norm = self.norm if self.method == "block" else "l2"
+        norm = self.norm if self.method in ("block", "wanda") and block != (1, 1) else "l2"
         seed = self.seed if self.method == "random" else 0
         return dataclasses.replace(self, block=block, nm=nm, sparsity=round(sparsity, 6), norm=norm,
                                    seed=int(seed), threads=self.threads or default_threads())
@@ -122,10 +122,12 @@ class Spec:
         if self.nm is not None:
             seed = f" seed {self.seed}" if self.method == "random" and self.seed else ""
             return f"{self.method} {self.nm[0]}:{self.nm[1]}{seed}"
+        if self.method == "wanda" and self.block == (1, 1):
+            return "wanda"
         if self.method == "magnitude":
             return "magnitude"
         seed = f" seed {self.seed}" if self.method == "random" and self.seed else ""
-        norm = f" {self.norm}" if self.method == "block" and self.norm != "l2" else ""
+        norm = f" {self.norm}" if self.method in ("block", "wanda") and self.norm != "l2" else ""
         return f"{self.method} {fmt_block(self.block)}{norm}{seed}"
 
 
@@ -380,15 +382,15 @@ def _apply(fields: dict[str, Any] | None, value: str) -> dict[str, Any] | None:
         return None
     fields = dict(fields)
     if ":" in value:
-        fields.update(method="random" if fields["method"] == "random" else "nm", nm=parse_nm(value))
+        fields.update(method=fields["method"] if fields["method"] in ("random", "wanda") else "nm", nm=parse_nm(value))
     elif "@" in value:
         block, sparsity = value.split("@", 1)
         fields.update(block=parse_block(block), sparsity=float(sparsity), nm=None,
-                      method=fields["method"] if fields["method"] in ("block", "random") else "block")
+                      method=fields["method"] if fields["method"] in ("block", "random", "wanda") else "block")
     else:
         fields.update(sparsity=float(value))
-        if fields["method"] == "nm":
-            fields.update(method="magnitude", nm=None)  # a sparsity, not a pattern: unstructured
+        if fields["nm"] is not None:  # a sparsity, not a pattern: unstructured
+            fields.update(method="wanda" if fields["method"] == "wanda" else "magnitude", nm=None, block=(1, 1))
     return fields
 
 

@@ -4,7 +4,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sparsity_app.errors import UserError
-from sparsity_app.pruning import METHODS, prune
+from sparsity_app.pruning import ACTIVATION_AWARE, METHODS, input_norms, prune
 from sparsity_app.spec import Spec
 
 
@@ -70,13 +70,51 @@ def test_random_depends_on_seed_and_only_on_seed():
 
 def test_every_registered_method_returns_a_mask_of_the_weight_shape():
     w = np.random.default_rng(0).standard_normal((32, 32)).astype(np.float32)
+    norms = np.linspace(0.5, 2.0, 32)
     for method in METHODS:
-        mask = prune(w, _spec(method=method, nm=(2, 4) if method == "nm" else None, block=(4, 4), sparsity=0.5))
+        mask = prune(w, _spec(method=method, nm=(2, 4) if method == "nm" else None, block=(4, 4), sparsity=0.5),
+                     norms if method in ACTIVATION_AWARE else None)
         assert mask.shape == w.shape and mask.dtype == bool
 
 
+def test_wanda_with_equal_input_norms_is_magnitude_within_each_row():
+    w = np.random.default_rng(1).standard_normal((16, 40)).astype(np.float32)
+    mask = prune(w, _spec(method="wanda", block=(1, 1), sparsity=0.75), np.full(40, 3.0))
+    assert (mask.sum(axis=1) == 10).all()  # every output row keeps the same share
+    for row, keep in zip(np.abs(w), mask):
+        assert row[keep].min() >= row[~keep].max()
+
+
+def test_wanda_keeps_a_small_weight_on_a_loud_input():
+    w = np.array([[0.1, 1.0, 0.5, 0.4]], np.float32)
+    norms = np.array([100.0, 1.0, 1.0, 1.0])
+    assert prune(w, _spec(method="wanda", block=(1, 1), sparsity=0.5), norms).tolist() == [[True, True, False, False]]
+    assert prune(w, _spec(method="magnitude", sparsity=0.5)).tolist() == [[False, True, True, False]]
+    nm_mask = prune(w, _spec(method="wanda", nm=(1, 4)), norms)
+    assert nm_mask.tolist() == [[True, False, False, False]]
+
+
+@given(weights_and_blocks(), st.floats(0.0, 0.99))
+def test_wanda_blocks_are_aligned_and_each_block_row_keeps_its_share(wb, sparsity):
+    w, (bs_r, bs_c) = wb
+    norms = np.random.default_rng(w.shape[1]).random(w.shape[1]) + 0.1
+    mask = prune(w, _spec(method="wanda", block=(bs_r, bs_c), sparsity=sparsity), norms)
+    tiles = mask.reshape(w.shape[0] // bs_r, bs_r, w.shape[1] // bs_c, bs_c)
+    assert (tiles.all(axis=(1, 3)) == tiles.any(axis=(1, 3))).all(), "a block is partly kept"
+    kept = tiles.any(axis=(1, 3)).sum(axis=1)
+    assert (kept == kept[0]).all() and kept[0] == tiles.shape[2] - round(sparsity * tiles.shape[2])
+
+
+def test_wanda_without_activations_is_an_error_and_norms_come_from_x():
+    w = np.ones((4, 4), np.float32)
+    with pytest.raises(ValueError, match="input norms"):
+        prune(w, _spec(method="wanda", block=(1, 1), sparsity=0.5))
+    x = np.array([[3.0, 0.0], [4.0, 1.0]], np.float32)
+    np.testing.assert_allclose(input_norms(x), [5.0, 1.0])
+
+
 @pytest.mark.parametrize("kw, words", [
-    (dict(method="nope"), "valid methods: magnitude, block, nm, random"),
+    (dict(method="nope"), "valid methods: magnitude, block, nm, random, wanda"),
     (dict(sparsity=1.0), "sparsity must be in [0, 0.99]"),
     (dict(sparsity=-0.1), "sparsity must be in [0, 0.99]"),
     (dict(method="nm", nm=(4, 4)), "1 <= N < M"),
