@@ -19,7 +19,8 @@ from .formats import sparse_format
 from .models import get_model
 from .pruning import prune
 from .spec import SPARSE, ModelPlan, ModelResult, Spec, default_threads
-from .store import Store, model_key_of
+from .locks import measurement_slot
+from .store import Store, cache_dir, model_key_of
 from .timing import fingerprint, measure
 
 STEPS = ("prune", "tune", "compile", "verify", "time", "breakdown", "evaluate")
@@ -53,9 +54,18 @@ def run_model(plan: ModelPlan, store: Store | None = None, progress: Progress = 
     stored schedules (what a benchmark wants).
     """
     plan, specs = validate(plan)
-    if store is not None and reuse_result and not retune and (hit := lookup(plan, store)) is not None:
+    reuse = store is not None and reuse_result and not retune
+    if reuse and (hit := lookup(plan, store)) is not None:
         return hit
+    slot = store.directory if store is not None else cache_dir()
+    with measurement_slot(slot, f"model {plan.model} {plan.label()}",
+                          waiting=lambda ahead: progress("queue", f"waiting: {ahead} measurement(s) ahead of this one")):
+        if reuse and (hit := lookup(plan, store)) is not None:
+            return hit  # measured by the one we waited for
+        return _measure(plan, specs, store, progress, retune)
 
+
+def _measure(plan: ModelPlan, specs: dict, store: Store | None, progress: Progress, retune: bool) -> ModelResult:
     from . import baselines, graph
     from .kernels import set_threads
 
