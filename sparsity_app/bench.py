@@ -227,6 +227,20 @@ def main(args: argparse.Namespace) -> int:
               "'PyTorch dense, feature-major' is the dense peer in that layout.")
         print("knobs: BSR tile/vec/layout/unroll/split/rows_per_pass; CSR tile/pack/split; N:M tile/chunk/pack/split",
               flush=True)
+    from .locks import measurement_slot
+
+    rows = []
+    with measurement_slot(store.directory, "bench", waiting=lambda ahead: print(
+            f"waiting: {ahead} measurement(s) ahead", file=sys.stderr, flush=True)):
+        rows = _bench_all(runs, shapes, sparsities, args, store)
+    if args.json:
+        print(json.dumps({"machine": machine, "tokens": args.tokens, "rows": rows}))
+    else:
+        print(summary(rows, args.tokens))
+    return 0
+
+
+def _bench_all(runs, shapes, sparsities, args, store) -> list[dict]:
     rows = []
     for t in runs:
         for shape in shapes:
@@ -235,8 +249,4 @@ def main(args: argparse.Namespace) -> int:
             rows += got
             if not args.json:  # each table as soon as it is measured
                 print(format_tables(got), flush=True)
-    if args.json:
-        print(json.dumps({"machine": machine, "tokens": args.tokens, "rows": rows}))
-    else:
-        print(summary(rows, args.tokens))
-    return 0
+    return rows

@@ -43,6 +43,15 @@ def layer_claims(sparsity: float = 0.9, tokens: int = 128, threads: int = 0, sto
                  progress: Callable[[str], None] = lambda line: None) -> ClaimsReport:
     """Time 32x1 and 16x16 BSR (tuned), every dense peer and TVM's default-scheduled dense in one
     `measure` call on a 768x768 layer at `sparsity`; each kernel checked against NumPy first."""
+    from .locks import measurement_slot
+    from .store import cache_dir
+
+    slot = store.directory if store is not None else cache_dir()
+    with measurement_slot(slot, "claims: one layer", waiting=lambda ahead: progress(f"waiting: {ahead} ahead")):
+        return _layer_claims(sparsity, tokens, threads, store, progress)
+
+
+def _layer_claims(sparsity: float, tokens: int, threads: int, store, progress) -> ClaimsReport:
     from .kernels import set_threads
     from .kernels.peers import TVMDefaultDense, dense_peers
 

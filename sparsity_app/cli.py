@@ -268,7 +268,7 @@ def _bench_model(args) -> None:
         validate(plan)
         plans.append(plan)
     store, rows = Store(args.cache_dir), []
-    for plan in plans:
+    for plan in plans:  # each run_model holds the measurement slot while it measures
         _err(f"measuring {plan.model}, {plan.label()}, {plan.batch}x{plan.tokens} tokens...")
         d = run_model(plan, store=store, reuse_result=False, progress=lambda step, detail: _err(f"  [{step}] {detail}"))
         rows.append(d.to_dict())
