@@ -144,8 +144,9 @@ def _run(args) -> None:
     from .store import Store
 
     spec = _spec(args)
-    result = run(spec, store=Store(args.cache_dir), progress=lambda step, detail: _err(f"[{step}] {detail}"),
-                 retune=args.retune)
+    from .experiment import STEPS
+
+    result = run(spec, store=Store(args.cache_dir), progress=_steps(STEPS), retune=args.retune)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -215,18 +216,25 @@ def write_csv(rows: list[dict], path: str) -> None:
         raise UserError(f"cannot write {path}: {e.strerror}") from None
 
 
+def _steps(steps: tuple[str, ...], indent: str = ""):
+    """A progress callback printing '[3/7 compile] detail' on stderr (other messages, e.g. queue, as they come)."""
+    def show(step: str, detail: str) -> None:
+        where = f"{steps.index(step) + 1}/{len(steps)} {step}" if step in steps else step
+        _err(f"{indent}[{where}] {detail}")
+    return show
+
+
 def _err(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
 def _model(args) -> None:
-    from .model_experiment import run_model, validate
+    from .model_experiment import STEPS, run_model, validate
     from .store import Store
 
     plan = _plan(args)
     validate(plan)  # every bad input before anything loads
-    result = run_model(plan, store=Store(args.cache_dir), retune=args.retune,
-                       progress=lambda step, detail: _err(f"[{step}] {detail}"))
+    result = run_model(plan, store=Store(args.cache_dir), retune=args.retune, progress=_steps(STEPS))
     print(json.dumps(result.to_dict()) if args.json else format_model(result.to_dict()))
 
 
@@ -253,7 +261,7 @@ def format_model(d: dict) -> str:
 
 
 def _bench_model(args) -> None:
-    from .model_experiment import run_model, validate
+    from .model_experiment import STEPS, run_model, validate
     from .store import Store
 
     plans = []
@@ -270,7 +278,7 @@ def _bench_model(args) -> None:
     store, rows = Store(args.cache_dir), []
     for plan in plans:  # each run_model holds the measurement slot while it measures
         _err(f"measuring {plan.model}, {plan.label()}, {plan.batch}x{plan.tokens} tokens...")
-        d = run_model(plan, store=store, reuse_result=False, progress=lambda step, detail: _err(f"  [{step}] {detail}"))
+        d = run_model(plan, store=store, reuse_result=False, progress=_steps(STEPS, "  "))
         rows.append(d.to_dict())
         if not args.json:
             print(format_model(rows[-1]), flush=True)
