@@ -35,7 +35,7 @@ def _plan(model, name, spec, knobs=None):
     return graph.LinearPlan(family, fmt, b, knobs)
 
 
-@pytest.mark.parametrize("batch,seq", [(2, 16), (1, 13)])
+@pytest.mark.parametrize("batch,seq", [(2, 16), (1, 13), (2, 256)])  # 512 tokens: padded row stride
 @pytest.mark.parametrize("fuse_attention", [True, False])
 def test_dense_graph_matches_pytorch(small, batch, seq, fuse_attention):
     enc = graph.compile_encoder(small, small, {}, batch, seq, fuse_attention=fuse_attention)
@@ -71,9 +71,9 @@ def test_mixed_sparse_graph_matches_masked_pytorch(small):
             DenseFMKnobs(mr=4, nt=16)),
     }
     ref = graph.reference_model(small, plans)
-    ids, mask = _inputs(2, 24, small.config.vocab_size, seed=1)
-    for fuse_qkv in (True, False):
-        enc = graph.compile_encoder(small, small, plans, 2, 24, fuse_qkv=fuse_qkv)
+    for batch, seq, fuse_qkv in [(2, 24, True), (2, 24, False), (2, 256, True)]:  # 512 tokens: padded stride
+        ids, mask = _inputs(batch, seq, small.config.vocab_size, seed=1)
+        enc = graph.compile_encoder(small, small, plans, batch, seq, fuse_qkv=fuse_qkv)
         assert graph.verify(enc, ref, ids, mask) <= 1e-4
     # the pruned weights matter: the unpruned model gives another answer
     assert not np.allclose(graph.torch_forward(small, ids, mask), enc(ids, mask), atol=1e-3)
