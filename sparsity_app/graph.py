@@ -109,7 +109,7 @@ class Encoder:
     """A compiled encoder for input_ids / attention_mask int64 [batch, seq] -> last_hidden_state
     float32 [batch, seq, hidden]."""
 
-    def __init__(self, executable, batch: int, seq: int, hidden: int, description: str):
+    def __init__(self, executable, batch: int, seq: int, hidden: int, vocab: int, description: str, split_twin=None):
         import tvm
         from tvm import relax
 
@@ -119,6 +119,8 @@ class Encoder:
         self._ids = tvm.runtime.tensor(np.zeros((batch, seq), np.int64), tvm.cpu())
         self._mask = tvm.runtime.tensor(np.ones((batch, seq), np.int64), tvm.cpu())
         self._out = None
+        self._vocab = vocab
+        self._split_twin = split_twin  # () -> Encoder with the attention split in three kernels
 
     def _check(self, name: str, a) -> np.ndarray:
         a = a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
@@ -154,8 +156,17 @@ class Encoder:
         """ms per forward pass by operator group (GROUPS), the median over `repeat` passes.
 
         Each kernel call is timed on its own (VM instrument), so the groups add up to a little
-        more than a plain `run`; "other" holds the VM's own work (allocation, checks).
+        more than a plain `run`; "other" holds the VM's own work (allocation, checks). A fused
+        attention kernel cannot be timed in parts, so an encoder compiled with fused attention
+        is broken down on its twin with the attention split in three kernels (scores, softmax,
+        context; otherwise the same kernels), compiled on first use; the split attention is a
+        little slower than the fused one (a few % of the pass at 1 x 128 tokens).
         """
+        if self._split_twin is not None:
+            if not isinstance(self._split_twin, Encoder):
+                self._split_twin = self._split_twin()
+            self._split_twin._ids, self._split_twin._mask = self._ids, self._mask
+            return self._split_twin.breakdown(repeat)
         samples: dict[str, list[float]] = {g: [] for g in GROUPS}
         now: dict[str, float] = collections.defaultdict(float)
         start = [0.0]
@@ -185,10 +196,6 @@ class Encoder:
         total = sum(breakdown.values())
         rest = total - breakdown["linears"]
         return total / rest if rest > 0 else math.inf
-
-    @property
-    def _vocab(self) -> int:
-        return self._vocab_size
 
 
 def _group(symbol: str) -> str:
@@ -428,9 +435,11 @@ def compile_encoder(config, params, linears: Mapping[str, LinearPlan], batch: in
         bb.emit_func_output(out)
     executable = tvm.compile(bb.get(), target=host_target(), relax_pipeline=_lowering())
     families = collections.Counter(pl.family for pl in plans.values())
-    enc = Encoder(executable, batch, seq, h, ", ".join(f"{n} {fam}" for fam, n in families.items()))
-    enc._vocab_size = shape.vocab
-    return enc
+    twin = None
+    if fuse_attention:
+        def twin():
+            return compile_encoder(config, params, linears, batch, seq, fuse_attention=False, fuse_qkv=fuse_qkv)
+    return Encoder(executable, batch, seq, h, shape.vocab, ", ".join(f"{n} {fam}" for fam, n in families.items()), twin)
 
 
 # ---------------------------------------------------------------------------------------------

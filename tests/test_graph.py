@@ -102,13 +102,14 @@ def test_verify_raises_on_a_wrong_model(small):
 
 
 def test_breakdown_groups_present_and_positive(small):
-    enc = graph.compile_encoder(small, small, {}, 1, 16, fuse_attention=False)
-    enc.set_inputs(*_inputs(1, 16, small.config.vocab_size))
-    bd = enc.breakdown(repeat=3)
-    assert set(bd) == set(graph.GROUPS)
-    assert all(bd[g] > 0 for g in graph.GROUPS), bd
-    assert graph.Encoder.amdahl_bound(bd) > 1
-    assert graph.Encoder.amdahl_bound({**bd, "linears": 0.0}) == 1.0
+    for fuse_attention in (False, True):  # fused: broken down on its split twin
+        enc = graph.compile_encoder(small, small, {}, 1, 16, fuse_attention=fuse_attention)
+        enc.set_inputs(*_inputs(1, 16, small.config.vocab_size))
+        bd = enc.breakdown(repeat=3)
+        assert set(bd) == set(graph.GROUPS)
+        assert all(bd[g] > 0 for g in graph.GROUPS), bd
+        assert graph.Encoder.amdahl_bound(bd) > 1
+        assert graph.Encoder.amdahl_bound({**bd, "linears": 0.0}) == 1.0
 
 
 def test_bad_inputs_are_one_line_errors(small):
