@@ -35,7 +35,7 @@ def _plan(model, name, spec, knobs=None):
     return graph.LinearPlan(family, fmt, b, knobs)
 
 
-@pytest.mark.parametrize("batch,seq", [(2, 16), (1, 13), (2, 256)])  # 512 tokens: padded row stride
+@pytest.mark.parametrize("batch,seq", [(2, 16), (1, 13), (1, 100), (2, 256)])  # 100: overlapping tiles; 512 tokens: padded stride
 @pytest.mark.parametrize("fuse_attention", [True, False])
 def test_dense_graph_matches_pytorch(small, batch, seq, fuse_attention):
     enc = graph.compile_encoder(small, small, {}, batch, seq, fuse_attention=fuse_attention)

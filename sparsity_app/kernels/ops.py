@@ -184,11 +184,15 @@ def embed_layer_norm_prim_func(batch: int, seq: int, vocab: int, positions: int,
     return embed_layer_norm
 
 
+ATTENTION_TILES = {"queries": 64, "keys": 4, "features": 4}  # register tiles: see _attention_common
+
+
 def _attention_common(batch, seq, heads, head_dim):
-    it, n_it = _tiles(seq, 64)  # queries per register tile (vector lanes)
-    jt = 4 if seq >= 4 else seq  # keys per register tile in Q K^T
+    """Register tiles: it queries (vector lanes) x jt keys in Q K^T, x dt head features in P V."""
+    it, n_it = _tiles(seq, ATTENTION_TILES["queries"])
+    jt = min(ATTENTION_TILES["keys"], seq)
     n_jt = -(-seq // jt)
-    dt = 4 if head_dim % 4 == 0 else 1  # head features per register tile in P V
+    dt = next(d for d in range(ATTENTION_TILES["features"], 0, -1) if head_dim % d == 0)
     return it, n_it, jt, n_jt, dt
 
 
@@ -222,6 +226,7 @@ def attention_prim_func(batch: int, seq: int, heads: int, head_dim: int, q_rows:
         for task in T.parallel(batch * heads):
             qs = T.alloc_buffer((head_dim, seq), "float32", scope="global")
             st = T.alloc_buffer((seq, seq), "float32", scope="global")
+            pt = T.alloc_buffer((seq, seq), "float32", scope="global")
             mx = T.alloc_buffer((it,), "float32", scope="local")
             sm = T.alloc_buffer((seq,), "float32", scope="global")
             acc = T.alloc_buffer((jt, it), "float32", scope="local")
@@ -246,7 +251,8 @@ def attention_prim_func(batch: int, seq: int, heads: int, head_dim: int, q_rows:
                         for ii in T.vectorized(it):
                             st[T.min(j0 * jt, seq - jt) + jj, T.min(i0 * it, seq - it) + ii] = acc[jj, ii] + T.if_then_else(
                                 mask[task // heads, T.min(j0 * jt, seq - jt) + jj] != T.int64(0), T.float32(0), T.float32(neg))
-            # softmax down each column; sm[i] = 1 / sum_j exp
+            # softmax down each column into pt (not in place: a last tile that overlaps its
+            # neighbour must recompute from unchanged scores); sm[i] = 1 / sum_j exp
             for i0 in range(n_it):
                 for ii in T.vectorized(it):
                     mx[ii] = T.float32(neg)
@@ -257,8 +263,8 @@ def attention_prim_func(batch: int, seq: int, heads: int, head_dim: int, q_rows:
                     sm[T.min(i0 * it, seq - it) + ii] = T.float32(0)
                 for j in range(seq):
                     for ii in T.vectorized(it):
-                        st[j, T.min(i0 * it, seq - it) + ii] = fast_exp(st[j, T.min(i0 * it, seq - it) + ii] - mx[ii])
-                        sm[T.min(i0 * it, seq - it) + ii] = sm[T.min(i0 * it, seq - it) + ii] + st[j, T.min(i0 * it, seq - it) + ii]
+                        pt[j, T.min(i0 * it, seq - it) + ii] = fast_exp(st[j, T.min(i0 * it, seq - it) + ii] - mx[ii])
+                        sm[T.min(i0 * it, seq - it) + ii] = sm[T.min(i0 * it, seq - it) + ii] + pt[j, T.min(i0 * it, seq - it) + ii]
                 for ii in T.vectorized(it):
                     sm[T.min(i0 * it, seq - it) + ii] = T.float32(1) / sm[T.min(i0 * it, seq - it) + ii]
             # O^T[d, i] = sum_j (V + bv)[d, j] P^T[j, i]
@@ -272,7 +278,7 @@ def attention_prim_func(batch: int, seq: int, heads: int, head_dim: int, q_rows:
                             for ii in T.vectorized(it):
                                 acc2[dd, ii] = acc2[dd, ii] + (
                                     V[vo + (task % heads) * head_dim + d0 * dt + dd, (task // heads) * seq + j]
-                                    + bv[(task % heads) * head_dim + d0 * dt + dd]) * st[j, T.min(i0 * it, seq - it) + ii]
+                                    + bv[(task % heads) * head_dim + d0 * dt + dd]) * pt[j, T.min(i0 * it, seq - it) + ii]
                     for dd in T.unroll(dt):
                         for ii in T.vectorized(it):
                             O[(task % heads) * head_dim + d0 * dt + dd, (task // heads) * seq + T.min(i0 * it, seq - it) + ii] = (
@@ -327,7 +333,8 @@ def attention_scores_prim_func(batch: int, seq: int, heads: int, head_dim: int, 
 def softmax_prim_func(groups: int, seq: int):
     """PrimFunc(S, P): P[g, :, i] = softmax(S[g, :, i]), down each column (over keys).
 
-    S, P: float32 [groups, seq (keys), seq (queries)]; vectorised over queries.
+    S, P: float32 [groups, seq (keys), seq (queries)]; vectorised over queries. A task owns a
+    whole group: P is scaled in place, so an overlapping last tile must run after its neighbour.
     """
     it, n_it = _tiles(seq, 64)
     neg = -3.4028234663852886e38
@@ -335,26 +342,27 @@ def softmax_prim_func(groups: int, seq: int):
     @T.prim_func
     def softmax(S: T.Buffer((groups, seq, seq), "float32"), P: T.Buffer((groups, seq, seq), "float32")):
         T.func_attr({"tirx.noalias": True})
-        for task in T.parallel(groups * n_it):
-            mx = T.alloc_buffer((it,), "float32", scope="local")
-            sm = T.alloc_buffer((it,), "float32", scope="local")
-            for ii in T.vectorized(it):
-                mx[ii] = T.float32(neg)
-                sm[ii] = T.float32(0)
-            for j in range(seq):
+        for g in T.parallel(groups):
+            for i0 in range(n_it):
+                mx = T.alloc_buffer((it,), "float32", scope="local")
+                sm = T.alloc_buffer((it,), "float32", scope="local")
                 for ii in T.vectorized(it):
-                    mx[ii] = T.max(mx[ii], S[task // n_it, j, T.min((task % n_it) * it, seq - it) + ii])
-            for j in range(seq):
+                    mx[ii] = T.float32(neg)
+                    sm[ii] = T.float32(0)
+                for j in range(seq):
+                    for ii in T.vectorized(it):
+                        mx[ii] = T.max(mx[ii], S[g, j, T.min(i0 * it, seq - it) + ii])
+                for j in range(seq):
+                    for ii in T.vectorized(it):
+                        P[g, j, T.min(i0 * it, seq - it) + ii] = fast_exp(
+                            S[g, j, T.min(i0 * it, seq - it) + ii] - mx[ii])
+                        sm[ii] = sm[ii] + P[g, j, T.min(i0 * it, seq - it) + ii]
                 for ii in T.vectorized(it):
-                    P[task // n_it, j, T.min((task % n_it) * it, seq - it) + ii] = fast_exp(
-                        S[task // n_it, j, T.min((task % n_it) * it, seq - it) + ii] - mx[ii])
-                    sm[ii] = sm[ii] + P[task // n_it, j, T.min((task % n_it) * it, seq - it) + ii]
-            for ii in T.vectorized(it):
-                sm[ii] = T.float32(1) / sm[ii]
-            for j in range(seq):
-                for ii in T.vectorized(it):
-                    P[task // n_it, j, T.min((task % n_it) * it, seq - it) + ii] = (
-                        P[task // n_it, j, T.min((task % n_it) * it, seq - it) + ii] * sm[ii])
+                    sm[ii] = T.float32(1) / sm[ii]
+                for j in range(seq):
+                    for ii in T.vectorized(it):
+                        P[g, j, T.min(i0 * it, seq - it) + ii] = (
+                            P[g, j, T.min(i0 * it, seq - it) + ii] * sm[ii])
 
     return softmax
 
