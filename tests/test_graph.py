@@ -134,3 +134,20 @@ def test_bad_inputs_are_one_line_errors(small):
         graph.compile_encoder(small, small, {"encoder.layer.0.output.dense": bsr}, 1, 8)
     with pytest.raises(UserError, match="seq"):
         graph.compile_encoder(small, small, {}, 1, 10_000)
+
+
+def test_tuner_can_be_held_to_feature_major_schedules():
+    """The graph keeps activations feature-major, so it tunes with layouts=("feature-major",)."""
+    from sparsity_app import tuner
+    from sparsity_app.formats import to_bsr
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 32)).astype(np.float32)
+    mask = prune(w, Spec(method="block", block=(32, 1), sparsity=0.5).resolve())
+    x = rng.standard_normal((16, 32)).astype(np.float32)
+    ref = x.astype(np.float64) @ (w * mask).astype(np.float64).T
+    t = tuner.tune("bsr", to_bsr(w, mask, (32, 1)), x, ref, layouts=("feature-major",))
+    assert t.knobs().layout == "feature-major"
+    assert any(r["knobs"]["layout"] == "row-major" for r in t.trials)  # the default was timed, not allowed to win
+    with pytest.raises(ValueError, match="no bsr schedule"):
+        tuner.tune("bsr", to_bsr(w, mask, (32, 1)), x, ref, layouts=("column-major",))
