@@ -152,43 +152,47 @@ class Encoder:
         self.run()
         return self._out.numpy()
 
-    def breakdown(self, repeat: int = 20) -> dict[str, float]:
-        """ms per forward pass by operator group (GROUPS), the median over `repeat` passes.
+    def breakdown(self, repeat: int = 10) -> dict[str, float]:
+        """ms per forward pass by operator group (GROUPS); the groups add up to the pass's median.
 
-        Each kernel call is timed on its own (VM instrument), so the groups add up to a little
-        more than a plain `run`; "other" holds the VM's own work (allocation, checks). A fused
-        attention kernel cannot be timed in parts, so an encoder compiled with fused attention
-        is broken down on its twin with the attention split in three kernels (scores, softmax,
-        context; otherwise the same kernels), compiled on first use; the split attention is a
-        little slower than the fused one (a few % of the pass at 1 x 128 tokens).
+        One pass is recorded (VM instrument: every kernel call with its arguments), then each
+        call is timed on its own, back to back (`timing.measure`, median of `repeat` samples);
+        "other" is the rest of a timed pass: the VM's own work (allocation, checks, calls) and
+        layout changes. (Timing calls inside the instrumented pass instead would add the Python
+        callback's gap to every kernel, long enough for TVM's workers to fall asleep: it doubled
+        the total.) A fused attention kernel cannot be timed in parts, so an encoder compiled
+        with fused attention is broken down on its twin with the attention split in three
+        kernels (scores, softmax, context; otherwise the same kernels), compiled on first use;
+        the split attention is a little slower (a few % of the pass at 1 x 128 tokens).
         """
+        from .timing import measure
+
         if self._split_twin is not None:
             if not isinstance(self._split_twin, Encoder):
                 self._split_twin = self._split_twin()
             self._split_twin._ids, self._split_twin._mask = self._ids, self._mask
             return self._split_twin.breakdown(repeat)
-        samples: dict[str, list[float]] = {g: [] for g in GROUPS}
-        now: dict[str, float] = collections.defaultdict(float)
-        start = [0.0]
+        calls = []
 
         def instrument(func, symbol, before, ret, *args):
-            if before:
-                start[0] = time.perf_counter()
-            else:
-                now[_group(str(symbol))] += time.perf_counter() - start[0]
+            if before and not str(symbol).startswith("vm."):
+                calls.append((str(symbol), func, args))
             return 0
 
         self.run()
         self._vm.set_instrument(instrument)
         try:
-            for _ in range(repeat):
-                now.clear()
-                self.run()
-                for g in GROUPS:
-                    samples[g].append(now[g] * 1e3)
+            self.run()
         finally:
             self._vm.set_instrument(None)
-        return {g: float(np.median(samples[g])) for g in GROUPS}
+        fns = {"pass": self.run}
+        fns.update({i: (lambda f=func, a=args: f(*a)) for i, (_, func, args) in enumerate(calls)})
+        times = measure(fns, repeat=repeat, per_round=repeat, warmup_s=0.005, min_sample_s=0.001, settle_s=0.002)
+        out = dict.fromkeys(GROUPS, 0.0)
+        for i, (symbol, _, _) in enumerate(calls):
+            out[_group(symbol)] += times[i].median
+        out["other"] += max(0.0, times["pass"].median - sum(out.values()))
+        return out
 
     @staticmethod
     def amdahl_bound(breakdown: dict[str, float]) -> float:

@@ -107,7 +107,8 @@ def test_breakdown_groups_present_and_positive(small):
         enc.set_inputs(*_inputs(1, 16, small.config.vocab_size))
         bd = enc.breakdown(repeat=3)
         assert set(bd) == set(graph.GROUPS)
-        assert all(bd[g] > 0 for g in graph.GROUPS), bd
+        assert all(bd[g] > 0 for g in graph.GROUPS if g != "other"), bd
+        assert bd["other"] >= 0  # the pass's time not in any kernel; ~0 when kernels are this small
         assert graph.Encoder.amdahl_bound(bd) > 1
         assert graph.Encoder.amdahl_bound({**bd, "linears": 0.0}) == 1.0
 
