@@ -95,14 +95,10 @@ class EncoderShape:
 
 
 def _params_dict(params) -> dict[str, np.ndarray]:
-    """A BertModel (nn.Module) or a mapping name -> tensor/array -> name -> float32 ndarray."""
+    """A BertModel (nn.Module) or a mapping name -> tensor/array -> name -> ndarray."""
     if hasattr(params, "state_dict"):
         params = params.state_dict()
-    out = {}
-    for k, v in params.items():
-        v = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
-        out[k] = v
-    return out
+    return {k: v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v) for k, v in params.items()}
 
 
 class Encoder:
@@ -132,15 +128,13 @@ class Encoder:
         return a.astype(np.int64)
 
     def set_inputs(self, input_ids, attention_mask=None) -> None:
-        """Copy inputs (numpy or torch, [batch, seq]) into the buffers `run` reads."""
-        import tvm
-
+        """Copy inputs (numpy or torch, integers [batch, seq]) into the buffers `run` reads."""
         ids = self._check("input_ids", input_ids)
         mask = np.ones_like(ids) if attention_mask is None else self._check("attention_mask", attention_mask)
         if ids.min() < 0 or ids.max() >= self._vocab:
             raise UserError(f"input_ids must be in [0, {self._vocab}), got values in [{ids.min()}, {ids.max()}]")
-        self._ids = tvm.runtime.tensor(ids, tvm.cpu())
-        self._mask = tvm.runtime.tensor(mask, tvm.cpu())
+        self._ids.copyfrom(ids)
+        self._mask.copyfrom(mask)
 
     def run(self) -> None:
         """One forward pass on the buffers set by `set_inputs` (for timing)."""
