@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import functools
 import math
 import time
 from typing import Mapping
@@ -147,17 +148,19 @@ class Encoder:
         return self._out.numpy()
 
     def breakdown(self, repeat: int = 10) -> dict[str, float]:
-        """ms per forward pass by operator group (GROUPS); the groups add up to the pass's median.
+        """ms per forward pass by operator group (GROUPS); the groups add up to a pass's median.
 
-        One pass is recorded (VM instrument: every kernel call with its arguments), then each
-        call is timed on its own, back to back (`timing.measure`, median of `repeat` samples);
-        "other" is the rest of a timed pass: the VM's own work (allocation, checks, calls) and
-        layout changes. (Timing calls inside the instrumented pass instead would add the Python
-        callback's gap to every kernel, long enough for TVM's workers to fall asleep: it doubled
-        the total.) A fused attention kernel cannot be timed in parts, so an encoder compiled
-        with fused attention is broken down on its twin with the attention split in three
-        kernels (scores, softmax, context; otherwise the same kernels), compiled on first use;
-        the split attention is a little slower (a few % of the pass at 1 x 128 tokens).
+        Kernels are timed inside real passes (VM instrument), so each reads its inputs from
+        wherever the previous kernel left them (at 8 x 128 tokens, L3: timing kernels on their
+        own, warm, missed a third of the pass). Two corrections keep the instrument out of the
+        figures: before each call a no-op parallel kernel wakes TVM's workers (the Python
+        callback's gap let them fall asleep, and waking them doubled the total), and the
+        instrument's remaining cost per call (instrumented pass - plain pass, over the calls) is
+        subtracted. "other" is the rest of the plain pass: the VM's own work and layout changes.
+        A fused attention kernel cannot be timed in parts, so an encoder compiled with fused
+        attention is broken down on its twin with the attention split in three kernels (scores,
+        softmax, context; otherwise the same kernels), compiled on first use; the split
+        attention is a little slower (a few % of the pass at 1 x 128 tokens, ~15% at 8 x 128).
         """
         from .timing import measure
 
@@ -166,27 +169,62 @@ class Encoder:
                 self._split_twin = self._split_twin()
             self._split_twin._ids, self._split_twin._mask = self._ids, self._mask
             return self._split_twin.breakdown(repeat)
-        calls = []
+        wake = _wake_workers()
+        plain = measure({"pass": self.run}, repeat=repeat, per_round=repeat)["pass"].median
+        per_symbol: dict[str, list[float]] = collections.defaultdict(list)
+        now: dict[str, float] = collections.defaultdict(float)
+        clock = {"start": 0.0, "woken": 0.0}
 
         def instrument(func, symbol, before, ret, *args):
-            if before and not str(symbol).startswith("vm."):
-                calls.append((str(symbol), func, args))
+            if before:
+                t = time.perf_counter()
+                wake()
+                clock["start"] = time.perf_counter()
+                clock["woken"] += clock["start"] - t
+            else:
+                now[str(symbol)] += time.perf_counter() - clock["start"]
             return 0
 
-        self.run()
+        walls = []
+        self._vm.set_instrument(instrument)
+        try:
+            for _ in range(repeat + 1):
+                now.clear()
+                clock["woken"] = 0.0
+                t = time.perf_counter()
+                self.run()
+                walls.append((time.perf_counter() - t - clock["woken"]) * 1e3)
+                for sym, sec in now.items():
+                    per_symbol[sym].append(sec * 1e3)
+        finally:
+            self._vm.set_instrument(None)
+        walls = walls[1:]  # the first pass warms the instrument
+        calls_per_pass = self._count_calls()
+        overhead = max(0.0, (float(np.median(walls)) - plain) / max(calls_per_pass, 1))
+        out = dict.fromkeys(GROUPS, 0.0)
+        for sym, ms in per_symbol.items():
+            if not sym.startswith("vm."):
+                n = self._symbol_calls[sym]
+                out[_group(sym)] += max(0.0, float(np.median(ms[1:])) - overhead * n)
+        out["other"] += max(0.0, plain - sum(out.values()))
+        return out
+
+    def _count_calls(self) -> int:
+        """Calls per pass, and per symbol (self._symbol_calls), from one instrumented pass."""
+        counts: dict[str, int] = collections.Counter()
+
+        def instrument(func, symbol, before, ret, *args):
+            if before:
+                counts[str(symbol)] += 1
+            return 0
+
         self._vm.set_instrument(instrument)
         try:
             self.run()
         finally:
             self._vm.set_instrument(None)
-        fns = {"pass": self.run}
-        fns.update({i: (lambda f=func, a=args: f(*a)) for i, (_, func, args) in enumerate(calls)})
-        times = measure(fns, repeat=repeat, per_round=repeat, warmup_s=0.005, min_sample_s=0.001, settle_s=0.002)
-        out = dict.fromkeys(GROUPS, 0.0)
-        for i, (symbol, _, _) in enumerate(calls):
-            out[_group(symbol)] += times[i].median
-        out["other"] += max(0.0, times["pass"].median - sum(out.values()))
-        return out
+        self._symbol_calls = counts
+        return sum(counts.values())
 
     @staticmethod
     def amdahl_bound(breakdown: dict[str, float]) -> float:
@@ -194,6 +232,24 @@ class Encoder:
         total = sum(breakdown.values())
         rest = total - breakdown["linears"]
         return total / rest if rest > 0 else math.inf
+
+
+@functools.cache
+def _wake_workers():
+    """A no-op parallel kernel: calling it wakes TVM's worker threads (they then spin a while)."""
+    from tvm.script import tirx as T
+
+    from .kernels import compile_prim_func, empty, max_threads
+
+    n = max_threads()
+
+    @T.prim_func
+    def wake(A: T.Buffer((n * 16,), "float32")):
+        for i in T.parallel(n):
+            A[i * 16] = A[i * 16] + T.float32(1)
+
+    fn, buf = compile_prim_func(wake, "wake"), empty((n * 16,))
+    return lambda: fn(buf)
 
 
 def _group(symbol: str) -> str:
@@ -537,10 +593,11 @@ def synthetic_bert(layers: int = 12, hidden: int = 768, heads: int = 12, interme
 
 def bench_encoder(model: str = "minilm-l6", sparsity: float = 0.9, block: tuple[int, int] = (32, 1),
                   shapes: tuple[tuple[int, int], ...] = ((1, 128), (8, 128)), repeat: int = 15,
-                  cache_dir: str | None = None, out=print) -> list[dict]:
+                  cache_dir: str | None = None, threads: int = 0, out=print) -> list[dict]:
     """TVM sparse vs TVM dense vs PyTorch eager on the whole encoder, one `measure` call per shape.
 
     model: "minilm-l6" (real weights, real text) or "bert-base-synthetic" (12 x 768, random).
+    threads: for TVM and PyTorch alike (0 = all cores); tunings are kept per thread count.
     Both TVM executables are checked against PyTorch first (raises if wrong). Returns one dict
     per (batch, seq): medians and spreads (ms), speedups, breakdowns (ms) and Amdahl bounds.
     """
@@ -552,7 +609,8 @@ def bench_encoder(model: str = "minilm-l6", sparsity: float = 0.9, block: tuple[
     from .store import Store
     from .timing import measure
 
-    set_threads(max_threads())
+    threads = threads or max_threads()
+    set_threads(threads)
     store = Store(cache_dir)
     if model == "minilm-l6":
         m = get_model(model)
@@ -566,7 +624,7 @@ def bench_encoder(model: str = "minilm-l6", sparsity: float = 0.9, block: tuple[
     rows = []
     for batch, seq in shapes:
         t0 = time.perf_counter()
-        plans = pruned_plans(hf, spec, batch * seq, calibration, store)
+        plans = pruned_plans(hf, spec, batch * seq, calibration, store, threads)
         t1 = time.perf_counter()
         sparse = compile_encoder(hf, hf, plans, batch, seq)
         dense = compile_encoder(hf, hf, {}, batch, seq)
@@ -586,7 +644,8 @@ def bench_encoder(model: str = "minilm-l6", sparsity: float = 0.9, block: tuple[
         times = measure({"TVM sparse": sparse.run, "TVM dense": dense.run, "PyTorch eager": eager},
                         repeat=repeat, per_round=3)
         bd_sparse, bd_dense = sparse.breakdown(repeat), dense.breakdown(max(3, repeat // 3))
-        row = {"model": model, "batch": batch, "seq": seq, "pattern": f"{block[0]}x{block[1]} at {sparsity:.0%}",
+        row = {"model": model, "batch": batch, "seq": seq, "threads": threads,
+               "pattern": f"{block[0]}x{block[1]} at {sparsity:.0%}",
                "tune_s": t1 - t0, "compile_s": t2 - t1, "max_rel_error": {"sparse": err_sparse, "dense": err_dense},
                "times_ms": {k: {"median": v.median, "spread": v.spread} for k, v in times.items()},
                "speedup_vs_tvm_dense": times["TVM dense"].median / times["TVM sparse"].median,
@@ -603,7 +662,7 @@ def bench_encoder(model: str = "minilm-l6", sparsity: float = 0.9, block: tuple[
 
 def _print_row(row: dict, out) -> None:
     t = row["times_ms"]
-    out(f"\n{row['model']} {row['batch']}x{row['seq']} tokens, every linear {row['pattern']} "
+    out(f"\n{row['model']} {row['batch']}x{row['seq']} tokens, {row['threads']} threads, every linear {row['pattern']} "
         f"(tuning {row['tune_s']:.0f} s, compile {row['compile_s']:.0f} s; max rel. error sparse "
         f"{row['max_rel_error']['sparse']:.1e}, dense {row['max_rel_error']['dense']:.1e})")
     for k, v in t.items():
@@ -628,12 +687,13 @@ if __name__ == "__main__":
     ap.add_argument("--shapes", default="1x128,8x128", help="comma-separated batch x seq")
     ap.add_argument("--repeat", type=int, default=15)
     ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--threads", type=int, default=0, help="0 = all cores")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     from .spec import parse_block
 
     shapes = tuple(tuple(int(v) for v in s.lower().split("x")) for s in a.shapes.split(","))
-    rows = bench_encoder(a.model, a.sparsity, parse_block(a.block), shapes, a.repeat, a.cache_dir,
+    rows = bench_encoder(a.model, a.sparsity, parse_block(a.block), shapes, a.repeat, a.cache_dir, a.threads,
                          out=(lambda *_: None) if a.json else print)
     if a.json:
         print(json.dumps(rows, indent=1))

@@ -101,14 +101,17 @@ def test_verify_raises_on_a_wrong_model(small):
         graph.verify(enc, other, *_inputs(1, 8, small.config.vocab_size))
 
 
-def test_breakdown_groups_present_and_positive(small):
+def test_breakdown_groups_present_and_positive():
+    """On one MiniLM-sized layer (kernels of 10-300 us; in a toy model the instrument's cost per
+    call, which the breakdown subtracts, is as long as a layer norm)."""
+    model = graph.synthetic_bert(layers=1, hidden=384, heads=12, intermediate=1536, seed=5)
     for fuse_attention in (False, True):  # fused: broken down on its split twin
-        enc = graph.compile_encoder(small, small, {}, 1, 16, fuse_attention=fuse_attention)
-        enc.set_inputs(*_inputs(1, 16, small.config.vocab_size))
+        enc = graph.compile_encoder(model, model, {}, 1, 128, fuse_attention=fuse_attention)
+        enc.set_inputs(*_inputs(1, 128, model.config.vocab_size))
         bd = enc.breakdown(repeat=3)
         assert set(bd) == set(graph.GROUPS)
         assert all(bd[g] > 0 for g in graph.GROUPS if g != "other"), bd
-        assert bd["other"] >= 0  # the pass's time not in any kernel; ~0 when kernels are this small
+        assert bd["other"] >= 0  # the pass's time not in any kernel
         assert graph.Encoder.amdahl_bound(bd) > 1
         assert graph.Encoder.amdahl_bound({**bd, "linears": 0.0}) == 1.0
 
