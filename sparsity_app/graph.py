@@ -300,7 +300,7 @@ class _Builder:
         t = self.tokens
         c = self.const
         if plan.family == "dense":
-            k = plan.knobs or dense.pick_fm_knobs(t, out_f)
+            k = plan.knobs or dense.pick_fm_knobs(t, out_f, in_f)
             w = plan.dense_weight()
             return self.call("linear_dense", dense.dense_fm_prim_func(t, out_f, in_f, k),
                              [x, c(dense.pack_fm(w, k.mr))], (out_f, t))
