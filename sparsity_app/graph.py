@@ -430,7 +430,8 @@ def compile_encoder(config, params, linears: Mapping[str, LinearPlan], batch: in
                             f"(batch x seq); the sparse kernels need a tile that divides the tokens")
     ld = t + _stride_padding(t, [pl.knobs.tile for pl in plans.values() if pl.family != "dense" and pl.knobs])
     for n, plan in plans.items():
-        want = (f, h) if n.endswith("intermediate.dense") else (h, f) if n.endswith(".output.dense") and "attention" not in n else (h, h)
+        sub = n.split(".", 3)[3]
+        want = {"intermediate.dense": (f, h), "output.dense": (h, f)}.get(sub, (h, h))
         if plan.shape != want:
             raise UserError(f"linear {n} must have shape {list(want)} (out, in), got {list(plan.shape)}")
 
@@ -448,7 +449,8 @@ def compile_encoder(config, params, linears: Mapping[str, LinearPlan], batch: in
     with bb.function("main", [ids, mask]):
         with bb.dataflow():
             gamma, beta = ln("embeddings.LayerNorm")
-            x = g.call("embed_layer_norm", ops.embed_layer_norm_prim_func(batch, seq, shape.vocab, shape.positions, h, shape.eps, ld),
+            embed = ops.embed_layer_norm_prim_func(batch, seq, shape.vocab, shape.positions, h, shape.eps, ld)
+            x = g.call("embed_layer_norm", embed,
                        [ids, c(p["embeddings.word_embeddings.weight"]), c(p["embeddings.position_embeddings.weight"]),
                         c(p["embeddings.token_type_embeddings.weight"][0]), c(gamma), c(beta)], (h, ld))
             for i in range(shape.layers):
@@ -522,7 +524,8 @@ def torch_forward(model, input_ids, attention_mask) -> np.ndarray:
     import torch
 
     with torch.inference_mode():
-        return model(input_ids=torch.as_tensor(input_ids), attention_mask=torch.as_tensor(attention_mask)).last_hidden_state.numpy()
+        out = model(input_ids=torch.as_tensor(input_ids), attention_mask=torch.as_tensor(attention_mask))
+    return out.last_hidden_state.numpy()
 
 
 def verify(encoder: Encoder, reference, input_ids, attention_mask, tol: float = 1e-4) -> float:
