@@ -301,6 +301,8 @@ class _Builder:
         c = self.const
         if plan.family == "dense":
             k = plan.knobs or dense.pick_fm_knobs(t, out_f, in_f)
+            if not isinstance(k, dense.DenseFMKnobs):
+                raise UserError(f"dense linears in the graph take DenseFMKnobs (feature-major), got {k!r}")
             w = plan.dense_weight()
             return self.call("linear_dense", dense.dense_fm_prim_func(t, out_f, in_f, k),
                              [x, c(dense.pack_fm(w, k.mr))], (out_f, t))

@@ -131,6 +131,11 @@ def test_bad_inputs_are_one_line_errors(small):
     w = np.zeros((64, 64), np.float32)
     with pytest.raises(UserError, match="must have shape"):
         graph.compile_encoder(small, small, {"encoder.layer.0.intermediate.dense": graph.LinearPlan("dense", w, None)}, 1, 8)
+    from sparsity_app.kernels.dense import DenseKnobs
+
+    with pytest.raises(UserError, match="DenseFMKnobs"):
+        graph.compile_encoder(small, small, {"encoder.layer.0.attention.output.dense": graph.LinearPlan(
+            "dense", w, None, DenseKnobs())}, 1, 8)
     with pytest.raises(UserError, match="valid families"):
         graph.LinearPlan("coo", w, None)
     bsr = _plan(small, "encoder.layer.0.output.dense", Spec(method="block", block=(16, 1), sparsity=0.5), BSRKnobs(tile=16))
