@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import functools
 import math
 import time
 from typing import Mapping
@@ -95,21 +96,17 @@ class EncoderShape:
 
 
 def _params_dict(params) -> dict[str, np.ndarray]:
-    """A BertModel (nn.Module) or a mapping name -> tensor/array -> name -> float32 ndarray."""
+    """A BertModel (nn.Module) or a mapping name -> tensor/array -> name -> ndarray."""
     if hasattr(params, "state_dict"):
         params = params.state_dict()
-    out = {}
-    for k, v in params.items():
-        v = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
-        out[k] = v
-    return out
+    return {k: v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v) for k, v in params.items()}
 
 
 class Encoder:
     """A compiled encoder for input_ids / attention_mask int64 [batch, seq] -> last_hidden_state
     float32 [batch, seq, hidden]."""
 
-    def __init__(self, executable, batch: int, seq: int, hidden: int, description: str):
+    def __init__(self, executable, batch: int, seq: int, hidden: int, vocab: int, description: str, split_twin=None):
         import tvm
         from tvm import relax
 
@@ -119,6 +116,8 @@ class Encoder:
         self._ids = tvm.runtime.tensor(np.zeros((batch, seq), np.int64), tvm.cpu())
         self._mask = tvm.runtime.tensor(np.ones((batch, seq), np.int64), tvm.cpu())
         self._out = None
+        self._vocab = vocab
+        self._split_twin = split_twin  # () -> Encoder with the attention split in three kernels
 
     def _check(self, name: str, a) -> np.ndarray:
         a = a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
@@ -130,15 +129,13 @@ class Encoder:
         return a.astype(np.int64)
 
     def set_inputs(self, input_ids, attention_mask=None) -> None:
-        """Copy inputs (numpy or torch, [batch, seq]) into the buffers `run` reads."""
-        import tvm
-
+        """Copy inputs (numpy or torch, integers [batch, seq]) into the buffers `run` reads."""
         ids = self._check("input_ids", input_ids)
         mask = np.ones_like(ids) if attention_mask is None else self._check("attention_mask", attention_mask)
         if ids.min() < 0 or ids.max() >= self._vocab:
             raise UserError(f"input_ids must be in [0, {self._vocab}), got values in [{ids.min()}, {ids.max()}]")
-        self._ids = tvm.runtime.tensor(ids, tvm.cpu())
-        self._mask = tvm.runtime.tensor(mask, tvm.cpu())
+        self._ids.copyfrom(ids)
+        self._mask.copyfrom(mask)
 
     def run(self) -> None:
         """One forward pass on the buffers set by `set_inputs` (for timing)."""
@@ -150,34 +147,84 @@ class Encoder:
         self.run()
         return self._out.numpy()
 
-    def breakdown(self, repeat: int = 20) -> dict[str, float]:
-        """ms per forward pass by operator group (GROUPS), the median over `repeat` passes.
+    def breakdown(self, repeat: int = 10) -> dict[str, float]:
+        """ms per forward pass by operator group (GROUPS); the groups add up to a pass's median.
 
-        Each kernel call is timed on its own (VM instrument), so the groups add up to a little
-        more than a plain `run`; "other" holds the VM's own work (allocation, checks).
+        Kernels are timed inside real passes (VM instrument), so each reads its inputs from
+        wherever the previous kernel left them (at 8 x 128 tokens, L3: timing kernels on their
+        own, warm, missed a third of the pass). Two corrections keep the instrument out of the
+        figures: before each call a no-op parallel kernel wakes TVM's workers (the Python
+        callback's gap let them fall asleep, and waking them doubled the total), and the
+        instrument's remaining cost per call (instrumented pass - plain pass, over the calls) is
+        subtracted. "other" is the rest of the plain pass: the VM's own work and layout changes.
+        A fused attention kernel cannot be timed in parts, so an encoder compiled with fused
+        attention is broken down on its twin with the attention split in three kernels (scores,
+        softmax, context; otherwise the same kernels), compiled on first use; the split
+        attention is a little slower (a few % of the pass at 1 x 128 tokens, ~15% at 8 x 128).
         """
-        samples: dict[str, list[float]] = {g: [] for g in GROUPS}
+        from .timing import measure
+
+        if self._split_twin is not None:
+            if not isinstance(self._split_twin, Encoder):
+                self._split_twin = self._split_twin()
+            self._split_twin._ids, self._split_twin._mask = self._ids, self._mask
+            return self._split_twin.breakdown(repeat)
+        wake = _wake_workers()
+        plain = measure({"pass": self.run}, repeat=repeat, per_round=repeat)["pass"].median
+        per_symbol: dict[str, list[float]] = collections.defaultdict(list)
         now: dict[str, float] = collections.defaultdict(float)
-        start = [0.0]
+        clock = {"start": 0.0, "woken": 0.0}
 
         def instrument(func, symbol, before, ret, *args):
             if before:
-                start[0] = time.perf_counter()
+                t = time.perf_counter()
+                wake()
+                clock["start"] = time.perf_counter()
+                clock["woken"] += clock["start"] - t
             else:
-                now[_group(str(symbol))] += time.perf_counter() - start[0]
+                now[str(symbol)] += time.perf_counter() - clock["start"]
             return 0
 
-        self.run()
+        walls = []
         self._vm.set_instrument(instrument)
         try:
-            for _ in range(repeat):
+            for _ in range(repeat + 1):
                 now.clear()
+                clock["woken"] = 0.0
+                t = time.perf_counter()
                 self.run()
-                for g in GROUPS:
-                    samples[g].append(now[g] * 1e3)
+                walls.append((time.perf_counter() - t - clock["woken"]) * 1e3)
+                for sym, sec in now.items():
+                    per_symbol[sym].append(sec * 1e3)
         finally:
             self._vm.set_instrument(None)
-        return {g: float(np.median(samples[g])) for g in GROUPS}
+        walls = walls[1:]  # the first pass warms the instrument
+        calls_per_pass = self._count_calls()
+        overhead = max(0.0, (float(np.median(walls)) - plain) / max(calls_per_pass, 1))
+        out = dict.fromkeys(GROUPS, 0.0)
+        for sym, ms in per_symbol.items():
+            if not sym.startswith("vm."):
+                n = self._symbol_calls[sym]
+                out[_group(sym)] += max(0.0, float(np.median(ms[1:])) - overhead * n)
+        out["other"] += max(0.0, plain - sum(out.values()))
+        return out
+
+    def _count_calls(self) -> int:
+        """Calls per pass, and per symbol (self._symbol_calls), from one instrumented pass."""
+        counts: dict[str, int] = collections.Counter()
+
+        def instrument(func, symbol, before, ret, *args):
+            if before:
+                counts[str(symbol)] += 1
+            return 0
+
+        self._vm.set_instrument(instrument)
+        try:
+            self.run()
+        finally:
+            self._vm.set_instrument(None)
+        self._symbol_calls = counts
+        return sum(counts.values())
 
     @staticmethod
     def amdahl_bound(breakdown: dict[str, float]) -> float:
@@ -186,9 +233,23 @@ class Encoder:
         rest = total - breakdown["linears"]
         return total / rest if rest > 0 else math.inf
 
-    @property
-    def _vocab(self) -> int:
-        return self._vocab_size
+
+@functools.cache
+def _wake_workers():
+    """A no-op parallel kernel: calling it wakes TVM's worker threads (they then spin a while)."""
+    from tvm.script import tirx as T
+
+    from .kernels import compile_prim_func, empty, max_threads
+
+    n = max_threads()
+
+    @T.prim_func
+    def wake(A: T.Buffer((n * 16,), "float32")):
+        for i in T.parallel(n):
+            A[i * 16] = A[i * 16] + T.float32(1)
+
+    fn, buf = compile_prim_func(wake, "wake"), empty((n * 16,))
+    return lambda: fn(buf)
 
 
 def _group(symbol: str) -> str:
@@ -238,11 +299,10 @@ class _Builder:
         out_f, in_f = plan.shape
         t = self.tokens
         c = self.const
-        if plan.family != "dense" and plan.knobs is not None and t % plan.knobs.tile:
-            raise UserError(f"{plan.family} knobs with token tile {plan.knobs.tile} do not fit {t} tokens "
-                            f"(batch x seq); the sparse kernels need a tile that divides the tokens")
         if plan.family == "dense":
-            k = plan.knobs or dense.pick_fm_knobs(t, out_f)
+            k = plan.knobs or dense.pick_fm_knobs(t, out_f, in_f)
+            if not isinstance(k, dense.DenseFMKnobs):
+                raise UserError(f"dense linears in the graph take DenseFMKnobs (feature-major), got {k!r}")
             w = plan.dense_weight()
             return self.call("linear_dense", dense.dense_fm_prim_func(t, out_f, in_f, k),
                              [x, c(dense.pack_fm(w, k.mr))], (out_f, t))
@@ -307,6 +367,17 @@ def _stack_rows(plans: list[LinearPlan]) -> LinearPlan | None:
                                        ws[0].nm, (out_f, p0.shape[1])), None, p0.knobs)
 
 
+def _stride_padding(tokens: int, tiles: list[int]) -> int:
+    """Extra columns for the feature-major activations [features, tokens]: a row stride that is a
+    multiple of 2 KB (e.g. 1024 tokens, 4 KB) maps a column strip's rows onto a few cache sets, and
+    layer norm, attention and the linears then miss in L1/L2 (layer norm at 1024 tokens ran 1.8x
+    slower than at 1040). The padding is a multiple of every token tile; padded columns start as
+    zeros (embeddings), stay finite through every operator, and no valid column ever reads them."""
+    if tokens < 256 or (tokens * 4) % 2048:
+        return 0
+    return math.lcm(16, *tiles)
+
+
 def _lowering():
     """Relax's default build pipeline less the passes that rewrite operators: every operator here is
     already a scheduled call_tir (and RewriteDataflowReshape rejects PrimFuncs without blocks)."""
@@ -356,7 +427,13 @@ def compile_encoder(config, params, linears: Mapping[str, LinearPlan], batch: in
     h, t, f = shape.hidden, batch * seq, shape.intermediate
     hd = h // shape.heads
     for n, plan in plans.items():
-        want = (f, h) if n.endswith("intermediate.dense") else (h, f) if n.endswith(".output.dense") and "attention" not in n else (h, h)
+        if plan.family != "dense" and plan.knobs is not None and t % plan.knobs.tile:
+            raise UserError(f"{n}: {plan.family} knobs with token tile {plan.knobs.tile} do not fit {t} tokens "
+                            f"(batch x seq); the sparse kernels need a tile that divides the tokens")
+    ld = t + _stride_padding(t, [pl.knobs.tile for pl in plans.values() if pl.family != "dense" and pl.knobs])
+    for n, plan in plans.items():
+        sub = n.split(".", 3)[3]
+        want = {"intermediate.dense": (f, h), "output.dense": (h, f)}.get(sub, (h, h))
         if plan.shape != want:
             raise UserError(f"linear {n} must have shape {list(want)} (out, in), got {list(plan.shape)}")
 
@@ -369,14 +446,15 @@ def compile_encoder(config, params, linears: Mapping[str, LinearPlan], batch: in
     bb = relax.BlockBuilder()
     ids = relax.Var("input_ids", relax.TensorType((batch, seq), "int64"))
     mask = relax.Var("attention_mask", relax.TensorType((batch, seq), "int64"))
-    g = _Builder(bb, t)
+    g = _Builder(bb, ld)
     c = g.const
     with bb.function("main", [ids, mask]):
         with bb.dataflow():
             gamma, beta = ln("embeddings.LayerNorm")
-            x = g.call("embed_layer_norm", ops.embed_layer_norm_prim_func(batch, seq, shape.vocab, shape.positions, h, shape.eps),
+            embed = ops.embed_layer_norm_prim_func(batch, seq, shape.vocab, shape.positions, h, shape.eps, ld)
+            x = g.call("embed_layer_norm", embed,
                        [ids, c(p["embeddings.word_embeddings.weight"]), c(p["embeddings.position_embeddings.weight"]),
-                        c(p["embeddings.token_type_embeddings.weight"][0]), c(gamma), c(beta)], (h, t))
+                        c(p["embeddings.token_type_embeddings.weight"][0]), c(gamma), c(beta)], (h, ld))
             for i in range(shape.layers):
                 pre = f"encoder.layer.{i}."
                 q_plan, k_plan, v_plan, o_plan, i_plan, out_plan = (plans[pre + s] for s in SUBLAYERS)
@@ -390,34 +468,36 @@ def compile_encoder(config, params, linears: Mapping[str, LinearPlan], batch: in
                 bq, bk, bv = c(bias(q_plan)), c(bias(k_plan)), c(bias(v_plan))
                 scale = 1.0 / math.sqrt(hd)
                 if fuse_attention:
-                    ctx = g.call("attention", ops.attention_prim_func(batch, seq, shape.heads, hd, rows, offs, scale),
-                                 [qy, ky, vy, bq, bk, bv, mask], (h, t))
+                    ctx = g.call("attention", ops.attention_prim_func(batch, seq, shape.heads, hd, rows, offs, scale, ld),
+                                 [qy, ky, vy, bq, bk, bv, mask], (h, ld))
                 else:
                     groups = batch * shape.heads
                     s = g.call("attention_scores", ops.attention_scores_prim_func(batch, seq, shape.heads, hd, rows,
-                                                                                  offs[:2], scale),
+                                                                                  offs[:2], scale, ld),
                                [qy, ky, bq, bk, mask], (groups, seq, seq))
                     pr = g.call("softmax", ops.softmax_prim_func(groups, seq), [s], (groups, seq, seq))
                     ctx = g.call("attention_context", ops.attention_context_prim_func(batch, seq, shape.heads, hd, rows,
-                                                                                      offs[2]),
-                                 [pr, vy, bv], (h, t))
+                                                                                      offs[2], ld),
+                                 [pr, vy, bv], (h, ld))
                 gamma, beta = ln(pre + "attention.output.LayerNorm")
-                x = g.call("layer_norm", ops.add_layer_norm_prim_func(h, t, shape.eps),
-                           [g.linear(ctx, o_plan), c(bias(o_plan)), x, c(gamma), c(beta)], (h, t))
-                inter = g.call("gelu", ops.bias_gelu_prim_func(f, t), [g.linear(x, i_plan), c(bias(i_plan))], (f, t))
+                x = g.call("layer_norm", ops.add_layer_norm_prim_func(h, ld, shape.eps),
+                           [g.linear(ctx, o_plan), c(bias(o_plan)), x, c(gamma), c(beta)], (h, ld))
+                inter = g.call("gelu", ops.bias_gelu_prim_func(f, ld), [g.linear(x, i_plan), c(bias(i_plan))], (f, ld))
                 gamma, beta = ln(pre + "output.LayerNorm")
                 last = i == shape.layers - 1
                 x = g.call("layer_norm_out" if last else "layer_norm",
-                           ops.add_layer_norm_prim_func(h, t, shape.eps, batch, row_major_out=last),
+                           ops.add_layer_norm_prim_func(h, t if last else ld, shape.eps, batch, row_major_out=last, ld=ld),
                            [g.linear(inter, out_plan), c(bias(out_plan)), x, c(gamma), c(beta)],
-                           (batch, seq, h) if last else (h, t))
+                           (batch, seq, h) if last else (h, ld))
             out = bb.emit_output(x)
         bb.emit_func_output(out)
     executable = tvm.compile(bb.get(), target=host_target(), relax_pipeline=_lowering())
     families = collections.Counter(pl.family for pl in plans.values())
-    enc = Encoder(executable, batch, seq, h, ", ".join(f"{n} {fam}" for fam, n in families.items()))
-    enc._vocab_size = shape.vocab
-    return enc
+    twin = None
+    if fuse_attention:
+        def twin():
+            return compile_encoder(config, params, linears, batch, seq, fuse_attention=False, fuse_qkv=fuse_qkv)
+    return Encoder(executable, batch, seq, h, shape.vocab, ", ".join(f"{n} {fam}" for fam, n in families.items()), twin)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,7 +526,8 @@ def torch_forward(model, input_ids, attention_mask) -> np.ndarray:
     import torch
 
     with torch.inference_mode():
-        return model(input_ids=torch.as_tensor(input_ids), attention_mask=torch.as_tensor(attention_mask)).last_hidden_state.numpy()
+        out = model(input_ids=torch.as_tensor(input_ids), attention_mask=torch.as_tensor(attention_mask))
+    return out.last_hidden_state.numpy()
 
 
 def verify(encoder: Encoder, reference, input_ids, attention_mask, tol: float = 1e-4) -> float:
@@ -517,10 +598,11 @@ def synthetic_bert(layers: int = 12, hidden: int = 768, heads: int = 12, interme
 
 def bench_encoder(model: str = "minilm-l6", sparsity: float = 0.9, block: tuple[int, int] = (32, 1),
                   shapes: tuple[tuple[int, int], ...] = ((1, 128), (8, 128)), repeat: int = 15,
-                  cache_dir: str | None = None, out=print) -> list[dict]:
+                  cache_dir: str | None = None, threads: int = 0, out=print) -> list[dict]:
     """TVM sparse vs TVM dense vs PyTorch eager on the whole encoder, one `measure` call per shape.
 
     model: "minilm-l6" (real weights, real text) or "bert-base-synthetic" (12 x 768, random).
+    threads: for TVM and PyTorch alike (0 = all cores); tunings are kept per thread count.
     Both TVM executables are checked against PyTorch first (raises if wrong). Returns one dict
     per (batch, seq): medians and spreads (ms), speedups, breakdowns (ms) and Amdahl bounds.
     """
@@ -532,7 +614,8 @@ def bench_encoder(model: str = "minilm-l6", sparsity: float = 0.9, block: tuple[
     from .store import Store
     from .timing import measure
 
-    set_threads(max_threads())
+    threads = threads or max_threads()
+    set_threads(threads)
     store = Store(cache_dir)
     if model == "minilm-l6":
         m = get_model(model)
@@ -546,7 +629,7 @@ def bench_encoder(model: str = "minilm-l6", sparsity: float = 0.9, block: tuple[
     rows = []
     for batch, seq in shapes:
         t0 = time.perf_counter()
-        plans = pruned_plans(hf, spec, batch * seq, calibration, store)
+        plans = pruned_plans(hf, spec, batch * seq, calibration, store, threads)
         t1 = time.perf_counter()
         sparse = compile_encoder(hf, hf, plans, batch, seq)
         dense = compile_encoder(hf, hf, {}, batch, seq)
@@ -566,7 +649,8 @@ def bench_encoder(model: str = "minilm-l6", sparsity: float = 0.9, block: tuple[
         times = measure({"TVM sparse": sparse.run, "TVM dense": dense.run, "PyTorch eager": eager},
                         repeat=repeat, per_round=3)
         bd_sparse, bd_dense = sparse.breakdown(repeat), dense.breakdown(max(3, repeat // 3))
-        row = {"model": model, "batch": batch, "seq": seq, "pattern": f"{block[0]}x{block[1]} at {sparsity:.0%}",
+        row = {"model": model, "batch": batch, "seq": seq, "threads": threads,
+               "pattern": f"{block[0]}x{block[1]} at {sparsity:.0%}",
                "tune_s": t1 - t0, "compile_s": t2 - t1, "max_rel_error": {"sparse": err_sparse, "dense": err_dense},
                "times_ms": {k: {"median": v.median, "spread": v.spread} for k, v in times.items()},
                "speedup_vs_tvm_dense": times["TVM dense"].median / times["TVM sparse"].median,
@@ -583,7 +667,7 @@ def bench_encoder(model: str = "minilm-l6", sparsity: float = 0.9, block: tuple[
 
 def _print_row(row: dict, out) -> None:
     t = row["times_ms"]
-    out(f"\n{row['model']} {row['batch']}x{row['seq']} tokens, every linear {row['pattern']} "
+    out(f"\n{row['model']} {row['batch']}x{row['seq']} tokens, {row['threads']} threads, every linear {row['pattern']} "
         f"(tuning {row['tune_s']:.0f} s, compile {row['compile_s']:.0f} s; max rel. error sparse "
         f"{row['max_rel_error']['sparse']:.1e}, dense {row['max_rel_error']['dense']:.1e})")
     for k, v in t.items():
@@ -608,12 +692,13 @@ if __name__ == "__main__":
     ap.add_argument("--shapes", default="1x128,8x128", help="comma-separated batch x seq")
     ap.add_argument("--repeat", type=int, default=15)
     ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--threads", type=int, default=0, help="0 = all cores")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     from .spec import parse_block
 
     shapes = tuple(tuple(int(v) for v in s.lower().split("x")) for s in a.shapes.split(","))
-    rows = bench_encoder(a.model, a.sparsity, parse_block(a.block), shapes, a.repeat, a.cache_dir,
+    rows = bench_encoder(a.model, a.sparsity, parse_block(a.block), shapes, a.repeat, a.cache_dir, a.threads,
                          out=(lambda *_: None) if a.json else print)
     if a.json:
         print(json.dumps(rows, indent=1))

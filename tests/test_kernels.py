@@ -189,11 +189,12 @@ def test_dense_awkward_token_counts_keep_a_full_tile(tokens):
 
 
 @pytest.mark.parametrize("tokens", [128, 97, 5])
-@pytest.mark.parametrize("knobs", [DenseFMKnobs(), DenseFMKnobs(mr=4, nt=64), DenseFMKnobs(mr=12, nt=16)])
+@pytest.mark.parametrize("knobs", [DenseFMKnobs(), DenseFMKnobs(mr=4, nt=64), DenseFMKnobs(mr=12, nt=16, block=48),
+                                   DenseFMKnobs(mr=8, nt=16, block=10**6)])
 def test_feature_major_dense_kernel(tokens, knobs):
     """Y^T = W X^T from X^T [in, tokens] and W packed in panels of mr rows."""
     w, _, x = _case(48, 40, tokens, 1.0, seed=tokens)
-    k = DenseFMKnobs(knobs.mr, min(knobs.nt, tokens))
+    k = DenseFMKnobs(knobs.mr, min(knobs.nt, tokens), knobs.block)
     y = empty((48, tokens))
     compile_prim_func(dense_fm_prim_func(tokens, 48, 40, k), "dense_fm")(tensor(x.T), tensor(pack_fm(w, k.mr)), y)
     assert_matches_dense(y.numpy().T, x, w)

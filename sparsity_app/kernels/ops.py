@@ -81,21 +81,24 @@ def bias_gelu_prim_func(features: int, tokens: int):
     return bias_gelu
 
 
-def add_layer_norm_prim_func(features: int, tokens: int, eps: float, batch: int = 1, row_major_out: bool = False):
+def add_layer_norm_prim_func(features: int, tokens: int, eps: float, batch: int = 1, row_major_out: bool = False,
+                             ld: int | None = None):
     """PrimFunc(Y, bias, R, gamma, beta, Z): Z = LayerNorm(Y + bias + R) over features, per token.
 
-    Y, R: float32 [features, tokens] (the linear's output without its bias, and the residual);
-    bias, gamma, beta: float32 [features]; Z: float32 [features, tokens], or with row_major_out
-    float32 [batch, tokens / batch, features] (the encoder's last_hidden_state).
+    Y, R: float32 [features, ld] (the linear's output without its bias, and the residual; ld >=
+    tokens columns, default tokens; only the first `tokens` are normalised); bias, gamma, beta:
+    float32 [features]; Z: float32 [features, ld], or with row_major_out float32 [batch,
+    tokens / batch, features] (the encoder's last_hidden_state).
     """
+    ld = ld or tokens
     tile, n_tiles = _tiles(tokens, 16)
     seq = tokens // batch
-    z_shape = (batch, seq, features) if row_major_out else (features, tokens)
+    z_shape = (batch, seq, features) if row_major_out else (features, ld)
     inv_n = 1.0 / features
 
     @T.prim_func
-    def add_layer_norm(Y: T.Buffer((features, tokens), "float32"), bias: T.Buffer((features,), "float32"),
-                       R: T.Buffer((features, tokens), "float32"), gamma: T.Buffer((features,), "float32"),
+    def add_layer_norm(Y: T.Buffer((features, ld), "float32"), bias: T.Buffer((features,), "float32"),
+                       R: T.Buffer((features, ld), "float32"), gamma: T.Buffer((features,), "float32"),
                        beta: T.Buffer((features,), "float32"), Z: T.Buffer(z_shape, "float32")):
         T.func_attr({"tirx.noalias": True})
         for t0 in T.parallel(n_tiles):
@@ -127,15 +130,18 @@ def add_layer_norm_prim_func(features: int, tokens: int, eps: float, batch: int 
     return add_layer_norm
 
 
-def embed_layer_norm_prim_func(batch: int, seq: int, vocab: int, positions: int, features: int, eps: float):
+def embed_layer_norm_prim_func(batch: int, seq: int, vocab: int, positions: int, features: int, eps: float,
+                               ld: int | None = None):
     """PrimFunc(ids, word, pos, type0, gamma, beta, X): BERT's embeddings, feature-major out.
 
     ids: int64 [batch, seq]; word: float32 [vocab, features]; pos: float32 [positions, features]
     (token s gets position s); type0: float32 [features] (token type 0); gamma, beta: float32
-    [features]; X: float32 [features, batch * seq] = LayerNorm(word[ids] + pos + type0)^T.
+    [features]; X: float32 [features, ld] = LayerNorm(word[ids] + pos + type0)^T, columns past
+    batch * seq (padding of the row stride, see graph.py) set to zero.
     Scheduled as add_layer_norm, a tile of 16 tokens per task (rows of `word` gathered per lane).
     """
     tokens = batch * seq
+    ld = ld or tokens
     tile, n_tiles = _tiles(tokens, 16)
     inv_n = 1.0 / features
 
@@ -143,8 +149,11 @@ def embed_layer_norm_prim_func(batch: int, seq: int, vocab: int, positions: int,
     def embed_layer_norm(ids: T.Buffer((batch, seq), "int64"), word: T.Buffer((vocab, features), "float32"),
                          pos: T.Buffer((positions, features), "float32"), type0: T.Buffer((features,), "float32"),
                          gamma: T.Buffer((features,), "float32"), beta: T.Buffer((features,), "float32"),
-                         X: T.Buffer((features, tokens), "float32")):
+                         X: T.Buffer((features, ld), "float32")):
         T.func_attr({"tirx.noalias": True})
+        for f in range(features):
+            for c in range(ld - tokens):
+                X[f, tokens + c] = T.float32(0)
         for t0 in T.parallel(n_tiles):
             v = T.alloc_buffer((features, tile), "float32", scope="global")
             row = T.alloc_buffer((tile,), "int32", scope="local")
@@ -175,39 +184,49 @@ def embed_layer_norm_prim_func(batch: int, seq: int, vocab: int, positions: int,
     return embed_layer_norm
 
 
+ATTENTION_TILES = {"queries": 64, "keys": 4, "features": 4}  # register tiles: see _attention_common
+
+
 def _attention_common(batch, seq, heads, head_dim):
-    it, n_it = _tiles(seq, 64)  # queries per register tile (vector lanes)
-    jt = 4 if seq >= 4 else seq  # keys per register tile in Q K^T
+    """Register tiles: it queries (vector lanes) x jt keys in Q K^T, x dt head features in P V."""
+    it, n_it = _tiles(seq, ATTENTION_TILES["queries"])
+    jt = min(ATTENTION_TILES["keys"], seq)
     n_jt = -(-seq // jt)
-    dt = 4 if head_dim % 4 == 0 else 1  # head features per register tile in P V
+    dt = next(d for d in range(ATTENTION_TILES["features"], 0, -1) if head_dim % d == 0)
     return it, n_it, jt, n_jt, dt
 
 
 def attention_prim_func(batch: int, seq: int, heads: int, head_dim: int, q_rows: int, offsets: tuple[int, int, int],
-                        scale: float):
+                        scale: float, ld: int | None = None):
     """PrimFunc(Q, K, V, bq, bk, bv, mask, O): multi-head self-attention, fused per (sequence, head).
 
     Q, K, V: float32 [q_rows, tokens], feature-major linear outputs without bias; head h of Q is
     rows offsets[0] + h * head_dim ... (so one fused QKV output [3 * hidden, tokens] can be passed
     three times with offsets 0, hidden, 2 * hidden); bq, bk, bv: float32 [hidden];
     mask: int64 [batch, seq], 0 = padding key; O: float32 [hidden, tokens] (context, feature-major).
+    Every [*, tokens] buffer may have ld >= tokens columns (see graph.py); O's extra ones are zeroed.
     Per task: S^T [keys, queries] = (K + bk)^T (Q + bq) * scale + mask, a softmax down each column
     (vectorised over queries), then O^T = (V + bv) P^T, each column scaled by 1 / its sum.
     """
     tokens, hidden = batch * seq, heads * head_dim
+    ld = ld or tokens
     it, n_it, jt, n_jt, dt = _attention_common(batch, seq, heads, head_dim)
     qo, ko, vo = offsets
     neg = -3.4028234663852886e38  # HF's additive mask: torch.finfo(float32).min
 
     @T.prim_func
-    def attention(Q: T.Buffer((q_rows, tokens), "float32"), K: T.Buffer((q_rows, tokens), "float32"),
-                  V: T.Buffer((q_rows, tokens), "float32"), bq: T.Buffer((hidden,), "float32"),
+    def attention(Q: T.Buffer((q_rows, ld), "float32"), K: T.Buffer((q_rows, ld), "float32"),
+                  V: T.Buffer((q_rows, ld), "float32"), bq: T.Buffer((hidden,), "float32"),
                   bk: T.Buffer((hidden,), "float32"), bv: T.Buffer((hidden,), "float32"),
-                  mask: T.Buffer((batch, seq), "int64"), O: T.Buffer((hidden, tokens), "float32")):
+                  mask: T.Buffer((batch, seq), "int64"), O: T.Buffer((hidden, ld), "float32")):
         T.func_attr({"tirx.noalias": True})
+        for r in range(hidden):
+            for c in range(ld - tokens):
+                O[r, tokens + c] = T.float32(0)
         for task in T.parallel(batch * heads):
             qs = T.alloc_buffer((head_dim, seq), "float32", scope="global")
             st = T.alloc_buffer((seq, seq), "float32", scope="global")
+            pt = T.alloc_buffer((seq, seq), "float32", scope="global")
             mx = T.alloc_buffer((it,), "float32", scope="local")
             sm = T.alloc_buffer((seq,), "float32", scope="global")
             acc = T.alloc_buffer((jt, it), "float32", scope="local")
@@ -232,7 +251,8 @@ def attention_prim_func(batch: int, seq: int, heads: int, head_dim: int, q_rows:
                         for ii in T.vectorized(it):
                             st[T.min(j0 * jt, seq - jt) + jj, T.min(i0 * it, seq - it) + ii] = acc[jj, ii] + T.if_then_else(
                                 mask[task // heads, T.min(j0 * jt, seq - jt) + jj] != T.int64(0), T.float32(0), T.float32(neg))
-            # softmax down each column; sm[i] = 1 / sum_j exp
+            # softmax down each column into pt (not in place: a last tile that overlaps its
+            # neighbour must recompute from unchanged scores); sm[i] = 1 / sum_j exp
             for i0 in range(n_it):
                 for ii in T.vectorized(it):
                     mx[ii] = T.float32(neg)
@@ -243,8 +263,8 @@ def attention_prim_func(batch: int, seq: int, heads: int, head_dim: int, q_rows:
                     sm[T.min(i0 * it, seq - it) + ii] = T.float32(0)
                 for j in range(seq):
                     for ii in T.vectorized(it):
-                        st[j, T.min(i0 * it, seq - it) + ii] = fast_exp(st[j, T.min(i0 * it, seq - it) + ii] - mx[ii])
-                        sm[T.min(i0 * it, seq - it) + ii] = sm[T.min(i0 * it, seq - it) + ii] + st[j, T.min(i0 * it, seq - it) + ii]
+                        pt[j, T.min(i0 * it, seq - it) + ii] = fast_exp(st[j, T.min(i0 * it, seq - it) + ii] - mx[ii])
+                        sm[T.min(i0 * it, seq - it) + ii] = sm[T.min(i0 * it, seq - it) + ii] + pt[j, T.min(i0 * it, seq - it) + ii]
                 for ii in T.vectorized(it):
                     sm[T.min(i0 * it, seq - it) + ii] = T.float32(1) / sm[T.min(i0 * it, seq - it) + ii]
             # O^T[d, i] = sum_j (V + bv)[d, j] P^T[j, i]
@@ -258,7 +278,7 @@ def attention_prim_func(batch: int, seq: int, heads: int, head_dim: int, q_rows:
                             for ii in T.vectorized(it):
                                 acc2[dd, ii] = acc2[dd, ii] + (
                                     V[vo + (task % heads) * head_dim + d0 * dt + dd, (task // heads) * seq + j]
-                                    + bv[(task % heads) * head_dim + d0 * dt + dd]) * st[j, T.min(i0 * it, seq - it) + ii]
+                                    + bv[(task % heads) * head_dim + d0 * dt + dd]) * pt[j, T.min(i0 * it, seq - it) + ii]
                     for dd in T.unroll(dt):
                         for ii in T.vectorized(it):
                             O[(task % heads) * head_dim + d0 * dt + dd, (task // heads) * seq + T.min(i0 * it, seq - it) + ii] = (
@@ -268,18 +288,19 @@ def attention_prim_func(batch: int, seq: int, heads: int, head_dim: int, q_rows:
 
 
 def attention_scores_prim_func(batch: int, seq: int, heads: int, head_dim: int, q_rows: int,
-                               offsets: tuple[int, int], scale: float):
+                               offsets: tuple[int, int], scale: float, ld: int | None = None):
     """PrimFunc(Q, K, bq, bk, mask, S): the split attention's first kernel (see attention_prim_func).
 
     S: float32 [batch * heads, seq (keys), seq (queries)], S^T = (K + bk)^T (Q + bq) * scale + mask.
     """
     tokens, hidden = batch * seq, heads * head_dim
+    ld = ld or tokens
     it, n_it, jt, n_jt, _ = _attention_common(batch, seq, heads, head_dim)
     qo, ko = offsets
     neg = -3.4028234663852886e38
 
     @T.prim_func
-    def attention_scores(Q: T.Buffer((q_rows, tokens), "float32"), K: T.Buffer((q_rows, tokens), "float32"),
+    def attention_scores(Q: T.Buffer((q_rows, ld), "float32"), K: T.Buffer((q_rows, ld), "float32"),
                          bq: T.Buffer((hidden,), "float32"), bk: T.Buffer((hidden,), "float32"),
                          mask: T.Buffer((batch, seq), "int64"), S: T.Buffer((batch * heads, seq, seq), "float32")):
         T.func_attr({"tirx.noalias": True})
@@ -312,7 +333,8 @@ def attention_scores_prim_func(batch: int, seq: int, heads: int, head_dim: int, 
 def softmax_prim_func(groups: int, seq: int):
     """PrimFunc(S, P): P[g, :, i] = softmax(S[g, :, i]), down each column (over keys).
 
-    S, P: float32 [groups, seq (keys), seq (queries)]; vectorised over queries.
+    S, P: float32 [groups, seq (keys), seq (queries)]; vectorised over queries. A task owns a
+    whole group: P is scaled in place, so an overlapping last tile must run after its neighbour.
     """
     it, n_it = _tiles(seq, 64)
     neg = -3.4028234663852886e38
@@ -320,43 +342,49 @@ def softmax_prim_func(groups: int, seq: int):
     @T.prim_func
     def softmax(S: T.Buffer((groups, seq, seq), "float32"), P: T.Buffer((groups, seq, seq), "float32")):
         T.func_attr({"tirx.noalias": True})
-        for task in T.parallel(groups * n_it):
-            mx = T.alloc_buffer((it,), "float32", scope="local")
-            sm = T.alloc_buffer((it,), "float32", scope="local")
-            for ii in T.vectorized(it):
-                mx[ii] = T.float32(neg)
-                sm[ii] = T.float32(0)
-            for j in range(seq):
+        for g in T.parallel(groups):
+            for i0 in range(n_it):
+                mx = T.alloc_buffer((it,), "float32", scope="local")
+                sm = T.alloc_buffer((it,), "float32", scope="local")
                 for ii in T.vectorized(it):
-                    mx[ii] = T.max(mx[ii], S[task // n_it, j, T.min((task % n_it) * it, seq - it) + ii])
-            for j in range(seq):
+                    mx[ii] = T.float32(neg)
+                    sm[ii] = T.float32(0)
+                for j in range(seq):
+                    for ii in T.vectorized(it):
+                        mx[ii] = T.max(mx[ii], S[g, j, T.min(i0 * it, seq - it) + ii])
+                for j in range(seq):
+                    for ii in T.vectorized(it):
+                        P[g, j, T.min(i0 * it, seq - it) + ii] = fast_exp(
+                            S[g, j, T.min(i0 * it, seq - it) + ii] - mx[ii])
+                        sm[ii] = sm[ii] + P[g, j, T.min(i0 * it, seq - it) + ii]
                 for ii in T.vectorized(it):
-                    P[task // n_it, j, T.min((task % n_it) * it, seq - it) + ii] = fast_exp(
-                        S[task // n_it, j, T.min((task % n_it) * it, seq - it) + ii] - mx[ii])
-                    sm[ii] = sm[ii] + P[task // n_it, j, T.min((task % n_it) * it, seq - it) + ii]
-            for ii in T.vectorized(it):
-                sm[ii] = T.float32(1) / sm[ii]
-            for j in range(seq):
-                for ii in T.vectorized(it):
-                    P[task // n_it, j, T.min((task % n_it) * it, seq - it) + ii] = (
-                        P[task // n_it, j, T.min((task % n_it) * it, seq - it) + ii] * sm[ii])
+                    sm[ii] = T.float32(1) / sm[ii]
+                for j in range(seq):
+                    for ii in T.vectorized(it):
+                        P[g, j, T.min(i0 * it, seq - it) + ii] = (
+                            P[g, j, T.min(i0 * it, seq - it) + ii] * sm[ii])
 
     return softmax
 
 
-def attention_context_prim_func(batch: int, seq: int, heads: int, head_dim: int, v_rows: int, offset: int):
+def attention_context_prim_func(batch: int, seq: int, heads: int, head_dim: int, v_rows: int, offset: int,
+                                ld: int | None = None):
     """PrimFunc(P, V, bv, O): the split attention's last kernel, O^T = (V + bv) P^T per (sequence, head).
 
     P: float32 [batch * heads, seq (keys), seq (queries)]; V: float32 [v_rows, tokens], head h
     at rows offset + h * head_dim; bv: float32 [hidden]; O: float32 [hidden, tokens].
     """
     tokens, hidden = batch * seq, heads * head_dim
+    ld = ld or tokens
     it, n_it, _, _, dt = _attention_common(batch, seq, heads, head_dim)
 
     @T.prim_func
-    def attention_context(P: T.Buffer((batch * heads, seq, seq), "float32"), V: T.Buffer((v_rows, tokens), "float32"),
-                          bv: T.Buffer((hidden,), "float32"), O: T.Buffer((hidden, tokens), "float32")):
+    def attention_context(P: T.Buffer((batch * heads, seq, seq), "float32"), V: T.Buffer((v_rows, ld), "float32"),
+                          bv: T.Buffer((hidden,), "float32"), O: T.Buffer((hidden, ld), "float32")):
         T.func_attr({"tirx.noalias": True})
+        for r in range(hidden):
+            for c in range(ld - tokens):
+                O[r, tokens + c] = T.float32(0)
         for task in T.parallel(batch * heads):
             acc2 = T.alloc_buffer((dt, it), "float32", scope="local")
             for d0 in range(head_dim // dt):
