@@ -17,6 +17,7 @@ import copy
 import logging
 import os
 import tempfile
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -105,9 +106,11 @@ def _export(model, ids: np.ndarray, mask: np.ndarray, path: str) -> None:
     """Write `model` (a private copy) as ONNX to `path`, static shapes [batch, seq], weights inline."""
     import torch
 
-    # the exporter warns about torchvision ops it cannot register, and the optimizer about every
-    # constant it declines to fold: noise on every export, so silenced for this call only
-    with _quiet("torch.onnx", "onnxscript"):
+    # the exporter warns about torchvision ops it cannot register, the optimizer about every constant
+    # it declines to fold, and torch.export about a deprecated pytree check: noise on every export,
+    # so silenced for this call only
+    with _quiet("torch.onnx", "onnxscript"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
         torch.onnx.export(_last_hidden(model), (torch.from_numpy(ids), torch.from_numpy(mask)), path,
                           input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"],
                           dynamo=True, external_data=False, verbose=False)

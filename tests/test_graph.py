@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from sparsity_app import graph
+from sparsity_app import baselines, graph
 from sparsity_app.errors import UserError
 from sparsity_app.formats import sparse_format
 from sparsity_app.kernels.bsr import BSRKnobs
@@ -89,7 +89,7 @@ def test_minilm_90_percent_32x1_matches_pytorch():
     spec = Spec(method="block", block=(32, 1), sparsity=0.9)
     knobs = BSRKnobs(tile=16, vec="tokens", layout="feature-major", split="nnz", rows_per_pass=16)
     plans = {n: _plan(hf, n, spec, knobs) for n in graph.EncoderShape.of(hf).linear_names()}
-    ids, mask = graph.sample_inputs(tok, 2, 16)
+    ids, mask = baselines.example_inputs(tok, 2, 16)
     enc = graph.compile_encoder(hf, hf, plans, 2, 16)
     assert graph.verify(enc, graph.reference_model(hf, plans), ids, mask) <= 1e-4
 
