@@ -106,7 +106,8 @@ class Encoder:
     """A compiled encoder for input_ids / attention_mask int64 [batch, seq] -> last_hidden_state
     float32 [batch, seq, hidden]."""
 
-    def __init__(self, executable, batch: int, seq: int, hidden: int, vocab: int, description: str, split_twin=None):
+    def __init__(self, executable, batch: int, seq: int, hidden: int, vocab: int, description: str, split_twin=None,
+                 owners: list[tuple[str, ...]] | None = None):
         import tvm
         from tvm import relax
 
@@ -118,6 +119,8 @@ class Encoder:
         self._out = None
         self._vocab = vocab
         self._split_twin = split_twin  # () -> Encoder with the attention split in three kernels
+        self._owners = owners or []  # per kernel call of a pass, in order: the linears it serves
+        self.linear_ms: dict[tuple[str, ...], float] = {}  # filled by breakdown(): linears -> ms per pass
 
     def _check(self, name: str, a) -> np.ndarray:
         a = a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
@@ -168,11 +171,15 @@ class Encoder:
             if not isinstance(self._split_twin, Encoder):
                 self._split_twin = self._split_twin()
             self._split_twin._ids, self._split_twin._mask = self._ids, self._mask
-            return self._split_twin.breakdown(repeat)
+            out = self._split_twin.breakdown(repeat)
+            self.linear_ms = self._split_twin.linear_ms  # the twin's linears are the same kernels
+            return out
         wake = _wake_workers()
         plain = measure({"pass": self.run}, repeat=repeat, per_round=repeat)["pass"].median
         per_symbol: dict[str, list[float]] = collections.defaultdict(list)
         now: dict[str, float] = collections.defaultdict(float)
+        order: list[float] = []  # this pass's kernel calls in order (ms), to attribute to their linears
+        per_owner: dict[tuple[str, ...], list[float]] = collections.defaultdict(list)
         clock = {"start": 0.0, "woken": 0.0}
 
         def instrument(func, symbol, before, ret, *args):
@@ -182,7 +189,10 @@ class Encoder:
                 clock["start"] = time.perf_counter()
                 clock["woken"] += clock["start"] - t
             else:
-                now[str(symbol)] += time.perf_counter() - clock["start"]
+                elapsed = time.perf_counter() - clock["start"]
+                now[str(symbol)] += elapsed
+                if not str(symbol).startswith("vm."):
+                    order.append(elapsed * 1e3)
             return 0
 
         walls = []
@@ -190,12 +200,20 @@ class Encoder:
         try:
             for _ in range(repeat + 1):
                 now.clear()
+                order.clear()
                 clock["woken"] = 0.0
                 t = time.perf_counter()
                 self.run()
                 walls.append((time.perf_counter() - t - clock["woken"]) * 1e3)
                 for sym, sec in now.items():
                     per_symbol[sym].append(sec * 1e3)
+                if len(order) == len(self._owners):  # calls run in the order they were emitted
+                    totals: dict[tuple[str, ...], float] = collections.defaultdict(float)
+                    for owner, ms in zip(self._owners, order):
+                        if owner:
+                            totals[owner] += ms
+                    for owner, ms in totals.items():
+                        per_owner[owner].append(ms)
         finally:
             self._vm.set_instrument(None)
         walls = walls[1:]  # the first pass warms the instrument
@@ -207,7 +225,17 @@ class Encoder:
                 n = self._symbol_calls[sym]
                 out[_group(sym)] += max(0.0, float(np.median(ms[1:])) - overhead * n)
         out["other"] += max(0.0, plain - sum(out.values()))
+        self.linear_ms = {owner: max(0.0, float(np.median(ms[1:])) - overhead * self._calls_of(owner))
+                          for owner, ms in per_owner.items()}
         return out
+
+    def _calls_of(self, owner: tuple[str, ...]) -> int:
+        return sum(o == owner for o in self._owners)
+
+    def linear_times(self) -> dict[str, float]:
+        """ms per pass of each linear's kernel calls, by layer name, after `breakdown()`; layers that
+        run as one stacked kernel (Q, K, V) share its time evenly."""
+        return {name: ms / len(owner) for owner, ms in self.linear_ms.items() for name in owner}
 
     def _count_calls(self) -> int:
         """Calls per pass, and per symbol (self._symbol_calls), from one instrumented pass."""
@@ -269,6 +297,8 @@ class _Builder:
     def __init__(self, bb, tokens: int):
         self.bb, self.tokens = bb, tokens
         self._funcs: dict[str, object] = {}
+        self.owners: list[tuple[str, ...]] = []  # per emitted call, in order: the linears it serves (or ())
+        self._owner: tuple[str, ...] = ()
 
     def const(self, a: np.ndarray):
         from tvm import relax
@@ -285,6 +315,7 @@ class _Builder:
         if gv is None:  # same kernel (same shapes and knobs) -> one function; symbols must be unique
             symbol = f"{name}_{sum(k[0] == name for k in self._funcs)}"
             gv = self._funcs[key] = self.bb.add_func(func.with_attr("global_symbol", symbol), symbol)
+        self.owners.append(self._owner)
         return self.bb.emit(relax.call_tir(gv, args, relax.TensorType(out_shape, dtype)))
 
     def transpose(self, x, rows: int, cols: int):
@@ -292,7 +323,15 @@ class _Builder:
 
         return self.call("transpose", ops.transpose_prim_func(rows, cols), [x], (cols, rows))
 
-    def linear(self, x, plan: LinearPlan):
+    def linear(self, x, plan: LinearPlan, names: tuple[str, ...] = ()):
+        """The linear's calls (kernel, and any packing or transposes), owned by the layers `names`."""
+        self._owner = tuple(names)
+        try:
+            return self._linear(x, plan)
+        finally:
+            self._owner = ()
+
+    def _linear(self, x, plan: LinearPlan):
         """Y^T float32 [out, tokens] = W X^T (no bias: the consumer adds it); x: X^T [in, tokens]."""
         from .kernels import balanced_parts, bsr, csr, dense, max_threads, nm, ops
 
@@ -460,10 +499,10 @@ def compile_encoder(config, params, linears: Mapping[str, LinearPlan], batch: in
                 q_plan, k_plan, v_plan, o_plan, i_plan, out_plan = (plans[pre + s] for s in SUBLAYERS)
                 qkv = _stack_rows([q_plan, k_plan, v_plan]) if fuse_qkv else None
                 if qkv is not None:
-                    y = g.linear(x, qkv)
+                    y = g.linear(x, qkv, (pre + SUBLAYERS[0], pre + SUBLAYERS[1], pre + SUBLAYERS[2]))
                     qy, ky, vy, rows, offs = y, y, y, 3 * h, (0, h, 2 * h)
                 else:
-                    qy, ky, vy = g.linear(x, q_plan), g.linear(x, k_plan), g.linear(x, v_plan)
+                    qy, ky, vy = (g.linear(x, pl, (pre + sub,)) for pl, sub in zip((q_plan, k_plan, v_plan), SUBLAYERS))
                     rows, offs = h, (0, 0, 0)
                 bq, bk, bv = c(bias(q_plan)), c(bias(k_plan)), c(bias(v_plan))
                 scale = 1.0 / math.sqrt(hd)
@@ -481,13 +520,13 @@ def compile_encoder(config, params, linears: Mapping[str, LinearPlan], batch: in
                                  [pr, vy, bv], (h, ld))
                 gamma, beta = ln(pre + "attention.output.LayerNorm")
                 x = g.call("layer_norm", ops.add_layer_norm_prim_func(h, ld, shape.eps),
-                           [g.linear(ctx, o_plan), c(bias(o_plan)), x, c(gamma), c(beta)], (h, ld))
-                inter = g.call("gelu", ops.bias_gelu_prim_func(f, ld), [g.linear(x, i_plan), c(bias(i_plan))], (f, ld))
+                           [g.linear(ctx, o_plan, (pre + SUBLAYERS[3],)), c(bias(o_plan)), x, c(gamma), c(beta)], (h, ld))
+                inter = g.call("gelu", ops.bias_gelu_prim_func(f, ld), [g.linear(x, i_plan, (pre + SUBLAYERS[4],)), c(bias(i_plan))], (f, ld))
                 gamma, beta = ln(pre + "output.LayerNorm")
                 last = i == shape.layers - 1
                 x = g.call("layer_norm_out" if last else "layer_norm",
                            ops.add_layer_norm_prim_func(h, t if last else ld, shape.eps, batch, row_major_out=last, ld=ld),
-                           [g.linear(inter, out_plan), c(bias(out_plan)), x, c(gamma), c(beta)],
+                           [g.linear(inter, out_plan, (pre + SUBLAYERS[5],)), c(bias(out_plan)), x, c(gamma), c(beta)],
                            (batch, seq, h) if last else (h, ld))
             out = bb.emit_output(x)
         bb.emit_func_output(out)
@@ -497,7 +536,8 @@ def compile_encoder(config, params, linears: Mapping[str, LinearPlan], batch: in
     if fuse_attention:
         def twin():
             return compile_encoder(config, params, linears, batch, seq, fuse_attention=False, fuse_qkv=fuse_qkv)
-    return Encoder(executable, batch, seq, h, shape.vocab, ", ".join(f"{n} {fam}" for fam, n in families.items()), twin)
+    return Encoder(executable, batch, seq, h, shape.vocab, ", ".join(f"{n} {fam}" for fam, n in families.items()), twin,
+                   g.owners)
 
 
 # ---------------------------------------------------------------------------------------------

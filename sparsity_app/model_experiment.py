@@ -141,11 +141,9 @@ def _layer_row(name, pattern, family, achieved, schedule, sparse_bytes, dense_by
 
 
 def _per_linear_ms(encoder, names: list[str]) -> list[float | None]:
-    """Each linear's own kernel time in the sparse executable, when the encoder can tell them apart."""
-    per_call = getattr(encoder, "linear_times", None)
-    if per_call is None:
-        return [None] * len(names)
-    times = per_call()
+    """Each linear's kernel time inside the sparse executable's passes (after its breakdown); Q, K and V
+    stacked into one kernel share its time evenly."""
+    times = encoder.linear_times()
     return [times.get(name) for name in names]
 
 

@@ -75,6 +75,9 @@ def test_model_json_contract_cache_and_page(cli):
     assert abs(layers["encoder.layer.1.attention.self.query"]["sparsity_achieved"] - 0.9) < 1e-3
     pruned_weights = sum(r["dense_bytes"] / 4 * r["sparsity_achieved"] for r in d["layers"])
     assert d["sparsity_achieved"] == pytest.approx(pruned_weights / sum(r["dense_bytes"] / 4 for r in d["layers"]))
+    assert all(row["kernel_ms"] > 0 for row in d["layers"])  # each linear's time inside the executable
+    q, k, v = (layers[f"encoder.layer.1.attention.self.{n}"]["kernel_ms"] for n in ("query", "key", "value"))
+    assert q == k == v  # one stacked kernel, its time shared evenly
     assert set(d["breakdown"]) == {"tvm_sparse", "tvm_dense"}
     assert d["breakdown"]["tvm_sparse"]["linears"] > 0 and d["amdahl_bound"] > 1
     assert d["dense_metrics"]["lee_pearson"] == pytest.approx(0.656, abs=0.002)
