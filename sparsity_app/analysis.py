@@ -130,8 +130,10 @@ MODEL_METRICS = {  # column -> label (higher is better for all)
 def model_conditions(result) -> str:
     """Measurement conditions of a whole-model result, as one line (results compare only within one)."""
     m, p = result.machine, result.plan
-    return (f"{m.get('cpu')}, {m.get('threads')} threads, batch {p.batch} x {p.tokens} tokens, {p.repeat} samples, "
-            f"TVM {m.get('tvm')}, PyTorch {m.get('torch')}, code {str(m.get('code'))[:8]}")
+    isa = m.get("isa") or []
+    return (f"{m.get('cpu')} ({m.get('cores')} cores, {isa[-1] if isa else 'no ISA flags'}), {m.get('threads')} threads, "
+            f"batch {p.batch} x {p.tokens} tokens, {p.repeat} samples, TVM {m.get('tvm')}, PyTorch {m.get('torch')}, "
+            f"code {str(m.get('code'))[:8]}")
 
 
 def model_frame(results) -> pd.DataFrame:

@@ -230,7 +230,7 @@ def main(args: argparse.Namespace) -> int:
     from .locks import measurement_slot
 
     rows = []
-    with measurement_slot(store.directory, "bench", waiting=lambda ahead: print(
+    with measurement_slot("bench", waiting=lambda ahead: print(
             f"waiting: {ahead} measurement(s) ahead", file=sys.stderr, flush=True)):
         rows = _bench_all(runs, shapes, sparsities, args, store)
     if args.json:

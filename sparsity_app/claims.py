@@ -44,10 +44,8 @@ def layer_claims(sparsity: float = 0.9, tokens: int = 128, threads: int = 0, sto
     """Time 32x1 and 16x16 BSR (tuned), every dense peer and TVM's default-scheduled dense in one
     `measure` call on a 768x768 layer at `sparsity`; each kernel checked against NumPy first."""
     from .locks import measurement_slot
-    from .store import cache_dir
 
-    slot = store.directory if store is not None else cache_dir()
-    with measurement_slot(slot, "claims: one layer", waiting=lambda ahead: progress(f"waiting: {ahead} ahead")):
+    with measurement_slot("claims: one layer", waiting=lambda ahead: progress(f"waiting: {ahead} ahead")):
         return _layer_claims(sparsity, tokens, threads, store, progress)
 
 

@@ -19,7 +19,7 @@ from .models import get_model, layer_info
 from .pruning import ACTIVATION_AWARE, input_norms, prune
 from .spec import SPARSE, Result, Spec
 from .locks import measurement_slot
-from .store import Store, cache_dir, key_of
+from .store import Store, key_of
 from .timing import fingerprint, measure
 
 STEPS = ("prune", "format", "tune", "compile", "verify", "time", "score")  # what `progress` is told, in order
@@ -67,8 +67,7 @@ def run(spec: Spec, store: Store | None = None, progress: Progress = _quiet, ret
     spec, shape = validate(spec)
     if store is not None and not retune and (hit := lookup(spec, store)) is not None:
         return hit
-    slot = store.directory if store is not None else cache_dir()
-    with measurement_slot(slot, f"run {spec.label()} {spec.layer}",
+    with measurement_slot(f"run {spec.label()} {spec.layer}",
                           waiting=lambda ahead: progress("queue", f"waiting: {ahead} measurement(s) ahead of this one")):
         if store is not None and not retune and (hit := lookup(spec, store)) is not None:
             return hit  # measured by the one we waited for

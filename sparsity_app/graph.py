@@ -254,12 +254,6 @@ class Encoder:
         self._symbol_calls = counts
         return sum(counts.values())
 
-    @staticmethod
-    def amdahl_bound(breakdown: dict[str, float]) -> float:
-        """The speedup of the whole pass if the linears took no time at all."""
-        total = sum(breakdown.values())
-        rest = total - breakdown["linears"]
-        return total / rest if rest > 0 else math.inf
 
 
 @functools.cache

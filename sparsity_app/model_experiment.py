@@ -20,7 +20,7 @@ from .models import get_model
 from .pruning import prune
 from .spec import SPARSE, ModelPlan, ModelResult, Spec, default_threads
 from .locks import measurement_slot
-from .store import Store, cache_dir, model_key_of
+from .store import Store, model_key_of
 from .timing import fingerprint, measure
 
 STEPS = ("prune", "tune", "compile", "verify", "time", "breakdown", "evaluate")
@@ -57,8 +57,7 @@ def run_model(plan: ModelPlan, store: Store | None = None, progress: Progress = 
     reuse = store is not None and reuse_result and not retune
     if reuse and (hit := lookup(plan, store)) is not None:
         return hit
-    slot = store.directory if store is not None else cache_dir()
-    with measurement_slot(slot, f"model {plan.model} {plan.label()}",
+    with measurement_slot(f"model {plan.model} {plan.label()}",
                           waiting=lambda ahead: progress("queue", f"waiting: {ahead} measurement(s) ahead of this one")):
         if reuse and (hit := lookup(plan, store)) is not None:
             return hit  # measured by the one we waited for
@@ -76,17 +75,16 @@ def _measure(plan: ModelPlan, specs: dict, store: Store | None, progress: Progre
     rows = plan.batch * plan.tokens
 
     with clock.step("prune", f"{plan.label()}: pruning {len(specs)} linears"):
-        pruned, masks = {}, {}
-        for name, spec in specs.items():
-            weight, _ = model.weight(name)
-            masks[name] = np.ones_like(weight, bool) if spec is None else prune(weight, spec, layer_input_norms(spec))
-            pruned[name] = weight * masks[name]
-    n_tuned = [0]
+        weights = {name: model.weight(name) for name in specs}  # name -> (W float32 [out, in], bias)
+        masks = {name: np.ones_like(weights[name][0], bool) if spec is None else
+                 prune(weights[name][0], spec, layer_input_norms(spec)) for name, spec in specs.items()}
+        pruned = {name: weights[name][0] * masks[name] for name in specs}
+    tuned_now = 0
     with clock.step("tune", "sparse formats and each layer's schedule (layers of one shape and pattern share a "
                     "tuning)"):
         plans, layers = {}, []
         for name, spec in specs.items():
-            weight, bias = model.weight(name)
+            weight, bias = weights[name]
             if spec is None:
                 plans[name] = graph.LinearPlan("dense", weight, bias)
                 layers.append(_layer_row(name, "dense", "dense", 0.0, None, weight.nbytes, weight.nbytes))
@@ -96,7 +94,7 @@ def _measure(plan: ModelPlan, specs: dict, store: Store | None, progress: Progre
             reference = x.astype(np.float64) @ pruned[name].astype(np.float64).T
             tuning = tuner.best_schedule(family, fmt, x, reference, spec, threads, store, retune=retune,
                                          layouts=("feature-major",))
-            n_tuned[0] += not tuning.cached
+            tuned_now += not tuning.cached
             plans[name] = graph.LinearPlan(family, fmt, bias, tuning.knobs())
             layers.append(_layer_row(name, spec.label(), family, 1.0 - float(masks[name].mean()), tuning.label,
                                      fmt.nbytes, weight.nbytes))
@@ -127,7 +125,7 @@ def _measure(plan: ModelPlan, specs: dict, store: Store | None, progress: Progre
     total = sum(m.size for m in masks.values())
     result = ModelResult(plan=plan, sparsity_achieved=float(sum((~m).sum() for m in masks.values()) / total),
                          layers=layers, times_ms=times, breakdown=breakdown, max_abs_error=error, metrics=metrics,
-                         dense_metrics=dense_metrics, tune_s=clock.seconds["tune"] if n_tuned[0] else 0.0,
+                         dense_metrics=dense_metrics, tune_s=clock.seconds["tune"] if tuned_now else 0.0,
                          compile_s=clock.seconds["compile"], machine={**machine, "threads": threads},
                          step_s=dict(clock.seconds), real_weights=model.real_weights)
     if store is not None:
@@ -148,25 +146,31 @@ def _per_linear_ms(encoder, names: list[str]) -> list[float | None]:
 
 
 @functools.lru_cache(maxsize=4)
+def _dense_embeddings(model_name: str) -> np.ndarray:
+    """This model's own dense embeddings of the evaluation texts: the reference of embedding_cosine."""
+    from . import metrics
+
+    model = get_model(model_name)
+    return metrics.embed(model.torch_model(), model.tokenizer(), metrics.eval_texts())
+
+
+@functools.lru_cache(maxsize=4)
 def _dense_metrics(model_name: str) -> dict:
     from . import metrics
 
     model = get_model(model_name)
-    return metrics.evaluate(model.torch_model(), model.tokenizer())
+    return metrics.evaluate(model.torch_model(), model.tokenizer(), _dense_embeddings(model_name))
 
 
 def _evaluate(model_name: str, pruned_model) -> tuple[dict, dict]:
-    """(metrics of the pruned copy, metrics of the dense model); None everywhere for synthetic weights.
-
-    The dense model's embeddings are the reference of `embedding_cosine` (metrics.reference_embeddings).
-    """
+    """(metrics of the pruned copy, metrics of the dense model); None everywhere for synthetic weights."""
     from . import metrics
 
     model = get_model(model_name)
     if not model.real_weights:
         empty = {name: None for name in metrics.METRICS}
         return empty, dict(empty)
-    return metrics.evaluate(pruned_model, model.tokenizer()), _dense_metrics(model_name)
+    return metrics.evaluate(pruned_model, model.tokenizer(), _dense_embeddings(model_name)), _dense_metrics(model_name)
 
 
 __all__ = ["run_model", "lookup", "validate", "STEPS", "UserError"]

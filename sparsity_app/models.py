@@ -30,7 +30,6 @@ TOKENIZER_LOCK = threading.Lock()
 
 MAX_TOKENS = 4096  # most rows of X a timed layer gets (the real text yields ~11k token rows)
 _SYNTHETIC_CALIBRATION = 4096  # rows of the synthetic model's (Gaussian) calibration set
-_EMBED_MAX_LEN = 256  # all-MiniLM-L6-v2's max_seq_length in sentence-transformers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,26 +184,15 @@ class MiniLM:
         return masked_copy(self._hf[0], weights)
 
     def embed(self, texts: list[str], weights: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        """Sentence embeddings, float32 [len(texts), 384]: mean pooling, then L2 normalisation.
+        """Sentence embeddings, float32 [len(texts), 384] (metrics.embed: mean pooling, L2 norm).
 
         `weights` (layer -> float32 [out, in]) are used instead of the model's own, in a private
         copy (`pruned_copy`), so concurrent callers never see each other's weights.
         """
-        import torch
+        from .metrics import embed
 
         shared, tok = self._hf
-        model = self.pruned_copy(weights) if weights else shared
-        out = np.zeros((len(texts), model.config.hidden_size), np.float32)
-        with torch.inference_mode():
-            for batch in _length_batches(tok, texts, 32):  # similar lengths: little padding
-                with TOKENIZER_LOCK:
-                    enc = tok([texts[i] for i in batch], padding=True, truncation=True,
-                              max_length=_EMBED_MAX_LEN, return_tensors="pt")
-                hidden = model(**enc).last_hidden_state
-                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                out[batch] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
-        return out
+        return embed(self.pruned_copy(weights) if weights else shared, tok, texts)
 
 
 def masked_copy(hf_model, weights: dict[str, np.ndarray]):
@@ -232,14 +220,6 @@ def masked_copy(hf_model, weights: dict[str, np.ndarray]):
             pruned.get_submodule(name).weight.copy_(torch.from_numpy(np.asarray(w, dtype=np.float32)))
     pruned.requires_grad_(False)
     return pruned
-
-
-def _length_batches(tok, texts: list[str], size: int) -> list[list[int]]:
-    """Indices of `texts` in batches of `size`, shortest first (padding costs as much as text)."""
-    with TOKENIZER_LOCK:
-        lengths = [len(ids) for ids in tok(list(texts), truncation=True, max_length=_EMBED_MAX_LEN)["input_ids"]]
-    order = sorted(range(len(texts)), key=lengths.__getitem__)
-    return [order[i:i + size] for i in range(0, len(order), size)]
 
 
 class SyntheticBert:

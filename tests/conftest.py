@@ -10,6 +10,14 @@ settings.register_profile("default", deadline=None, max_examples=25, derandomize
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
+@pytest.fixture(autouse=True)
+def lock_dir(tmp_path, monkeypatch):
+    """A private measurement slot per test (the real one is machine-wide), shared with its subprocesses."""
+    d = tmp_path / "measure-slot"
+    monkeypatch.setenv("SPARSITY_APP_LOCK_DIR", str(d))
+    return d
+
+
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
     """A private, empty result cache for one test."""

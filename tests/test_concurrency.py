@@ -1,5 +1,8 @@
 """Two engine calls at once never see each other's weights, activations or dense reference."""
+import pathlib
+import tempfile
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -38,7 +41,7 @@ def test_two_runs_in_threads_get_what_each_gets_alone(cache_dir):
         assert b.spec == a.spec and b.sparsity_achieved == a.sparsity_achieved and b.stored_blocks == a.stored_blocks
         assert b.proxies == pytest.approx(a.proxies, rel=1e-6, abs=1e-7)
         np.testing.assert_array_equal(mask_b, mask_a)
-    spans = sorted((h["start"], h["end"]) for h in locks.holds(cache_dir))
+    spans = sorted((h["start"], h["end"]) for h in locks.holds())
     assert len(spans) == 4 and all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:])), \
         "two measurements overlapped"
     after = model._hf[0].state_dict()
@@ -47,31 +50,48 @@ def test_two_runs_in_threads_get_what_each_gets_alone(cache_dir):
     np.testing.assert_allclose(proxies._dense_embeddings("minilm-l6"), dense_before, rtol=0, atol=1e-6)
 
 
-def test_a_waiter_is_told_its_place_and_a_dead_ticket_is_ignored(tmp_path):
-    (tmp_path / "queue").mkdir()
-    (tmp_path / "queue" / "00000000000000000001-999999999-1.ticket").write_text("killed long ago")  # no such pid
-    holding, release, seen = threading.Event(), threading.Event(), []
+def test_waiters_are_served_in_ticket_order_told_their_place_and_dead_tickets_ignored(lock_dir):
+    queue = lock_dir / "queue"
+    queue.mkdir(parents=True)
+    (queue / "00000000000000000001-999999999-1.ticket").write_text("killed long ago")  # no such pid
+    holding, release, served, seen = threading.Event(), threading.Event(), [], {}
 
     def first():
-        with locks.measurement_slot(tmp_path, "first"):
+        with locks.measurement_slot("first"):
             holding.set()
             release.wait(30)
 
-    t = threading.Thread(target=first)
-    t.start()
-    holding.wait(30)
-    def second():
-        with locks.measurement_slot(tmp_path, "second", waiting=seen.append):
-            pass
+    def waiter(name):
+        with locks.measurement_slot(name, waiting=lambda ahead: seen.setdefault(name, set()).add(ahead)):
+            served.append(name)
 
-    waiter = threading.Thread(target=second)
-    waiter.start()
-    while not seen:
-        waiter.join(0.1)
+    threads = [threading.Thread(target=first)]
+    threads[0].start()
+    assert holding.wait(30)
+    for name in ("second", "third"):  # tickets taken in this order
+        threads.append(threading.Thread(target=waiter, args=(name,)))
+        threads[-1].start()
+        deadline = time.monotonic() + 30
+        while name not in seen:
+            assert time.monotonic() < deadline and threads[-1].is_alive(), f"{name} never queued"
+            time.sleep(0.05)
     release.set()
-    t.join(30)
-    waiter.join(30)
-    assert set(seen) == {1}  # only the live holder is ahead; the dead ticket is not counted
-    hold = locks.holds(tmp_path)
-    assert [h["who"] for h in hold] == ["first", "second"] and hold[0]["end"] <= hold[1]["start"]
-    assert locks.queue_length(tmp_path) == 0 and not list((tmp_path / "queue").iterdir())  # dead ticket removed
+    for t in threads:
+        t.join(30)
+    assert served == ["second", "third"]
+    assert seen["second"] == {1} and 2 in seen["third"]  # the live holder (and second) ahead; not the dead ticket
+    hold = locks.holds()
+    assert [h["who"] for h in hold] == ["first", "second", "third"]
+    assert all(a["end"] <= b["start"] for a, b in zip(hold, hold[1:]))
+    assert locks.queue_length() == 0 and not list(queue.iterdir())  # the dead ticket was removed
+
+
+def test_one_slot_whatever_the_cache_directory(tmp_path, monkeypatch):
+    """The app on cache/ and a CLI run on --cache-dir elsewhere share the machine's one slot."""
+    from sparsity_app.store import Store
+
+    a, b = Store(tmp_path / "a"), Store(tmp_path / "b")
+    assert a.directory != b.directory
+    assert locks.lock_dir() == locks.lock_dir()  # no argument: nothing ties it to a cache directory
+    monkeypatch.delenv("SPARSITY_APP_LOCK_DIR")
+    assert locks.lock_dir().parent == pathlib.Path(tempfile.gettempdir())

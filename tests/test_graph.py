@@ -5,6 +5,7 @@ import torch
 
 from sparsity_app import baselines, graph
 from sparsity_app.errors import UserError
+from sparsity_app.spec import amdahl_bound
 from sparsity_app.formats import sparse_format
 from sparsity_app.kernels.bsr import BSRKnobs
 from sparsity_app.kernels.csr import CSRKnobs
@@ -112,8 +113,9 @@ def test_breakdown_groups_present_and_positive():
         assert set(bd) == set(graph.GROUPS)
         assert all(bd[g] > 0 for g in graph.GROUPS if g != "other"), bd
         assert bd["other"] >= 0  # the pass's time not in any kernel
-        assert graph.Encoder.amdahl_bound(bd) > 1
-        assert graph.Encoder.amdahl_bound({**bd, "linears": 0.0}) == 1.0
+        assert amdahl_bound(bd) > 1 and amdahl_bound({**bd, "linears": 0.0}) == 1.0
+        times = enc.linear_times()  # each linear's share of the passes, by layer
+        assert set(times) == set(graph.EncoderShape.of(model).linear_names()) and all(v > 0 for v in times.values())
 
 
 def test_bad_inputs_are_one_line_errors(small):
