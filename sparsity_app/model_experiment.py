@@ -114,7 +114,11 @@ def _measure(plan: ModelPlan, specs: dict, store: Store | None, progress: Progre
     with clock.step("time", f"timing TVM sparse, TVM dense, PyTorch eager (dense and pruned) and ONNX Runtime on "
                     f"{threads} threads, {plan.repeat} samples each"):
         set_threads(threads)
-        times = measure({SPARSE: sparse.run, "tvm_dense": dense.run, **peers}, repeat=plan.repeat, per_round=3)
+        # Each runtime's idle pool spins after a pass (ONNX Runtime's for longer than TVM's): a 0.2 s
+        # settle before each one's samples lets the previous pool go quiet (measured: ORT's spinning
+        # raised the next runtime's median ~10% with the default 0.02 s).
+        times = measure({SPARSE: sparse.run, "tvm_dense": dense.run, **peers}, repeat=plan.repeat, per_round=3,
+                        settle_s=0.2)
     with clock.step("breakdown", "timing each operator of both executables"):
         breakdown = {SPARSE: sparse.breakdown(), "tvm_dense": dense.breakdown()}
         for row, ms in zip(layers, _per_linear_ms(sparse, list(specs))):
