@@ -121,4 +121,4 @@ def breakdown_bars(breakdown: dict[str, dict[str, float]]) -> alt.Chart:
     return alt.Chart(pd.DataFrame(rows)).mark_bar().encode(
         y=alt.Y("executable:N", title=None), x=alt.X("ms:Q", title="ms per forward pass", stack="zero"),
         color=alt.Color("group:N", title="operators"), tooltip=["executable", "group", alt.Tooltip("ms", format=".3f")],
-    ).properties(title="where the time goes (each kernel timed on its own)", height=140)
+    ).properties(title="where the time goes (each kernel timed inside real passes)", height=200)
