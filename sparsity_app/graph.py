@@ -25,7 +25,6 @@ Per encoder layer (bias adds are fused into the operator that consumes the linea
 from __future__ import annotations
 
 import collections
-import copy
 import dataclasses
 import functools
 import math
@@ -539,15 +538,16 @@ def compile_encoder(config, params, linears: Mapping[str, LinearPlan], batch: in
 
 
 def reference_model(model, linears: Mapping[str, LinearPlan]):
-    """A deep copy of a BertModel with each planned linear's weight replaced by its dense form
-    (pruned entries zero) and its bias; the shared model is never modified."""
+    """A copy of a BertModel (models.masked_copy) with each planned linear's weight replaced by its
+    dense form (pruned entries zero) and its bias; the shared model is never modified."""
     import torch
 
-    ref = copy.deepcopy(model).eval()
+    from .models import masked_copy
+
+    ref = masked_copy(model, {name: plan.dense_weight() for name, plan in linears.items()})
     with torch.no_grad():
         for name, plan in linears.items():
             mod = ref.get_submodule(name)
-            mod.weight.copy_(torch.from_numpy(plan.dense_weight()))
             if plan.bias is not None:
                 mod.bias.copy_(torch.from_numpy(np.asarray(plan.bias, np.float32)))
             elif mod.bias is not None:

@@ -193,10 +193,20 @@ def _shared_minilm():
 
 
 @functools.cache
-def reference_embeddings() -> np.ndarray:
-    """The shared dense all-MiniLM-L6-v2's embeddings of `eval_texts()`: float32 [n_texts, 384] (cached)."""
-    model, tokenizer = _shared_minilm()
-    return embed(model, tokenizer, eval_texts())
+def reference_embeddings(model_name: str = "minilm-l6") -> np.ndarray:
+    """A catalog model's dense embeddings of `eval_texts()`: float32 [n_texts, hidden], computed once."""
+    from .models import get_model
+
+    model = get_model(model_name)
+    return embed(model.torch_model(), model.tokenizer(), eval_texts())
+
+
+@functools.cache
+def dense_metrics(model_name: str = "minilm-l6") -> dict[str, float]:
+    """Every metric of a catalog model's unpruned weights, from its `reference_embeddings` (no second pass)."""
+    dense = reference_embeddings(model_name)
+    e = Embeddings.split(dense, dense)
+    return {name: fn(e) for name, fn in METRICS.items()}
 
 
 def evaluate(model, tokenizer, dense_embeddings: np.ndarray | None = None) -> dict[str, float]:

@@ -7,7 +7,6 @@ Nothing shared is modified: the pruned PyTorch model is a copy.
 """
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import numpy as np
@@ -149,32 +148,19 @@ def _per_linear_ms(encoder, names: list[str]) -> list[float | None]:
     return [times.get(name) for name in names]
 
 
-@functools.lru_cache(maxsize=4)
-def _dense_embeddings(model_name: str) -> np.ndarray:
-    """This model's own dense embeddings of the evaluation texts: the reference of embedding_cosine."""
-    from . import metrics
-
-    model = get_model(model_name)
-    return metrics.embed(model.torch_model(), model.tokenizer(), metrics.eval_texts())
-
-
-@functools.lru_cache(maxsize=4)
-def _dense_metrics(model_name: str) -> dict:
-    from . import metrics
-
-    model = get_model(model_name)
-    return metrics.evaluate(model.torch_model(), model.tokenizer(), _dense_embeddings(model_name))
-
-
 def _evaluate(model_name: str, pruned_model) -> tuple[dict, dict]:
-    """(metrics of the pruned copy, metrics of the dense model); None everywhere for synthetic weights."""
+    """(metrics of the pruned copy, metrics of the dense model); None everywhere for synthetic weights.
+
+    embedding_cosine compares with this model's own dense embeddings (metrics.reference_embeddings).
+    """
     from . import metrics
 
     model = get_model(model_name)
     if not model.real_weights:
         empty = {name: None for name in metrics.METRICS}
         return empty, dict(empty)
-    return metrics.evaluate(pruned_model, model.tokenizer(), _dense_embeddings(model_name)), _dense_metrics(model_name)
+    return (metrics.evaluate(pruned_model, model.tokenizer(), metrics.reference_embeddings(model_name)),
+            dict(metrics.dense_metrics(model_name)))
 
 
 __all__ = ["run_model", "lookup", "validate", "STEPS", "UserError"]

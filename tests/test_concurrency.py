@@ -87,11 +87,12 @@ def test_waiters_are_served_in_ticket_order_told_their_place_and_dead_tickets_ig
 
 
 def test_one_slot_whatever_the_cache_directory(tmp_path, monkeypatch):
-    """The app on cache/ and a CLI run on --cache-dir elsewhere share the machine's one slot."""
+    """The app on cache/ and a CLI run on --cache-dir elsewhere queue in the machine's one slot."""
     from sparsity_app.store import Store
 
-    a, b = Store(tmp_path / "a"), Store(tmp_path / "b")
-    assert a.directory != b.directory
-    assert locks.lock_dir() == locks.lock_dir()  # no argument: nothing ties it to a cache directory
+    spec = Spec(model="bert-base-synthetic", block=(16, 1), sparsity=0.9, tokens=8, repeat=3)
+    for name in ("a", "b"):
+        run(spec, store=Store(tmp_path / name))
+    assert [h["who"].startswith("run ") for h in locks.holds()] == [True, True]  # both in one log, one queue
     monkeypatch.delenv("SPARSITY_APP_LOCK_DIR")
-    assert locks.lock_dir().parent == pathlib.Path(tempfile.gettempdir())
+    assert locks.lock_dir() == pathlib.Path(tempfile.gettempdir()) / "sparsity-app-measure"

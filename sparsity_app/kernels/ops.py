@@ -196,6 +196,74 @@ def _attention_common(batch, seq, heads, head_dim):
     return it, n_it, jt, n_jt, dt
 
 
+NEG = -3.4028234663852886e38  # HF's additive mask: torch.finfo(float32).min
+
+
+def _scores_macro(seq: int, heads: int, head_dim: int, q_offset: int, k_offset: int, scale: float):
+    """T.macro scores(Q, K, bq, bk, mask, S, g, task): S[g, j, i] = S^T[key j, query i] of task's
+    (sequence, head) = (K + bk)^T (Q + bq) * scale + mask, in tiles of jt keys x it queries.
+    Shared by the fused attention and its split twin, so the breakdown times the same code."""
+    it, n_it, jt, n_jt, _ = _attention_common(1, seq, heads, head_dim)
+
+    @T.macro
+    def scores(Q, K, bq, bk, mask, S, g, task):
+        qs = T.alloc_buffer((head_dim, seq), "float32", scope="global")
+        acc = T.alloc_buffer((jt, it), "float32", scope="local")
+        for d in range(head_dim):
+            for i in T.vectorized(seq):
+                qs[d, i] = (Q[q_offset + (task % heads) * head_dim + d, (task // heads) * seq + i]
+                            + bq[(task % heads) * head_dim + d]) * T.float32(scale)
+        for j0 in range(n_jt):
+            for i0 in range(n_it):
+                for jj in T.unroll(jt):
+                    for ii in T.vectorized(it):
+                        acc[jj, ii] = T.float32(0)
+                for d in range(head_dim):
+                    for jj in T.unroll(jt):
+                        for ii in T.vectorized(it):
+                            acc[jj, ii] = acc[jj, ii] + (
+                                K[k_offset + (task % heads) * head_dim + d, (task // heads) * seq + T.min(j0 * jt, seq - jt) + jj]
+                                + bk[(task % heads) * head_dim + d]) * qs[d, T.min(i0 * it, seq - it) + ii]
+                for jj in T.unroll(jt):
+                    for ii in T.vectorized(it):
+                        S[g, T.min(j0 * jt, seq - jt) + jj, T.min(i0 * it, seq - it) + ii] = acc[jj, ii] + T.if_then_else(
+                            mask[task // heads, T.min(j0 * jt, seq - jt) + jj] != T.int64(0), T.float32(0), T.float32(NEG))
+
+    return scores
+
+
+def _context_macro(seq: int, heads: int, head_dim: int, v_offset: int, normalise: bool):
+    """T.macro context(P, V, bv, inv_sum, O, g, task): O^T[d, i] = sum_j (V + bv)[d, j] P[g, j, i] for
+    task's (sequence, head), times inv_sum[i] if `normalise` (the fused kernel keeps exp() and its
+    column sums apart; the split softmax has already divided, and passes any buffer as inv_sum)."""
+    it, n_it, _, _, dt = _attention_common(1, seq, heads, head_dim)
+
+    @T.macro
+    def context(P, V, bv, inv_sum, O, g, task):
+        acc2 = T.alloc_buffer((dt, it), "float32", scope="local")
+        for d0 in range(head_dim // dt):
+            for i0 in range(n_it):
+                for dd in T.unroll(dt):
+                    for ii in T.vectorized(it):
+                        acc2[dd, ii] = T.float32(0)
+                for j in range(seq):
+                    for dd in T.unroll(dt):
+                        for ii in T.vectorized(it):
+                            acc2[dd, ii] = acc2[dd, ii] + (
+                                V[v_offset + (task % heads) * head_dim + d0 * dt + dd, (task // heads) * seq + j]
+                                + bv[(task % heads) * head_dim + d0 * dt + dd]) * P[g, j, T.min(i0 * it, seq - it) + ii]
+                for dd in T.unroll(dt):
+                    for ii in T.vectorized(it):
+                        if normalise:
+                            O[(task % heads) * head_dim + d0 * dt + dd, (task // heads) * seq + T.min(i0 * it, seq - it) + ii] = (
+                                acc2[dd, ii] * inv_sum[T.min(i0 * it, seq - it) + ii])
+                        else:
+                            O[(task % heads) * head_dim + d0 * dt + dd, (task // heads) * seq + T.min(i0 * it, seq - it) + ii] = (
+                                acc2[dd, ii])
+
+    return context
+
+
 def attention_prim_func(batch: int, seq: int, heads: int, head_dim: int, q_rows: int, offsets: tuple[int, int, int],
                         scale: float, ld: int | None = None):
     """PrimFunc(Q, K, V, bq, bk, bv, mask, O): multi-head self-attention, fused per (sequence, head).
@@ -210,9 +278,10 @@ def attention_prim_func(batch: int, seq: int, heads: int, head_dim: int, q_rows:
     """
     tokens, hidden = batch * seq, heads * head_dim
     ld = ld or tokens
-    it, n_it, jt, n_jt, dt = _attention_common(batch, seq, heads, head_dim)
+    it, n_it, _, _, _ = _attention_common(batch, seq, heads, head_dim)
     qo, ko, vo = offsets
-    neg = -3.4028234663852886e38  # HF's additive mask: torch.finfo(float32).min
+    scores = _scores_macro(seq, heads, head_dim, qo, ko, scale)
+    context = _context_macro(seq, heads, head_dim, vo, normalise=True)
 
     @T.prim_func
     def attention(Q: T.Buffer((q_rows, ld), "float32"), K: T.Buffer((q_rows, ld), "float32"),
@@ -224,65 +293,28 @@ def attention_prim_func(batch: int, seq: int, heads: int, head_dim: int, q_rows:
             for c in range(ld - tokens):
                 O[r, tokens + c] = T.float32(0)
         for task in T.parallel(batch * heads):
-            qs = T.alloc_buffer((head_dim, seq), "float32", scope="global")
-            st = T.alloc_buffer((seq, seq), "float32", scope="global")
-            pt = T.alloc_buffer((seq, seq), "float32", scope="global")
+            st = T.alloc_buffer((1, seq, seq), "float32", scope="global")  # one group: the macros' S[g]
+            pt = T.alloc_buffer((1, seq, seq), "float32", scope="global")
             mx = T.alloc_buffer((it,), "float32", scope="local")
             sm = T.alloc_buffer((seq,), "float32", scope="global")
-            acc = T.alloc_buffer((jt, it), "float32", scope="local")
-            acc2 = T.alloc_buffer((dt, it), "float32", scope="local")
-            for d in range(head_dim):
-                for i in T.vectorized(seq):
-                    qs[d, i] = (Q[qo + (task % heads) * head_dim + d, (task // heads) * seq + i]
-                                + bq[(task % heads) * head_dim + d]) * T.float32(scale)
-            # S^T[j, i] for a tile of jt keys x it queries
-            for j0 in range(n_jt):
-                for i0 in range(n_it):
-                    for jj in T.unroll(jt):
-                        for ii in T.vectorized(it):
-                            acc[jj, ii] = T.float32(0)
-                    for d in range(head_dim):
-                        for jj in T.unroll(jt):
-                            for ii in T.vectorized(it):
-                                acc[jj, ii] = acc[jj, ii] + (
-                                    K[ko + (task % heads) * head_dim + d, (task // heads) * seq + T.min(j0 * jt, seq - jt) + jj]
-                                    + bk[(task % heads) * head_dim + d]) * qs[d, T.min(i0 * it, seq - it) + ii]
-                    for jj in T.unroll(jt):
-                        for ii in T.vectorized(it):
-                            st[T.min(j0 * jt, seq - jt) + jj, T.min(i0 * it, seq - it) + ii] = acc[jj, ii] + T.if_then_else(
-                                mask[task // heads, T.min(j0 * jt, seq - jt) + jj] != T.int64(0), T.float32(0), T.float32(neg))
+            scores(Q, K, bq, bk, mask, st, 0, task)
             # softmax down each column into pt (not in place: a last tile that overlaps its
             # neighbour must recompute from unchanged scores); sm[i] = 1 / sum_j exp
             for i0 in range(n_it):
                 for ii in T.vectorized(it):
-                    mx[ii] = T.float32(neg)
+                    mx[ii] = T.float32(NEG)
                 for j in range(seq):
                     for ii in T.vectorized(it):
-                        mx[ii] = T.max(mx[ii], st[j, T.min(i0 * it, seq - it) + ii])
+                        mx[ii] = T.max(mx[ii], st[0, j, T.min(i0 * it, seq - it) + ii])
                 for ii in T.vectorized(it):
                     sm[T.min(i0 * it, seq - it) + ii] = T.float32(0)
                 for j in range(seq):
                     for ii in T.vectorized(it):
-                        pt[j, T.min(i0 * it, seq - it) + ii] = fast_exp(st[j, T.min(i0 * it, seq - it) + ii] - mx[ii])
-                        sm[T.min(i0 * it, seq - it) + ii] = sm[T.min(i0 * it, seq - it) + ii] + pt[j, T.min(i0 * it, seq - it) + ii]
+                        pt[0, j, T.min(i0 * it, seq - it) + ii] = fast_exp(st[0, j, T.min(i0 * it, seq - it) + ii] - mx[ii])
+                        sm[T.min(i0 * it, seq - it) + ii] = sm[T.min(i0 * it, seq - it) + ii] + pt[0, j, T.min(i0 * it, seq - it) + ii]
                 for ii in T.vectorized(it):
                     sm[T.min(i0 * it, seq - it) + ii] = T.float32(1) / sm[T.min(i0 * it, seq - it) + ii]
-            # O^T[d, i] = sum_j (V + bv)[d, j] P^T[j, i]
-            for d0 in range(head_dim // dt):
-                for i0 in range(n_it):
-                    for dd in T.unroll(dt):
-                        for ii in T.vectorized(it):
-                            acc2[dd, ii] = T.float32(0)
-                    for j in range(seq):
-                        for dd in T.unroll(dt):
-                            for ii in T.vectorized(it):
-                                acc2[dd, ii] = acc2[dd, ii] + (
-                                    V[vo + (task % heads) * head_dim + d0 * dt + dd, (task // heads) * seq + j]
-                                    + bv[(task % heads) * head_dim + d0 * dt + dd]) * pt[j, T.min(i0 * it, seq - it) + ii]
-                    for dd in T.unroll(dt):
-                        for ii in T.vectorized(it):
-                            O[(task % heads) * head_dim + d0 * dt + dd, (task // heads) * seq + T.min(i0 * it, seq - it) + ii] = (
-                                acc2[dd, ii] * sm[T.min(i0 * it, seq - it) + ii])
+            context(pt, V, bv, sm, O, 0, task)
 
     return attention
 
@@ -295,9 +327,7 @@ def attention_scores_prim_func(batch: int, seq: int, heads: int, head_dim: int, 
     """
     tokens, hidden = batch * seq, heads * head_dim
     ld = ld or tokens
-    it, n_it, jt, n_jt, _ = _attention_common(batch, seq, heads, head_dim)
-    qo, ko = offsets
-    neg = -3.4028234663852886e38
+    scores = _scores_macro(seq, heads, head_dim, offsets[0], offsets[1], scale)
 
     @T.prim_func
     def attention_scores(Q: T.Buffer((q_rows, ld), "float32"), K: T.Buffer((q_rows, ld), "float32"),
@@ -305,27 +335,7 @@ def attention_scores_prim_func(batch: int, seq: int, heads: int, head_dim: int, 
                          mask: T.Buffer((batch, seq), "int64"), S: T.Buffer((batch * heads, seq, seq), "float32")):
         T.func_attr({"tirx.noalias": True})
         for task in T.parallel(batch * heads):
-            qs = T.alloc_buffer((head_dim, seq), "float32", scope="global")
-            acc = T.alloc_buffer((jt, it), "float32", scope="local")
-            for d in range(head_dim):
-                for i in T.vectorized(seq):
-                    qs[d, i] = (Q[qo + (task % heads) * head_dim + d, (task // heads) * seq + i]
-                                + bq[(task % heads) * head_dim + d]) * T.float32(scale)
-            for j0 in range(n_jt):
-                for i0 in range(n_it):
-                    for jj in T.unroll(jt):
-                        for ii in T.vectorized(it):
-                            acc[jj, ii] = T.float32(0)
-                    for d in range(head_dim):
-                        for jj in T.unroll(jt):
-                            for ii in T.vectorized(it):
-                                acc[jj, ii] = acc[jj, ii] + (
-                                    K[ko + (task % heads) * head_dim + d, (task // heads) * seq + T.min(j0 * jt, seq - jt) + jj]
-                                    + bk[(task % heads) * head_dim + d]) * qs[d, T.min(i0 * it, seq - it) + ii]
-                    for jj in T.unroll(jt):
-                        for ii in T.vectorized(it):
-                            S[task, T.min(j0 * jt, seq - jt) + jj, T.min(i0 * it, seq - it) + ii] = acc[jj, ii] + T.if_then_else(
-                                mask[task // heads, T.min(j0 * jt, seq - jt) + jj] != T.int64(0), T.float32(0), T.float32(neg))
+            scores(Q, K, bq, bk, mask, S, task, task)
 
     return attention_scores
 
@@ -337,7 +347,6 @@ def softmax_prim_func(groups: int, seq: int):
     whole group: P is scaled in place, so an overlapping last tile must run after its neighbour.
     """
     it, n_it = _tiles(seq, 64)
-    neg = -3.4028234663852886e38
 
     @T.prim_func
     def softmax(S: T.Buffer((groups, seq, seq), "float32"), P: T.Buffer((groups, seq, seq), "float32")):
@@ -347,7 +356,7 @@ def softmax_prim_func(groups: int, seq: int):
                 mx = T.alloc_buffer((it,), "float32", scope="local")
                 sm = T.alloc_buffer((it,), "float32", scope="local")
                 for ii in T.vectorized(it):
-                    mx[ii] = T.float32(neg)
+                    mx[ii] = T.float32(NEG)
                     sm[ii] = T.float32(0)
                 for j in range(seq):
                     for ii in T.vectorized(it):
@@ -376,7 +385,7 @@ def attention_context_prim_func(batch: int, seq: int, heads: int, head_dim: int,
     """
     tokens, hidden = batch * seq, heads * head_dim
     ld = ld or tokens
-    it, n_it, _, _, dt = _attention_common(batch, seq, heads, head_dim)
+    context = _context_macro(seq, heads, head_dim, offset, normalise=False)
 
     @T.prim_func
     def attention_context(P: T.Buffer((batch * heads, seq, seq), "float32"), V: T.Buffer((v_rows, ld), "float32"),
@@ -386,21 +395,7 @@ def attention_context_prim_func(batch: int, seq: int, heads: int, head_dim: int,
             for c in range(ld - tokens):
                 O[r, tokens + c] = T.float32(0)
         for task in T.parallel(batch * heads):
-            acc2 = T.alloc_buffer((dt, it), "float32", scope="local")
-            for d0 in range(head_dim // dt):
-                for i0 in range(n_it):
-                    for dd in T.unroll(dt):
-                        for ii in T.vectorized(it):
-                            acc2[dd, ii] = T.float32(0)
-                    for j in range(seq):
-                        for dd in T.unroll(dt):
-                            for ii in T.vectorized(it):
-                                acc2[dd, ii] = acc2[dd, ii] + (
-                                    V[offset + (task % heads) * head_dim + d0 * dt + dd, (task // heads) * seq + j]
-                                    + bv[(task % heads) * head_dim + d0 * dt + dd]) * P[task, j, T.min(i0 * it, seq - it) + ii]
-                    for dd in T.unroll(dt):
-                        for ii in T.vectorized(it):
-                            O[(task % heads) * head_dim + d0 * dt + dd, (task // heads) * seq + T.min(i0 * it, seq - it) + ii] = acc2[dd, ii]
+            context(P, V, bv, bv, O, task, task)  # normalise=False: the softmax kernel already divided
 
     return attention_context
 
