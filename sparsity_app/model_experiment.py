@@ -40,6 +40,28 @@ def validate(plan: ModelPlan) -> tuple[ModelPlan, dict[str, Spec | None]]:
     return plan, plan.layer_specs([(info.name, info.shape) for info in model.layers()])
 
 
+def plan_masks(model_name: str, specs: dict[str, Spec | None]) -> dict[str, np.ndarray]:
+    """layer -> its one-shot mask, bool [out, in] (True = kept; all True for a layer left dense).
+
+    specs: `validate(plan)[1]`. Deterministic for a plan: the same masks every call.
+    """
+    model = get_model(model_name)
+    shapes = {info.name: info.shape for info in model.layers()}
+    return {name: np.ones(shapes[name], bool) if spec is None else
+            prune(model.weight(name)[0], spec, layer_input_norms(spec)) for name, spec in specs.items()}
+
+
+def pruned_weights(plan: ModelPlan) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(masks, pruned weights) of every encoder linear of the plan's model, one-shot.
+
+    masks: layer -> bool [out, in] (True = kept); weights: layer -> float32 [out, in] = W * mask.
+    """
+    plan, specs = validate(plan)
+    model = get_model(plan.model)
+    masks = plan_masks(plan.model, specs)
+    return masks, {name: model.weight(name)[0] * masks[name] for name in specs}
+
+
 def lookup(plan: ModelPlan, store: Store) -> ModelResult | None:
     plan, _ = validate(plan)
     return store.get_model_result(model_key_of(plan, fingerprint()))
@@ -75,8 +97,7 @@ def _measure(plan: ModelPlan, specs: dict, store: Store | None, progress: Progre
 
     with clock.step("prune", f"{plan.label()}: pruning {len(specs)} linears"):
         weights = {name: model.weight(name) for name in specs}  # name -> (W float32 [out, in], bias)
-        masks = {name: np.ones_like(weights[name][0], bool) if spec is None else
-                 prune(weights[name][0], spec, layer_input_norms(spec)) for name, spec in specs.items()}
+        masks = plan_masks(plan.model, specs)
         pruned = {name: weights[name][0] * masks[name] for name in specs}
     tuned_now = 0
     with clock.step("tune", "sparse formats and each layer's schedule (layers of one shape and pattern share a "
@@ -163,4 +184,4 @@ def _evaluate(model_name: str, pruned_model) -> tuple[dict, dict]:
             dict(metrics.dense_metrics(model_name)))
 
 
-__all__ = ["run_model", "lookup", "validate", "STEPS", "UserError"]
+__all__ = ["run_model", "lookup", "validate", "plan_masks", "pruned_weights", "STEPS", "UserError"]
