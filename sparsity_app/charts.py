@@ -122,3 +122,21 @@ def breakdown_bars(breakdown: dict[str, dict[str, float]]) -> alt.Chart:
         y=alt.Y("executable:N", title=None), x=alt.X("ms:Q", title="ms per forward pass", stack="zero"),
         color=alt.Color("group:N", title="operators"), tooltip=["executable", "group", alt.Tooltip("ms", format=".3f")],
     ).properties(title="where the time goes (each kernel timed inside real passes)", height=200)
+
+
+def recovery_arrows(df: pd.DataFrame, metric: str, speedup: str = "speedup_vs_best_dense") -> alt.Chart:
+    """One arrow per recovered plan (analysis.recovery_arrows): from its one-shot point (hollow) to its
+    recovered point (triangle), a real-label metric against end-to-end speedup, one colour per recipe."""
+    from .analysis import MODEL_METRICS
+
+    data = df.dropna(subset=[metric, speedup])
+    base = alt.Chart(data).encode(
+        x=alt.X(f"{speedup}:Q", title=speedup.replace("_", " ") + " (x, end to end)", scale=alt.Scale(zero=False)),
+        y=alt.Y(f"{metric}:Q", title=MODEL_METRICS[metric], scale=alt.Scale(zero=False)),
+        color=alt.Color("recipe:N", title="recipe"),
+        tooltip=["plan", "recipe", "steps", "stage", alt.Tooltip(speedup, format=".2f"), alt.Tooltip(metric, format=".3f")])
+    lines = base.mark_line(strokeWidth=2).encode(detail="pair:N", order="order:Q")
+    start = base.transform_filter("datum.stage == 'one-shot'").mark_point(size=90, filled=False, color="gray")
+    end = base.transform_filter("datum.stage == 'recovered'").mark_point(shape="triangle-up", size=140, filled=True)
+    return alt.layer(lines, start, end).properties(
+        title=f"{MODEL_METRICS[metric]}: one-shot (hollow) -> recovered (triangle), vs end-to-end speedup", height=380)

@@ -1,4 +1,4 @@
-"""python -m sparsity_app {layers, run, sweep, bench, cache}: a thin door onto experiment and store.
+"""python -m sparsity_app {layers, run, sweep, model, recover, bench-model, bench, cache}: a thin door onto the engine.
 
 Bad input gets one line on stderr and exit status 2, never a traceback.
 """
@@ -65,6 +65,35 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None, help="result cache (default cache/ or $SPARSITY_APP_CACHE_DIR)")
 
 
+def _add_recovery_args(p: argparse.ArgumentParser, required: bool) -> None:
+    from .recovery import RECIPES, RecoveryRequest
+
+    d = RecoveryRequest()
+    g = p.add_argument_group("recovery fine-tune" + ("" if required else " (with --recipe: measure the recovered "
+                                                                          "weights instead of the one-shot ones)"))
+    g.add_argument("--recipe", default="fixed" if required else None,
+                   help=f"{' | '.join(RECIPES)}" + (" (default %(default)s)" if required else ""))
+    g.add_argument("--steps", type=int, default=d.steps, help="optimiser steps (default %(default)s)")
+    g.add_argument("--train-batch", type=int, default=d.batch, help="sequences per step (default %(default)s)")
+    g.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per training sequence (default %(default)s)")
+    g.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate (default %(default)s)")
+    g.add_argument("--train-seed", type=int, default=d.seed, help="seed of the training data order")
+    g.add_argument("--beta-schedule", default=d.beta_schedule, help="mask-decay: linear | exponential")
+    g.add_argument("--decay-fraction", type=float, default=d.decay_fraction,
+                   help="gradual/mask-decay/structure-decay/group-lasso: share of the steps before the final mask")
+    g.add_argument("--group-lasso", type=float, default=d.group_lasso, help="group-lasso: penalty weight")
+    g.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="stop training after this long, keeping a checkpoint that the next run resumes from")
+
+
+def _recovery_request(args: argparse.Namespace, plan: ModelPlan):
+    from .recovery import RecoveryRequest
+
+    return RecoveryRequest(plan=plan, recipe=args.recipe, steps=args.steps, batch=args.train_batch, seq_len=args.seq_len,
+                           lr=args.lr, seed=args.train_seed, beta_schedule=args.beta_schedule,
+                           decay_fraction=args.decay_fraction, group_lasso=args.group_lasso).resolve()
+
+
 def _plan(args: argparse.Namespace) -> ModelPlan:
     return ModelPlan(model=args.model, method=args.method, block=parse_block(args.block), sparsity=args.sparsity,
                      nm=None if args.nm is None else parse_nm(args.nm), norm=args.norm, seed=args.seed,
@@ -93,7 +122,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", default=None, help="also write the table to this CSV file")
     p = sub.add_parser("model", help="prune every encoder linear, run the whole model in TVM, time and score it")
     _add_plan_args(p)
+    _add_recovery_args(p, required=False)
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+
+    p = sub.add_parser("recover", help="fine-tune a pruned model (masks enforced) toward the dense one; score "
+                       "before and after")
+    _add_plan_args(p)
+    _add_recovery_args(p, required=True)
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+
+    p = sub.add_parser("bench-recovery", help="the recovery targets' runs (300 steps each, cached), then each "
+                       "target's verdict")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--only", default=None, help="only runs whose plan label or recipe contains this")
+    p.add_argument("--skip-one-shot", action="store_true", help="skip the wanda vs magnitude one-shot comparison")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("bench-model", help="whole-model benchmark: the targets' configurations, measured afresh")
     p.add_argument("--configs", default="minilm-l6:1x128,minilm-l6:8x128,bert-base-synthetic:1x128",
@@ -234,8 +278,72 @@ def _model(args) -> None:
 
     plan = _plan(args)
     validate(plan)  # every bad input before anything loads
-    result = run_model(plan, store=Store(args.cache_dir), retune=args.retune, progress=_steps(STEPS))
+    request = None if args.recipe is None else _recovery_request(args, plan)
+    store = Store(args.cache_dir)
+    recovered = None if request is None else _recovered(request, store, args.time_limit)
+    result = run_model(plan, store=store, retune=args.retune, progress=_steps(STEPS), recovery=recovered)
     print(json.dumps(result.to_dict()) if args.json else format_model(result.to_dict()))
+
+
+def _recovered(request, store, time_limit: float | None):
+    from .recovery import STEPS, recover
+
+    return recover(request, store=store, progress=_steps(STEPS), time_limit_s=time_limit)
+
+
+def _bench_recovery(args) -> None:
+    from . import bench_recovery
+    from .store import Store
+
+    store, results = Store(args.cache_dir), []
+    todo = bench_recovery.requests(args.steps, args.only)
+    for i, request in enumerate(todo, 1):
+        _err(f"[run {i}/{len(todo)}] {request.label()}")
+        try:
+            results.append(_recovered(request.resolve(), store, None))
+        except UserError as e:  # one run that cannot go (e.g. stopped): say so, keep the others
+            _err(f"  {e}")
+            continue
+        _err(format_recovery(results[-1].to_dict()))
+    one_shot = []
+    if not args.skip_one_shot:
+        for magnitude, wanda in bench_recovery.ONE_SHOT:
+            _err(f"[one-shot] {magnitude.label()} vs {wanda.label()}")
+            one_shot.append((magnitude.label(), bench_recovery.one_shot_metrics(magnitude)["lee_pearson"],
+                             bench_recovery.one_shot_metrics(wanda)["lee_pearson"]))
+    lines = bench_recovery.verdicts(results, one_shot)
+    if args.json:
+        print(json.dumps({"runs": [r.to_dict() for r in results], "one_shot": one_shot, "verdicts": lines}))
+    else:
+        import pandas as pd
+
+        print("\n".join([pd.DataFrame([{"plan": r.request.plan.label(), "recipe": r.request.recipe, "steps": r.steps_done,
+                                        "wall_min": round(r.wall_s / 60, 1),
+                                        **{f"{k}_{when}": round(getattr(r, f"metrics_{when}")[k], 3)
+                                           for k in ("lee_pearson", "polarity_probe_acc") for when in ("before", "after")}}
+                                       for r in results]).to_string(index=False), *lines]))
+
+
+def _recover(args) -> None:
+    from .store import Store
+
+    request = _recovery_request(args, _plan(args))
+    result = _recovered(request, Store(args.cache_dir), args.time_limit)
+    print(json.dumps(result.to_dict()) if args.json else format_recovery(result.to_dict()))
+
+
+def format_recovery(d: dict) -> str:
+    """A recovery run as text: the metrics before and after it beside the dense model's."""
+    lines = [f"{d['plan']['model']}: {d['plan']['label']}, recipe {d['recipe']}, {d['steps']} steps in {d['wall_s']:.0f} s"
+             f" (scoring {d['eval_s']:.0f} s); achieved sparsity {d['sparsity_achieved']:.3f}"
+             + (f"; resumed from step {d['resumed_from']}" if d["resumed_from"] else "") + ("  (cached)" if d["cached"] else ""),
+             "  metric                  one-shot  recovered  dense"]
+    for k, before in d["metrics_before"].items():
+        lines.append(f"  {k:22s} {before:9.3f} {d['metrics_after'][k]:10.3f} {d['dense_metrics'][k]:6.3f}")
+    if d["loss"]:
+        lines.append("  distillation loss: " + ", ".join(f"{loss:.4g} @ {step}" for step, loss in
+                                                          d["loss"][:: max(1, len(d["loss"]) // 6)]))
+    return "\n".join(lines)
 
 
 def format_model(d: dict) -> str:
@@ -316,7 +424,7 @@ def _cache(args) -> None:
 
 
 COMMANDS = {"layers": _layers, "run": _run, "sweep": _sweep, "model": _model, "bench-model": _bench_model,
-            "cache": _cache}
+            "cache": _cache, "recover": _recover, "bench-recovery": _bench_recovery}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,3 +107,32 @@ def plan_to_query(plan: ModelPlan) -> dict[str, str]:
     if plan.overrides:
         q["overrides"] = ";".join(plan.overrides)
     return q
+
+
+_RECOVERY_PARSERS: dict[str, Callable[[str], object]] = {"recipe": str, "steps": int, "batch": int, "seq_len": int}
+_RECOVERY_QUERY = {"recipe": "recipe", "steps": "steps", "batch": "train_batch", "seq_len": "seq_len"}  # field -> parameter
+
+
+def recovery_from_query(query: Mapping[str, str], plan: ModelPlan):
+    """(recovery.RecoveryRequest of `plan`, notes): the link's recipe and steps, each invalid one replaced
+    by its default with a note."""
+    from .recovery import RecoveryRequest
+
+    def check(request, name: str, candidate):
+        candidate.resolve()
+        return candidate
+
+    def show(request, name: str) -> str:
+        return f"{name} {getattr(request, name)}"
+
+    try:
+        default = RecoveryRequest(plan=plan).resolve()
+    except UserError:  # the plan cannot be recovered (e.g. synthetic weights): the page says why
+        return RecoveryRequest(plan=plan), []
+    renamed = {field: query[param] for field, param in _RECOVERY_QUERY.items() if param in query}
+    return _from_query(renamed, _RECOVERY_PARSERS, default, check, show)
+
+
+def recovery_to_query(request) -> dict[str, str]:
+    """The plan's parameters and the recovery's (its batch is `train_batch`: `batch` is the plan's)."""
+    return {**plan_to_query(request.plan), **{param: str(getattr(request, field)) for field, param in _RECOVERY_QUERY.items()}}

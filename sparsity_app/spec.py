@@ -362,6 +362,17 @@ class ModelPlan:
             out[name] = spec
         return out
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able: block "32x1", nm "2:4" or None, overrides a list (and `from_dict` reads it back)."""
+        return {**dataclasses.asdict(self), "block": fmt_block(self.block),
+                "nm": None if self.nm is None else f"{self.nm[0]}:{self.nm[1]}", "overrides": list(self.overrides)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelPlan":
+        p = {k: v for k, v in d.items() if k != "label"}
+        return cls(**{**p, "block": parse_block(p["block"]), "nm": None if p["nm"] is None else parse_nm(p["nm"]),
+                      "overrides": tuple(p["overrides"])})
+
     def label(self) -> str:
         pattern = self._layer_spec("", self._default_fields()).label()
         at = "" if self.nm is not None else f" at {self.sparsity:g}"
@@ -459,6 +470,7 @@ class ModelResult:
     step_s: dict[str, float] = dataclasses.field(default_factory=dict)
     cached: bool = False
     real_weights: bool = True
+    recovery: dict[str, Any] | None = None  # None: one-shot weights; else recovery.RecoveryResult.summary()
 
     @property
     def best_dense(self) -> str:
@@ -475,9 +487,7 @@ class ModelResult:
     def to_dict(self) -> dict[str, Any]:
         p = self.plan
         return {
-            "plan": {**dataclasses.asdict(p), "block": fmt_block(p.block),
-                     "nm": None if p.nm is None else f"{p.nm[0]}:{p.nm[1]}", "overrides": list(p.overrides),
-                     "label": p.label()},
+            "plan": {**p.to_dict(), "label": p.label()},
             "sparsity_achieved": self.sparsity_achieved,
             "layers": [dict(layer) for layer in self.layers],
             "times_ms": {k: dataclasses.asdict(v) for k, v in self.times_ms.items()},
@@ -499,16 +509,13 @@ class ModelResult:
             "accuracy_note": None if self.real_weights else
             "synthetic random weights: the accuracy figures mean nothing (timing only)",
             "machine": dict(self.machine),
+            "recovery": None if self.recovery is None else dict(self.recovery),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelResult":
-        p = dict(d["plan"])
-        p.pop("label", None)
-        plan = ModelPlan(**{**p, "block": parse_block(p["block"]), "nm": None if p["nm"] is None else parse_nm(p["nm"]),
-                            "overrides": tuple(p["overrides"])})
-        return cls(plan=plan, sparsity_achieved=d["sparsity_achieved"], layers=d["layers"],
+        return cls(plan=ModelPlan.from_dict(d["plan"]), sparsity_achieved=d["sparsity_achieved"], layers=d["layers"],
                    times_ms={k: Timing(**v) for k, v in d["times_ms"].items()}, breakdown=d["breakdown"],
                    max_abs_error=d["max_abs_error"], metrics=d["metrics"], dense_metrics=d["dense_metrics"],
                    tune_s=d["tune_s"], compile_s=d["compile_s"], machine=d["machine"], step_s=d.get("step_s", {}),
-                   cached=d.get("cached", False), real_weights=d.get("real_weights", True))
+                   cached=d.get("cached", False), real_weights=d.get("real_weights", True), recovery=d.get("recovery"))

@@ -11,11 +11,13 @@ import hashlib
 import json
 import os
 import pathlib
+import shutil
 import sqlite3
 import time
 from typing import Iterator
 
 import diskcache
+import numpy as np
 
 from .errors import UserError
 from .spec import ModelPlan, ModelResult, Result, Spec
@@ -36,9 +38,11 @@ def key_of(spec: Spec, machine: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def model_key_of(plan: ModelPlan, machine: dict) -> str:
-    """Everything that changes a whole-model result: the resolved plan and the machine fingerprint."""
-    blob = json.dumps({"plan": dataclasses.asdict(plan), "machine": machine}, sort_keys=True)
+def model_key_of(plan: ModelPlan, machine: dict, recovery: str | None = None) -> str:
+    """Everything that changes a whole-model result: the resolved plan, the machine fingerprint, and
+    the key of the recovery run whose weights it carries (None: the one-shot pruned weights)."""
+    blob = json.dumps({"plan": dataclasses.asdict(plan), "machine": machine, **({"recovery": recovery} if recovery else {})},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -65,6 +69,8 @@ class Store:
         self._cache = _open(self.directory, SIZE_LIMIT)
         self._tunings = _open(self.directory / "tuning", SIZE_LIMIT // 4)
         self._models = _open(self.directory / "models", SIZE_LIMIT // 4)
+        self._recoveries = _open(self.directory / "recovered", SIZE_LIMIT // 16)  # RecoveryResult JSON
+        self.recovery_dir = self.directory / "recovered-weights"  # <key>.safetensors, <key>/checkpoint.pt
 
     def get(self, key: str) -> Result | None:
         try:
@@ -116,6 +122,54 @@ class Store:
             if result and (model is None or result.plan.model == model):
                 yield result
 
+    def get_recovery(self, key: str):
+        """A stored RecoveryResult whose weights file is still there, or None."""
+        from .recovery import RecoveryResult
+
+        try:
+            raw = self._recoveries.get(key)
+            if raw is None:
+                return None
+            if not (self.recovery_dir / f"{key}.safetensors").exists():
+                raise FileNotFoundError(key)
+            return dataclasses.replace(RecoveryResult.from_dict(json.loads(raw)), cached=True)
+        except Exception:  # corrupt, incompatible, or its weights are gone: train again
+            self._recoveries.delete(key)
+            return None
+
+    def put_recovery(self, key: str, result, weights: dict, masks: dict) -> None:
+        """Store recovered weights (layer -> float32 [out, in]) and masks (bool [out, in]) as
+        safetensors, then the result that points at them."""
+        from safetensors.numpy import save_file
+
+        self.recovery_dir.mkdir(parents=True, exist_ok=True)
+        tensors = {f"weight/{n}": np.ascontiguousarray(w, np.float32) for n, w in weights.items()}
+        tensors |= {f"mask/{n}": np.ascontiguousarray(masks[n], np.uint8) for n in weights}
+        path = self.recovery_dir / f"{key}.safetensors"
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path)
+        self._recoveries.set(key, json.dumps(dataclasses.replace(result, cached=False).to_dict()))
+
+    def recovered_weights(self, key: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(weights layer -> float32 [out, in], masks layer -> bool [out, in]) of a stored recovery."""
+        from safetensors.numpy import load_file
+
+        tensors = load_file(str(self.recovery_dir / f"{key}.safetensors"))
+        weights = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("weight/")}
+        return weights, {n: tensors[f"mask/{n}"].astype(bool) for n in weights}
+
+    def recovery_checkpoint(self, key: str) -> pathlib.Path:
+        """Where a recovery run keeps its checkpoint (the file may not exist)."""
+        return self.recovery_dir / key / "checkpoint.pt"
+
+    def recoveries(self, model: str | None = None) -> Iterator:
+        """Every readable stored RecoveryResult, optionally of one model."""
+        for key in list(self._recoveries.iterkeys()):
+            result = self.get_recovery(key)
+            if result and (model is None or result.request.plan.model == model):
+                yield result
+
     def __len__(self) -> int:
         return len(self._cache)
 
@@ -124,11 +178,14 @@ class Store:
 
     def clear(self, results: bool = True, tuning: bool = True) -> tuple[int, int]:
         """Drop every stored result and/or tuner winner; returns how many of each were dropped."""
-        dropped = (self._cache.clear() + self._models.clear() if results else 0,
+        dropped = (self._cache.clear() + self._models.clear() + self._recoveries.clear() if results else 0,
                    self._tunings.clear() if tuning else 0)
+        if results and self.recovery_dir.exists():
+            shutil.rmtree(self.recovery_dir, ignore_errors=True)
         return dropped
 
     def close(self) -> None:
         self._cache.close()
         self._tunings.close()
         self._models.close()
+        self._recoveries.close()
