@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import tuner
+from . import limits, tuner
 from .errors import UserError
 from .experiment import StepClock, layer_input_norms
 from .formats import sparse_format
@@ -82,7 +82,8 @@ def run_model(plan: ModelPlan, store: Store | None = None, progress: Progress = 
                           waiting=lambda ahead: progress("queue", f"waiting: {ahead} measurement(s) ahead of this one")):
         if reuse and (hit := lookup(plan, store)) is not None:
             return hit  # measured by the one we waited for
-        return _measure(plan, specs, store, progress, retune)
+        with limits.time_limit("model_timeout_s"):  # stops between steps, layer tunings and samples
+            return _measure(plan, specs, store, progress, retune)
 
 
 def _measure(plan: ModelPlan, specs: dict, store: Store | None, progress: Progress, retune: bool) -> ModelResult:
