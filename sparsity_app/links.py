@@ -29,6 +29,9 @@ _PARSERS: dict[str, Callable[[str], object]] = {  # in the order they are applie
 }
 
 
+MAX_VALUE_CHARS = 2000  # the longest value a link parameter may have (overrides are the longest: ~40 per line)
+
+
 def _from_query(query: Mapping[str, str], parsers: dict, default, check, show) -> tuple[object, list[str]]:
     """Apply each parameter of `query` named in `parsers` to `default` in order; one whose value does not
     parse or fails `check(candidate)` is skipped with a note (`show(current, name)` says what is kept)."""
@@ -38,6 +41,8 @@ def _from_query(query: Mapping[str, str], parsers: dict, default, check, show) -
             continue
         raw = query[name]
         try:
+            if len(raw) > MAX_VALUE_CHARS:  # no parameter needs more; a longer one only costs time to refuse
+                raise UserError(f"longer than {MAX_VALUE_CHARS} characters")
             value = parse(raw)
             if isinstance(value, float) and not math.isfinite(value):
                 raise UserError(f"{name} must be a finite number")

@@ -121,3 +121,39 @@ def test_app_refuses_a_sweep_beyond_the_limits_and_measures_nothing(monkeypatch,
     assert not at.exception
     assert any("rate limit" in e.value and "needs 20" in e.value for e in at.error)
     assert not locks.holds() and len(Store()) == 0
+
+
+def test_app_rate_limit_counts_new_measurements_only(monkeypatch, cache_dir):
+    """The page's accounting, with the engine replaced by one that stores a result at once (the engine's
+    own limits are tested above): a new measurement counts, a refused one is not run, a cached one is free."""
+    import app_pages.common
+    from test_figures import _result
+
+    from sparsity_app import analysis
+    from sparsity_app.store import key_of
+    from sparsity_app.timing import fingerprint
+
+    measured = []
+
+    def engine(spec, store, progress, retune):  # as experiment.run: a stored result is returned, not measured
+        spec = spec.resolve()
+        if not retune and (hit := store.get(key_of(spec, fingerprint()))) is not None:
+            return hit
+        measured.append(spec)
+        result = dataclasses.replace(_result(spec.sparsity, 2.0), spec=spec, proxies=dict.fromkeys(analysis.PROXIES, 0.5))
+        store.put(key_of(spec, fingerprint()), result)
+        return result
+
+    monkeypatch.setattr(app_pages.common, "run", engine)
+    monkeypatch.setenv("SPARSITY_APP_RATE_MEASUREMENTS", "1")
+    at = AppTest.from_file(APP, default_timeout=300).run()
+    at.button(key="FormSubmitter:explore-Run").click().run()  # the session's one new measurement
+    assert not at.exception and not at.error and len(measured) == 1
+    at.slider(key="sparsity").set_value(0.8)
+    at.button(key="FormSubmitter:explore-Run").click().run()
+    assert [e.value for e in at.error if "rate limit" in e.value and "at most 1 new" in e.value]
+    assert len(measured) == 1  # refused before the engine was called
+    at.slider(key="sparsity").set_value(0.9)
+    at.button(key="FormSubmitter:explore-Run").click().run()  # stored: served, not counted
+    assert not at.exception and not at.error and len(measured) == 1
+    assert any("Loaded from the cache" in c.value for c in at.caption)
