@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import streamlit as st
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from sparsity_app import Spec, UserError
-from sparsity_app.experiment import run
+from sparsity_app.errors import one_line
+from sparsity_app.experiment import lookup, run
+from sparsity_app.limits import RATE_LIMITER
+from sparsity_app.links import escape
 from sparsity_app.spec import DENSE_PEERS
 from sparsity_app.store import Store, cache_dir
 
@@ -22,9 +26,12 @@ def store() -> Store:
 def run_with_status(spec: Spec, retune: bool = False):
     """Run the engine inside st.status, one line per step; a cached result appears at once.
 
-    Returns the Result, or None after showing the error on the page.
+    Returns the Result, or None after showing the error on the page. A run that will measure
+    counts against this session's rate limit; a cached one never does.
     """
     try:
+        if retune or lookup(spec, store()) is None:
+            RATE_LIMITER.take(session_id(), 1)
         with st.status(f"Running {spec.label()} at sparsity {spec.sparsity:g}...", expanded=True) as status:
             result = run(spec, store=store(), progress=lambda step, detail: status.write(f"**{step}**: {detail}"),
                          retune=retune)
@@ -32,10 +39,16 @@ def run_with_status(spec: Spec, retune: bool = False):
                           expanded=False)
         return result
     except UserError as e:
-        st.error(str(e))
+        st.error(escape(one_line(e, 600)))
     except Exception as e:  # the engine failed: say so on the page, keep the app alive
-        st.error(f"The engine failed: {type(e).__name__}: {e}")
+        st.error(escape(f"The engine failed: {type(e).__name__}: {one_line(e)}"))
     return None
+
+
+def session_id() -> str:
+    """This browser session's id (what the rate limit counts against)."""
+    ctx = get_script_run_ctx()
+    return ctx.session_id if ctx is not None else "no-session"
 
 
 def conditions(result) -> str:
@@ -72,6 +85,8 @@ def pick_conditions(groups: dict, key: str) -> str | None:
 def cache_controls() -> None:
     """Sidebar: what the cache holds, and buttons to clear results or tuned schedules."""
     s = store()
+    for note in s.notes:  # e.g. an unreadable index kept aside: the app goes on with a fresh one
+        st.sidebar.warning(escape(note), icon=":material/warning:")
     with st.sidebar.expander("Cache"):
         st.caption(f"{len(s)} results and {s.tunings()} tuned schedules in `{s.directory}`. Clearing forces every "
                    "figure to be measured (and every schedule tuned) again.")

@@ -1,9 +1,14 @@
 """Sweep: a grid of patterns x sparsities on one layer; every point is stored as it finishes."""
 import streamlit as st
 
-from app_pages.common import cache_controls, conditions, query_spec, store
+from app_pages.common import cache_controls, conditions, query_spec, session_id, store
 from sparsity_app import Spec, UserError, analysis, charts
+from sparsity_app.errors import one_line
 from sparsity_app.experiment import lookup, run
+from sparsity_app.limits import RATE_LIMITER
+from sparsity_app.limits import current as current_limits
+from sparsity_app.links import escape
+from sparsity_app.models import MAX_TOKENS
 from sparsity_app.models import MODEL_NAMES, get_model
 from sparsity_app.pruning import METHODS
 from sparsity_app.spec import BLOCK_PRESETS, NM_PRESETS, NORMS, default_threads, parse_block, parse_nm
@@ -22,7 +27,9 @@ with st.form("sweep"):
     c1, c2, c3 = st.columns([3, 1, 1])
     layer = c1.selectbox("Layer", list(layers), index=list(layers).index(start.layer) if start.layer in layers else 0,
                          format_func=lambda n: f"{n}  ({layers[n][0]}x{layers[n][1]})", key="sweep_layer")
-    tokens = c2.number_input("Tokens", 1, 4096, start.tokens, key="sweep_tokens")
+    max_tokens = min(current_limits().max_tokens or MAX_TOKENS, MAX_TOKENS)  # this server's limit
+    tokens = c2.number_input("Tokens", 1, max_tokens, min(start.tokens, max_tokens), key="sweep_tokens",
+                             help=f"rows of X that are timed; at most {max_tokens} on this server")
     threads = c3.number_input("Threads", 1, default_threads(), default_threads(), key="sweep_threads")
     c1, c2, c3 = st.columns(3)
     method = c1.selectbox("Method", list(METHODS), index=list(METHODS).index("block"), key="sweep_method",
@@ -47,6 +54,22 @@ elif method == "magnitude":
 else:
     grid = [Spec(**common, block=parse_block(b), sparsity=s) for b in blocks for s in sorted(sparsities)]
 
+
+def _measured(spec: Spec) -> bool:
+    """Whether this point needs no measuring: stored already, or invalid (it is skipped with a message)."""
+    try:
+        return lookup(spec, store()) is not None
+    except UserError:
+        return True
+
+
+if go:  # the limits first: the sweep's size, then this session's rate (only points still to measure count)
+    try:
+        current_limits().check_sweep(len(grid))
+        RATE_LIMITER.take(session_id(), sum(not _measured(spec) for spec in grid))
+    except UserError as e:
+        st.error(escape(str(e)))
+        go = False
 if go:
     bar = st.progress(0.0, text="starting")
     failures = []
@@ -55,12 +78,13 @@ if go:
         try:
             run(spec, store=store())
         except UserError as e:  # e.g. a block that does not divide this layer: skip it, keep the rest
-            failures.append(f"{spec.label()} at {spec.sparsity:g}: {e}")
+            failures.append(f"{spec.label()} at {spec.sparsity:g}: {one_line(e, 600)}")
         except Exception as e:  # the engine failed on this point: say so, keep the points already stored
-            failures.append(f"{spec.label()} at {spec.sparsity:g}: the engine failed: {type(e).__name__}: {e}")
+            failures.append(f"{spec.label()} at {spec.sparsity:g}: the engine failed: {type(e).__name__}: "
+                            f"{one_line(e)}")
     bar.progress(1.0, text=f"done: {len(grid) - len(failures)} of {len(grid)} points")
     for f in failures:
-        st.error(f)
+        st.error(escape(f))
 
 results = []
 for spec in grid:

@@ -185,12 +185,11 @@ def _layers(args) -> None:
 
 def _run(args) -> None:
     from .experiment import run
-    from .store import Store
 
     spec = _spec(args)
     from .experiment import STEPS
 
-    result = run(spec, store=Store(args.cache_dir), progress=_steps(STEPS), retune=args.retune)
+    result = run(spec, store=_open_store(args.cache_dir), progress=_steps(STEPS), retune=args.retune)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -198,8 +197,8 @@ def _run(args) -> None:
 
 
 def _sweep(args) -> None:
-    from .experiment import run, validate
-    from .store import Store
+    from .experiment import lookup, run, validate
+    from .limits import current as current_limits
 
     if args.method == "nm":
         specs = [_spec(args, nm=parse_nm(v)) for v in args.nms.split(",") if v.strip()]
@@ -208,7 +207,12 @@ def _sweep(args) -> None:
         specs = [_spec(args, block=b, sparsity=s) for b in blocks for s in _floats(args.sparsities)]
     for s in specs:  # validate the whole grid before measuring any of it
         validate(s)
-    store, rows = Store(args.cache_dir), []
+    current_limits().check_sweep(len(specs))
+    store, rows = _open_store(args.cache_dir), []
+    stored = sum(lookup(s, store) is not None for s in specs)  # e.g. left by a sweep that was killed
+    if stored:
+        _err(f"resuming: {stored} of {len(specs)} points already stored (cached); measuring the other "
+             f"{len(specs) - stored}")
     try:
         for i, spec in enumerate(specs):
             _progress(i, len(specs), spec)
@@ -220,6 +224,16 @@ def _sweep(args) -> None:
             if args.csv:
                 write_csv(rows, args.csv)
                 _err(f"wrote {len(rows)} rows to {args.csv}")
+
+
+def _open_store(directory: str | None):
+    """The result store, after saying on stderr what was wrong with it (e.g. an unreadable index kept aside)."""
+    from .store import Store
+
+    store = Store(directory)
+    for note in store.notes:
+        _err(f"warning: {note}")
+    return store
 
 
 def _progress(done: int, total: int, spec: Spec | None) -> None:
@@ -274,12 +288,11 @@ def _err(line: str) -> None:
 
 def _model(args) -> None:
     from .model_experiment import STEPS, run_model, validate
-    from .store import Store
 
     plan = _plan(args)
     validate(plan)  # every bad input before anything loads
     request = None if args.recipe is None else _recovery_request(args, plan)
-    store = Store(args.cache_dir)
+    store = _open_store(args.cache_dir)
     recovered = None if request is None else _recovered(request, store, args.time_limit)
     result = run_model(plan, store=store, retune=args.retune, progress=_steps(STEPS), recovery=recovered)
     print(json.dumps(result.to_dict()) if args.json else format_model(result.to_dict()))
@@ -293,9 +306,8 @@ def _recovered(request, store, time_limit: float | None):
 
 def _bench_recovery(args) -> None:
     from . import bench_recovery
-    from .store import Store
 
-    store, results = Store(args.cache_dir), []
+    store, results = _open_store(args.cache_dir), []
     todo = bench_recovery.requests(args.steps, args.only)
     for i, request in enumerate(todo, 1):
         _err(f"[run {i}/{len(todo)}] {request.label()}")
@@ -325,10 +337,8 @@ def _bench_recovery(args) -> None:
 
 
 def _recover(args) -> None:
-    from .store import Store
-
     request = _recovery_request(args, _plan(args))
-    result = _recovered(request, Store(args.cache_dir), args.time_limit)
+    result = _recovered(request, _open_store(args.cache_dir), args.time_limit)
     print(json.dumps(result.to_dict()) if args.json else format_recovery(result.to_dict()))
 
 
@@ -370,7 +380,6 @@ def format_model(d: dict) -> str:
 
 def _bench_model(args) -> None:
     from .model_experiment import STEPS, run_model, validate
-    from .store import Store
 
     plans = []
     for item in args.configs.split(","):
@@ -383,7 +392,7 @@ def _bench_model(args) -> None:
                          tokens=tokens, batch=batch, threads=args.threads, repeat=args.repeat)
         validate(plan)
         plans.append(plan)
-    store, rows = Store(args.cache_dir), []
+    store, rows = _open_store(args.cache_dir), []
     for plan in plans:  # each run_model holds the measurement slot while it measures
         _err(f"measuring {plan.model}, {plan.label()}, {plan.batch}x{plan.tokens} tokens...")
         d = run_model(plan, store=store, reuse_result=False, progress=_steps(STEPS, "  "))
@@ -413,9 +422,8 @@ def model_targets(rows: list[dict]) -> str:
 
 
 def _cache(args) -> None:
-    from .store import Store
 
-    store = Store(args.cache_dir)
+    store = _open_store(args.cache_dir)
     if args.action == "clear":
         results, tunings = store.clear(results=args.only != "tuning", tuning=args.only != "results")
         print(f"cleared {results} results and {tunings} tuned schedules from {store.directory}")
@@ -448,5 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug, not bad input: still one line, full trace on request
         if os.environ.get("SPARSITY_APP_DEBUG"):
             raise
-        _err(f"internal error: {type(e).__name__}: {e} (set SPARSITY_APP_DEBUG=1 for the traceback)")
+        from .errors import one_line
+
+        _err(f"internal error: {type(e).__name__}: {one_line(e)} (set SPARSITY_APP_DEBUG=1 for the traceback)")
         return 1

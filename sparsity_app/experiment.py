@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from . import proxies, tuner
+from . import limits, proxies, tuner
 from .errors import UserError
 from .formats import sparse_format, to_bsr
 from .models import get_model, layer_info
@@ -51,6 +51,7 @@ class StepClock:
     @contextlib.contextmanager
     def step(self, name: str, detail: str) -> Iterator[None]:
         assert name in self.steps
+        limits.check_time(f"step {name!r}")
         self.progress(name, detail)
         start = time.perf_counter()
         yield
@@ -62,16 +63,19 @@ def run(spec: Spec, store: Store | None = None, progress: Progress = _quiet, ret
 
     retune=True measures again and re-tunes the schedule even if a result or winner is stored.
     Raises UserError for a request that cannot be measured (unknown model, block that does not
-    divide the layer, ...).
+    divide the layer, ...) or is beyond this server's limits (limits.LimitExceeded: tokens; the
+    measurement's time limit, which stops it between steps, compiles and samples).
     """
     spec, shape = validate(spec)
     if store is not None and not retune and (hit := lookup(spec, store)) is not None:
         return hit
+    limits.current().check_tokens(spec.tokens)
     with measurement_slot(f"run {spec.label()} {spec.layer}",
                           waiting=lambda ahead: progress("queue", f"waiting: {ahead} measurement(s) ahead of this one")):
         if store is not None and not retune and (hit := lookup(spec, store)) is not None:
             return hit  # measured by the one we waited for
-        return _measure(spec, shape, store, progress, retune)
+        with limits.time_limit("measure_timeout_s"):  # from the first step, not while queued
+            return _measure(spec, shape, store, progress, retune)
 
 
 def _measure(spec: Spec, shape: tuple[int, int], store: Store | None, progress: Progress, retune: bool) -> Result:
@@ -98,7 +102,7 @@ def _measure(spec: Spec, shape: tuple[int, int], store: Store | None, progress: 
                                           "tuning: compiling, checking and timing candidate schedules")):
         tuning = tuner.best_schedule(family, sparse, x, reference, spec, spec.threads, store, retune=retune)
     with clock.step("compile", f"compiling the {FORMAT_NAMES[family]} kernel ({tuning.label}) and the dense peers"):
-        kernel = tuner.families()[family].kernel(sparse, x, tuning.knobs())
+        kernel = tuner.compile_kernel(tuner.families()[family], sparse, x, tuning.knobs())
         peers = dense_peers(weight, x)
     with clock.step("verify", "checking every kernel against NumPy before timing it"):
         _verify(kernel, peers, x, weight, reference)

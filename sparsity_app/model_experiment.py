@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import tuner
+from . import limits, tuner
 from .errors import UserError
 from .experiment import StepClock, layer_input_norms
 from .formats import sparse_format
@@ -88,7 +88,8 @@ def run_model(plan: ModelPlan, store: Store | None = None, progress: Progress = 
                           waiting=lambda ahead: progress("queue", f"waiting: {ahead} measurement(s) ahead of this one")):
         if reuse and (hit := lookup(plan, store, recovery)) is not None:
             return hit  # measured by the one we waited for
-        return _measure(plan, specs, store, progress, retune, recovery)
+        with limits.time_limit("model_timeout_s"):  # stops between steps, layer tunings and samples
+            return _measure(plan, specs, store, progress, retune, recovery)
 
 
 def _same_pattern(a: ModelPlan, b: ModelPlan) -> bool:

@@ -21,17 +21,17 @@ MAX_REPEAT = 200
 
 def parse_block(text: str) -> tuple[int, int]:
     """'32x1' -> (32, 1): bs_r (rows of W, i.e. output features) x bs_c (input features)."""
-    m = re.fullmatch(r"\s*(\d+)\s*[xX*]\s*(\d+)\s*", str(text))
+    m = re.fullmatch(r"\s*(\d{1,6})\s*[xX*]\s*(\d{1,6})\s*", str(text))  # 6 digits: no int() of a huge string
     if not m or int(m[1]) < 1 or int(m[2]) < 1:
-        raise UserError(f"block must look like 32x1 (bs_r x bs_c, both >= 1), got {text!r}")
+        raise UserError(f"block must look like 32x1 (bs_r x bs_c, both >= 1), got {str(text)[:40]!r}")
     return int(m[1]), int(m[2])
 
 
 def parse_nm(text: str) -> tuple[int, int]:
     """'2:4' -> (2, 4): keep N of every M consecutive weights along the input dimension."""
-    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(text))
+    m = re.fullmatch(r"\s*(\d{1,6})\s*:\s*(\d{1,6})\s*", str(text))
     if not m:
-        raise UserError(f"N:M must look like 2:4, got {text!r}")
+        raise UserError(f"N:M must look like 2:4, got {str(text)[:40]!r}")
     n, mm = int(m[1]), int(m[2])
     if not 1 <= n < mm:
         raise UserError(f"N:M needs 1 <= N < M, got {n}:{mm}")

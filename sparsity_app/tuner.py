@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .errors import CompileError, one_line
+from .limits import check_time
 from .spec import Spec
 
 BUCKETS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)  # sparsities near one another share a tuned schedule
@@ -121,12 +123,25 @@ def _time(fam: Family, weight, x, reference, knobs: list) -> dict:
 
     kernels = {}
     for k in knobs:
-        kernel = fam.kernel(weight, x, k)
+        kernel = compile_kernel(fam, weight, x, k)
         check_output(k.label(), kernel.output(), reference)
         kernels[k] = kernel
     times = measure({k: kern.run for k, kern in kernels.items()}, repeat=6, per_round=2, warmup_s=0.01,
                     min_sample_s=0.001, settle_s=0.0)
     return {k: t.median for k, t in times.items()}
+
+
+def compile_kernel(fam: Family, weight, x: np.ndarray, knobs):
+    """fam.kernel(weight, x, knobs): the kernel compiled for this CPU.
+
+    Checks the measurement's time limit first (a compile itself cannot be interrupted); a failing
+    compile raises CompileError with TVM's first line.
+    """
+    check_time(f"compiling the {knobs.label()} schedule")
+    try:
+        return fam.kernel(weight, x, knobs)
+    except Exception as e:
+        raise CompileError(f"TVM could not compile the kernel with schedule {knobs.label()}: {one_line(e)}") from e
 
 
 def check_output(name: str, got: np.ndarray, want: np.ndarray) -> None:
