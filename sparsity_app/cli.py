@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import sys
+import time
 
 from .errors import UserError
 from .spec import BLOCK_PRESETS, NORMS, ModelPlan, Spec, parse_block, parse_nm
@@ -111,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", choices=("results", "tuning"), default=None,
                    help="clear only stored results, or only the tuner's winning schedules")
     p.add_argument("--cache-dir", default=None, help="result cache (default cache/ or $SPARSITY_APP_CACHE_DIR)")
+    p = sub.add_parser("jobs", help="the job queue of long runs (whole models): list it, or cancel a job")
+    p.add_argument("action", choices=("list", "cancel"))
+    p.add_argument("id", nargs="?", help="the job to cancel (cancel: the operator may cancel any job)")
+    p.add_argument("--cache-dir", default=None, help="result cache (default cache/ or $SPARSITY_APP_CACHE_DIR)")
+    p = sub.add_parser("worker", help="(internal) run queued jobs one at a time until none is left")
+    p.add_argument("--cache-dir", default=None)
     p = sub.add_parser("bench", help="kernel benchmark: every sparse format against every dense peer")
     from .bench import add_arguments
 
@@ -315,8 +322,30 @@ def _cache(args) -> None:
         print(f"{store.directory}: {len(store)} results, {store.tunings()} tuned schedules")
 
 
+def _jobs(args) -> None:
+    from . import jobs
+
+    if args.action == "cancel":
+        if not args.id:
+            raise UserError("jobs cancel needs the job's id (see `python -m sparsity_app jobs list`)")
+        job = jobs.cancel(args.id, None, args.cache_dir, force=True)
+        print(f"{job.id}: {'cancelled' if job.state == 'cancelled' else 'stopping (it was running)'}")
+        return
+    for job in jobs.list_jobs(args.cache_dir):
+        where = f"{job.position} ahead" if job.state == "queued" else (job.error or job.result_key or "")
+        last = job.progress[-1]["detail"] if job.progress and job.state == "running" else ""
+        print(f"{job.id}  {job.kind:8s} {job.state:9s} {time.strftime('%Y-%m-%d %H:%M', time.localtime(job.submitted))}"
+              f"  {where or last}")
+
+
+def _worker(args) -> None:
+    from . import jobs
+
+    jobs.work(args.cache_dir)
+
+
 COMMANDS = {"layers": _layers, "run": _run, "sweep": _sweep, "model": _model, "bench-model": _bench_model,
-            "cache": _cache}
+            "cache": _cache, "jobs": _jobs, "worker": _worker}
 
 
 def main(argv: list[str] | None = None) -> int:
