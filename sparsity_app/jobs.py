@@ -216,10 +216,15 @@ def request_key(kind_name: str, request: dict) -> str:
     return hashlib.sha256(json.dumps({"kind": kind_name, "request": request}, sort_keys=True).encode()).hexdigest()
 
 
-def _path(d: pathlib.Path, job_id: str) -> pathlib.Path:
-    if not isinstance(job_id, str) or not _ID.fullmatch(job_id):  # a link's ?job= never becomes any other path
+def check_id(job_id: object) -> str:
+    """job_id if it is a job id (32 hex digits), else UserError: a link's ?job= never becomes any other path."""
+    if not isinstance(job_id, str) or not _ID.fullmatch(job_id):
         raise UserError(f"{job_id!r} is not a job id (32 hex digits)")
-    return d / f"{job_id}.json"
+    return job_id
+
+
+def _path(d: pathlib.Path, job_id: str) -> pathlib.Path:
+    return d / f"{check_id(job_id)}.json"
 
 
 def _read(path: pathlib.Path) -> Job | None:

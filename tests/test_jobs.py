@@ -137,3 +137,53 @@ def test_cli_lists_and_cancels_jobs(kinds, capsys):
     assert _done(long.id, timeout=30).state == "cancelled"
     assert main(["jobs", "cancel", "nonsense"]) == 2
     assert "is not a job id" in capsys.readouterr().err
+
+
+def test_model_page_runs_a_job_that_a_reload_or_the_link_shows_then_its_result(kinds, monkeypatch):
+    """The page submits a job; the owner sees progress and a cancel button, a visitor with the link sees the
+    progress without it, and both then see the result (fake_jobs stands in for the model's measurement)."""
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("FAKE_JOBS_MODEL", "1")
+    monkeypatch.setenv("FAKE_JOBS_STEP_S", "1.0")
+    app = str(TESTS.parent / "app.py")
+    owner = AppTest.from_file(app, default_timeout=60).run()
+    owner.switch_page("app_pages/model.py").run()
+    owner.number_input(key="m_tokens").set_value(16)
+    owner.button(key="FormSubmitter:model-Run the whole model").click().run()
+    assert not owner.exception and not owner.error, [e.value for e in owner.error]
+    link = {k: owner.query_params[k] for k in owner.query_params}
+    assert link["tokens"] == "16" and jobs.check_id(link["job"])
+    assert owner.button(key="job_cancel")  # the owner may cancel
+    assert not owner.metric  # no result yet
+
+    visitor = AppTest.from_file(app, default_timeout=60)
+    for k, v in link.items():
+        visitor.query_params[k] = v
+    visitor.run()
+    visitor.switch_page("app_pages/model.py").run()
+
+    def shows_progress(at):
+        at.run()
+        return "pretending to" in " ".join(c.value for c in at.code)
+    _wait(lambda: shows_progress(visitor), 30, "the link never showed the job's progress")
+    assert not any(b.key == "job_cancel" for b in visitor.button)  # a visitor watches, never cancels
+    assert any("Only the browser session that started" in c.value for c in visitor.caption)
+
+    for at in (visitor, owner):  # a rerun (what a reload does) shows the result once the job is done
+        _wait(lambda: at.run().metric, 60, "the result never appeared")
+        assert not at.exception and not at.error
+        assert any(m.label == "Speedup vs best dense" and m.value == "2.50x" for m in at.metric)
+    job = jobs.status(link["job"])
+    assert job.state == "done" and [l["step"] for l in job.progress] == ["prune", "tune", "compile", "time"]
+
+
+def test_model_page_ignores_a_bad_job_in_the_link(cache_dir):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(TESTS.parent / "app.py"), default_timeout=60)
+    at.query_params["job"] = "../../etc/passwd"
+    at.run()
+    at.switch_page("app_pages/model.py").run()
+    assert not at.exception and not at.error
+    assert any("ignored job='../../etc/passwd'" in w.value for w in at.warning)
