@@ -475,9 +475,14 @@ def _child(d_text: str, job_id: str, directory, parent: int) -> None:
     signal.signal(signal.SIGTERM, on_term)
     job = _read(_path(d, job_id))
 
+    last: list[tuple] = [()]
+
     def progress(step: str, detail: str, fraction: float | None = None) -> None:
-        line = {"step": str(step), "detail": str(detail), "time": time.time(),
-                "fraction": None if fraction is None else min(max(float(fraction), 0.0), 1.0)}
+        fraction = None if fraction is None else min(max(float(fraction), 0.0), 1.0)
+        if (step, detail, fraction) == last[0]:
+            return  # e.g. the measurement slot's "waiting: 2 ahead", told every 0.25 s: one line until it changes
+        last[0] = (step, detail, fraction)
+        line = {"step": str(step), "detail": str(detail), "time": time.time(), "fraction": fraction}
         _update(d, job_id, lambda j: dataclasses.replace(j, progress=(*j.progress, line)[-MAX_PROGRESS:]))
 
     try:
