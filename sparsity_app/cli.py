@@ -118,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="result cache (default cache/ or $SPARSITY_APP_CACHE_DIR)")
     p = sub.add_parser("worker", help="(internal) run queued jobs one at a time until none is left")
     p.add_argument("--cache-dir", default=None)
+    p = sub.add_parser("loadtest", help="N browser sessions at once against a real `streamlit run app.py`: "
+                       "results, no errors, no overlapping measurements, speedups as quiet")
+    from .loadtest import add_arguments as add_loadtest_arguments
+
+    add_loadtest_arguments(p)
     p = sub.add_parser("bench", help="kernel benchmark: every sparse format against every dense peer")
     from .bench import add_arguments
 
@@ -355,6 +360,10 @@ def main(argv: list[str] | None = None) -> int:
             from .bench import main as bench_main
 
             return bench_main(args)
+        if args.command == "loadtest":
+            from .loadtest import main as loadtest_main
+
+            return loadtest_main(args)
         COMMANDS[args.command](args)
         return 0
     except UserError as e:
