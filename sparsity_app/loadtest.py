@@ -92,10 +92,13 @@ def main(args: argparse.Namespace) -> int:
     try:
         _wait_healthy(port, server)
         _say(f"server up in {time.monotonic() - t0:.1f} s")
-        t1 = time.monotonic()
-        outcomes = asyncio.run(asyncio.wait_for(_drive(f"http://127.0.0.1:{port}", plan, fixed, args.chromium,
+        t1, cpu0 = time.monotonic(), _cpu(server.pid)
+        outcomes, browser_cpu = asyncio.run(asyncio.wait_for(_drive(f"http://127.0.0.1:{port}", plan, fixed, args.chromium,
                                                        args.timeout), args.timeout + 60))
-        load_s = time.monotonic() - t1
+        load_s, cpu1 = time.monotonic() - t1, _cpu(server.pid)
+        _say(f"CPU seconds during the load ({load_s:.0f} s wall, {os.cpu_count()} cores): streamlit server "
+             f"{cpu1['server'] - cpu0['server']:.0f}, Chromium {browser_cpu:.0f}, whole machine "
+             f"{cpu1['machine'] - cpu0['machine']:.0f} (other users included)")
     finally:
         _stop(server)
         _say("server stopped")
@@ -152,8 +155,9 @@ def _stop(server: subprocess.Popen) -> None:
             continue
 
 
-async def _drive(url: str, plan: list[list[Spec]], fixed: Spec, chromium: str, timeout: float) -> list[list[dict]]:
-    """Each session's runs, in order: {spec, ok, speedup, seconds, error}."""
+async def _drive(url: str, plan: list[list[Spec]], fixed: Spec, chromium: str,
+                 timeout: float) -> tuple[list[list[dict]], float]:
+    """(each session's runs in order: {spec, ok, speedup, seconds, error}; CPU seconds the browser used)."""
     from playwright.async_api import async_playwright
 
     from .links import spec_to_query
@@ -161,7 +165,7 @@ async def _drive(url: str, plan: list[list[Spec]], fixed: Spec, chromium: str, t
     deadline = time.monotonic() + timeout
 
     async def session(browser, i: int, specs: list[Spec]) -> list[dict]:
-        context = await browser.new_context(viewport={"width": 1400, "height": 1600})
+        context = await browser.new_context(viewport={"width": 1400, "height": 1600}, reduced_motion="reduce")
         page, out = await context.new_page(), []
         try:
             for j, spec in enumerate(specs):
@@ -200,9 +204,28 @@ async def _drive(url: str, plan: list[list[Spec]], fixed: Spec, chromium: str, t
             "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
             "--disable-component-update", "--disable-sync"])
         try:
-            return list(await asyncio.gather(*(session(browser, i, specs) for i, specs in enumerate(plan))))
+            outcomes = list(await asyncio.gather(*(session(browser, i, specs) for i, specs in enumerate(plan))))
+            return outcomes, _cpu(None, descendants_of=os.getpid())["tree"]
         finally:
             await browser.close()
+
+
+def _cpu(server: int | None, descendants_of: int | None = None) -> dict[str, float]:
+    """CPU seconds (user + system) so far: of process `server`, of every descendant of `descendants_of`
+    (the Playwright driver and its Chromium), and of the whole machine (/proc/stat)."""
+    tick, stats = os.sysconf("SC_CLK_TCK"), {}
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(stat.parent.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)  # ppid, cpu
+    tree, frontier = set(), {descendants_of}
+    while frontier:
+        frontier = {pid for pid, (ppid, _) in stats.items() if ppid in frontier} - tree
+        tree |= frontier
+    machine = sum(int(v) for v in pathlib.Path("/proc/stat").read_text().split("\n")[0].split()[1:4]) / tick
+    return {"server": stats.get(server, (0, 0.0))[1], "tree": sum(stats[p][1] for p in tree), "machine": machine}
 
 
 def _report(plan: list[list[Spec]], fixed: Spec, outcomes: list[list[dict]], load_s: float, args) -> int:
