@@ -401,7 +401,7 @@ def work(directory: str | os.PathLike | None = None) -> int:
     d = jobs_dir(directory)
     lock = FileLock(str(d / "worker.lock"), thread_local=False, is_singleton=False)
     try:
-        lock.acquire(timeout=0)
+        lock.acquire(timeout=2)  # not 0: a page's probe (ensure_worker) may hold it for an instant
     except Timeout:
         return 0  # another worker has the queue
     ran = 0
@@ -414,7 +414,7 @@ def work(directory: str | os.PathLike | None = None) -> int:
                 if not any(j.state == "queued" for j in _all(d)):
                     return ran
                 try:
-                    lock.acquire(timeout=0)
+                    lock.acquire(timeout=2)
                 except Timeout:
                     return ran  # a new worker took over
                 continue
