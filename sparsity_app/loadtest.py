@@ -93,8 +93,12 @@ def main(args: argparse.Namespace) -> int:
         _wait_healthy(port, server)
         _say(f"server up in {time.monotonic() - t0:.1f} s")
         t1, cpu0 = time.monotonic(), _cpu(server.pid)
-        outcomes, browser_cpu = asyncio.run(asyncio.wait_for(_drive(f"http://127.0.0.1:{port}", plan, fixed, args.chromium,
-                                                       args.timeout), args.timeout + 60))
+        try:
+            outcomes, browser_cpu = asyncio.run(asyncio.wait_for(
+                _drive(f"http://127.0.0.1:{port}", plan, fixed, args.chromium, args.timeout), args.timeout + 60))
+        except TimeoutError:  # every run has its own deadline; this is the browser itself hanging
+            print(f"FAILED the sessions did not finish within {args.timeout + 60:.0f} s")
+            return 1
         load_s, cpu1 = time.monotonic() - t1, _cpu(server.pid)
         _say(f"CPU seconds during the load ({load_s:.0f} s wall, {os.cpu_count()} cores): streamlit server "
              f"{cpu1['server'] - cpu0['server']:.0f}, Chromium {browser_cpu:.0f}, whole machine "
