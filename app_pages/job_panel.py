@@ -6,6 +6,10 @@ progress and then its result to anyone who opens it. Only the browser session th
 cancel it: the owner token lives in st.session_state, which a reload starts afresh, so a reload
 keeps the job and the view but loses the cancel button (honest and simple: a token in the URL
 would give the right to cancel to everyone the link is shared with).
+
+A page with a long run (see model.py): `submit(kind, request, query)` on Run (its `result_key` when the
+result is already stored, else its `job`), `job_in_link()` otherwise, then `show(job_id)`; a done
+job's `result_key` reads the result from the page's store.
 """
 from __future__ import annotations
 
