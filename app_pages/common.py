@@ -33,8 +33,13 @@ def run_with_status(spec: Spec, retune: bool = False):
         if retune or lookup(spec, store()) is None:
             RATE_LIMITER.take(session_id(), 1)
         with st.status(f"Running {spec.label()} at sparsity {spec.sparsity:g}...", expanded=True) as status:
-            result = run(spec, store=store(), progress=lambda step, detail: status.write(f"**{step}**: {detail}"),
-                         retune=retune)
+            shown = []
+
+            def show(step: str, detail: str) -> None:  # the slot says "waiting: 2 ahead" every 0.25 s: once per change
+                if shown[-1:] != [(step, detail)]:
+                    shown.append((step, detail))
+                    status.write(f"**{step}**: {detail}")
+            result = run(spec, store=store(), progress=show, retune=retune)
             status.update(label="Loaded from the cache" if result.cached else "Measured", state="complete",
                           expanded=False)
         return result

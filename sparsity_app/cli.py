@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import sys
+import time
 
 from .errors import UserError
 from .spec import BLOCK_PRESETS, NORMS, ModelPlan, Spec, parse_block, parse_nm
@@ -155,6 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", choices=("results", "tuning"), default=None,
                    help="clear only stored results, or only the tuner's winning schedules")
     p.add_argument("--cache-dir", default=None, help="result cache (default cache/ or $SPARSITY_APP_CACHE_DIR)")
+    p = sub.add_parser("jobs", help="the job queue of long runs (whole models): list it, or cancel a job")
+    p.add_argument("action", choices=("list", "cancel"))
+    p.add_argument("id", nargs="?", help="the job to cancel (cancel: the operator may cancel any job)")
+    p.add_argument("--cache-dir", default=None, help="result cache (default cache/ or $SPARSITY_APP_CACHE_DIR)")
+    p = sub.add_parser("worker", help="(internal) run queued jobs one at a time until none is left")
+    p.add_argument("--cache-dir", default=None)
+    p = sub.add_parser("loadtest", help="N browser sessions at once against a real `streamlit run app.py`: "
+                       "results, no errors, no overlapping measurements, speedups as quiet")
+    from .loadtest import add_arguments as add_loadtest_arguments
+
+    add_loadtest_arguments(p)
     p = sub.add_parser("bench", help="kernel benchmark: every sparse format against every dense peer")
     from .bench import add_arguments
 
@@ -431,8 +443,30 @@ def _cache(args) -> None:
         print(f"{store.directory}: {len(store)} results, {store.tunings()} tuned schedules")
 
 
+def _jobs(args) -> None:
+    from . import jobs
+
+    if args.action == "cancel":
+        if not args.id:
+            raise UserError("jobs cancel needs the job's id (see `python -m sparsity_app jobs list`)")
+        job = jobs.cancel(args.id, None, args.cache_dir, force=True)
+        print(f"{job.id}: {'cancelled' if job.state == 'cancelled' else 'stopping (it was running)'}")
+        return
+    for job in jobs.list_jobs(args.cache_dir):
+        where = f"{job.position} ahead" if job.state == "queued" else (job.error or job.result_key or "")
+        last = job.progress[-1]["detail"] if job.progress and job.state == "running" else ""
+        print(f"{job.id}  {job.kind:8s} {job.state:9s} {time.strftime('%Y-%m-%d %H:%M', time.localtime(job.submitted))}"
+              f"  {where or last}")
+
+
+def _worker(args) -> None:
+    from . import jobs
+
+    jobs.work(args.cache_dir)
+
+
 COMMANDS = {"layers": _layers, "run": _run, "sweep": _sweep, "model": _model, "bench-model": _bench_model,
-            "cache": _cache, "recover": _recover, "bench-recovery": _bench_recovery}
+            "cache": _cache, "recover": _recover, "bench-recovery": _bench_recovery, "jobs": _jobs, "worker": _worker}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -442,6 +476,10 @@ def main(argv: list[str] | None = None) -> int:
             from .bench import main as bench_main
 
             return bench_main(args)
+        if args.command == "loadtest":
+            from .loadtest import main as loadtest_main
+
+            return loadtest_main(args)
         COMMANDS[args.command](args)
         return 0
     except UserError as e:
