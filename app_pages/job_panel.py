@@ -18,7 +18,9 @@ import time
 
 import streamlit as st
 
+from app_pages.common import session_id
 from sparsity_app import UserError, jobs
+from sparsity_app.limits import RATE_LIMITER
 
 POLL_S = 1.0  # how often a watching page reads the job's file
 
@@ -32,6 +34,8 @@ def owner_token() -> str:
 
 def submit(kind: str, request: dict, query: dict[str, str]) -> jobs.Submitted:
     """Queue the request (or find its stored result); the link becomes `query` plus ?job=<id>. UserError passes up."""
+    if jobs.stored(kind, request) is None and not jobs.in_flight(kind, request):  # a new job: one measurement
+        RATE_LIMITER.take(session_id(), 1)
     submitted = jobs.submit(kind, request, owner_token())
     st.query_params.from_dict({**query, **({"job": submitted.job.id} if submitted.job else {})})
     return submitted

@@ -2,12 +2,13 @@
 import pandas as pd
 import streamlit as st
 
+from app_pages import job_panel
 from app_pages.common import cache_controls, pick_conditions, store
-from sparsity_app import UserError, analysis, charts
+from sparsity_app import UserError, analysis, charts, jobs
 from sparsity_app.links import plan_from_query, recovery_from_query, recovery_to_query
-from sparsity_app.model_experiment import lookup as lookup_model, run_model
+from sparsity_app.model_experiment import lookup as lookup_model
 from sparsity_app.pruning import METHODS
-from sparsity_app.recovery import RECIPES, RecoveryRequest, lookup, recover
+from sparsity_app.recovery import RECIPES, RecoveryRequest, lookup
 from sparsity_app.spec import BLOCK_PRESETS, NM_PRESETS, ModelPlan, parse_block, parse_nm
 
 st.title("Recover accuracy")
@@ -53,21 +54,18 @@ try:
 except UserError as e:
     st.error(str(e))
 
-recovered = measured = None
+recovered = measured = job = None
+job_id = job_panel.job_in_link()
 if request is not None:
     try:
-        if go:
-            st.query_params.from_dict(recovery_to_query(request) | {"tokens": str(plan.tokens)})
-            with st.status(f"Recovering {request.label()}...", expanded=True) as status:
-                line = st.empty()
-                show = lambda step, detail: line.write(f"**{step}**: {detail}")  # noqa: E731 (one live line)
-                recovered = recover(request, store=store(), progress=show)
-                run_model(plan, store=store(), progress=show)  # the one-shot twin: the arrow's start
-                measured = run_model(plan, store=store(), progress=show, recovery=recovered)
-                status.update(label="Loaded from the cache" if recovered.cached and measured.cached else "Recovered "
-                              "and measured", state="complete", expanded=False)
-        else:
-            recovered = lookup(request, store())
+        if go:  # a job of the machine's worker: it outlives this tab, and the link shows it
+            submitted = job_panel.submit("recover", jobs.recovery_request(request, plan),
+                                         recovery_to_query(request) | {"tokens": str(plan.tokens)})
+            job_id = None if submitted.job is None else submitted.job.id
+        if job_id is not None:
+            job = job_panel.show(job_id)
+        if job is None or job.state == "done":
+            recovered = lookup(request, store())  # a recovered plan shows at once
             if recovered is not None:
                 measured = lookup_model(plan, store(), recovered)
     except UserError as e:
@@ -75,9 +73,11 @@ if request is not None:
     except Exception as e:  # the engine failed: say so, keep the page alive
         st.error(f"The engine failed: {type(e).__name__}: {e}")
 
+if recovered is None and job is not None and job.state not in jobs.FINISHED:
+    st.stop()  # the job's panel is the screen until it finishes
 if recovered is None:
-    st.info("Choose a plan and a recipe, then press the button. 300 steps take several minutes on 2 cores; "
-            "a recovered plan shows at once.")
+    st.info("Choose a plan and a recipe, then press the button. 300 steps take several minutes on 2 cores (the "
+            "job goes on if you close the tab; the link shows it); a recovered plan shows at once.")
     st.stop()
 
 d = recovered.to_dict()

@@ -178,8 +178,50 @@ def _model_run(request: dict, progress: Progress, store: Store) -> str:
     return _model_key(request)
 
 
+# ---- the "recover" kind: recovery.recover, then the whole model on one-shot and on recovered weights
+
+def recovery_request(request, plan) -> dict:
+    """A recovery.RecoveryRequest and the ModelPlan to time it with (tokens, batch, ...) as a request dict."""
+    return {"recovery": request.to_dict(), "plan": plan.to_dict()}
+
+
+def _recovery_of(request: dict):
+    from .recovery import RecoveryRequest
+    from .spec import ModelPlan
+
+    try:
+        return RecoveryRequest.from_dict(request["recovery"]).resolve(), ModelPlan.from_dict(request["plan"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"not a recovery request: {e}") from None
+
+
+def _recover_stored(request: dict, store: Store) -> str | None:
+    from .model_experiment import validate
+    from .store import model_key_of
+    from .timing import fingerprint
+
+    recovery, plan = _recovery_of(request)
+    done = store.get_recovery(recovery.key(fingerprint()))
+    if done is None:
+        return None
+    key = model_key_of(validate(plan)[0], fingerprint(), done.key)
+    return key if store.get_model_result(key) is not None else None
+
+
+def _recover_run(request: dict, progress: Progress, store: Store) -> str:
+    from .model_experiment import run_model
+    from .recovery import recover
+
+    recovery, plan = _recovery_of(request)
+    done = recover(recovery, store=store, progress=progress)
+    run_model(plan, store=store, progress=progress)  # the one-shot twin: where the page's arrow starts
+    run_model(plan, store=store, progress=progress, recovery=done)
+    return _recover_stored(request, store)
+
+
 JOB_KINDS: dict[str, JobKind] = {
     "model": JobKind(run=_model_run, stored=_model_stored),
+    "recover": JobKind(run=_recover_run, stored=_recover_stored),
 }
 _extra_loaded = False
 
@@ -329,6 +371,21 @@ def submit(kind_name: str, request: dict, owner_token: str, directory: str | os.
         jobs = _all(d)
     ensure_worker(directory)
     return Submitted(job=next(j for j in _with_positions(jobs) if j.id == job.id), result_key=None)
+
+
+def stored(kind_name: str, request: dict, directory: str | os.PathLike | None = None) -> str | None:
+    """The stored result's key of the request, or None (UserError for an invalid request)."""
+    store = Store(directory)
+    try:
+        return kind(kind_name).stored(json.loads(json.dumps(request)), store)
+    finally:
+        store.close()
+
+
+def in_flight(kind_name: str, request: dict, directory: str | os.PathLike | None = None) -> bool:
+    """Whether the same request is queued or running now (submitting it again joins that job)."""
+    key = request_key(kind_name, json.loads(json.dumps(request)))
+    return any(j.key == key and j.state in ("queued", "running") for j in _all(jobs_dir(directory)))
 
 
 def status(job_id: str, directory: str | os.PathLike | None = None) -> Job | None:

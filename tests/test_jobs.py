@@ -115,7 +115,7 @@ def test_a_killed_worker_leaves_no_job_running_forever(kinds):
 
 
 def test_bad_requests_and_ids_are_one_line_errors(kinds):
-    with pytest.raises(UserError, match="unknown job kind 'nope'; known kinds: model, sleep"):
+    with pytest.raises(UserError, match="unknown job kind 'nope'; known kinds: model, recover, sleep"):
         jobs.submit("nope", {}, "me")
     with pytest.raises(UserError, match="steps must be"):
         jobs.submit("sleep", {"name": "x", "steps": 0, "step_s": 0}, "me")
