@@ -4,6 +4,7 @@ from __future__ import annotations
 import streamlit as st
 
 from sparsity_app import Spec, UserError
+from sparsity_app.backend import LOCAL, Backend
 from sparsity_app.experiment import run
 from sparsity_app.spec import DENSE_PEERS
 from sparsity_app.store import Store, cache_dir
@@ -19,15 +20,16 @@ def store() -> Store:
     return _store(str(cache_dir()))
 
 
-def run_with_status(spec: Spec, retune: bool = False):
+def run_with_status(spec: Spec, retune: bool = False, backend: Backend = LOCAL):
     """Run the engine inside st.status, one line per step; a cached result appears at once.
 
     Returns the Result, or None after showing the error on the page.
     """
     try:
-        with st.status(f"Running {spec.label()} at sparsity {spec.sparsity:g}...", expanded=True) as status:
+        with st.status(f"Running {spec.label()} at sparsity {spec.sparsity:g} on {backend.label()}...",
+                       expanded=True) as status:
             result = run(spec, store=store(), progress=lambda step, detail: status.write(f"**{step}**: {detail}"),
-                         retune=retune)
+                         retune=retune, backend=backend)
             status.update(label="Loaded from the cache" if result.cached else "Measured", state="complete",
                           expanded=False)
         return result
@@ -41,7 +43,9 @@ def run_with_status(spec: Spec, retune: bool = False):
 def conditions(result) -> str:
     """One caption stating how `result` was measured."""
     m, best = result.machine, result.best_dense
-    return (f"Measured on {m.get('cpu')} ({result.kernel.get('mcpu', '?')}, {', '.join(m.get('isa', [])[-3:])}), "
+    where = "" if result.device == "this machine" else \
+        f"{result.device} (PyTorch not measured there: speedups are against TVM dense on the device); "
+    return (f"Measured on {where}{m.get('cpu')} ({result.kernel.get('mcpu', '?')}, {', '.join(m.get('isa', [])[-3:])}), "
             f"{result.spec.threads} threads, TVM {m.get('tvm')}, PyTorch {m.get('torch')}, code {str(m.get('code'))[:8]}, "
             f"{result.spec.tokens} tokens timed, float32. Median of {result.spec.repeat} samples; spread = "
             f"interquartile range. Best dense = fastest of {len([k for k in DENSE_PEERS if k in result.times_ms])} "
@@ -81,3 +85,25 @@ def cache_controls() -> None:
         if st.button("Clear tuned schedules", key="clear_tuning"):
             _, n = s.clear(results=False, tuning=True)
             st.success(f"Cleared {n} tuned schedules.")
+
+
+def backend_controls() -> Backend:
+    """Sidebar: where kernels are measured, this machine or the servers of a TVM RPC tracker.
+
+    Stops the page with the error when the RPC settings are not valid.
+    """
+    with st.sidebar.expander("Measure on", expanded=st.session_state.get("backend_kind") == "RPC tracker"):
+        kind = st.radio("Device", ["this machine", "RPC tracker"], key="backend_kind",
+                        help="RPC: kernels are compiled here for the device, uploaded and timed there "
+                             "(see the README's 'Measuring on other devices')")
+        if kind == "this machine":
+            return LOCAL
+        tracker = st.text_input("Tracker (HOST:PORT)", "127.0.0.1:9190", key="backend_tracker")
+        key = st.text_input("Device key (the servers' --key)", key="backend_key")
+        target = st.text_input("Target (optional)", key="backend_target", placeholder="mtriple=...,mcpu=...",
+                               help="empty: the triple and CPU the device reports")
+    try:
+        return Backend(kind="rpc", tracker=tracker, key=key, target=target).resolve()
+    except UserError as e:
+        st.error(f"Measure on: {e}")
+        st.stop()

@@ -282,6 +282,17 @@ def open_device(backend: Backend, tracker=None) -> Iterator[RemoteDevice]:
         del session
 
 
+@dataclasses.dataclass(frozen=True)
+class PointEvent:
+    """One thing that happened to a point of a sweep."""
+
+    kind: str  # "measured" (or read from the cache), "failed", or "retried" (its server was lost; put back)
+    index: int  # position in the grid
+    spec: Spec
+    result: Result | None = None  # kind "measured"
+    message: str = ""  # kind "failed" or "retried": one line saying why
+
+
 @dataclasses.dataclass
 class SweepReport:
     """What a fanned-out sweep did: results by grid index, failures (one line each), retried points."""
@@ -292,17 +303,15 @@ class SweepReport:
     workers: int = 0
 
 
-PointDone = Callable[[int, Spec, "Result | None", "str | None"], None]  # (index, spec, result or None, error or None)
-
-
-def sweep(specs: list[Spec], backend: Backend, store=None, retune: bool = False, on_point: PointDone = None,
-          max_attempts: int = 3) -> SweepReport:
+def sweep(specs: list[Spec], backend: Backend, store=None, retune: bool = False,
+          on_event: Callable[[PointEvent], None] | None = None, max_attempts: int = 3) -> SweepReport:
     """Measure every spec on the backend's servers, one worker per server of the key (each waits
     for the tracker to hand it a free one).
 
     Stored points return at once; each measured point is stored as it finishes; a point whose
     server is lost is put back for another server (at most max_attempts tries); any other failure
-    is that point's one-line error. on_point is called (from worker threads) as each point ends.
+    is that point's one-line error. on_event is called from the worker threads (see `stream` for
+    events in the caller's thread).
     """
     from .experiment import lookup, run_on
 
@@ -312,7 +321,7 @@ def sweep(specs: list[Spec], backend: Backend, store=None, retune: bool = False,
     for i, spec in enumerate(specs):
         todo.put((i, spec, 0))
     report, lock = SweepReport(), threading.Lock()
-    on_point = on_point or (lambda *a: None)
+    on_event = on_event or (lambda event: None)
 
     def done(i: int, spec: Spec, result: Result | None, error: str | None) -> None:
         with lock:
@@ -320,7 +329,7 @@ def sweep(specs: list[Spec], backend: Backend, store=None, retune: bool = False,
                 report.results[i] = result
             else:
                 report.failures[i] = error
-        on_point(i, spec, result, error)
+        on_event(PointEvent("measured" if result is not None else "failed", i, spec, result, error or ""))
 
     def worker() -> None:
         tracker, session = _tracker(backend), None
@@ -343,6 +352,7 @@ def sweep(specs: list[Spec], backend: Backend, store=None, retune: bool = False,
                         report.retried.append(f"{spec.label()} at {spec.sparsity:g}: {e}")
                     if attempts + 1 < max_attempts:
                         todo.put((i, spec, attempts + 1))
+                        on_event(PointEvent("retried", i, spec, message=str(e)))
                         time.sleep(0.5)  # let the tracker notice the lost server before asking again
                     else:
                         done(i, spec, None, f"lost {max_attempts} servers while measuring it; last: {e}")
@@ -362,3 +372,24 @@ def sweep(specs: list[Spec], backend: Backend, store=None, retune: bool = False,
     for t in threads:
         t.join()
     return report
+
+
+def stream(specs: list[Spec], backend: Backend, store=None, retune: bool = False) -> Iterator[PointEvent]:
+    """`sweep` running in the background; its PointEvents yielded in the caller's thread as they
+    happen (a UI can only be updated from its own thread). Errors of the sweep itself re-raise here."""
+    events: queue.Queue = queue.Queue()
+    failed: list[BaseException] = []
+
+    def go() -> None:
+        try:
+            sweep(specs, backend, store, retune, on_event=events.put)
+        except BaseException as e:  # re-raised in the caller's thread
+            failed.append(e)
+        finally:
+            events.put(None)
+
+    threading.Thread(target=go, name="rpc-sweep", daemon=True).start()
+    while (event := events.get()) is not None:
+        yield event
+    if failed:
+        raise failed[0]

@@ -71,12 +71,13 @@ class Cluster:
             self.kill(p)
 
 
-@pytest.fixture
-def cluster(tmp_path):
-    """A tracker and two servers of KEY on 127.0.0.1 (free ports), stopped by their group ids at the end."""
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A tracker and two servers of KEY on 127.0.0.1 (free ports), stopped by their group ids at the
+    end of the module (one start for its tests: each server imports TVM, seconds on a busy machine)."""
     from sparsity_app import remote
 
-    c = Cluster(tmp_path)
+    c = Cluster(tmp_path_factory.mktemp("rpc"))
     try:
         port = _free_port()
         c.start("tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 1))
@@ -110,12 +111,12 @@ def test_sweep_fans_out_survives_a_lost_server_and_caches_remote_results(cluster
 
     store, grid, killed = Store(tmp_path / "cache"), _grid(), []
 
-    def on_point(i, spec, result, error):
-        if not killed:  # after the first point: the other worker holds its server, mid-point or about to start
+    def on_event(event):
+        if event.kind == "measured" and not killed:  # the other worker holds its server, mid-point or about to start
             killed.append(cluster.servers[0])
             cluster.kill(cluster.servers[0])
 
-    report = remote.sweep(grid, cluster.backend, store, on_point=on_point)
+    report = remote.sweep(grid, cluster.backend, store, on_event=on_event)
     assert report.workers == 2
     assert not report.failures, report.failures
     assert sorted(report.results) == [0, 1, 2]  # no point lost
@@ -159,3 +160,39 @@ def test_bad_backend_is_one_clear_line(cluster):
         run(_grid()[0], backend=Backend(kind="rpc", tracker=cluster.backend.tracker, key="absent"))
     with pytest.raises(UserError, match="--rpc-target"):
         Backend(kind="rpc", tracker=cluster.backend.tracker, key=KEY, target="cpu=arm").resolve()
+
+
+def _stored(sparsity: float, device: str | None, code: str, threads: int = 2):
+    """A stored-looking result; device None = this machine, else a remote one without PyTorch peers."""
+    from sparsity_app.spec import Result, Timing
+
+    def t(ms):
+        return Timing(median=ms, spread=0.0, min=ms, max=ms, runs=3)
+
+    spec = Spec(block=(32, 1), sparsity=sparsity, threads=threads).resolve(cores=threads)
+    times = {"tvm_sparse": t(0.5), "tvm_dense": t(1.0)}
+    if device is None:
+        times.update(torch_dense=t(1.2), torch_dense_fm=t(1.1))
+    where = {} if device is None else {"kind": "rpc", "device": device, "measured_on": {n: device for n in times}}
+    return Result(spec=spec, shape=(384, 384), sparsity_achieved=sparsity, stored_blocks=1, sparse_bytes=1,
+                  dense_bytes=1, times_ms=times, tune_s=0.0, compile_s=0.1, proxies={}, machine={
+                      "cpu": "cpu", "isa": [], "cores": threads, "code": code}, backend=where)
+
+
+def test_devices_side_by_side_only_for_the_grid_and_this_code():
+    from sparsity_app import analysis, charts
+    from sparsity_app.spec import Result
+
+    grid = [Spec(block=(32, 1), sparsity=s).resolve() for s in (0.8, 0.9)]
+    results = [_stored(0.8, None, "now"), _stored(0.9, None, "now"), _stored(0.8, "RPC key arm (cortex-a72)", "now", 4),
+               _stored(0.9, "RPC key arm (cortex-a72)", "old", 4),  # another code version: left out
+               _stored(0.7, "RPC key arm (cortex-a72)", "now", 4)]  # not in the grid: left out
+    df = analysis.device_frame(results, grid, code="now")
+    assert sorted(zip(df["device"], df["sparsity_target"])) == [
+        ("RPC key arm (cortex-a72)", 0.8), ("this machine", 0.8), ("this machine", 0.9)]
+    spec = charts.devices(df).to_dict()
+    assert spec["layer"][1]["encoding"]["color"]["field"] == "device"
+    remote_row = df[df["device"] != "this machine"].iloc[0]
+    assert np.isnan(remote_row["speedup_vs_torch_dense"]) and remote_row["speedup_vs_tvm_dense"] == 2.0
+    again = Result.from_dict(results[2].to_dict())  # the backend survives the store's JSON
+    assert again.device == "RPC key arm (cortex-a72)" and again.speedup_vs_torch_dense is None
