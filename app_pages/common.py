@@ -46,7 +46,8 @@ def conditions(result) -> str:
     where = "" if result.device == "this machine" else \
         f"{result.device} (PyTorch not measured there: speedups are against TVM dense on the device); "
     return (f"Measured on {where}{m.get('cpu')} ({result.kernel.get('mcpu', '?')}, {', '.join(m.get('isa', [])[-3:])}), "
-            f"{result.spec.threads} threads, TVM {m.get('tvm')}, PyTorch {m.get('torch')}, code {str(m.get('code'))[:8]}, "
+            f"{result.spec.threads} threads, TVM {m.get('tvm')}, " + (f"PyTorch {m['torch']}, " if m.get("torch") else "")
+            + f"code {str(m.get('code'))[:8]}, "
             f"{result.spec.tokens} tokens timed, float32. Median of {result.spec.repeat} samples; spread = "
             f"interquartile range. Best dense = fastest of {len([k for k in DENSE_PEERS if k in result.times_ms])} "
             f"dense peers timed in the same measurement: {DENSE_PEERS[best]}.")

@@ -64,6 +64,11 @@ def _tracker(backend: Backend):
     from tvm import rpc
 
     host, port = backend.address
+    try:  # TVM's own connect retries for a minute: say at once that nothing listens there
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as e:
+        raise UserError(f"cannot reach the RPC tracker at {backend.tracker} ({e.strerror or e}); start one with "
+                        f"python -m tvm.exec.rpc_tracker --host {host} --port {port}") from None
     try:
         return rpc.connect_tracker(host, port)
     except Exception as e:
@@ -143,7 +148,7 @@ def _read_device(session, backend: Backend) -> DeviceInfo:
     try:
         target = tvm.target.Target({"kind": "llvm", **fields})
         features = tvm.get_global_func("target.llvm_get_cpu_features")(target)
-        isa = tuple(f for f in _ISA if f in features and bool(features[f]))
+        isa = tuple(f for f in _ISA if f in features)  # the map's keys are the features (values are empty)
     except Exception as e:
         raise UserError(f"this TVM cannot compile for the RPC device's target {fields}: {e}") from None
     return DeviceInfo(backend=backend, mcpu=mcpu, triple=triple, vendor=vendor, threads=max(1, threads),

@@ -196,3 +196,18 @@ def test_devices_side_by_side_only_for_the_grid_and_this_code():
     assert np.isnan(remote_row["speedup_vs_torch_dense"]) and remote_row["speedup_vs_tvm_dense"] == 2.0
     again = Result.from_dict(results[2].to_dict())  # the backend survives the store's JSON
     assert again.device == "RPC key arm (cortex-a72)" and again.speedup_vs_torch_dense is None
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--rpc-key", "k"], "both --rpc-tracker HOST:PORT and --rpc-key"),
+    (["--rpc-target", "mcpu=znver4"], "--rpc-target needs --rpc-tracker"),
+    (["--rpc-tracker", "localhost", "--rpc-key", "k"], "must look like HOST:PORT"),
+    (["--rpc-tracker", "127.0.0.1:{closed}", "--rpc-key", "k"], "cannot reach the RPC tracker"),
+])
+def test_bad_rpc_flags_are_one_line_and_exit_2(args, words, capsys, cache_dir):
+    from sparsity_app.cli import main
+
+    args = [a.format(closed=_free_port()) for a in args]  # a port nothing listens on
+    assert main(["run", "--model", "bert-base-synthetic", "--tokens", "8", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and "\n" not in err, err
