@@ -211,3 +211,20 @@ def test_bad_rpc_flags_are_one_line_and_exit_2(args, words, capsys, cache_dir):
     assert main(["run", "--model", "bert-base-synthetic", "--tokens", "8", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert words in err and "\n" not in err, err
+
+
+def test_app_says_when_the_tracker_cannot_be_reached(cache_dir):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file("../app.py", default_timeout=120).run()
+    at.switch_page("app_pages/sweep.py").run()
+    at.radio(key="backend_kind").set_value("RPC tracker").run()
+    at.text_input(key="backend_key").set_value("")
+    at.run()
+    assert not at.exception and any("device key" in e.value for e in at.error)  # a bad setting stops the page
+    at.text_input(key="backend_key").set_value("board")
+    at.text_input(key="backend_tracker").set_value(f"127.0.0.1:{_free_port()}").run()
+    assert any("cannot reach the RPC tracker" in e.value for e in at.error)  # looking up the grid's stored points
+    at.button(key="FormSubmitter:sweep-Run sweep").click().run()
+    assert not at.exception
+    assert any("cannot reach the RPC tracker" in e.value for e in at.error)
