@@ -2,6 +2,8 @@
 
 Each step is a small function; `run` strings them together, tells `progress` as each begins, and
 records how long each took (Result.step_s), so the figures a user reads about time come from the run.
+Compiling, verifying and timing go through a device (backend.py): this process, or a remote device
+behind TVM's RPC tracker (remote.py); everything else runs here.
 """
 from __future__ import annotations
 
