@@ -102,7 +102,7 @@ def _grid() -> list[Spec]:
 
 
 def test_sweep_fans_out_survives_a_lost_server_and_caches_remote_results(cluster, tmp_path):
-    from sparsity_app import remote
+    from sparsity_app import locks, remote
     from sparsity_app.experiment import lookup, mask_of
     from sparsity_app.formats import sparse_format
     from sparsity_app.models import get_model
@@ -124,6 +124,10 @@ def test_sweep_fans_out_survives_a_lost_server_and_caches_remote_results(cluster
 
     info = remote.probe(cluster.backend)
     assert info.mcpu and info.threads == 2 and info.on_this_machine
+    # Servers on this machine time on our cores: each point held the machine's slot, never two at once.
+    holds = sorted((h for h in locks.holds() if f"on {info.label}" in h["who"]), key=lambda h: h["start"])
+    assert len(holds) >= len(grid)
+    assert all(a["end"] <= b["start"] for a, b in zip(holds, holds[1:]))
     for spec in grid:
         r = store.get(key_of(spec.resolve(info.cores), info.fingerprint))
         assert r is not None  # cached under the remote device's fingerprint
