@@ -1,7 +1,8 @@
 """Explore a layer: configure one experiment, run it, see its cost and its place among the others."""
 import streamlit as st
 
-from app_pages.common import cache_controls, conditions, pick_conditions, query_spec, run_with_status, store
+from app_pages.common import (backend_controls, cache_controls, conditions, pick_conditions, query_spec, run_with_status,
+                              store)
 from sparsity_app import Spec, UserError, analysis, charts
 from sparsity_app.experiment import lookup, mask_of
 from sparsity_app.limits import current as current_limits
@@ -15,6 +16,7 @@ st.title("Explore a layer")
 st.caption("Prune one layer of a real model, compile it to a sparse TVM kernel for this CPU (BSR, CSR or N:M), "
            "and see how much faster it runs than the best dense kernel and what it costs in accuracy.")
 cache_controls()
+backend = backend_controls()
 
 start = query_spec()
 model_name = st.selectbox("Model", MODEL_NAMES, index=MODEL_NAMES.index(start.model), key="model",
@@ -56,10 +58,10 @@ except UserError as e:
 result = None
 if submitted and spec is not None:
     st.query_params.from_dict(spec_to_query(spec))
-    result = run_with_status(spec, retune=retune)
+    result = run_with_status(spec, retune=retune, backend=backend)
 elif spec is not None:
     try:
-        result = lookup(spec, store())  # a shared link whose result is cached shows at once
+        result = lookup(spec, store(), backend)  # a shared link whose result is cached shows at once
     except UserError as e:
         st.error(escape(str(e)))
 

@@ -43,6 +43,29 @@ def by_conditions(results: Iterable[Result], prefer: Result | None = None) -> di
     return {k: groups[k] for k in order}
 
 
+def device_frame(results: Iterable[Result], grid: Iterable, code: str | None = None) -> pd.DataFrame:
+    """The results of the configurations in `grid` on every device that measured them: one row per
+    (device, configuration) (`Result.row`, its `device` column naming where it was timed), sorted by
+    device, pattern and sparsity.
+
+    grid: resolved Specs; a result matches one whatever its thread count (each device resolves
+    "all cores" to its own). code: only results of this code hash (default: the current code), so
+    each device contributes one measurement per configuration.
+    """
+    import dataclasses
+
+    from .timing import code_version
+
+    code = code or code_version()
+    wanted = {dataclasses.replace(s, threads=0) for s in grid}
+    rows = [r.row() for r in results
+            if r.machine.get("code") == code and dataclasses.replace(r.spec, threads=0) in wanted]
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    return df.sort_values(["device", "pattern", "sparsity_target"]).reset_index(drop=True)
+
+
 def pareto_mask(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """True where no other point has x >= and y >= with one strictly greater (both maximised)."""
     x, y = np.asarray(x, float), np.asarray(y, float)

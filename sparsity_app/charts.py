@@ -51,6 +51,24 @@ def speedup_vs_sparsity(df: pd.DataFrame, speedup: str = "speedup_vs_best_dense"
         title="speedup vs sparsity (dashed: ideal 1/(1-s); red: break-even)", height=340)
 
 
+def devices(df: pd.DataFrame, speedup: str = "speedup_vs_tvm_dense") -> alt.Chart:
+    """The same configurations on several devices (analysis.device_frame): speedup against
+    sparsity, one colour per device, one line per (device, pattern), the pattern as the point's
+    shape. Each speedup compares kernels timed on its own device; the default, TVM dense, is the
+    one peer every device has."""
+    even = alt.Chart(pd.DataFrame({"y": [1.0]})).mark_rule(color="red").encode(y="y:Q")
+    lines = alt.Chart(df.dropna(subset=[speedup])).mark_line(point=True).encode(
+        x=alt.X("sparsity_achieved:Q", title="sparsity"),
+        y=alt.Y(f"{speedup}:Q", title=speedup.replace("_", " ") + " (x, on its own device)",
+                scale=alt.Scale(type="log")),
+        color=alt.Color("device:N", title="device"), shape=alt.Shape("pattern:N", title="pattern"),
+        detail="pattern:N", tooltip=["device", "pattern", "sparsity_target", alt.Tooltip("sparsity_achieved", format=".3f"),
+                                     alt.Tooltip(speedup, format=".2f"), alt.Tooltip("tvm_sparse_ms", format=".4f"),
+                                     alt.Tooltip("tvm_dense_ms", format=".4f"), "tokens", "threads"])
+    return alt.layer(even, lines).properties(title="the same configurations on each device (red: break-even)",
+                                             height=340)
+
+
 def speedup_heatmap(df: pd.DataFrame, speedup: str = "speedup_vs_best_dense") -> alt.Chart:
     base = alt.Chart(df).encode(x=alt.X("sparsity_target:O", title="sparsity"), y=alt.Y("pattern:N", title="pattern"))
     cells = base.mark_rect().encode(color=alt.Color(f"{speedup}:Q", scale=alt.Scale(scheme="redyellowgreen",

@@ -44,6 +44,24 @@ def _add_spec_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     p.add_argument("--retune", action="store_true", help="measure again and re-tune the schedule, "
                    "replacing what is stored")
     p.add_argument("--cache-dir", default=None, help="result cache (default cache/ or $SPARSITY_APP_CACHE_DIR)")
+    p.add_argument("--rpc-tracker", default=None, metavar="HOST:PORT",
+                   help="measure on the servers of a TVM RPC tracker instead of this machine (needs --rpc-key)")
+    p.add_argument("--rpc-key", default=None, help="device key the RPC servers registered with (rpc_server --key)")
+    p.add_argument("--rpc-target", default="", metavar="mtriple=...,mcpu=...",
+                   help="LLVM target of the RPC device (default: the triple and CPU the device reports)")
+
+
+def _backend(args: argparse.Namespace):
+    """Where to measure: this machine, or the RPC tracker's servers of --rpc-key."""
+    from .backend import LOCAL, Backend
+
+    if args.rpc_tracker is None and args.rpc_key is None:
+        if args.rpc_target:
+            raise UserError("--rpc-target needs --rpc-tracker and --rpc-key")
+        return LOCAL
+    if args.rpc_tracker is None or args.rpc_key is None:
+        raise UserError("measuring on an RPC device needs both --rpc-tracker HOST:PORT and --rpc-key KEY")
+    return Backend(kind="rpc", tracker=args.rpc_tracker, key=args.rpc_key, target=args.rpc_target).resolve()
 
 
 def _add_plan_args(p: argparse.ArgumentParser) -> None:
@@ -201,10 +219,13 @@ def _run(args) -> None:
     spec = _spec(args)
     from .experiment import STEPS
 
-    result = run(spec, store=_open_store(args.cache_dir), progress=_steps(STEPS), retune=args.retune)
+    result = run(spec, store=_open_store(args.cache_dir), progress=_steps(STEPS), retune=args.retune,
+                 backend=_backend(args))
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
+        if result.backend.get("kind") == "rpc":
+            print(f"measured on {result.device}; PyTorch peers not measured there")
         print(format_table([result.row()]))
 
 
@@ -217,9 +238,12 @@ def _sweep(args) -> None:
     else:
         blocks = [parse_block(b) for b in args.blocks.split(",") if b.strip()]
         specs = [_spec(args, block=b, sparsity=s) for b in blocks for s in _floats(args.sparsities)]
+    current_limits().check_sweep(len(specs))
+    backend = _backend(args)
+    if backend.kind == "rpc":
+        return _sweep_remote(args, specs, backend)
     for s in specs:  # validate the whole grid before measuring any of it
         validate(s)
-    current_limits().check_sweep(len(specs))
     store, rows = _open_store(args.cache_dir), []
     stored = sum(lookup(s, store) is not None for s in specs)  # e.g. left by a sweep that was killed
     if stored:
@@ -246,6 +270,36 @@ def _open_store(directory: str | None):
     for note in store.notes:
         _err(f"warning: {note}")
     return store
+
+def _sweep_remote(args, specs: list[Spec], backend) -> None:
+    """The grid fanned out over the RPC key's servers; each point stored as it arrives."""
+    from . import remote
+    from .experiment import validate
+    cores = remote.probe(backend).cores
+    for s in specs:  # validate the whole grid (against the device's cores) before measuring any of it
+        validate(s, cores)
+    finished = []
+
+    def on_event(event) -> None:
+        if event.kind != "retried":
+            finished.append(event.index)
+            _progress(len(finished), len(specs), None if len(finished) == len(specs) else event.spec)
+
+    _err(f"measuring {len(specs)} points on {backend.label()}")
+    report = remote.sweep(specs, backend, _open_store(args.cache_dir), retune=args.retune, on_event=on_event)
+    rows = [report.results[i].row() for i in sorted(report.results)]
+    for line in report.retried:
+        _err(f"server lost, point retried elsewhere: {line}")
+    for i, error in sorted(report.failures.items()):
+        _err(f"failed: {specs[i].label()} at {specs[i].sparsity:g}: {error}")
+    if rows:
+        print(f"measured on {rows[0]['device']} ({report.workers} servers); PyTorch peers not measured there")
+        print(format_table(rows))
+        if args.csv:
+            write_csv(rows, args.csv)
+            _err(f"wrote {len(rows)} rows to {args.csv}")
+    if report.failures:
+        raise UserError(f"{len(report.failures)} of {len(specs)} points failed (see above)")
 
 
 def _progress(done: int, total: int, spec: Spec | None) -> None:

