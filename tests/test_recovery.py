@@ -1,9 +1,11 @@
 """Recovery fine-tuning: recipes keep their patterns, schedules do what they say, runs resume exactly."""
 import dataclasses
 import json
+import pathlib
 
 import numpy as np
 import pytest
+from streamlit.testing.v1 import AppTest
 
 from sparsity_app import recovery
 from sparsity_app.errors import UserError
@@ -12,6 +14,7 @@ from sparsity_app.recovery import RECIPES, RecoveryRequest, RecoveryStopped, nm_
 from sparsity_app.spec import ModelPlan
 from sparsity_app.store import Store
 
+APP = str(pathlib.Path(__file__).resolve().parent.parent / "app.py")
 BLOCK = ModelPlan(method="block", block=(32, 1), sparsity=0.5)
 NM = ModelPlan(method="nm", nm=(2, 4))
 TINY = dict(steps=6, batch=2, seq_len=16, mask_interval=2)  # ~0.1 s a step
@@ -121,7 +124,7 @@ def test_requests_are_validated_and_canonical():
 
 def test_recover_scores_stores_and_the_whole_model_runs_on_the_recovered_weights(cli, cache_dir):
     """The CLI's recover, then `model --recipe`: the compiled executable carries the recovered weights
-    (verified against PyTorch with them) and its metrics are the recovery's."""
+    (verified against PyTorch with them) and its metrics are the recovery's; then the page shows it."""
     args = ["--sparsity", "0.5", "--recipe", "fixed", "--steps", "3", "--train-batch", "2", "--seq-len", "16"]
     out = cli(["recover", *args, "--json"])
     assert out.returncode == 0, out.stderr
@@ -145,6 +148,32 @@ def test_recover_scores_stores_and_the_whole_model_runs_on_the_recovered_weights
     store = Store(cache_dir)
     weights, masks = store.recovered_weights(d["key"])
     assert len(weights) == 36 and all(not w[~masks[n]].any() for n, w in weights.items())
+    store.close()
+
+    # The page: the stored recovery at once (no job), its recipes table, and the arrow from the
+    # one-shot model (measured now) to the recovered one.
+    one_shot = cli(["model", *[a for a in args if a not in ("--recipe", "fixed")], "--tokens", "16", "--repeat", "3",
+                    "--json"])
+    assert one_shot.returncode == 0, one_shot.stderr
+    assert json.loads(one_shot.stdout)["recovery"] is None
+    query = {"sparsity": "0.5", "recipe": "fixed", "steps": "3", "train_batch": "2", "seq_len": "16", "tokens": "16",
+             "repeat": "3"}
+    at = AppTest.from_file(APP, default_timeout=120)
+    for k, v in query.items():
+        at.query_params[k] = v
+    at.run().switch_page("app_pages/recover.py").run()
+    assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
+    assert len(at.metric) == 4 and "vs one-shot" in at.metric[0].delta
+    assert not at.dataframe[0].value.empty  # the recipes table
+    assert len(at.get("vega_lite_chart")) >= 1  # the arrow from one-shot to recovered
+
+
+def test_recover_page_survives_a_bad_link(cache_dir):
+    bad = AppTest.from_file(APP, default_timeout=60)
+    for k, v in {"recipe": "rm -rf", "steps": "-1", "seq_len": "x"}.items():
+        bad.query_params[k] = v
+    bad.run().switch_page("app_pages/recover.py").run()
+    assert not bad.exception and len(bad.warning) >= 3
 
 
 def test_bad_recover_input_is_one_line(cli):
@@ -153,30 +182,3 @@ def test_bad_recover_input_is_one_line(cli):
                             "N:M")):
         out = cli(["recover", *args])
         assert out.returncode == 2 and expected in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
-
-
-def test_recover_page_shows_a_stored_recovery_and_survives_a_bad_link(cli, cache_dir):
-    from streamlit.testing.v1 import AppTest
-
-    from tests.test_app import APP
-
-    args = ["--sparsity", "0.5", "--steps", "2", "--train-batch", "2", "--seq-len", "16", "--tokens", "16", "--repeat", "3"]
-    for extra in ([], ["--recipe", "fixed"]):  # the one-shot model, then the recovered one (recovering first)
-        out = cli(["model", *args, *extra, "--json"])
-        assert out.returncode == 0, out.stderr
-    query = {"sparsity": "0.5", "recipe": "fixed", "steps": "2", "train_batch": "2", "seq_len": "16", "tokens": "16",
-             "repeat": "3"}
-    at = AppTest.from_file(APP, default_timeout=120)
-    for k, v in query.items():
-        at.query_params[k] = v
-    at.run().switch_page("app_pages/recover.py").run()
-    assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
-    assert len(at.metric) == 4 and "vs one-shot" in at.metric[0].delta
-    assert len(at.get("vega_lite_chart")) >= 1  # the arrow from one-shot to recovered
-    assert not at.dataframe[0].value.empty  # the recipes table
-
-    bad = AppTest.from_file(APP, default_timeout=60)
-    for k, v in {"recipe": "rm -rf", "steps": "-1", "seq_len": "x"}.items():
-        bad.query_params[k] = v
-    bad.run().switch_page("app_pages/recover.py").run()
-    assert not bad.exception and len(bad.warning) >= 3
