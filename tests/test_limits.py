@@ -135,7 +135,7 @@ def test_app_rate_limit_counts_new_measurements_only(monkeypatch, cache_dir):
 
     measured = []
 
-    def engine(spec, store, progress, retune):  # as experiment.run: a stored result is returned, not measured
+    def engine(spec, store, progress, retune, backend=None):  # as experiment.run: a stored result is returned, not measured
         spec = spec.resolve()
         if not retune and (hit := store.get(key_of(spec, fingerprint()))) is not None:
             return hit
