@@ -111,6 +111,7 @@ class Encoder:
         from tvm import relax
 
         self.batch, self.seq, self.hidden, self.description = batch, seq, hidden, description
+        self.executable = executable  # the relax VMExecutable: `export.write_library` saves it with export_library
         self._vm = relax.VirtualMachine(executable, tvm.cpu())
         self._main = self._vm["main"]
         self._ids = tvm.runtime.tensor(np.zeros((batch, seq), np.int64), tvm.cpu())

@@ -107,3 +107,22 @@ def plan_to_query(plan: ModelPlan) -> dict[str, str]:
     if plan.overrides:
         q["overrides"] = ";".join(plan.overrides)
     return q
+
+
+def plan_to_command(plan: ModelPlan, command: str = "model") -> str:
+    """The CLI line that runs `plan`: `python -m sparsity_app model --model ... --override ...` (shell-quoted)."""
+    import shlex
+
+    args = ["python", "-m", "sparsity_app", command, "--model", plan.model, "--method", plan.method,
+            "--block", fmt_block(plan.block), "--sparsity", f"{plan.sparsity:g}"]
+    if plan.nm is not None:
+        args += ["--nm", f"{plan.nm[0]}:{plan.nm[1]}"]
+    if plan.norm != "l2":
+        args += ["--norm", plan.norm]
+    if plan.seed:
+        args += ["--seed", str(plan.seed)]
+    for override in plan.overrides:
+        args += ["--override", override]
+    args += ["--tokens", str(plan.tokens), "--batch", str(plan.batch), "--threads", str(plan.threads),
+             "--repeat", str(plan.repeat)]
+    return " ".join(shlex.quote(a) for a in args)

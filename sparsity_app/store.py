@@ -65,6 +65,7 @@ class Store:
         self._cache = _open(self.directory, SIZE_LIMIT)
         self._tunings = _open(self.directory / "tuning", SIZE_LIMIT // 4)
         self._models = _open(self.directory / "models", SIZE_LIMIT // 4)
+        self._sensitivity = _open(self.directory / "sensitivity", SIZE_LIMIT // 8)
 
     def get(self, key: str) -> Result | None:
         try:
@@ -116,6 +117,18 @@ class Store:
             if result and (model is None or result.plan.model == model):
                 yield result
 
+    def get_sensitivity_point(self, key: str) -> dict | None:
+        """A stored sensitivity point (sensitivity.SensitivityPoint.to_dict), or None; unreadable entries are dropped."""
+        try:
+            raw = self._sensitivity.get(key)
+            return None if raw is None else json.loads(raw)
+        except Exception:
+            self._sensitivity.delete(key)
+            return None
+
+    def put_sensitivity_point(self, key: str, point: dict) -> None:
+        self._sensitivity.set(key, json.dumps(point))
+
     def __len__(self) -> int:
         return len(self._cache)
 
@@ -124,7 +137,7 @@ class Store:
 
     def clear(self, results: bool = True, tuning: bool = True) -> tuple[int, int]:
         """Drop every stored result and/or tuner winner; returns how many of each were dropped."""
-        dropped = (self._cache.clear() + self._models.clear() if results else 0,
+        dropped = (self._cache.clear() + self._models.clear() + self._sensitivity.clear() if results else 0,
                    self._tunings.clear() if tuning else 0)
         return dropped
 
@@ -132,3 +145,4 @@ class Store:
         self._cache.close()
         self._tunings.close()
         self._models.close()
+        self._sensitivity.close()
