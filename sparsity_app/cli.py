@@ -10,6 +10,7 @@ import json
 import os
 import sys
 
+from .cli_accuracy import COMMANDS as ACCURACY_COMMANDS, add_parsers as add_accuracy_parsers
 from .errors import UserError
 from .spec import BLOCK_PRESETS, NORMS, ModelPlan, Spec, parse_block, parse_nm
 
@@ -111,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", choices=("results", "tuning"), default=None,
                    help="clear only stored results, or only the tuner's winning schedules")
     p.add_argument("--cache-dir", default=None, help="result cache (default cache/ or $SPARSITY_APP_CACHE_DIR)")
+    add_accuracy_parsers(sub)  # sensitivity, allocate, export (cli_accuracy.py)
     p = sub.add_parser("bench", help="kernel benchmark: every sparse format against every dense peer")
     from .bench import add_arguments
 
@@ -316,7 +318,7 @@ def _cache(args) -> None:
 
 
 COMMANDS = {"layers": _layers, "run": _run, "sweep": _sweep, "model": _model, "bench-model": _bench_model,
-            "cache": _cache}
+            "cache": _cache, **ACCURACY_COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:

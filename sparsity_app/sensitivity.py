@@ -36,6 +36,7 @@ Progress = Callable[[str, str], None]  # ("i/N", one-line detail)
 LOSS_METRICS = ("lee_pearson", "polarity_probe_acc", "polarity_zero_shot_acc", "wordsim_spearman",
                 "simlex_spearman", "embedding_cosine")  # metrics.METRICS, all higher-is-better
 DENSE_COST_PEER = "tvm_dense"  # what a layer left dense costs in the latency model (the graph runs our dense GEMM)
+POINT_FORMAT = 1  # part of every point's key: bump when how a point is computed changes (this file is not hashed)
 MAX_FRONT = 20_000  # Pareto states kept per layer of the allocation (thinned by cost beyond it)
 
 
@@ -189,7 +190,7 @@ class SensitivityResult:
 def point_key(spec: Spec, machine: dict) -> str:
     """The metrics of a point depend on the mask (not on tokens, threads or repeat) and on the machine's code."""
     mask_fields = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("tokens", "threads", "repeat")}
-    blob = json.dumps({"sensitivity": mask_fields, "machine": machine}, sort_keys=True)
+    blob = json.dumps({"sensitivity": mask_fields, "format": POINT_FORMAT, "machine": machine}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
