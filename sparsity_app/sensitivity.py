@@ -205,7 +205,7 @@ def run_sensitivity(request: SensitivityRequest, store=None, progress: Progress 
     request = request.resolve()
     model, machine = get_model(request.model), fingerprint()
     specs = request.points()
-    dense = _dense_metrics(request.model)
+    dense = _dense_metrics(request.model, store)
     shapes = {info.name: info.shape for info in model.layers()}
     points = []
     for i, spec in enumerate(specs, 1):
@@ -243,16 +243,26 @@ def lookup(request: SensitivityRequest, store) -> SensitivityResult | None:
             return None
         points.append(dataclasses.replace(SensitivityPoint.from_dict(stored), cached=True))
     model = get_model(request.model)
-    return SensitivityResult(request=request, points=points, dense_metrics=_dense_metrics(request.model),
+    return SensitivityResult(request=request, points=points, dense_metrics=_dense_metrics(request.model, store),
                              real_weights=model.real_weights)
 
 
-def _dense_metrics(model_name: str) -> dict[str, float | None]:
+def _dense_metrics(model_name: str, store=None) -> dict[str, float | None]:
+    """metrics.dense_metrics, kept in the store too (a fresh process would otherwise embed every text again)."""
     from . import metrics
+    from .timing import fingerprint
 
     if not get_model(model_name).real_weights:
         return {name: None for name in metrics.METRICS}
-    return dict(metrics.dense_metrics(model_name))
+    key = hashlib.sha256(json.dumps({"dense_metrics": model_name, "format": POINT_FORMAT, "machine": fingerprint()},
+                                    sort_keys=True).encode()).hexdigest()
+    stored = store.get_sensitivity_point(key) if store is not None else None
+    if stored is not None:
+        return stored
+    dense = dict(metrics.dense_metrics(model_name))
+    if store is not None:
+        store.put_sensitivity_point(key, dense)
+    return dense
 
 
 def _evaluate_point(spec: Spec, shape: tuple[int, int]) -> SensitivityPoint:
