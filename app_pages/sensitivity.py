@@ -84,8 +84,8 @@ kind = c1.radio("Target", ["overall sparsity", "latency (ms per pass)"], horizon
                 disabled=not request.time_kernels)
 remainder = remainder_from_store(request, store()) if kind.startswith("latency") else None
 if kind == "overall sparsity":
-    value = c2.slider("Overall sparsity (by weight count)", 0.1, float(max(request.sparsities)), 0.7, 0.01,
-                      key="s_target")
+    top = float(max(request.sparsities))
+    value = c2.slider("Overall sparsity (by weight count)", 0.05, top, min(0.7, top), 0.01, key="s_target")
 else:
     value = c2.number_input("Latency target, ms per pass", 0.01, 10_000.0, 10.0, key="s_latency")
 try:
