@@ -17,12 +17,14 @@ are measured again (timing is the plan's: the same pattern runs at the same spee
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
 import json
 import os
 import pathlib
+import sys
 import tempfile
 import zipfile
 from typing import Callable
@@ -173,7 +175,8 @@ def write_hf_folder(model, tokenizer, folder: pathlib.Path) -> None:
 def write_library(encoder, folder: pathlib.Path) -> None:
     """sparse_model.so (weights baked in), sparse_model.json and run_sparse_model.py into `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
-    encoder.executable.export_library(str(folder / LIBRARY))
+    with _native_stderr_silenced():  # TVM logs one "Scope Saving" warning per function to fd 2
+        encoder.executable.export_library(str(folder / LIBRARY))
     meta = {"library": LIBRARY, "batch": encoder.batch, "seq": encoder.seq, "hidden": encoder.hidden,
             "vocab": encoder.vocab, "function": "main",
             "inputs": {"input_ids": f"int64 [{encoder.batch}, {encoder.seq}]",
@@ -182,6 +185,20 @@ def write_library(encoder, folder: pathlib.Path) -> None:
             "weights": "baked into the library as constants", "description": encoder.description}
     (folder / META).write_text(json.dumps(meta, indent=2))
     (folder / LOADER).write_text(LOADER_SOURCE)
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """fd 2 to /dev/null for a native call's log lines (errors still raise as Python exceptions)."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
 
 LOADER_SOURCE = '''"""Run the exported sparse encoder with only TVM and NumPy (no sparsity_app, no torch).
@@ -209,7 +226,16 @@ class SparseModel:
     def __init__(self, folder=HERE):
         with open(os.path.join(folder, "sparse_model.json")) as f:
             self.meta = json.load(f)
-        self.vm = relax.VirtualMachine(tvm.runtime.load_module(os.path.join(folder, self.meta["library"])), tvm.cpu())
+        sys.stderr.flush()
+        saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)  # TVM logs one "Scope Loaded" warning per function; errors still raise
+        try:
+            library = tvm.runtime.load_module(os.path.join(folder, self.meta["library"]))
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(null)
+        self.vm = relax.VirtualMachine(library, tvm.cpu())
 
     def __call__(self, input_ids, attention_mask=None):
         shape = (self.meta["batch"], self.meta["seq"])
