@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import streamlit as st
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from sparsity_app import Spec, UserError
-from sparsity_app.experiment import run
+from sparsity_app.backend import LOCAL, Backend
+from sparsity_app.errors import one_line
+from sparsity_app.experiment import lookup, run
+from sparsity_app.limits import RATE_LIMITER
+from sparsity_app.links import escape
 from sparsity_app.spec import DENSE_PEERS
 from sparsity_app.store import Store, cache_dir
 
@@ -19,30 +24,48 @@ def store() -> Store:
     return _store(str(cache_dir()))
 
 
-def run_with_status(spec: Spec, retune: bool = False):
+def run_with_status(spec: Spec, retune: bool = False, backend: Backend = LOCAL):
     """Run the engine inside st.status, one line per step; a cached result appears at once.
 
-    Returns the Result, or None after showing the error on the page.
+    Returns the Result, or None after showing the error on the page. A run that will measure
+    counts against this session's rate limit; a cached one never does.
     """
     try:
-        with st.status(f"Running {spec.label()} at sparsity {spec.sparsity:g}...", expanded=True) as status:
-            result = run(spec, store=store(), progress=lambda step, detail: status.write(f"**{step}**: {detail}"),
-                         retune=retune)
+        if retune or lookup(spec, store(), backend) is None:
+            RATE_LIMITER.take(session_id(), 1)
+        with st.status(f"Running {spec.label()} at sparsity {spec.sparsity:g} on {backend.label()}...",
+                       expanded=True) as status:
+            shown = []
+
+            def show(step: str, detail: str) -> None:  # the slot says "waiting: 2 ahead" every 0.25 s: once per change
+                if shown[-1:] != [(step, detail)]:
+                    shown.append((step, detail))
+                    status.write(f"**{step}**: {detail}")
+            result = run(spec, store=store(), progress=show, retune=retune, backend=backend)
             status.update(label="Loaded from the cache" if result.cached else "Measured", state="complete",
                           expanded=False)
         return result
     except UserError as e:
-        st.error(str(e))
+        st.error(escape(one_line(e, 600)))
     except Exception as e:  # the engine failed: say so on the page, keep the app alive
-        st.error(f"The engine failed: {type(e).__name__}: {e}")
+        st.error(escape(f"The engine failed: {type(e).__name__}: {one_line(e)}"))
     return None
+
+
+def session_id() -> str:
+    """This browser session's id (what the rate limit counts against)."""
+    ctx = get_script_run_ctx()
+    return ctx.session_id if ctx is not None else "no-session"
 
 
 def conditions(result) -> str:
     """One caption stating how `result` was measured."""
     m, best = result.machine, result.best_dense
-    return (f"Measured on {m.get('cpu')} ({result.kernel.get('mcpu', '?')}, {', '.join(m.get('isa', [])[-3:])}), "
-            f"{result.spec.threads} threads, TVM {m.get('tvm')}, PyTorch {m.get('torch')}, code {str(m.get('code'))[:8]}, "
+    where = "" if result.device == "this machine" else \
+        f"{result.device} (PyTorch not measured there: speedups are against TVM dense on the device); "
+    return (f"Measured on {where}{m.get('cpu')} ({result.kernel.get('mcpu', '?')}, {', '.join(m.get('isa', [])[-3:])}), "
+            f"{result.spec.threads} threads, TVM {m.get('tvm')}, " + (f"PyTorch {m['torch']}, " if m.get("torch") else "")
+            + f"code {str(m.get('code'))[:8]}, "
             f"{result.spec.tokens} tokens timed, float32. Median of {result.spec.repeat} samples; spread = "
             f"interquartile range. Best dense = fastest of {len([k for k in DENSE_PEERS if k in result.times_ms])} "
             f"dense peers timed in the same measurement: {DENSE_PEERS[best]}.")
@@ -72,6 +95,8 @@ def pick_conditions(groups: dict, key: str) -> str | None:
 def cache_controls() -> None:
     """Sidebar: what the cache holds, and buttons to clear results or tuned schedules."""
     s = store()
+    for note in s.notes:  # e.g. an unreadable index kept aside: the app goes on with a fresh one
+        st.sidebar.warning(escape(note), icon=":material/warning:")
     with st.sidebar.expander("Cache"):
         st.caption(f"{len(s)} results and {s.tunings()} tuned schedules in `{s.directory}`. Clearing forces every "
                    "figure to be measured (and every schedule tuned) again.")
@@ -81,3 +106,25 @@ def cache_controls() -> None:
         if st.button("Clear tuned schedules", key="clear_tuning"):
             _, n = s.clear(results=False, tuning=True)
             st.success(f"Cleared {n} tuned schedules.")
+
+
+def backend_controls() -> Backend:
+    """Sidebar: where kernels are measured, this machine or the servers of a TVM RPC tracker.
+
+    Stops the page with the error when the RPC settings are not valid.
+    """
+    with st.sidebar.expander("Measure on", expanded=st.session_state.get("backend_kind") == "RPC tracker"):
+        kind = st.radio("Device", ["this machine", "RPC tracker"], key="backend_kind",
+                        help="RPC: kernels are compiled here for the device, uploaded and timed there "
+                             "(see the README's 'Measuring on other devices')")
+        if kind == "this machine":
+            return LOCAL
+        tracker = st.text_input("Tracker (HOST:PORT)", "127.0.0.1:9190", key="backend_tracker")
+        key = st.text_input("Device key (the servers' --key)", key="backend_key")
+        target = st.text_input("Target (optional)", key="backend_target", placeholder="mtriple=...,mcpu=...",
+                               help="empty: the triple and CPU the device reports")
+    try:
+        return Backend(kind="rpc", tracker=tracker, key=key, target=target).resolve()
+    except UserError as e:
+        st.error(f"Measure on: {e}")
+        st.stop()

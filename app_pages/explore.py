@@ -1,10 +1,13 @@
 """Explore a layer: configure one experiment, run it, see its cost and its place among the others."""
 import streamlit as st
 
-from app_pages.common import cache_controls, conditions, pick_conditions, query_spec, run_with_status, store
+from app_pages.common import (backend_controls, cache_controls, conditions, pick_conditions, query_spec, run_with_status,
+                              store)
 from sparsity_app import Spec, UserError, analysis, charts
 from sparsity_app.experiment import lookup, mask_of
-from sparsity_app.links import spec_to_query
+from sparsity_app.limits import current as current_limits
+from sparsity_app.links import escape, spec_to_query
+from sparsity_app.models import MAX_TOKENS
 from sparsity_app.models import MODEL_NAMES, get_model
 from sparsity_app.pruning import METHODS
 from sparsity_app.spec import BLOCK_PRESETS, DENSE_PEERS, NM_PRESETS, NORMS, SPARSE, fmt_block, parse_block, parse_nm
@@ -13,6 +16,7 @@ st.title("Explore a layer")
 st.caption("Prune one layer of a real model, compile it to a sparse TVM kernel for this CPU (BSR, CSR or N:M), "
            "and see how much faster it runs than the best dense kernel and what it costs in accuracy.")
 cache_controls()
+backend = backend_controls()
 
 start = query_spec()
 model_name = st.selectbox("Model", MODEL_NAMES, index=MODEL_NAMES.index(start.model), key="model",
@@ -24,7 +28,9 @@ with st.form("explore"):
     c1, c2 = st.columns([3, 1])
     layer = c1.selectbox("Layer", list(layers), index=list(layers).index(start.layer) if start.layer in layers else 0,
                          format_func=lambda n: f"{n}  ({layers[n][0]}x{layers[n][1]})", key="layer")
-    tokens = c2.number_input("Tokens", 1, 4096, start.tokens, key="tokens")
+    max_tokens = min(current_limits().max_tokens or MAX_TOKENS, MAX_TOKENS)  # this server's limit
+    tokens = c2.number_input("Tokens", 1, max_tokens, min(start.tokens, max_tokens), key="tokens",
+                             help=f"rows of X that are timed; at most {max_tokens} on this server")
     c1, c2, c3 = st.columns(3)
     method = c1.selectbox("Pruning method", list(METHODS), index=list(METHODS).index(start.method), key="method",
                           help="random draws the block (or N:M) pattern at random: the baseline to beat")
@@ -47,17 +53,17 @@ try:
                 block=parse_block(custom if preset == "custom" else preset),
                 nm=None if nm == "none" else parse_nm(nm))
 except UserError as e:
-    st.error(str(e))
+    st.error(escape(str(e)))
 
 result = None
 if submitted and spec is not None:
     st.query_params.from_dict(spec_to_query(spec))
-    result = run_with_status(spec, retune=retune)
+    result = run_with_status(spec, retune=retune, backend=backend)
 elif spec is not None:
     try:
-        result = lookup(spec, store())  # a shared link whose result is cached shows at once
+        result = lookup(spec, store(), backend)  # a shared link whose result is cached shows at once
     except UserError as e:
-        st.error(str(e))
+        st.error(escape(str(e)))
 
 if result is None:
     st.info("Choose a configuration and press **Run**. Nothing is compiled until you do.")

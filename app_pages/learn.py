@@ -5,12 +5,15 @@ import streamlit as st
 from app_pages.common import cache_controls, pick_conditions, store
 from sparsity_app import analysis
 from sparsity_app.claims import DENSE_TITLES, layer_claims, model_claims
+from sparsity_app.links import unknown_notes
 from sparsity_app.models import MODEL_NAMES, get_model
 from sparsity_app.spec import ModelPlan, fmt_block
 from sparsity_app.teach import bsr_example, rounded, weight_table
 
 st.title("Learn: why block shape decides whether sparsity pays off")
 cache_controls()
+for note in unknown_notes(dict(st.query_params), known=()):  # this page reads no link parameter
+    st.warning(note, icon=":material/link_off:")
 
 st.header("1. What BSR stores")
 st.markdown("Block compressed sparse row (BSR) cuts the weight into **bs_r x bs_c** blocks and stores only the "

@@ -1,11 +1,14 @@
 """Whole model: prune every encoder linear, run the sparse model end to end in TVM, see speed and real accuracy."""
+import dataclasses
+
 import pandas as pd
 import streamlit as st
 
+from app_pages import job_panel
 from app_pages.common import cache_controls, pick_conditions, store
-from sparsity_app import UserError, analysis, charts
+from sparsity_app import UserError, analysis, charts, jobs
 from sparsity_app.links import plan_from_query, plan_to_query
-from sparsity_app.model_experiment import lookup, run_model
+from sparsity_app.model_experiment import lookup
 from sparsity_app.models import MODEL_NAMES, get_model
 from sparsity_app.pruning import METHODS
 from sparsity_app.spec import (BLOCK_PRESETS, MAX_BATCH, MODEL_DENSE_PEERS, MODEL_OTHER_PEERS, NM_PRESETS, ROLES, ModelPlan,
@@ -53,22 +56,33 @@ try:
 except UserError as e:
     st.error(str(e))
 
-result = None
+result, job, job_id = None, None, job_panel.job_in_link()
 if plan is not None:
     try:
-        if go:
-            st.query_params.from_dict(plan_to_query(plan))
-            with st.status(f"Running {plan.label()} on the whole model...", expanded=True) as status:
-                result = run_model(plan, store=store(), progress=lambda step, detail: status.write(f"**{step}**: {detail}"))
-                status.update(label="Loaded from the cache" if result.cached else "Measured", state="complete",
-                              expanded=False)
-        else:
+        if go:  # the run is a job of the machine's worker: it outlives this tab, and the link shows it
+            submitted = job_panel.submit("model", jobs.plan_request(plan), plan_to_query(plan))
+            if submitted.result_key is not None:
+                result = store().get_model_result(submitted.result_key)
+            else:
+                job_id = submitted.job.id
+        if result is None and job_id is not None:
+            job = job_panel.show(job_id)
+            if job is not None and job.state == "done":
+                result = store().get_model_result(job.result_key)
+                if result is None:
+                    st.warning("The job finished, but its result is no longer in the cache. Press Run to measure "
+                               "the plan again.")
+                else:
+                    result = dataclasses.replace(result, cached=False)  # measured by this link's job
+        elif result is None:
             result = lookup(plan, store())  # a plan already measured shows at once
     except UserError as e:
         st.error(str(e))
     except Exception as e:  # the engine failed: say so, keep the page alive
         st.error(f"The engine failed: {type(e).__name__}: {e}")
 
+if result is None and job is not None and job.state not in jobs.FINISHED:
+    st.stop()  # the job's panel is the screen until it finishes
 if result is None:
     st.info("Choose a plan and press **Run the whole model**. A cold run tunes, compiles and evaluates for a minute "
             "or more; a measured plan shows at once.")

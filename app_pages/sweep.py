@@ -1,9 +1,14 @@
 """Sweep: a grid of patterns x sparsities on one layer; every point is stored as it finishes."""
 import streamlit as st
 
-from app_pages.common import cache_controls, conditions, query_spec, store
-from sparsity_app import Spec, UserError, analysis, charts
+from app_pages.common import backend_controls, cache_controls, conditions, query_spec, session_id, store
+from sparsity_app import Spec, UserError, analysis, charts, remote
+from sparsity_app.errors import one_line
 from sparsity_app.experiment import lookup, run
+from sparsity_app.limits import RATE_LIMITER
+from sparsity_app.limits import current as current_limits
+from sparsity_app.links import escape
+from sparsity_app.models import MAX_TOKENS
 from sparsity_app.models import MODEL_NAMES, get_model
 from sparsity_app.pruning import METHODS
 from sparsity_app.spec import BLOCK_PRESETS, NM_PRESETS, NORMS, default_threads, parse_block, parse_nm
@@ -14,6 +19,7 @@ st.title("Sweep")
 st.caption("Measure patterns x sparsities on one layer. Each point is stored the moment it is measured: "
            "leaving the page or an error loses nothing, and points already measured come from the cache.")
 cache_controls()
+backend = backend_controls()
 
 start = query_spec()
 model_name = st.selectbox("Model", MODEL_NAMES, index=MODEL_NAMES.index(start.model), key="sweep_model")
@@ -22,7 +28,9 @@ with st.form("sweep"):
     c1, c2, c3 = st.columns([3, 1, 1])
     layer = c1.selectbox("Layer", list(layers), index=list(layers).index(start.layer) if start.layer in layers else 0,
                          format_func=lambda n: f"{n}  ({layers[n][0]}x{layers[n][1]})", key="sweep_layer")
-    tokens = c2.number_input("Tokens", 1, 4096, start.tokens, key="sweep_tokens")
+    max_tokens = min(current_limits().max_tokens or MAX_TOKENS, MAX_TOKENS)  # this server's limit
+    tokens = c2.number_input("Tokens", 1, max_tokens, min(start.tokens, max_tokens), key="sweep_tokens",
+                             help=f"rows of X that are timed; at most {max_tokens} on this server")
     threads = c3.number_input("Threads", 1, default_threads(), default_threads(), key="sweep_threads")
     c1, c2, c3 = st.columns(3)
     method = c1.selectbox("Method", list(METHODS), index=list(METHODS).index("block"), key="sweep_method",
@@ -47,7 +55,42 @@ elif method == "magnitude":
 else:
     grid = [Spec(**common, block=parse_block(b), sparsity=s) for b in blocks for s in sorted(sparsities)]
 
-if go:
+
+def _measured(spec: Spec) -> bool:
+    """Whether this point needs no measuring: stored already, or invalid (it is skipped with a message)."""
+    try:
+        return lookup(spec, store(), backend) is not None
+    except UserError:
+        return True
+
+
+if go:  # the limits first: the sweep's size, then this session's rate (only points still to measure count)
+    try:
+        current_limits().check_sweep(len(grid))
+        RATE_LIMITER.take(session_id(), sum(not _measured(spec) for spec in grid))
+    except UserError as e:
+        st.error(escape(str(e)))
+        go = False
+if go and backend.kind == "rpc":  # fanned out over the key's servers; points arrive in any order
+    bar = st.progress(0.0, text=f"starting on {backend.label()}")
+    failures, finished = [], 0
+    try:
+        for event in remote.stream(grid, backend, store()):
+            if event.kind == "retried":
+                st.warning(f"{event.spec.label()} at {event.spec.sparsity:g}: its server was lost ({event.message}); "
+                           "measuring it on another server")
+                continue
+            finished += 1
+            bar.progress(finished / len(grid), text=f"{finished}/{len(grid)}: {event.spec.label()} at "
+                                                    f"{event.spec.sparsity:g}")
+            if event.kind == "failed":
+                failures.append(f"{event.spec.label()} at {event.spec.sparsity:g}: {event.message}")
+    except UserError as e:  # e.g. the tracker cannot be reached
+        failures.append(str(e))
+    bar.progress(1.0, text=f"done on {backend.label()}: {finished - len(failures)} of {len(grid)} points")
+    for f in failures:
+        st.error(f)
+elif go:
     bar = st.progress(0.0, text="starting")
     failures = []
     for i, spec in enumerate(grid):
@@ -55,20 +98,22 @@ if go:
         try:
             run(spec, store=store())
         except UserError as e:  # e.g. a block that does not divide this layer: skip it, keep the rest
-            failures.append(f"{spec.label()} at {spec.sparsity:g}: {e}")
+            failures.append(f"{spec.label()} at {spec.sparsity:g}: {one_line(e, 600)}")
         except Exception as e:  # the engine failed on this point: say so, keep the points already stored
-            failures.append(f"{spec.label()} at {spec.sparsity:g}: the engine failed: {type(e).__name__}: {e}")
+            failures.append(f"{spec.label()} at {spec.sparsity:g}: the engine failed: {type(e).__name__}: "
+                            f"{one_line(e)}")
     bar.progress(1.0, text=f"done: {len(grid) - len(failures)} of {len(grid)} points")
     for f in failures:
-        st.error(f)
+        st.error(escape(f))
 
 results = []
 for spec in grid:
     try:
-        if (hit := lookup(spec, store())) is not None:  # this machine, this code: one set of conditions
+        if (hit := lookup(spec, store(), backend)) is not None:  # this device, this code: one set of conditions
             results.append(hit)
-    except UserError:
-        pass
+    except UserError as e:  # an unreachable tracker: say it once
+        st.error(str(e))
+        break
 if not results:
     st.info("No point of this grid is measured yet: press **Run sweep**.")
     st.stop()
@@ -89,5 +134,15 @@ st.markdown("**Break-even sparsity** (where the sparse kernel starts to beat den
             "measured points around 1x)")
 st.dataframe(analysis.break_even(df, speedup), hide_index=True, key="sweep_breakeven")
 st.dataframe(df, hide_index=True)
+st.subheader("Compare devices")
+by_device = analysis.device_frame(store().results(model=model_name, layer=layer),
+                                  [s.resolve() for s in grid])
+if by_device.empty or by_device["device"].nunique() < 2:
+    st.caption("Measure this grid on another device (sidebar: Measure on) to see the devices side by side.")
+else:
+    st.altair_chart(charts.devices(by_device), key="sweep_devices_chart")
+    st.caption(f"{by_device['device'].nunique()} devices: " + "; ".join(
+        f"{d} ({len(g)} points)" for d, g in by_device.groupby("device")) + ". Each speedup is against TVM dense "
+               "timed on the same device in the same measurement.")
 st.download_button("Download CSV", df.to_csv(index=False), file_name=f"sweep-{model_name}-{layer}.csv",
                    mime="text/csv", key="sweep_csv")

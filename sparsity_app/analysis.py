@@ -43,6 +43,29 @@ def by_conditions(results: Iterable[Result], prefer: Result | None = None) -> di
     return {k: groups[k] for k in order}
 
 
+def device_frame(results: Iterable[Result], grid: Iterable, code: str | None = None) -> pd.DataFrame:
+    """The results of the configurations in `grid` on every device that measured them: one row per
+    (device, configuration) (`Result.row`, its `device` column naming where it was timed), sorted by
+    device, pattern and sparsity.
+
+    grid: resolved Specs; a result matches one whatever its thread count (each device resolves
+    "all cores" to its own). code: only results of this code hash (default: the current code), so
+    each device contributes one measurement per configuration.
+    """
+    import dataclasses
+
+    from .timing import code_version
+
+    code = code or code_version()
+    wanted = {dataclasses.replace(s, threads=0) for s in grid}
+    rows = [r.row() for r in results
+            if r.machine.get("code") == code and dataclasses.replace(r.spec, threads=0) in wanted]
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    return df.sort_values(["device", "pattern", "sparsity_target"]).reset_index(drop=True)
+
+
 def pareto_mask(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """True where no other point has x >= and y >= with one strictly greater (both maximised)."""
     x, y = np.asarray(x, float), np.asarray(y, float)
@@ -167,6 +190,54 @@ def layer_frame(result) -> pd.DataFrame:
     if "kernel_ms" in df:  # inside the executable's passes; stacked Q, K, V share one kernel's time
         df["kernel_us"] = pd.to_numeric(df.pop("kernel_ms"), errors="coerce") * 1e3
     return df
+
+
+def recovery_frame(recoveries) -> pd.DataFrame:
+    """One row per recovery run (recovery.RecoveryResult): plan, recipe, steps, wall time, and each
+    real-label metric before (one-shot), after, and of the dense model."""
+    rows = []
+    for r in recoveries:
+        row = {"plan": r.request.plan.label(), "recipe": r.request.recipe, "steps": r.steps_done,
+               "train_batch": r.request.batch, "seq_len": r.request.seq_len, "wall_s": r.wall_s,
+               "sparsity_achieved": r.sparsity_achieved}
+        for k in MODEL_METRICS:
+            row[f"{k}_before"], row[f"{k}_after"] = r.metrics_before.get(k), r.metrics_after.get(k)
+            row[f"{k}_dense"] = r.dense_metrics.get(k)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def recipes_side_by_side(df: pd.DataFrame, plan: str, steps: int) -> pd.DataFrame:
+    """The recipes run on one plan for the same number of steps (a `recovery_frame`): one row each,
+    the metrics after recovery, their gain over one-shot, and the wall time."""
+    rows = df[(df["plan"] == plan) & (df["steps"] == steps)]
+    out = rows[["recipe", "train_batch", "seq_len", "wall_s"]].copy()
+    for k in ("lee_pearson", "polarity_probe_acc", "wordsim_spearman", "simlex_spearman"):
+        out[k] = rows[f"{k}_after"]
+        out[f"{k} gain"] = rows[f"{k}_after"] - rows[f"{k}_before"]
+    return out.sort_values("lee_pearson", ascending=False).reset_index(drop=True)
+
+
+def recovery_arrows(results) -> pd.DataFrame:
+    """The one-shot and recovered points of every recovered plan, for an arrow chart.
+
+    results: whole-model results (ModelResult) under one set of conditions. Each result measured on
+    recovered weights is paired with the one-shot result of the same plan; two rows per pair
+    (stage "one-shot" then "recovered"), with the pair's id, speedups and metrics. Recovered
+    results whose one-shot twin was not measured are left out.
+    """
+    one_shot = {r.plan: r for r in results if r.recovery is None}
+    rows = []
+    for r in results:
+        if r.recovery is None or r.plan not in one_shot:
+            continue
+        pair = f"{r.plan.label()} / {r.recovery['recipe']} x {r.recovery['steps']}"
+        for stage, res in (("one-shot", one_shot[r.plan]), ("recovered", r)):
+            d = res.to_dict()
+            rows.append({"pair": pair, "plan": r.plan.label(), "recipe": r.recovery["recipe"],
+                         "steps": r.recovery["steps"], "stage": stage, "order": int(stage == "recovered"),
+                         **{k: d[k] for k in ("speedup_vs_best_dense", "speedup_vs_torch_eager", "speedup_vs_tvm_dense",
+                                              "speedup_vs_onnxruntime")}, **res.metrics})
 
 
 def sensitivity_frame(result, metric: str = "lee_pearson") -> pd.DataFrame:

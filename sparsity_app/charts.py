@@ -51,6 +51,24 @@ def speedup_vs_sparsity(df: pd.DataFrame, speedup: str = "speedup_vs_best_dense"
         title="speedup vs sparsity (dashed: ideal 1/(1-s); red: break-even)", height=340)
 
 
+def devices(df: pd.DataFrame, speedup: str = "speedup_vs_tvm_dense") -> alt.Chart:
+    """The same configurations on several devices (analysis.device_frame): speedup against
+    sparsity, one colour per device, one line per (device, pattern), the pattern as the point's
+    shape. Each speedup compares kernels timed on its own device; the default, TVM dense, is the
+    one peer every device has."""
+    even = alt.Chart(pd.DataFrame({"y": [1.0]})).mark_rule(color="red").encode(y="y:Q")
+    lines = alt.Chart(df.dropna(subset=[speedup])).mark_line(point=True).encode(
+        x=alt.X("sparsity_achieved:Q", title="sparsity"),
+        y=alt.Y(f"{speedup}:Q", title=speedup.replace("_", " ") + " (x, on its own device)",
+                scale=alt.Scale(type="log")),
+        color=alt.Color("device:N", title="device"), shape=alt.Shape("pattern:N", title="pattern"),
+        detail="pattern:N", tooltip=["device", "pattern", "sparsity_target", alt.Tooltip("sparsity_achieved", format=".3f"),
+                                     alt.Tooltip(speedup, format=".2f"), alt.Tooltip("tvm_sparse_ms", format=".4f"),
+                                     alt.Tooltip("tvm_dense_ms", format=".4f"), "tokens", "threads"])
+    return alt.layer(even, lines).properties(title="the same configurations on each device (red: break-even)",
+                                             height=340)
+
+
 def speedup_heatmap(df: pd.DataFrame, speedup: str = "speedup_vs_best_dense") -> alt.Chart:
     base = alt.Chart(df).encode(x=alt.X("sparsity_target:O", title="sparsity"), y=alt.Y("pattern:N", title="pattern"))
     cells = base.mark_rect().encode(color=alt.Color(f"{speedup}:Q", scale=alt.Scale(scheme="redyellowgreen",
@@ -122,6 +140,24 @@ def breakdown_bars(breakdown: dict[str, dict[str, float]]) -> alt.Chart:
         y=alt.Y("executable:N", title=None), x=alt.X("ms:Q", title="ms per forward pass", stack="zero"),
         color=alt.Color("group:N", title="operators"), tooltip=["executable", "group", alt.Tooltip("ms", format=".3f")],
     ).properties(title="where the time goes (each kernel timed inside real passes)", height=200)
+
+
+def recovery_arrows(df: pd.DataFrame, metric: str, speedup: str = "speedup_vs_best_dense") -> alt.Chart:
+    """One arrow per recovered plan (analysis.recovery_arrows): from its one-shot point (hollow) to its
+    recovered point (triangle), a real-label metric against end-to-end speedup, one colour per recipe."""
+    from .analysis import MODEL_METRICS
+
+    data = df.dropna(subset=[metric, speedup])
+    base = alt.Chart(data).encode(
+        x=alt.X(f"{speedup}:Q", title=speedup.replace("_", " ") + " (x, end to end)", scale=alt.Scale(zero=False)),
+        y=alt.Y(f"{metric}:Q", title=MODEL_METRICS[metric], scale=alt.Scale(zero=False)),
+        color=alt.Color("recipe:N", title="recipe"),
+        tooltip=["plan", "recipe", "steps", "stage", alt.Tooltip(speedup, format=".2f"), alt.Tooltip(metric, format=".3f")])
+    lines = base.mark_line(strokeWidth=2).encode(detail="pair:N", order="order:Q")
+    start = base.transform_filter("datum.stage == 'one-shot'").mark_point(size=90, filled=False, color="gray")
+    end = base.transform_filter("datum.stage == 'recovered'").mark_point(shape="triangle-up", size=140, filled=True)
+    return alt.layer(lines, start, end).properties(
+        title=f"{MODEL_METRICS[metric]}: one-shot (hollow) -> recovered (triangle), vs end-to-end speedup", height=380)
 
 
 def sensitivity_heatmap(df: pd.DataFrame, metric: str = "lee_pearson") -> alt.Chart:

@@ -1,4 +1,4 @@
-"""python -m sparsity_app {layers, run, sweep, bench, cache}: a thin door onto experiment and store.
+"""python -m sparsity_app {layers, run, sweep, model, recover, bench-model, bench, cache}: a thin door onto the engine.
 
 Bad input gets one line on stderr and exit status 2, never a traceback.
 """
@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import sys
+import time
 
 from .cli_accuracy import COMMANDS as ACCURACY_COMMANDS, add_parsers as add_accuracy_parsers
 from .errors import UserError
@@ -44,6 +45,24 @@ def _add_spec_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     p.add_argument("--retune", action="store_true", help="measure again and re-tune the schedule, "
                    "replacing what is stored")
     p.add_argument("--cache-dir", default=None, help="result cache (default cache/ or $SPARSITY_APP_CACHE_DIR)")
+    p.add_argument("--rpc-tracker", default=None, metavar="HOST:PORT",
+                   help="measure on the servers of a TVM RPC tracker instead of this machine (needs --rpc-key)")
+    p.add_argument("--rpc-key", default=None, help="device key the RPC servers registered with (rpc_server --key)")
+    p.add_argument("--rpc-target", default="", metavar="mtriple=...,mcpu=...",
+                   help="LLVM target of the RPC device (default: the triple and CPU the device reports)")
+
+
+def _backend(args: argparse.Namespace):
+    """Where to measure: this machine, or the RPC tracker's servers of --rpc-key."""
+    from .backend import LOCAL, Backend
+
+    if args.rpc_tracker is None and args.rpc_key is None:
+        if args.rpc_target:
+            raise UserError("--rpc-target needs --rpc-tracker and --rpc-key")
+        return LOCAL
+    if args.rpc_tracker is None or args.rpc_key is None:
+        raise UserError("measuring on an RPC device needs both --rpc-tracker HOST:PORT and --rpc-key KEY")
+    return Backend(kind="rpc", tracker=args.rpc_tracker, key=args.rpc_key, target=args.rpc_target).resolve()
 
 
 def _add_plan_args(p: argparse.ArgumentParser) -> None:
@@ -64,6 +83,35 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat", type=int, default=d.repeat, help="timed samples per implementation")
     p.add_argument("--retune", action="store_true", help="measure again and re-tune every layer's schedule")
     p.add_argument("--cache-dir", default=None, help="result cache (default cache/ or $SPARSITY_APP_CACHE_DIR)")
+
+
+def _add_recovery_args(p: argparse.ArgumentParser, required: bool) -> None:
+    from .recovery import RECIPES, RecoveryRequest
+
+    d = RecoveryRequest()
+    g = p.add_argument_group("recovery fine-tune" + ("" if required else " (with --recipe: measure the recovered "
+                                                                          "weights instead of the one-shot ones)"))
+    g.add_argument("--recipe", default="fixed" if required else None,
+                   help=f"{' | '.join(RECIPES)}" + (" (default %(default)s)" if required else ""))
+    g.add_argument("--steps", type=int, default=d.steps, help="optimiser steps (default %(default)s)")
+    g.add_argument("--train-batch", type=int, default=d.batch, help="sequences per step (default %(default)s)")
+    g.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per training sequence (default %(default)s)")
+    g.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate (default %(default)s)")
+    g.add_argument("--train-seed", type=int, default=d.seed, help="seed of the training data order")
+    g.add_argument("--beta-schedule", default=d.beta_schedule, help="mask-decay: linear | exponential")
+    g.add_argument("--decay-fraction", type=float, default=d.decay_fraction,
+                   help="gradual/mask-decay/structure-decay/group-lasso: share of the steps before the final mask")
+    g.add_argument("--group-lasso", type=float, default=d.group_lasso, help="group-lasso: penalty weight")
+    g.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="stop training after this long, keeping a checkpoint that the next run resumes from")
+
+
+def _recovery_request(args: argparse.Namespace, plan: ModelPlan):
+    from .recovery import RecoveryRequest
+
+    return RecoveryRequest(plan=plan, recipe=args.recipe, steps=args.steps, batch=args.train_batch, seq_len=args.seq_len,
+                           lr=args.lr, seed=args.train_seed, beta_schedule=args.beta_schedule,
+                           decay_fraction=args.decay_fraction, group_lasso=args.group_lasso).resolve()
 
 
 def _plan(args: argparse.Namespace) -> ModelPlan:
@@ -94,7 +142,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", default=None, help="also write the table to this CSV file")
     p = sub.add_parser("model", help="prune every encoder linear, run the whole model in TVM, time and score it")
     _add_plan_args(p)
+    _add_recovery_args(p, required=False)
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+
+    p = sub.add_parser("recover", help="fine-tune a pruned model (masks enforced) toward the dense one; score "
+                       "before and after")
+    _add_plan_args(p)
+    _add_recovery_args(p, required=True)
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+
+    p = sub.add_parser("bench-recovery", help="the recovery targets' runs (300 steps each, cached), then each "
+                       "target's verdict")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--only", default=None, help="only runs whose plan label or recipe contains this")
+    p.add_argument("--skip-one-shot", action="store_true", help="skip the wanda vs magnitude one-shot comparison")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("bench-model", help="whole-model benchmark: the targets' configurations, measured afresh")
     p.add_argument("--configs", default="minilm-l6:1x128,minilm-l6:8x128,bert-base-synthetic:1x128",
@@ -112,6 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", choices=("results", "tuning"), default=None,
                    help="clear only stored results, or only the tuner's winning schedules")
     p.add_argument("--cache-dir", default=None, help="result cache (default cache/ or $SPARSITY_APP_CACHE_DIR)")
+    p = sub.add_parser("jobs", help="the job queue of long runs (whole models): list it, or cancel a job")
+    p.add_argument("action", choices=("list", "cancel"))
+    p.add_argument("id", nargs="?", help="the job to cancel (cancel: the operator may cancel any job)")
+    p.add_argument("--cache-dir", default=None, help="result cache (default cache/ or $SPARSITY_APP_CACHE_DIR)")
+    p = sub.add_parser("worker", help="(internal) run queued jobs one at a time until none is left")
+    p.add_argument("--cache-dir", default=None)
+    p = sub.add_parser("loadtest", help="N browser sessions at once against a real `streamlit run app.py`: "
+                       "results, no errors, no overlapping measurements, speedups as quiet")
+    from .loadtest import add_arguments as add_loadtest_arguments
+
+    add_loadtest_arguments(p)
     add_accuracy_parsers(sub)  # sensitivity, allocate, export (cli_accuracy.py)
     p = sub.add_parser("bench", help="kernel benchmark: every sparse format against every dense peer")
     from .bench import add_arguments
@@ -143,30 +217,40 @@ def _layers(args) -> None:
 
 def _run(args) -> None:
     from .experiment import run
-    from .store import Store
 
     spec = _spec(args)
     from .experiment import STEPS
 
-    result = run(spec, store=Store(args.cache_dir), progress=_steps(STEPS), retune=args.retune)
+    result = run(spec, store=_open_store(args.cache_dir), progress=_steps(STEPS), retune=args.retune,
+                 backend=_backend(args))
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
+        if result.backend.get("kind") == "rpc":
+            print(f"measured on {result.device}; PyTorch peers not measured there")
         print(format_table([result.row()]))
 
 
 def _sweep(args) -> None:
-    from .experiment import run, validate
-    from .store import Store
+    from .experiment import lookup, run, validate
+    from .limits import current as current_limits
 
     if args.method == "nm":
         specs = [_spec(args, nm=parse_nm(v)) for v in args.nms.split(",") if v.strip()]
     else:
         blocks = [parse_block(b) for b in args.blocks.split(",") if b.strip()]
         specs = [_spec(args, block=b, sparsity=s) for b in blocks for s in _floats(args.sparsities)]
+    current_limits().check_sweep(len(specs))
+    backend = _backend(args)
+    if backend.kind == "rpc":
+        return _sweep_remote(args, specs, backend)
     for s in specs:  # validate the whole grid before measuring any of it
         validate(s)
-    store, rows = Store(args.cache_dir), []
+    store, rows = _open_store(args.cache_dir), []
+    stored = sum(lookup(s, store) is not None for s in specs)  # e.g. left by a sweep that was killed
+    if stored:
+        _err(f"resuming: {stored} of {len(specs)} points already stored (cached); measuring the other "
+             f"{len(specs) - stored}")
     try:
         for i, spec in enumerate(specs):
             _progress(i, len(specs), spec)
@@ -178,6 +262,46 @@ def _sweep(args) -> None:
             if args.csv:
                 write_csv(rows, args.csv)
                 _err(f"wrote {len(rows)} rows to {args.csv}")
+
+
+def _open_store(directory: str | None):
+    """The result store, after saying on stderr what was wrong with it (e.g. an unreadable index kept aside)."""
+    from .store import Store
+
+    store = Store(directory)
+    for note in store.notes:
+        _err(f"warning: {note}")
+    return store
+
+def _sweep_remote(args, specs: list[Spec], backend) -> None:
+    """The grid fanned out over the RPC key's servers; each point stored as it arrives."""
+    from . import remote
+    from .experiment import validate
+    cores = remote.probe(backend).cores
+    for s in specs:  # validate the whole grid (against the device's cores) before measuring any of it
+        validate(s, cores)
+    finished = []
+
+    def on_event(event) -> None:
+        if event.kind != "retried":
+            finished.append(event.index)
+            _progress(len(finished), len(specs), None if len(finished) == len(specs) else event.spec)
+
+    _err(f"measuring {len(specs)} points on {backend.label()}")
+    report = remote.sweep(specs, backend, _open_store(args.cache_dir), retune=args.retune, on_event=on_event)
+    rows = [report.results[i].row() for i in sorted(report.results)]
+    for line in report.retried:
+        _err(f"server lost, point retried elsewhere: {line}")
+    for i, error in sorted(report.failures.items()):
+        _err(f"failed: {specs[i].label()} at {specs[i].sparsity:g}: {error}")
+    if rows:
+        print(f"measured on {rows[0]['device']} ({report.workers} servers); PyTorch peers not measured there")
+        print(format_table(rows))
+        if args.csv:
+            write_csv(rows, args.csv)
+            _err(f"wrote {len(rows)} rows to {args.csv}")
+    if report.failures:
+        raise UserError(f"{len(report.failures)} of {len(specs)} points failed (see above)")
 
 
 def _progress(done: int, total: int, spec: Spec | None) -> None:
@@ -232,12 +356,72 @@ def _err(line: str) -> None:
 
 def _model(args) -> None:
     from .model_experiment import STEPS, run_model, validate
-    from .store import Store
 
     plan = _plan(args)
     validate(plan)  # every bad input before anything loads
-    result = run_model(plan, store=Store(args.cache_dir), retune=args.retune, progress=_steps(STEPS))
+    request = None if args.recipe is None else _recovery_request(args, plan)
+    store = _open_store(args.cache_dir)
+    recovered = None if request is None else _recovered(request, store, args.time_limit)
+    result = run_model(plan, store=store, retune=args.retune, progress=_steps(STEPS), recovery=recovered)
     print(json.dumps(result.to_dict()) if args.json else format_model(result.to_dict()))
+
+
+def _recovered(request, store, time_limit: float | None):
+    from .recovery import STEPS, recover
+
+    return recover(request, store=store, progress=_steps(STEPS), time_limit_s=time_limit)
+
+
+def _bench_recovery(args) -> None:
+    from . import bench_recovery
+
+    store, results = _open_store(args.cache_dir), []
+    todo = bench_recovery.requests(args.steps, args.only)
+    for i, request in enumerate(todo, 1):
+        _err(f"[run {i}/{len(todo)}] {request.label()}")
+        try:
+            results.append(_recovered(request.resolve(), store, None))
+        except UserError as e:  # one run that cannot go (e.g. stopped): say so, keep the others
+            _err(f"  {e}")
+            continue
+        _err(format_recovery(results[-1].to_dict()))
+    one_shot = []
+    if not args.skip_one_shot:
+        for magnitude, wanda in bench_recovery.ONE_SHOT:
+            _err(f"[one-shot] {magnitude.label()} vs {wanda.label()}")
+            one_shot.append((magnitude.label(), bench_recovery.one_shot_metrics(magnitude)["lee_pearson"],
+                             bench_recovery.one_shot_metrics(wanda)["lee_pearson"]))
+    lines = bench_recovery.verdicts(results, one_shot)
+    if args.json:
+        print(json.dumps({"runs": [r.to_dict() for r in results], "one_shot": one_shot, "verdicts": lines}))
+    else:
+        import pandas as pd
+
+        print("\n".join([pd.DataFrame([{"plan": r.request.plan.label(), "recipe": r.request.recipe, "steps": r.steps_done,
+                                        "wall_min": round(r.wall_s / 60, 1),
+                                        **{f"{k}_{when}": round(getattr(r, f"metrics_{when}")[k], 3)
+                                           for k in ("lee_pearson", "polarity_probe_acc") for when in ("before", "after")}}
+                                       for r in results]).to_string(index=False), *lines]))
+
+
+def _recover(args) -> None:
+    request = _recovery_request(args, _plan(args))
+    result = _recovered(request, _open_store(args.cache_dir), args.time_limit)
+    print(json.dumps(result.to_dict()) if args.json else format_recovery(result.to_dict()))
+
+
+def format_recovery(d: dict) -> str:
+    """A recovery run as text: the metrics before and after it beside the dense model's."""
+    lines = [f"{d['plan']['model']}: {d['plan']['label']}, recipe {d['recipe']}, {d['steps']} steps in {d['wall_s']:.0f} s"
+             f" (scoring {d['eval_s']:.0f} s); achieved sparsity {d['sparsity_achieved']:.3f}"
+             + (f"; resumed from step {d['resumed_from']}" if d["resumed_from"] else "") + ("  (cached)" if d["cached"] else ""),
+             "  metric                  one-shot  recovered  dense"]
+    for k, before in d["metrics_before"].items():
+        lines.append(f"  {k:22s} {before:9.3f} {d['metrics_after'][k]:10.3f} {d['dense_metrics'][k]:6.3f}")
+    if d["loss"]:
+        lines.append("  distillation loss: " + ", ".join(f"{loss:.4g} @ {step}" for step, loss in
+                                                          d["loss"][:: max(1, len(d["loss"]) // 6)]))
+    return "\n".join(lines)
 
 
 def format_model(d: dict) -> str:
@@ -264,7 +448,6 @@ def format_model(d: dict) -> str:
 
 def _bench_model(args) -> None:
     from .model_experiment import STEPS, run_model, validate
-    from .store import Store
 
     plans = []
     for item in args.configs.split(","):
@@ -277,7 +460,7 @@ def _bench_model(args) -> None:
                          tokens=tokens, batch=batch, threads=args.threads, repeat=args.repeat)
         validate(plan)
         plans.append(plan)
-    store, rows = Store(args.cache_dir), []
+    store, rows = _open_store(args.cache_dir), []
     for plan in plans:  # each run_model holds the measurement slot while it measures
         _err(f"measuring {plan.model}, {plan.label()}, {plan.batch}x{plan.tokens} tokens...")
         d = run_model(plan, store=store, reuse_result=False, progress=_steps(STEPS, "  "))
@@ -307,9 +490,8 @@ def model_targets(rows: list[dict]) -> str:
 
 
 def _cache(args) -> None:
-    from .store import Store
 
-    store = Store(args.cache_dir)
+    store = _open_store(args.cache_dir)
     if args.action == "clear":
         results, tunings = store.clear(results=args.only != "tuning", tuning=args.only != "results")
         print(f"cleared {results} results and {tunings} tuned schedules from {store.directory}")
@@ -317,8 +499,31 @@ def _cache(args) -> None:
         print(f"{store.directory}: {len(store)} results, {store.tunings()} tuned schedules")
 
 
+def _jobs(args) -> None:
+    from . import jobs
+
+    if args.action == "cancel":
+        if not args.id:
+            raise UserError("jobs cancel needs the job's id (see `python -m sparsity_app jobs list`)")
+        job = jobs.cancel(args.id, None, args.cache_dir, force=True)
+        print(f"{job.id}: {'cancelled' if job.state == 'cancelled' else 'stopping (it was running)'}")
+        return
+    for job in jobs.list_jobs(args.cache_dir):
+        where = f"{job.position} ahead" if job.state == "queued" else (job.error or job.result_key or "")
+        last = job.progress[-1]["detail"] if job.progress and job.state == "running" else ""
+        print(f"{job.id}  {job.kind:8s} {job.state:9s} {time.strftime('%Y-%m-%d %H:%M', time.localtime(job.submitted))}"
+              f"  {where or last}")
+
+
+def _worker(args) -> None:
+    from . import jobs
+
+    jobs.work(args.cache_dir)
+
+
 COMMANDS = {"layers": _layers, "run": _run, "sweep": _sweep, "model": _model, "bench-model": _bench_model,
-            "cache": _cache, **ACCURACY_COMMANDS}
+            "cache": _cache, "recover": _recover, "bench-recovery": _bench_recovery, "jobs": _jobs, "worker": _worker,
+            **ACCURACY_COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -328,6 +533,10 @@ def main(argv: list[str] | None = None) -> int:
             from .bench import main as bench_main
 
             return bench_main(args)
+        if args.command == "loadtest":
+            from .loadtest import main as loadtest_main
+
+            return loadtest_main(args)
         COMMANDS[args.command](args)
         return 0
     except UserError as e:
@@ -342,5 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug, not bad input: still one line, full trace on request
         if os.environ.get("SPARSITY_APP_DEBUG"):
             raise
-        _err(f"internal error: {type(e).__name__}: {e} (set SPARSITY_APP_DEBUG=1 for the traceback)")
+        from .errors import one_line
+
+        _err(f"internal error: {type(e).__name__}: {one_line(e)} (set SPARSITY_APP_DEBUG=1 for the traceback)")
         return 1

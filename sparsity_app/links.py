@@ -1,13 +1,20 @@
 """A view's configuration <-> URL query parameters, so a link reproduces the view.
 
-Each parameter that is invalid falls back to its default, with a note saying so.
+A link is untrusted input: each parameter is parsed by a fixed parser and checked against the known
+models, layers, methods, ranges and this server's limits; one that is invalid falls back to its
+default, with a note saying so, and one the page does not read is ignored with a note. No value
+becomes a path, an import or code. Notes quote the link's text cut short and escaped for Markdown
+(the app shows them as Markdown), so a link cannot put a working link or markup on the page.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping
+import math
+import re
+from typing import Callable, Iterable, Mapping
 
-from .errors import UserError
+from . import limits
+from .errors import UserError, one_line
 from .spec import ModelPlan, Spec, fmt_block, parse_block, parse_nm
 
 _PARSERS: dict[str, Callable[[str], object]] = {  # in the order they are applied
@@ -22,22 +29,54 @@ _PARSERS: dict[str, Callable[[str], object]] = {  # in the order they are applie
 }
 
 
+MAX_VALUE_CHARS = 2000  # the longest value a link parameter may have (overrides are the longest: ~40 per line)
+
+
 def _from_query(query: Mapping[str, str], parsers: dict, default, check, show) -> tuple[object, list[str]]:
     """Apply each parameter of `query` named in `parsers` to `default` in order; one whose value does not
     parse or fails `check(candidate)` is skipped with a note (`show(current, name)` says what is kept)."""
-    current, notes = default, []
+    current, notes = default, unknown_notes(query, parsers)
     for name, parse in parsers.items():
         if name not in query:
             continue
         raw = query[name]
         try:
-            candidate = dataclasses.replace(current, **{name: parse(raw)})
-            candidate = check(current, name, candidate)
-        except (UserError, ValueError) as e:
-            notes.append(f"ignored {name}={raw!r} from the link ({e}); using {show(current, name)}")
+            if len(raw) > MAX_VALUE_CHARS:  # no parameter needs more; a longer one only costs time to refuse
+                raise UserError(f"longer than {MAX_VALUE_CHARS} characters")
+            value = parse(raw)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"{name} must be a finite number")
+            candidate = check(current, name, dataclasses.replace(current, **{name: value}))
+        except (UserError, ValueError, OverflowError) as e:
+            notes.append(escape(f"ignored {name}={_quote(raw)} from the link ({one_line(e, 160)}); "
+                                f"using {show(current, name)}"))
             continue
         current = candidate
     return current, notes
+
+
+def unknown_notes(query: Mapping[str, str], known: Iterable[str]) -> list[str]:
+    """One note per parameter of `query` that the page does not read (at most 5, then a count)."""
+    unknown = [name for name in query if name not in set(known)]
+    notes = [escape(f"ignored {_quote(name, 40)} from the link: this page reads no parameter of that name")
+             for name in unknown[:5]]
+    if len(unknown) > 5:
+        notes.append(f"ignored {len(unknown) - 5} more unknown parameters from the link")
+    return notes
+
+
+def _quote(text: object, limit: int = 60) -> str:
+    """repr of a link's text, cut to about `limit` characters."""
+    text = str(text)
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
+
+
+_MARKDOWN = re.compile(r"([\\`*_{}\[\]()<>#+!|~$:.-])")
+
+
+def escape(text: str) -> str:
+    """`text` with every Markdown (and HTML) special character backslash-escaped: shown as typed."""
+    return _MARKDOWN.sub(r"\\\1", text)
 
 
 def spec_from_query(query: Mapping[str, str], default: Spec = Spec()) -> tuple[Spec, list[str]]:
@@ -50,6 +89,7 @@ def spec_from_query(query: Mapping[str, str], default: Spec = Spec()) -> tuple[S
 
             candidate = dataclasses.replace(candidate, layer=get_model(candidate.model).layers()[0].name)
         validate(candidate)
+        limits.current().check_tokens(candidate.tokens)
         return candidate
 
     return _from_query(query, _PARSERS, default, check, _show)
@@ -107,6 +147,35 @@ def plan_to_query(plan: ModelPlan) -> dict[str, str]:
     if plan.overrides:
         q["overrides"] = ";".join(plan.overrides)
     return q
+
+
+_RECOVERY_PARSERS: dict[str, Callable[[str], object]] = {"recipe": str, "steps": int, "batch": int, "seq_len": int}
+_RECOVERY_QUERY = {"recipe": "recipe", "steps": "steps", "batch": "train_batch", "seq_len": "seq_len"}  # field -> parameter
+
+
+def recovery_from_query(query: Mapping[str, str], plan: ModelPlan):
+    """(recovery.RecoveryRequest of `plan`, notes): the link's recipe and steps, each invalid one replaced
+    by its default with a note."""
+    from .recovery import RecoveryRequest
+
+    def check(request, name: str, candidate):
+        candidate.resolve()
+        return candidate
+
+    def show(request, name: str) -> str:
+        return f"{name} {getattr(request, name)}"
+
+    try:
+        default = RecoveryRequest(plan=plan).resolve()
+    except UserError:  # the plan cannot be recovered (e.g. synthetic weights): the page says why
+        return RecoveryRequest(plan=plan), []
+    renamed = {field: query[param] for field, param in _RECOVERY_QUERY.items() if param in query}
+    return _from_query(renamed, _RECOVERY_PARSERS, default, check, show)
+
+
+def recovery_to_query(request) -> dict[str, str]:
+    """The plan's parameters and the recovery's (its batch is `train_batch`: `batch` is the plan's)."""
+    return {**plan_to_query(request.plan), **{param: str(getattr(request, field)) for field, param in _RECOVERY_QUERY.items()}}
 
 
 def plan_to_command(plan: ModelPlan, command: str = "model") -> str:

@@ -7,11 +7,12 @@ Nothing shared is modified: the pruned PyTorch model is a copy.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import numpy as np
 
-from . import tuner
+from . import limits, tuner
 from .errors import UserError
 from .experiment import StepClock, layer_input_norms
 from .formats import sparse_format
@@ -62,30 +63,43 @@ def pruned_weights(plan: ModelPlan) -> tuple[dict[str, np.ndarray], dict[str, np
     return masks, {name: model.weight(name)[0] * masks[name] for name in specs}
 
 
-def lookup(plan: ModelPlan, store: Store) -> ModelResult | None:
+def lookup(plan: ModelPlan, store: Store, recovery=None) -> ModelResult | None:
+    """The stored result of the plan (with `recovery`'s weights, a RecoveryResult, if given), or None."""
     plan, _ = validate(plan)
-    return store.get_model_result(model_key_of(plan, fingerprint()))
+    return store.get_model_result(model_key_of(plan, fingerprint(), None if recovery is None else recovery.key))
 
 
 def run_model(plan: ModelPlan, store: Store | None = None, progress: Progress = _quiet,
-              retune: bool = False, reuse_result: bool = True) -> ModelResult:
+              retune: bool = False, reuse_result: bool = True, recovery=None) -> ModelResult:
     """Measure a whole pruned model; with a store, a stored result returns at once (cached=True).
 
     retune=True re-tunes every layer's schedule; reuse_result=False measures again but keeps the
-    stored schedules (what a benchmark wants).
+    stored schedules (what a benchmark wants). recovery: a stored recovery.RecoveryResult of this
+    plan; its fine-tuned weights (and masks) replace the one-shot ones, and everything is measured
+    on them (they are compiled, verified, timed and scored like any other weights).
     """
     plan, specs = validate(plan)
+    if recovery is not None and (store is None or not _same_pattern(recovery.request.plan, plan)):
+        raise UserError("a recovered model is measured from a store, with the plan it was recovered for")
     reuse = store is not None and reuse_result and not retune
-    if reuse and (hit := lookup(plan, store)) is not None:
+    if reuse and (hit := lookup(plan, store, recovery)) is not None:
         return hit
-    with measurement_slot(f"model {plan.model} {plan.label()}",
+    with measurement_slot(f"model {plan.model} {plan.label()}" + (f" recovered by {recovery.request.recipe}" if recovery else ""),
                           waiting=lambda ahead: progress("queue", f"waiting: {ahead} measurement(s) ahead of this one")):
-        if reuse and (hit := lookup(plan, store)) is not None:
+        if reuse and (hit := lookup(plan, store, recovery)) is not None:
             return hit  # measured by the one we waited for
-        return _measure(plan, specs, store, progress, retune)
+        with limits.time_limit("model_timeout_s"):  # stops between steps, layer tunings and samples
+            return _measure(plan, specs, store, progress, retune, recovery)
 
 
-def _measure(plan: ModelPlan, specs: dict, store: Store | None, progress: Progress, retune: bool) -> ModelResult:
+def _same_pattern(a: ModelPlan, b: ModelPlan) -> bool:
+    """The plans prune alike (they may differ in tokens, batch, threads, repeat)."""
+    timing = dict(tokens=0, batch=1, threads=0, repeat=3)
+    return dataclasses.replace(a, **timing) == dataclasses.replace(b, **timing)
+
+
+def _measure(plan: ModelPlan, specs: dict, store: Store | None, progress: Progress, retune: bool,
+             recovery=None) -> ModelResult:
     from . import baselines, graph
     from .kernels import set_threads
 
@@ -95,10 +109,14 @@ def _measure(plan: ModelPlan, specs: dict, store: Store | None, progress: Progre
     hf, tokenizer = model.torch_model(), model.tokenizer()
     rows = plan.batch * plan.tokens
 
-    with clock.step("prune", f"{plan.label()}: pruning {len(specs)} linears"):
+    with clock.step("prune", f"{plan.label()}: pruning {len(specs)} linears" if recovery is None else
+                    f"{plan.label()}: the weights recovered by {recovery.request.recipe} ({recovery.steps_done} steps)"):
         weights = {name: model.weight(name) for name in specs}  # name -> (W float32 [out, in], bias)
-        masks = plan_masks(plan.model, specs)
-        pruned = {name: weights[name][0] * masks[name] for name in specs}
+        if recovery is None:
+            masks = plan_masks(plan.model, specs)
+            pruned = {name: weights[name][0] * masks[name] for name in specs}  # float32 [out, in], W * mask
+        else:
+            pruned, masks = store.recovered_weights(recovery.key)
     tuned_now = 0
     with clock.step("tune", "sparse formats and each layer's schedule (layers of one shape and pattern share a "
                     "tuning)"):
@@ -106,10 +124,10 @@ def _measure(plan: ModelPlan, specs: dict, store: Store | None, progress: Progre
         for name, spec in specs.items():
             weight, bias = weights[name]
             if spec is None:
-                plans[name] = graph.LinearPlan("dense", weight, bias)
+                plans[name] = graph.LinearPlan("dense", pruned[name], bias)
                 layers.append(_layer_row(name, "dense", "dense", 0.0, None, weight.nbytes, weight.nbytes))
                 continue
-            family, fmt = sparse_format(weight, masks[name], spec)
+            family, fmt = sparse_format(pruned[name], masks[name], spec)
             x = model.calibration(name, rows)
             reference = x.astype(np.float64) @ pruned[name].astype(np.float64).T
             tuning = tuner.best_schedule(family, fmt, x, reference, spec, threads, store, retune=retune,
@@ -151,9 +169,10 @@ def _measure(plan: ModelPlan, specs: dict, store: Store | None, progress: Progre
                          layers=layers, times_ms=times, breakdown=breakdown, max_abs_error=error, metrics=metrics,
                          dense_metrics=dense_metrics, tune_s=clock.seconds["tune"] if tuned_now else 0.0,
                          compile_s=clock.seconds["compile"], machine={**machine, "threads": threads},
-                         step_s=dict(clock.seconds), real_weights=model.real_weights)
+                         step_s=dict(clock.seconds), real_weights=model.real_weights,
+                         recovery=None if recovery is None else recovery.summary())
     if store is not None:
-        store.put_model_result(model_key_of(plan, machine), result)
+        store.put_model_result(model_key_of(plan, machine, None if recovery is None else recovery.key), result)
     return result
 
 

@@ -21,17 +21,17 @@ MAX_REPEAT = 200
 
 def parse_block(text: str) -> tuple[int, int]:
     """'32x1' -> (32, 1): bs_r (rows of W, i.e. output features) x bs_c (input features)."""
-    m = re.fullmatch(r"\s*(\d+)\s*[xX*]\s*(\d+)\s*", str(text))
+    m = re.fullmatch(r"\s*(\d{1,6})\s*[xX*]\s*(\d{1,6})\s*", str(text))  # 6 digits: no int() of a huge string
     if not m or int(m[1]) < 1 or int(m[2]) < 1:
-        raise UserError(f"block must look like 32x1 (bs_r x bs_c, both >= 1), got {text!r}")
+        raise UserError(f"block must look like 32x1 (bs_r x bs_c, both >= 1), got {str(text)[:40]!r}")
     return int(m[1]), int(m[2])
 
 
 def parse_nm(text: str) -> tuple[int, int]:
     """'2:4' -> (2, 4): keep N of every M consecutive weights along the input dimension."""
-    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(text))
+    m = re.fullmatch(r"\s*(\d{1,6})\s*:\s*(\d{1,6})\s*", str(text))
     if not m:
-        raise UserError(f"N:M must look like 2:4, got {text!r}")
+        raise UserError(f"N:M must look like 2:4, got {str(text)[:40]!r}")
     n, mm = int(m[1]), int(m[2])
     if not 1 <= n < mm:
         raise UserError(f"N:M needs 1 <= N < M, got {n}:{mm}")
@@ -62,9 +62,10 @@ class Spec:
     threads: int = 0  # threads for every kernel; 0 = all cores
     repeat: int = 25  # timed samples per implementation (more: a steadier median)
 
-    def resolve(self) -> "Spec":
+    def resolve(self, cores: int | None = None) -> "Spec":
         """Validate everything that needs no model, and return the canonical form.
 
+        cores: threads the measuring device has (default: this machine's; a remote device's for RPC).
         Raises UserError with one line that says what to change.
         """
         from .models import MAX_TOKENS
@@ -78,8 +79,9 @@ class Spec:
             raise UserError(f"tokens must be an integer in [1, {MAX_TOKENS}], got {self.tokens}")
         if not isinstance(self.repeat, int) or not 3 <= self.repeat <= MAX_REPEAT:
             raise UserError(f"repeat must be an integer in [3, {MAX_REPEAT}], got {self.repeat}")
-        if not isinstance(self.threads, int) or not 0 <= self.threads <= default_threads():
-            raise UserError(f"threads must be between 1 and {default_threads()} on this machine "
+        cores = cores or default_threads()
+        if not isinstance(self.threads, int) or not 0 <= self.threads <= cores:
+            raise UserError(f"threads must be between 1 and {cores} on the measuring device "
                             f"(0 = all cores), got {self.threads}")
         block = tuple(int(b) for b in self.block)
         if len(block) != 2 or min(block) < 1:
@@ -101,7 +103,7 @@ class Spec:
         norm = self.norm if self.method in ("block", "wanda") and block != (1, 1) else "l2"
         seed = self.seed if self.method == "random" else 0
         return dataclasses.replace(self, block=block, nm=nm, sparsity=round(sparsity, 6), norm=norm,
-                                   seed=int(seed), threads=self.threads or default_threads())
+                                   seed=int(seed), threads=self.threads or cores)
 
     def check_shape(self, shape: tuple[int, int]) -> None:
         """Raise UserError unless the block (or N:M group) tiles a weight of `shape` (out, in)."""
@@ -172,13 +174,25 @@ class Result:
     step_s: dict[str, float] = dataclasses.field(default_factory=dict)  # wall seconds of each pipeline step
     cached: bool = False
     real_weights: bool = True
+    # where it was measured (backend.py): kind, device, measured_on {name: where}, not_measured
+    # {name: why}, tuned_on; empty for results from before remote devices (all on this machine)
+    backend: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def device(self) -> str:
+        """The device the kernels were timed on, e.g. 'this machine' or 'RPC key rasp4 (cortex-a72)'."""
+        return self.backend.get("device", "this machine")
 
     @property
     def best_dense(self) -> str:
         """Name (a DENSE_PEERS key) of the fastest dense peer timed with this result."""
         return min((k for k in DENSE_PEERS if k in self.times_ms), key=lambda k: self.times_ms[k].median)
 
-    def speedup_vs(self, peer: str) -> float:
+    def speedup_vs(self, peer: str) -> float | None:
+        """None when `peer` was not measured with the sparse kernel (e.g. PyTorch on a remote device):
+        a speedup only ever compares kernels timed on the same device in the same measurement."""
+        if peer not in self.times_ms:
+            return None
         return self.times_ms[peer].median / self.times_ms[SPARSE].median
 
     @property
@@ -190,7 +204,7 @@ class Result:
         return self.speedup_vs("tvm_dense")
 
     @property
-    def speedup_vs_torch_dense(self) -> float:
+    def speedup_vs_torch_dense(self) -> float | None:
         return self.speedup_vs("torch_dense")
 
     @property
@@ -200,7 +214,7 @@ class Result:
     def conditions(self) -> dict[str, Any]:
         """What a timing depends on besides the configuration: results compare only if these are equal."""
         m = self.machine
-        return {"cpu": m.get("cpu"), "isa": " ".join(m.get("isa", [])), "cores": m.get("cores"), "tvm": m.get("tvm"),
+        return {"device": self.device, "cpu": m.get("cpu"), "isa": " ".join(m.get("isa", [])), "cores": m.get("cores"), "tvm": m.get("tvm"),
                 "torch": m.get("torch"), "code": m.get("code"), "threads": self.spec.threads,
                 "tokens": self.spec.tokens, "repeat": self.spec.repeat}
 
@@ -240,6 +254,7 @@ class Result:
             "accuracy_note": None if self.real_weights else
             "synthetic random weights: the accuracy figures mean nothing (timing only)",
             "machine": dict(self.machine),
+            "backend": dict(self.backend),
         }
 
     def row(self) -> dict[str, Any]:
@@ -258,6 +273,7 @@ class Result:
             row[f"{name}_ms"], row[f"{name}_spread_ms"] = t.median, t.spread
         row["best_dense_ms"] = self.times_ms[self.best_dense].median
         row.update(self.proxies)
+        row["device"] = self.device
         row["cpu"], row["tvm"], row["code"] = self.machine.get("cpu"), self.machine.get("tvm"), self.machine.get("code")
         row["conditions"] = conditions_label(self.conditions())
         return row
@@ -276,13 +292,15 @@ class Result:
                    times_ms=times, tune_s=d.get("tune_s", 0.0), compile_s=d["compile_s"],
                    proxies=d["proxies"], machine=d["machine"], kernel=d.get("kernel", {}),
                    scored_tokens=d.get("scored_tokens"), step_s=d.get("step_s", {}),
-                   cached=d.get("cached", False), real_weights=d.get("real_weights", True))
+                   cached=d.get("cached", False), real_weights=d.get("real_weights", True),
+                   backend=d.get("backend", {}))
 
 
 def conditions_label(c: dict[str, Any]) -> str:
     """One line naming measurement conditions, e.g. for a chart's caption or a choice between them."""
     isa = (c["isa"] or "").split()
-    return (f"{c['cpu']} ({c['cores']} cores, {isa[-1] if isa else 'no ISA flags'}), {c['threads']} threads, "
+    where = "" if c.get("device", "this machine") == "this machine" else f"{c['device']}: "
+    return (f"{where}{c['cpu']} ({c['cores']} cores, {isa[-1] if isa else 'no ISA flags'}), {c['threads']} threads, "
             f"{c['tokens']} tokens, {c['repeat']} samples, TVM {c['tvm']}, PyTorch {c['torch']}, code {str(c['code'])[:8]}")
 
 
@@ -361,6 +379,17 @@ class ModelPlan:
             spec.check_shape(shape)
             out[name] = spec
         return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able: block "32x1", nm "2:4" or None, overrides a list (and `from_dict` reads it back)."""
+        return {**dataclasses.asdict(self), "block": fmt_block(self.block),
+                "nm": None if self.nm is None else f"{self.nm[0]}:{self.nm[1]}", "overrides": list(self.overrides)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelPlan":
+        p = {k: v for k, v in d.items() if k != "label"}
+        return cls(**{**p, "block": parse_block(p["block"]), "nm": None if p["nm"] is None else parse_nm(p["nm"]),
+                      "overrides": tuple(p["overrides"])})
 
     def label(self) -> str:
         pattern = self._layer_spec("", self._default_fields()).label()
@@ -459,6 +488,7 @@ class ModelResult:
     step_s: dict[str, float] = dataclasses.field(default_factory=dict)
     cached: bool = False
     real_weights: bool = True
+    recovery: dict[str, Any] | None = None  # None: one-shot weights; else recovery.RecoveryResult.summary()
 
     @property
     def best_dense(self) -> str:
@@ -475,9 +505,7 @@ class ModelResult:
     def to_dict(self) -> dict[str, Any]:
         p = self.plan
         return {
-            "plan": {**dataclasses.asdict(p), "block": fmt_block(p.block),
-                     "nm": None if p.nm is None else f"{p.nm[0]}:{p.nm[1]}", "overrides": list(p.overrides),
-                     "label": p.label()},
+            "plan": {**p.to_dict(), "label": p.label()},
             "sparsity_achieved": self.sparsity_achieved,
             "layers": [dict(layer) for layer in self.layers],
             "times_ms": {k: dataclasses.asdict(v) for k, v in self.times_ms.items()},
@@ -499,16 +527,13 @@ class ModelResult:
             "accuracy_note": None if self.real_weights else
             "synthetic random weights: the accuracy figures mean nothing (timing only)",
             "machine": dict(self.machine),
+            "recovery": None if self.recovery is None else dict(self.recovery),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelResult":
-        p = dict(d["plan"])
-        p.pop("label", None)
-        plan = ModelPlan(**{**p, "block": parse_block(p["block"]), "nm": None if p["nm"] is None else parse_nm(p["nm"]),
-                            "overrides": tuple(p["overrides"])})
-        return cls(plan=plan, sparsity_achieved=d["sparsity_achieved"], layers=d["layers"],
+        return cls(plan=ModelPlan.from_dict(d["plan"]), sparsity_achieved=d["sparsity_achieved"], layers=d["layers"],
                    times_ms={k: Timing(**v) for k, v in d["times_ms"].items()}, breakdown=d["breakdown"],
                    max_abs_error=d["max_abs_error"], metrics=d["metrics"], dense_metrics=d["dense_metrics"],
                    tune_s=d["tune_s"], compile_s=d["compile_s"], machine=d["machine"], step_s=d.get("step_s", {}),
-                   cached=d.get("cached", False), real_weights=d.get("real_weights", True))
+                   cached=d.get("cached", False), real_weights=d.get("real_weights", True), recovery=d.get("recovery"))

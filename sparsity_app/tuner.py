@@ -20,6 +20,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .backend import LocalDevice
+from .errors import CompileError, one_line
+from .limits import check_time
 from .spec import Spec
 
 BUCKETS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)  # sparsities near one another share a tuned schedule
@@ -85,24 +88,26 @@ def tuning_key(family: str, weight, spec: Spec, tokens: int, threads: int, machi
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def tune(family: str, weight, x: np.ndarray, reference: np.ndarray, layouts: tuple[str, ...] | None = None) -> Tuning:
+def tune(family: str, weight, x: np.ndarray, reference: np.ndarray, layouts: tuple[str, ...] | None = None,
+         device=None) -> Tuning:
     """Time the family's candidates on this weight and X; every candidate must match `reference`.
 
     weight: the family's format; x: float32 [tokens, in]; reference: float64 [tokens, out] = X W^T.
     layouts: only schedules with one of these activation layouts may win (knobs without a `layout`
-    are feature-major); None = any. Uses the threads set by kernels.set_threads.
+    are feature-major); None = any. device: where candidates are timed (backend.LocalDevice when
+    None; a remote.RemoteDevice tunes on the remote device); uses the threads set on it.
     """
-    fam = families()[family]
+    fam, device = families()[family], device or LocalDevice()
     tokens = x.shape[0]
     default = fam.default(tokens, weight)
     first = list(dict.fromkeys([default, *fam.candidates(tokens, weight)]))
-    round1 = _time(fam, weight, x, reference, first)
+    round1 = _time(fam, weight, x, reference, first, device)
     allowed = [k for k in round1 if layouts is None or getattr(k, "layout", "feature-major") in layouts]
     if not allowed:
         raise ValueError(f"no {family} schedule has a layout in {layouts}")
     best = min(allowed, key=lambda k: round1[k])
     second = [k for k in fam.variants(best, weight) if k not in round1]
-    round2 = _time(fam, weight, x, reference, [best, *second]) if second else {best: round1[best]}
+    round2 = _time(fam, weight, x, reference, [best, *second], device) if second else {best: round1[best]}
     winner = min(round2, key=lambda k: round2[k])
     # The round-2 re-timing of the first winner puts both rounds on one scale.
     scale = round2[best] / round1[best]
@@ -115,26 +120,39 @@ def tune(family: str, weight, x: np.ndarray, reference: np.ndarray, layouts: tup
                   default_ms=default_ms, best_ms=round2[winner])
 
 
-def _time(fam: Family, weight, x, reference, knobs: list) -> dict:
-    """knobs -> median ms, all timed in one round-robin measurement."""
-    from .timing import measure
-
-    kernels = {}
+def _time(fam: Family, weight, x, reference, knobs: list, device) -> dict:
+    """knobs -> median ms, all timed on `device` in one round-robin measurement."""
+    prepared = device.prepare({k: compile_kernel(fam, weight, x, k, device) for k in knobs})
     for k in knobs:
-        kernel = fam.kernel(weight, x, k)
-        check_output(k.label(), kernel.output(), reference)
-        kernels[k] = kernel
-    times = measure({k: kern.run for k, kern in kernels.items()}, repeat=6, per_round=2, warmup_s=0.01,
-                    min_sample_s=0.001, settle_s=0.0)
+        check_output(k.label(), prepared.output(k), reference)
+    times = prepared.time(repeat=6, per_round=2, warmup_s=0.01, min_sample_s=0.001, settle_s=0.0)
     return {k: t.median for k, t in times.items()}
 
 
-def check_output(name: str, got: np.ndarray, want: np.ndarray) -> None:
-    """A kernel that computes the wrong answer must never produce a speedup (or win a tuning)."""
+def compile_kernel(fam: Family, weight, x: np.ndarray, knobs, device=None):
+    """fam.kernel(weight, x, knobs) built for `device` (its n_parts; backend.LocalDevice when None).
+
+    Checks the measurement's time limit first (a compile itself cannot be interrupted); a failing
+    build raises CompileError with TVM's first line (the device's `prepare` does the same for the
+    compile proper).
+    """
+    check_time(f"compiling the {knobs.label()} schedule")
+    try:
+        return fam.kernel(weight, x, knobs, n_parts=(device or LocalDevice()).n_parts)
+    except Exception as e:
+        raise CompileError(f"TVM could not compile the kernel with schedule {knobs.label()}: {one_line(e)}") from e
+
+
+def check_output(name: str, got: np.ndarray, want: np.ndarray) -> float:
+    """A kernel that computes the wrong answer must never produce a speedup (or win a tuning).
+
+    Returns the max error relative to the reference's scale; raises RuntimeError if it is >= 1e-4.
+    """
     scale = max(float(np.abs(want).max()), 1.0)
     err = float(np.abs(got - want).max()) / scale
     if not err < 1e-4:
         raise RuntimeError(f"{name} kernel disagrees with NumPy (max relative error {err:.2e})")
+    return err
 
 
 def tuning_machine() -> dict:
@@ -145,23 +163,26 @@ def tuning_machine() -> dict:
 
 
 def best_schedule(family: str, weight, x: np.ndarray, reference: np.ndarray, spec: Spec, threads: int,
-                  store=None, retune: bool = False, layouts: tuple[str, ...] | None = None) -> Tuning:
-    """The stored winner for this case on this machine, else `tune` now (and store the winner).
+                  store=None, retune: bool = False, layouts: tuple[str, ...] | None = None, device=None) -> Tuning:
+    """The stored winner for this case on this device, else `tune` now (and store the winner).
 
     retune=True tunes again even if a winner is stored, and replaces it. layouts: as in `tune`; a
-    restricted tuning is stored under its own key.
+    restricted tuning is stored under its own key. device: as in `tune`; a remote device's winners
+    are keyed by its own fingerprint, so it never reuses this machine's.
     """
-    key = tuning_key(family, weight, spec, x.shape[0], threads, tuning_machine())
+    device = device or LocalDevice()
+    key = tuning_key(family, weight, spec, x.shape[0], threads, device.tuning_machine())
     if layouts is not None:
         key = hashlib.sha256(json.dumps([key, sorted(layouts)]).encode()).hexdigest()
     if store is not None and not retune and (hit := store.get_tuning(key)) is not None:
         return dataclasses.replace(Tuning.from_dict(hit), cached=True)
-    tuning = tune(family, weight, x, reference, layouts)
+    tuning = tune(family, weight, x, reference, layouts, device)
     if store is not None:
         store.put_tuning(key, tuning.to_dict())
     return tuning
 
 
-def is_tuned(family: str, weight, x: np.ndarray, spec: Spec, threads: int, store) -> bool:
+def is_tuned(family: str, weight, x: np.ndarray, spec: Spec, threads: int, store, device=None) -> bool:
     """Whether `best_schedule` would find a stored winner (it then compiles one schedule only)."""
-    return store.get_tuning(tuning_key(family, weight, spec, x.shape[0], threads, tuning_machine())) is not None
+    machine = (device or LocalDevice()).tuning_machine()
+    return store.get_tuning(tuning_key(family, weight, spec, x.shape[0], threads, machine)) is not None

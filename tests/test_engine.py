@@ -88,7 +88,8 @@ def test_unreadable_cache_database_starts_afresh(tmp_path):
     (d / "cache.db").write_bytes(b"this is not sqlite" * 100)
     store = Store(d)
     assert len(store) == 0
-    assert any(p.name.startswith("c.corrupt-") for p in tmp_path.iterdir())
+    assert any(p.name.startswith("cache.db.corrupt-") for p in d.iterdir())  # only the index is kept aside
+    assert len(store.notes) == 1 and "was unreadable" in store.notes[0]
 
 
 def test_synthetic_model_says_its_accuracy_means_nothing(cache_dir):

@@ -6,8 +6,10 @@ TVMScript function whose schedule knobs are plain Python arguments.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
+from typing import Callable
 
 from ..spec import default_threads
 
@@ -56,6 +58,28 @@ def compile_prim_func(func: "tvm.tirx.PrimFunc", name: str):
     return ex[name]
 
 
+@dataclasses.dataclass(frozen=True)
+class KernelSource:
+    """What a kernel is compiled from: `builder(*args)` -> PrimFunc, exported as `symbol`.
+
+    Hashable, so one compile per (builder, args, target) is kept; the same source compiles for the
+    host here or for a remote device's target (remote.py).
+    """
+
+    symbol: str  # the function's name in the compiled module
+    builder: Callable  # (*args) -> tvm.tirx.PrimFunc
+    args: tuple  # shapes, knobs and counts the PrimFunc is specialised for (all hashable)
+
+    def prim_func(self, symbol: str | None = None) -> "tvm.tirx.PrimFunc":
+        return self.builder(*self.args).with_attr("global_symbol", symbol or self.symbol)
+
+
+@functools.lru_cache(maxsize=256)
+def compile_source(source: KernelSource):
+    """The source compiled for the host: a callable taking tvm or torch tensors."""
+    return compile_prim_func(source.builder(*source.args), source.symbol)
+
+
 def tensor(array: np.ndarray) -> "tvm.runtime.Tensor":
     return tvm.runtime.tensor(np.ascontiguousarray(array), tvm.cpu())
 
@@ -83,21 +107,39 @@ def balanced_parts(indptr: np.ndarray, n_parts: int) -> np.ndarray:
 
 
 class Kernel:
-    """A compiled kernel bound to its arguments: Y = X @ W^T for one weight and one X.
+    """A kernel bound to its arguments: Y = X @ W^T for one weight and one X.
 
-    Subclasses set `_fn` (the compiled function), `_args` (its tvm tensors, output last) and
-    `_feature_major` (True when the output is Y^T [out, tokens]). `run()` reuses the preallocated
-    buffers, for timing; `output()` returns Y float32 [tokens, out] whatever the layout.
+    Subclasses set `source` (KernelSource: what to compile), `_args` (its tvm tensors on this
+    machine, output last) and `_feature_major` (True when the output is Y^T [out, tokens]). The
+    host compile happens on first use (`compile()`), so a kernel meant for a remote device is never
+    compiled for this one. `run()` reuses the preallocated buffers, for timing; `output()` returns
+    Y float32 [tokens, out] whatever the layout.
     """
 
-    _fn = None
+    source: KernelSource
     _args: tuple = ()
     _feature_major = False
+
+    @functools.cached_property
+    def _fn(self):
+        return compile_source(self.source)
+
+    def compile(self) -> "Kernel":
+        """Compile for the host now (else on the first run); returns self."""
+        self._fn
+        return self
+
+    def arrays(self) -> list[np.ndarray]:
+        """The arguments as NumPy arrays, output buffer last (what a remote device is sent)."""
+        return [a.numpy() for a in self._args]
+
+    def to_output(self, y: np.ndarray) -> np.ndarray:
+        """The output buffer's contents as Y float32 [tokens, out]."""
+        return np.ascontiguousarray(y.T) if self._feature_major else y
 
     def run(self) -> None:
         self._fn(*self._args)
 
     def output(self) -> np.ndarray:
         self.run()
-        y = self._args[-1].numpy()
-        return np.ascontiguousarray(y.T) if self._feature_major else y
+        return self.to_output(self._args[-1].numpy())

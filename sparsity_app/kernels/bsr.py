@@ -23,13 +23,12 @@ Empty block rows write zeros.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import numpy as np
 from tvm.script import tirx as T
 
 from ..formats import BSR
-from . import Kernel, balanced_parts, compile_prim_func, empty, largest_divisor, max_threads, tensor
+from . import Kernel, KernelSource, balanced_parts, empty, largest_divisor, max_threads, tensor
 
 VECS = ("rows", "tokens")
 LAYOUTS = ("row-major", "feature-major")
@@ -179,12 +178,6 @@ def variants(knobs: BSRKnobs, weight: BSR) -> list[BSRKnobs]:
     return out
 
 
-@functools.lru_cache(maxsize=128)
-def _compiled(tokens: int, shape: tuple[int, int], block: tuple[int, int], nnz_blocks: int, knobs: BSRKnobs,
-              n_parts: int):
-    return compile_prim_func(bsr_prim_func(tokens, shape, block, nnz_blocks, knobs, n_parts), "bsr")
-
-
 class TVMBSR(Kernel):
     """Y = X @ W^T for a BSR weight with one schedule. x: float32 [tokens, in] row-major; for a
     feature-major schedule it is transposed once here, as a feature-major network's previous layer
@@ -200,7 +193,8 @@ class TVMBSR(Kernel):
             data, indices = np.zeros((1,) + data.shape[1:], np.float32), np.zeros(1, np.int32)
         # split="nnz" runs one part per thread; n_parts overrides it (tests run several parts on one core)
         n_parts = (n_parts or max_threads()) if self.knobs.split == "nnz" else 1
-        self._fn = _compiled(tokens, weight.shape, weight.block, data.shape[0], self.knobs, n_parts)
+        self.source = KernelSource("bsr", bsr_prim_func,
+                                   (tokens, weight.shape, weight.block, data.shape[0], self.knobs, n_parts))
         y_shape = (weight.shape[0], tokens) if self._feature_major else (tokens, weight.shape[0])
         self._args = (tensor(x.T if self._feature_major else x), tensor(data), tensor(indices),
                       tensor(weight.indptr), tensor(balanced_parts(weight.indptr, n_parts)), empty(y_shape))

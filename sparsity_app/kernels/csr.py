@@ -11,13 +11,12 @@ Knobs (`CSRKnobs`): token tile, packing, and the parallel split (rows, or nnz-ba
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import numpy as np
 from tvm.script import tirx as T
 
 from ..formats import CSR
-from . import Kernel, balanced_parts, compile_prim_func, empty, largest_divisor, max_threads, tensor
+from . import Kernel, KernelSource, balanced_parts, empty, largest_divisor, max_threads, tensor
 
 SPLITS = ("rows", "nnz")
 
@@ -99,11 +98,6 @@ def variants(knobs: CSRKnobs, weight: CSR) -> list[CSRKnobs]:
     return [dataclasses.replace(knobs, split=s) for s in SPLITS if s != knobs.split]
 
 
-@functools.lru_cache(maxsize=64)
-def _compiled(tokens: int, shape: tuple[int, int], nnz: int, knobs: CSRKnobs, n_parts: int):
-    return compile_prim_func(csr_prim_func(tokens, shape, nnz, knobs, n_parts), "csr")
-
-
 class TVMCSR(Kernel):
     """Y = X @ W^T for a CSR weight; x: float32 [tokens, in] row-major, laid out here as the
     schedule wants it (a feature-major network's previous layer would produce it so)."""
@@ -118,7 +112,7 @@ class TVMCSR(Kernel):
             values, indices = np.zeros(1, np.float32), np.zeros(1, np.int32)
         # split="nnz" runs one part per thread; n_parts overrides it (tests run several parts on one core)
         n_parts = (n_parts or max_threads()) if self.knobs.split == "nnz" else 1
-        self._fn = _compiled(tokens, weight.shape, values.shape[0], self.knobs, n_parts)
+        self.source = KernelSource("csr", csr_prim_func, (tokens, weight.shape, values.shape[0], self.knobs, n_parts))
         self._args = (tensor(pack_x(x, self.knobs.tile) if self.knobs.pack else x.T), tensor(values),
                       tensor(indices), tensor(weight.indptr), tensor(balanced_parts(weight.indptr, n_parts)),
                       empty((weight.shape[0], tokens)))

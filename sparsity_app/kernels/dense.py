@@ -16,12 +16,11 @@ accumulator vectorised over nt tokens.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import numpy as np
 from tvm.script import tirx as T
 
-from . import compile_prim_func, empty, largest_divisor, tensor
+from . import Kernel, KernelSource, empty, largest_divisor, tensor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,29 +117,16 @@ def pack_fm(weight: np.ndarray, mr: int) -> np.ndarray:
     return np.ascontiguousarray(weight.reshape(out_f // mr, mr, in_f).transpose(0, 2, 1))
 
 
-@functools.lru_cache(maxsize=32)
-def _compiled(tokens: int, out_f: int, in_f: int, knobs: DenseKnobs):
-    return compile_prim_func(dense_prim_func(tokens, out_f, in_f, knobs), "dense")
-
-
-class TVMDense:
-    """Callable Y = X @ W^T with W prepacked; `run()` reuses preallocated X and Y (for timing)."""
+class TVMDense(Kernel):
+    """Y = X @ W^T with W prepacked; `run()` reuses preallocated X and Y (for timing)."""
 
     def __init__(self, weight: np.ndarray, x: np.ndarray, knobs: DenseKnobs | None = None):
         out_f, in_f = weight.shape
         tokens = x.shape[0]
         self.knobs = knobs or pick_knobs(tokens, out_f)
         vn = self.knobs.vn
-        self._fn = _compiled(tokens, out_f, in_f, self.knobs)
-        self._w = tensor(weight.reshape(out_f // vn, vn, in_f).transpose(0, 2, 1))
-        self._x, self._y = tensor(x), empty((tokens, out_f))
-
-    def run(self) -> None:
-        self._fn(self._x, self._w, self._y)
-
-    def output(self) -> np.ndarray:
-        self.run()
-        return self._y.numpy()
+        self.source = KernelSource("dense", dense_prim_func, (tokens, out_f, in_f, self.knobs))
+        self._args = (tensor(x), tensor(weight.reshape(out_f // vn, vn, in_f).transpose(0, 2, 1)), empty((tokens, out_f)))
 
 
 class TorchDense:

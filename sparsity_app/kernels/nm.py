@@ -10,13 +10,12 @@ has the same work, so split="nnz" is an even split into one run of rows per thre
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import numpy as np
 from tvm.script import tirx as T
 
 from ..formats import NM
-from . import Kernel, compile_prim_func, empty, largest_divisor, max_threads, tensor
+from . import Kernel, KernelSource, empty, largest_divisor, max_threads, tensor
 from .csr import SPLITS, pack_x
 
 
@@ -113,11 +112,6 @@ def variants(knobs: NMKnobs, weight: NM) -> list[NMKnobs]:
             *[dataclasses.replace(knobs, split=s, chunk=0) for s in SPLITS if s != knobs.split]]
 
 
-@functools.lru_cache(maxsize=64)
-def _compiled(tokens: int, shape: tuple[int, int], nm: tuple[int, int], knobs: NMKnobs, n_parts: int):
-    return compile_prim_func(nm_prim_func(tokens, shape, nm, knobs, n_parts), "nm")
-
-
 class TVMNM(Kernel):
     """Y = X @ W^T for an N:M weight; x: float32 [tokens, in] row-major, laid out here."""
 
@@ -128,6 +122,6 @@ class TVMNM(Kernel):
         self.knobs = knobs or default_knobs(tokens, weight)
         # split="nnz" runs one part per thread; n_parts overrides it (tests run several parts on one core)
         n_parts = (n_parts or max_threads()) if self.knobs.split == "nnz" else 1
-        self._fn = _compiled(tokens, weight.shape, weight.nm, self.knobs, n_parts)
+        self.source = KernelSource("nm", nm_prim_func, (tokens, weight.shape, weight.nm, self.knobs, n_parts))
         self._args = (tensor(pack_x(x, self.knobs.tile) if self.knobs.pack else x.T), tensor(weight.values),
                       tensor(weight.offsets), empty((weight.shape[0], tokens)))

@@ -1,0 +1,88 @@
+"""python -m sparsity_app bench-recovery: the recovery issue's target runs, one after another, and
+the verdict on each target. Every run is cached, so running it again prints at once.
+
+MiniLM, every encoder linear, `steps` steps of 16 x 128 tokens per run (the targets' protocol).
+"""
+from __future__ import annotations
+
+from .recovery import RecoveryRequest
+from .spec import ModelPlan
+
+BLOCK_50 = ModelPlan(method="block", block=(32, 1), sparsity=0.5)
+BLOCK_90 = ModelPlan(method="block", block=(32, 1), sparsity=0.9)
+NM_24 = ModelPlan(method="nm", nm=(2, 4))
+RUNS = (  # in priority order: each target's deciding runs first
+    (BLOCK_50, "fixed"), (BLOCK_90, "fixed"), (BLOCK_90, "mask-decay"), (NM_24, "sr-ste"), (NM_24, "mask-decay"),
+    (NM_24, "structure-decay"), (BLOCK_50, "mask-decay"), (BLOCK_90, "gradual"), (BLOCK_90, "group-lasso"),
+    (NM_24, "fixed"), (BLOCK_50, "gradual"), (BLOCK_50, "group-lasso"),
+)
+ONE_SHOT = (  # wanda against magnitude, one-shot (no training)
+    (ModelPlan(method="magnitude", block=(1, 1), sparsity=0.5), ModelPlan(method="wanda", block=(1, 1), sparsity=0.5)),
+    (ModelPlan(method="nm", nm=(2, 4)), ModelPlan(method="wanda", nm=(2, 4))),
+    (ModelPlan(method="block", block=(32, 1), sparsity=0.5), ModelPlan(method="wanda", block=(32, 1), sparsity=0.5)),
+)
+
+
+def requests(steps: int, only: str | None = None) -> list[RecoveryRequest]:
+    """The target runs (optionally only those whose plan label or recipe contains `only`)."""
+    out = [RecoveryRequest(plan=plan, recipe=recipe, steps=steps) for plan, recipe in RUNS]
+    return [r for r in out if only is None or only in r.plan.label() or only == r.recipe]
+
+
+def one_shot_metrics(plan: ModelPlan) -> dict[str, float]:
+    """Real-label metrics of the plan's one-shot pruned MiniLM (no timing, no training)."""
+    from . import metrics
+    from .models import get_model
+    from .model_experiment import pruned_weights
+
+    model = get_model(plan.model)
+    _, weights = pruned_weights(plan)
+    return metrics.evaluate(model.pruned_copy(weights), model.tokenizer(), metrics.reference_embeddings(plan.model))
+
+
+def verdicts(results: list, one_shot: list[tuple[str, float, float]]) -> list[str]:
+    """One line per target, from the runs done so far (a target without its runs says so).
+
+    results: RecoveryResult of `requests`; one_shot: (pattern, magnitude Lee, wanda Lee).
+    """
+    by = {(r.request.plan.label(), r.request.recipe): r for r in results}
+
+    def lee(plan, recipe):
+        r = by.get((plan.label(), recipe))
+        return None if r is None else r.metrics_after["lee_pearson"]
+
+    lines = []
+    best50 = max((r for (p, _), r in by.items() if p == BLOCK_50.label()), default=None,
+                 key=lambda r: r.metrics_after["lee_pearson"])
+    if best50 is None:
+        lines.append("32x1 at 50%: not run")
+    else:
+        a = best50.metrics_after
+        ok = a["lee_pearson"] >= 0.63 and a["polarity_probe_acc"] >= 0.70
+        lines.append(f"32x1 at 50%, best recipe {best50.request.recipe}: Lee {a['lee_pearson']:.3f} (target >= 0.63), "
+                     f"probe {a['polarity_probe_acc']:.3f} (target >= 0.70): {'met' if ok else 'MISSED'}")
+    fixed90 = lee(BLOCK_90, "fixed")
+    others = [(recipe, lee(BLOCK_90, recipe)) for recipe in ("gradual", "mask-decay", "group-lasso")]
+    others = [(r, v) for r, v in others if v is not None]
+    if fixed90 is None or not others:
+        lines.append("32x1 at 90%: fixed or every other recipe not run")
+    else:
+        recipe, value = max(others, key=lambda rv: rv[1])
+        lines.append(f"32x1 at 90%: best recipe {recipe} Lee {value:.3f} vs fixed {fixed90:.3f}: "
+                     f"{value - fixed90:+.3f} (target >= +0.05): {'met' if value - fixed90 >= 0.05 else 'MISSED'}")
+    ste = lee(NM_24, "sr-ste")
+    for recipe in ("mask-decay", "structure-decay"):
+        v = lee(NM_24, recipe)
+        lines.append(f"2:4: {recipe} Lee " + ("not run" if v is None or ste is None else
+                                               f"{v:.3f} vs sr-ste {ste:.3f}: {v - ste:+.3f} "
+                                               f"({'beats' if v > ste else 'does not beat'} sr-ste)"))
+    for pattern, magnitude, wanda in one_shot:
+        lines.append(f"one-shot {pattern}: wanda Lee {wanda:.3f} vs magnitude {magnitude:.3f}: {wanda - magnitude:+.3f}")
+    slowest = max(results, key=lambda r: r.wall_s, default=None)
+    if slowest is not None:
+        lines.append(f"slowest run: {slowest.request.label()} {slowest.wall_s / 60:.1f} min of training "
+                     f"(target <= 10 min for 300 steps)")
+    return lines
+
+
+__all__ = ["RUNS", "ONE_SHOT", "requests", "one_shot_metrics", "verdicts"]

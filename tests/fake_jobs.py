@@ -1,0 +1,72 @@
+"""Test-only job kinds, registered in the worker through $SPARSITY_APP_JOB_KINDS_MODULE=fake_jobs.
+
+"sleep": request {"name": str, "steps": int, "step_s": float}; holds the measurement slot while it
+sleeps `steps` times, one progress line per step, then stores {"name": ...} as a file result.
+With $FAKE_JOBS_MODEL=1 it also stands in for "model": the same sleeps, then a ModelResult of the
+plan with made-up times (synthetic weights: no metrics), so the page's job flow runs in seconds.
+"""
+import dataclasses
+import hashlib
+import json
+import os
+import time
+
+from sparsity_app import jobs, locks
+from sparsity_app.errors import UserError
+from sparsity_app.jobs import JOB_KINDS, JobKind
+
+
+def _file(store, request: dict):
+    key = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
+    return key, store.directory / "fake-results" / f"{key}.json"
+
+
+def sleep_stored(request: dict, store) -> str | None:
+    if not isinstance(request.get("steps"), int) or request["steps"] < 1:
+        raise UserError("steps must be a positive integer")
+    key, path = _file(store, request)
+    return key if path.exists() else None
+
+
+def sleep_run(request: dict, progress, store) -> str:
+    with locks.measurement_slot(f"fake {request['name']}"):
+        for i in range(request["steps"]):
+            time.sleep(request["step_s"])
+            progress("work", f"step {i + 1}/{request['steps']}", (i + 1) / request["steps"])
+    key, path = _file(store, request)
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"name": request["name"]}))
+    os.replace(tmp, path)
+    return key
+
+
+def fake_model_run(request: dict, progress, store) -> str:
+    from sparsity_app.model_experiment import validate
+    from sparsity_app.spec import ModelResult, Timing
+    from sparsity_app.store import model_key_of
+    from sparsity_app.timing import fingerprint
+
+    plan, specs = validate(jobs.plan_of(request))
+    with locks.measurement_slot("fake model"):
+        for step in ("prune", "tune", "compile", "time"):
+            progress(step, f"pretending to {step}")
+            time.sleep(float(os.environ.get("FAKE_JOBS_STEP_S", "0.5")))
+    times = {name: Timing(median=ms, spread=0.1, min=ms, max=ms, runs=3)
+             for name, ms in (("tvm_sparse", 2.0), ("tvm_dense", 5.0), ("torch_eager", 8.0),
+                              ("torch_eager_pruned", 8.0), ("onnxruntime", 6.0))}
+    result = ModelResult(plan=plan, sparsity_achieved=0.9,
+                         layers=[{"layer": name, "pattern": "made up", "kernel_ms": 0.01} for name in specs],
+                         times_ms=times, breakdown={"tvm_sparse": {"linears": 1.0, "other": 1.0},
+                                                    "tvm_dense": {"linears": 4.0, "other": 1.0}},
+                         max_abs_error=0.0, metrics={}, dense_metrics={}, tune_s=0.0, compile_s=0.0,
+                         machine={**fingerprint(), "threads": plan.threads}, real_weights=False)
+    key = model_key_of(plan, fingerprint())
+    store.put_model_result(key, result)
+    return key
+
+
+KINDS = {"sleep": JobKind(run=sleep_run, stored=sleep_stored)}
+if os.environ.get("FAKE_JOBS_MODEL"):
+    KINDS["model"] = dataclasses.replace(JOB_KINDS["model"], run=fake_model_run)
+JOB_KINDS.update(KINDS)

@@ -1,0 +1,182 @@
+"""Recovery fine-tuning: recipes keep their patterns, schedules do what they say, runs resume exactly."""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from sparsity_app import recovery
+from sparsity_app.errors import UserError
+from sparsity_app.model_experiment import validate
+from sparsity_app.recovery import RECIPES, RecoveryRequest, RecoveryStopped, nm_stages
+from sparsity_app.spec import ModelPlan
+from sparsity_app.store import Store
+
+BLOCK = ModelPlan(method="block", block=(32, 1), sparsity=0.5)
+NM = ModelPlan(method="nm", nm=(2, 4))
+TINY = dict(steps=6, batch=2, seq_len=16, mask_interval=2)  # ~0.1 s a step
+
+
+def _specs(plan):
+    return validate(plan)[1]
+
+
+def _train(req, checkpoint=None, time_limit_s=None):
+    req = req.resolve()
+    return recovery._train(req, _specs(req.plan), checkpoint, lambda s, d: None, time_limit_s)
+
+
+def test_nm_stages_step_from_dense_to_the_target():
+    assert nm_stages(2, 4) == [4, 3, 2]
+    assert nm_stages(1, 8) == [8, 4, 2, 1]
+    assert nm_stages(4, 8) == [8, 6, 4]
+    assert nm_stages(1, 4) == [4, 2, 1]
+
+
+def test_schedules_reach_the_target_pattern_and_stay_there():
+    steps = 30
+    layer = "encoder.layer.0.attention.self.query"
+    req = RecoveryRequest(plan=BLOCK, recipe="gradual", steps=steps).resolve()
+    sparsities = [RECIPES["gradual"](req, _specs(BLOCK), t).specs[layer].sparsity for t in range(steps)]
+    assert sparsities[0] == 0 and sparsities == sorted(sparsities) and sparsities[-1] == 0.5
+    assert sparsities[20] == 0.5 and sparsities[19] < 0.5  # cubic ramp over 2/3 of the steps
+    assert sparsities[5] - sparsities[0] > sparsities[18] - sparsities[13]  # fast first, slow last
+
+    req = RecoveryRequest(plan=BLOCK, recipe="mask-decay", steps=steps).resolve()
+    betas = [RECIPES["mask-decay"](req, _specs(BLOCK), t).beta for t in range(steps)]
+    assert betas[0] == 1.0 and betas[:20] == sorted(betas[:20], reverse=True) and set(betas[20:]) == {0.0}
+    req = dataclasses.replace(req, beta_schedule="exponential")
+    exp = [RECIPES["mask-decay"](req, _specs(BLOCK), t).beta for t in range(steps)]
+    assert exp[0] == 1.0 and all(e < b for e, b in zip(exp[1:20], betas[1:20])) and set(exp[20:]) == {0.0}
+
+    req = RecoveryRequest(plan=NM, recipe="structure-decay", steps=steps).resolve()
+    phases = [RECIPES["structure-decay"](req, _specs(NM), t) for t in range(steps)]
+    stages = [None if p.specs[layer] is None else p.specs[layer].nm for p in phases]
+    assert stages[:10] == [None] * 10 and stages[10:20] == [(3, 4)] * 10 and stages[20:] == [(2, 4)] * 10
+    assert [t for t, p in enumerate(phases) if p.remask] == [0, 10, 20]
+
+    req = RecoveryRequest(plan=NM, recipe="sr-ste", steps=steps).resolve()
+    phases = [RECIPES["sr-ste"](req, _specs(NM), t) for t in range(steps)]
+    assert all(p.remask for p in phases) and all(p.ste and p.decay > 0 for p in phases[:-1])
+    assert phases[-1].hard  # the run ends on a binary mask
+
+    req = RecoveryRequest(plan=BLOCK, recipe="group-lasso", steps=steps).resolve()
+    phases = [RECIPES["group-lasso"](req, _specs(BLOCK), t) for t in range(steps)]
+    assert all(p.group_lasso > 0 and p.specs[layer] is None for p in phases[:20])
+    assert phases[20].remask and all(p.group_lasso == 0 and p.specs[layer] is not None for p in phases[20:])
+
+
+@pytest.mark.parametrize("recipe,plan", [("fixed", BLOCK), ("gradual", BLOCK), ("mask-decay", BLOCK),
+                                         ("group-lasso", BLOCK), ("sr-ste", NM), ("structure-decay", NM)])
+def test_every_recipe_ends_on_the_plans_pattern_and_learns(recipe, plan):
+    from sparsity_app.models import get_model
+    from sparsity_app.model_experiment import pruned_weights
+
+    weights, masks, steps, *_ = _train(RecoveryRequest(plan=plan, recipe=recipe, **TINY))
+    one_shot_masks, one_shot = pruned_weights(plan)
+    assert steps == TINY["steps"] and set(weights) == set(one_shot)
+    for name, w in weights.items():
+        m = masks[name]
+        assert w.dtype == np.float32 and m.dtype == bool and w.shape == m.shape
+        assert not w[~m].any()  # masks enforced: every dropped weight is exactly zero
+        if plan.nm:
+            assert (m.reshape(m.shape[0], -1, 4).sum(-1) == 2).all()  # 2 of every 4 inputs
+        else:
+            assert m.mean() == pytest.approx(0.5, abs=1 / 64)
+            rows = m.reshape(m.shape[0] // 32, 32, m.shape[1])  # whole 32x1 blocks kept or dropped
+            assert (rows.all(axis=1) | ~rows.any(axis=1)).all()
+    changed = max(float(np.abs(weights[n] - one_shot[n]).max()) for n in weights)
+    assert changed > 1e-6  # it trained
+    assert get_model("minilm-l6").weight(next(iter(weights)))[0].any()  # the shared weights are untouched
+
+
+def test_a_stopped_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
+    req = RecoveryRequest(plan=BLOCK, recipe="mask-decay", **TINY)
+    whole, whole_masks, *_ = _train(req)
+    checkpoint = tmp_path / "ck" / "checkpoint.pt"
+    with pytest.raises(RecoveryStopped, match="after 1 of 6 steps"):
+        _train(req, checkpoint, time_limit_s=0.0)
+    assert checkpoint.exists()
+    resumed, resumed_masks, steps, _, losses, resumed_from = _train(req, checkpoint)
+    assert resumed_from == 1 and steps == 6
+    for name in whole:
+        np.testing.assert_array_equal(resumed[name], whole[name])
+        np.testing.assert_array_equal(resumed_masks[name], whole_masks[name])
+
+
+def test_requests_are_validated_and_canonical():
+    with pytest.raises(UserError, match="valid recipes: fixed, gradual"):
+        RecoveryRequest(recipe="magic").resolve()
+    with pytest.raises(UserError, match="steps must be an integer"):
+        RecoveryRequest(steps=0).resolve()
+    with pytest.raises(UserError, match="random weights"):
+        RecoveryRequest(plan=ModelPlan(model="bert-base-synthetic")).resolve()
+    with pytest.raises(UserError, match="N:M"):
+        _train(RecoveryRequest(plan=BLOCK, recipe="structure-decay", **TINY))
+    # knobs a recipe ignores, and the plan's timing fields, do not split the cache
+    a = RecoveryRequest(plan=dataclasses.replace(BLOCK, tokens=64, repeat=5), recipe="fixed", beta_schedule="exponential")
+    assert a.resolve() == RecoveryRequest(plan=BLOCK, recipe="fixed").resolve()
+    assert RecoveryRequest.from_dict(json.loads(json.dumps(a.resolve().to_dict()))) == a.resolve()
+
+
+def test_recover_scores_stores_and_the_whole_model_runs_on_the_recovered_weights(cli, cache_dir):
+    """The CLI's recover, then `model --recipe`: the compiled executable carries the recovered weights
+    (verified against PyTorch with them) and its metrics are the recovery's."""
+    args = ["--sparsity", "0.5", "--recipe", "fixed", "--steps", "3", "--train-batch", "2", "--seq-len", "16"]
+    out = cli(["recover", *args, "--json"])
+    assert out.returncode == 0, out.stderr
+    d = json.loads(out.stdout)
+    for k in ("plan", "recipe", "steps", "wall_s", "metrics_before", "metrics_after", "dense_metrics", "cached"):
+        assert k in d
+    for metrics in (d["metrics_before"], d["metrics_after"], d["dense_metrics"]):
+        assert {"lee_pearson", "polarity_probe_acc", "wordsim_spearman", "simlex_spearman"} <= set(metrics)
+    assert d["steps"] == 3 and not d["cached"] and d["metrics_after"] != d["metrics_before"]
+    assert d["dense_metrics"]["lee_pearson"] == pytest.approx(0.656, abs=0.002)
+    again = cli(["recover", *args, "--json"])
+    assert json.loads(again.stdout)["cached"] and json.loads(again.stdout)["metrics_after"] == d["metrics_after"]
+
+    model = cli(["model", *args, "--tokens", "16", "--repeat", "3", "--json"])
+    assert model.returncode == 0, model.stderr
+    m = json.loads(model.stdout)
+    assert m["recovery"]["recipe"] == "fixed" and m["recovery"]["key"] == d["key"]
+    assert m["metrics"] == pytest.approx(d["metrics_after"], abs=1e-6)
+    assert m["max_abs_error"] < 1e-4
+
+    store = Store(cache_dir)
+    weights, masks = store.recovered_weights(d["key"])
+    assert len(weights) == 36 and all(not w[~masks[n]].any() for n, w in weights.items())
+
+
+def test_bad_recover_input_is_one_line(cli):
+    for args, expected in ((["--recipe", "nope"], "valid recipes"), (["--steps", "-3"], "steps must be"),
+                           (["--recipe", "structure-decay", "--steps", "2", "--train-batch", "1", "--seq-len", "8"],
+                            "N:M")):
+        out = cli(["recover", *args])
+        assert out.returncode == 2 and expected in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_recover_page_shows_a_stored_recovery_and_survives_a_bad_link(cli, cache_dir):
+    from streamlit.testing.v1 import AppTest
+
+    from tests.test_app import APP
+
+    args = ["--sparsity", "0.5", "--steps", "2", "--train-batch", "2", "--seq-len", "16", "--tokens", "16", "--repeat", "3"]
+    for extra in ([], ["--recipe", "fixed"]):  # the one-shot model, then the recovered one (recovering first)
+        out = cli(["model", *args, *extra, "--json"])
+        assert out.returncode == 0, out.stderr
+    query = {"sparsity": "0.5", "recipe": "fixed", "steps": "2", "train_batch": "2", "seq_len": "16", "tokens": "16",
+             "repeat": "3"}
+    at = AppTest.from_file(APP, default_timeout=120)
+    for k, v in query.items():
+        at.query_params[k] = v
+    at.run().switch_page("app_pages/recover.py").run()
+    assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
+    assert len(at.metric) == 4 and "vs one-shot" in at.metric[0].delta
+    assert len(at.get("vega_lite_chart")) >= 1  # the arrow from one-shot to recovered
+    assert not at.dataframe[0].value.empty  # the recipes table
+
+    bad = AppTest.from_file(APP, default_timeout=60)
+    for k, v in {"recipe": "rm -rf", "steps": "-1", "seq_len": "x"}.items():
+        bad.query_params[k] = v
+    bad.run().switch_page("app_pages/recover.py").run()
+    assert not bad.exception and len(bad.warning) >= 3
