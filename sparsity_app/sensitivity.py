@@ -358,7 +358,7 @@ def allocate(result: SensitivityResult, target_sparsity: float | None = None, ta
             raise UserError("a latency target needs timed kernels: run the sensitivity without --no-time")
         cost = {layer: {None: result.dense_ms(layer), **{p.sparsity: p.times_ms[SPARSE] for p in pts}}
                 for layer, pts in by_layer.items()}
-        budget = float(target_latency_ms) - (remainder_ms or 0.0)
+        budget = float(target_latency_ms) - (remainder_ms or 0.0) - _unmeasured_dense_ms(result)
         kind, value = "latency_ms", float(target_latency_ms)
     loss = {layer: {None: 0.0, **{p.sparsity: result.loss(p, metric) for p in pts}} for layer, pts in by_layer.items()}
     layers = list(by_layer)
@@ -369,7 +369,7 @@ def allocate(result: SensitivityResult, target_sparsity: float | None = None, ta
             raise UserError(f"target sparsity {value:g} is out of reach: the grid's sparsest points remove "
                             f"{1 - cheapest / total:.3f} of the weights (add a higher sparsity to the grid)")
         raise UserError(f"target latency {value:g} ms is out of reach: the grid's fastest points take "
-                        f"{cheapest + (remainder_ms or 0.0):.3f} ms (kernels{' + remainder' if remainder_ms else ''})")
+                        f"{cheapest + (remainder_ms or 0.0) + _unmeasured_dense_ms(result):.3f} ms (kernels{' + remainder' if remainder_ms else ''})")
     choices = dict(zip(layers, choice))
     kept = sum(_kept_at(by_layer[layer], s) for layer, s in choices.items())
     timed = all(p.times_ms for p in result.points)
@@ -377,14 +377,34 @@ def allocate(result: SensitivityResult, target_sparsity: float | None = None, ta
     if timed:
         predicted_ms = sum(result.dense_ms(layer) if s is None else
                            next(p.times_ms[SPARSE] for p in by_layer[layer] if p.sparsity == s)
-                           for layer, s in choices.items()) + (remainder_ms or 0.0)
+                           for layer, s in choices.items()) + (remainder_ms or 0.0) + _unmeasured_dense_ms(result)
     note = ("loss: the sum of single-layer losses (interactions ignored; run the plan to measure it); latency: "
-            "single-layer kernel medians (a dense layer: TVM dense)")
+            "single-layer kernel medians (a dense layer: TVM dense; a layer not measured: the dense median of its shape)")
     note += "" if remainder_ms is not None else " -- the rest of the pass (attention, layer norm, GELU) is not counted"
     return Allocation(target=kind, value=value, metric=metric, choices=choices, sparsity=1.0 - kept / total,
                       predicted_loss=float(sum(loss[layer][s] for layer, s in choices.items())),
                       predicted_ms=predicted_ms, remainder_ms=remainder_ms,
                       plan=plan_of(request, choices), note=note)
+
+
+def _unmeasured_dense_ms(result: SensitivityResult) -> float:
+    """ms of the layers the request did not measure (they stay dense): each costs the median dense kernel
+    time of the measured layers of its shape. UserError if a shape was not measured at all."""
+    measured = set(result.request.layers)
+    by_shape = collections.defaultdict(list)
+    for layer in measured:
+        ms = result.dense_ms(layer)
+        if ms is not None:
+            by_shape[next(p.shape for p in result.points if p.layer == layer)].append(ms)
+    total = 0.0
+    for info in get_model(result.request.model).layers():
+        if info.name in measured:
+            continue
+        if not by_shape.get(tuple(info.shape)):
+            raise UserError(f"a latency target needs a measured layer of every shape: no {info.shape[0]}x"
+                            f"{info.shape[1]} layer was timed (add one to --layers, or measure every layer)")
+        total += float(np.median(by_shape[tuple(info.shape)]))
+    return total
 
 
 def _kept_at(points: list[SensitivityPoint], sparsity: float | None) -> int:

@@ -63,13 +63,20 @@ def test_sparsity_allocation_is_the_best_combination_on_the_grid(target):
 
 
 def test_latency_allocation_is_the_best_combination_within_the_budget():
+    from sparsity_app.sensitivity import _unmeasured_dense_ms
+
     result = _result(LOSSES, MS)
-    a = allocate(result, target_latency_ms=5.0, remainder_ms=1.0)
-    assert a.predicted_ms <= 5.0 + 1e-9
+    rest = _unmeasured_dense_ms(result)  # the 32 layers not measured stay dense: each its shape's dense median
+    assert rest == pytest.approx(22 * 1.5 + 5 * 3.0 + 5 * 4.0)  # 384x384: the median of 1.0 and 2.0
+    a = allocate(result, target_latency_ms=5.0 + rest, remainder_ms=1.0)
+    assert a.predicted_ms <= 5.0 + rest + 1e-9
     best = _brute_force(result, lambda layer, s: MS[layer][s or 0.0], lambda ms: ms <= 4.0)
     assert a.predicted_loss == pytest.approx(best)
     with pytest.raises(UserError, match="out of reach"):
-        allocate(result, target_latency_ms=1.5, remainder_ms=1.0)
+        allocate(result, target_latency_ms=1.5 + rest, remainder_ms=1.0)
+    partial = _result({LAYERS[0]: LOSSES[LAYERS[0]]}, {LAYERS[0]: MS[LAYERS[0]]})
+    with pytest.raises(UserError, match="every shape"):
+        allocate(partial, target_latency_ms=100.0)
 
 
 def test_a_sensitive_layer_is_spared_and_the_plan_means_the_choices():
