@@ -7,6 +7,7 @@ page = st.navigation([
     st.Page("app_pages/explore.py", title="Explore a layer", icon=":material/tune:", default=True),
     st.Page("app_pages/sweep.py", title="Sweep", icon=":material/grid_view:"),
     st.Page("app_pages/model.py", title="Whole model", icon=":material/account_tree:"),
+    st.Page("app_pages/sensitivity.py", title="Layer sensitivity", icon=":material/stacked_bar_chart:"),
     st.Page("app_pages/recover.py", title="Recover accuracy", icon=":material/healing:"),
     st.Page("app_pages/learn.py", title="Learn", icon=":material/school:"),
 ])

@@ -134,3 +134,23 @@ if result.real_weights:
                "speedup where the axis matches it (it measured BERT-base; this is the chosen model).")
 else:
     st.info("Synthetic weights: no accuracy to chart.")
+
+# ---- Download (export.zip_bytes): the pruned model, the compiled library and its loader, the results ----
+with st.expander("Download this model: Hugging Face folder, compiled sparse library + loader, results"):
+    st.caption("A zip of `hf/` (loads with `transformers.AutoModel.from_pretrained`), `sparse_model.so` with "
+               "`run_sparse_model.py` (runs with only TVM and NumPy; the weights are baked into the library), "
+               "`result.json` and `layers.csv`. Building it compiles the sparse encoder again (a minute or so).")
+    if st.button("Build the download", key="m_export_build"):
+        from sparsity_app.export import zip_bytes
+
+        try:
+            with st.spinner("Exporting..."):
+                st.session_state["m_export_zip"] = (result.plan, zip_bytes(result.plan, store=store(), result=result))
+        except UserError as e:
+            st.error(str(e))
+        except Exception as e:  # the engine failed: say so, keep the page alive
+            st.error(f"The export failed: {type(e).__name__}: {e}")
+    built = st.session_state.get("m_export_zip")
+    if built is not None and built[0] == result.plan:
+        st.download_button(f"Download ({len(built[1]) / 2**20:.0f} MiB zip)", built[1], file_name="sparse_model.zip",
+                           mime="application/zip", key="m_export_download")

@@ -238,4 +238,38 @@ def recovery_arrows(results) -> pd.DataFrame:
                          "steps": r.recovery["steps"], "stage": stage, "order": int(stage == "recovered"),
                          **{k: d[k] for k in ("speedup_vs_best_dense", "speedup_vs_torch_eager", "speedup_vs_tvm_dense",
                                               "speedup_vs_onnxruntime")}, **res.metrics})
+
+
+def sensitivity_frame(result, metric: str = "lee_pearson") -> pd.DataFrame:
+    """One row per point of a sensitivity.SensitivityResult: layer, short name (L3 q), sparsity, the
+    metric, its loss vs dense, embedding cosine, and the kernel ms (sparse, dense) where timed."""
+    from .spec import SPARSE
+
+    rows = []
+    for p in result.points:
+        layer_no, _, sub = p.layer.removeprefix("encoder.layer.").partition(".")
+        rows.append({"layer": p.layer, "short": f"L{layer_no} {_SUBLAYER_SHORT.get(sub, sub)}",
+                     "shape": f"{p.shape[0]}x{p.shape[1]}", "sparsity": p.sparsity,
+                     "sparsity_achieved": p.sparsity_achieved, metric: p.metrics.get(metric),
+                     "loss": result.loss(p, metric), "embedding_cosine": p.metrics.get("embedding_cosine"),
+                     "sparse_ms": p.times_ms[SPARSE] if p.times_ms else None,
+                     "dense_ms": result.dense_ms(p.layer), "cached": p.cached})
+    return pd.DataFrame(rows)
+
+
+_SUBLAYER_SHORT = {"attention.self.query": "q", "attention.self.key": "k", "attention.self.value": "v",
+                   "attention.output.dense": "attn-out", "intermediate.dense": "ffn-in", "output.dense": "ffn-out"}
+
+
+def allocation_frame(allocation, result) -> pd.DataFrame:
+    """One row per layer of an allocation: the chosen sparsity ('dense' if none), its loss and kernel ms."""
+    df = sensitivity_frame(result, allocation.metric)
+    rows = []
+    for layer, s in allocation.choices.items():
+        mine = df[df["layer"] == layer]
+        if s is None:
+            rows.append({"layer": layer, "chosen": "dense", "loss": 0.0, "kernel_ms": mine["dense_ms"].iloc[0]})
+        else:
+            row = mine[mine["sparsity"] == s].iloc[0]
+            rows.append({"layer": layer, "chosen": f"{s:g}", "loss": row["loss"], "kernel_ms": row["sparse_ms"]})
     return pd.DataFrame(rows)

@@ -158,3 +158,19 @@ def recovery_arrows(df: pd.DataFrame, metric: str, speedup: str = "speedup_vs_be
     end = base.transform_filter("datum.stage == 'recovered'").mark_point(shape="triangle-up", size=140, filled=True)
     return alt.layer(lines, start, end).properties(
         title=f"{MODEL_METRICS[metric]}: one-shot (hollow) -> recovered (triangle), vs end-to-end speedup", height=380)
+
+
+def sensitivity_heatmap(df: pd.DataFrame, metric: str = "lee_pearson") -> alt.Chart:
+    """Layer x sparsity, colour = loss of `metric` when only that layer is pruned (analysis.sensitivity_frame)."""
+    order = list(dict.fromkeys(df["short"]))
+    base = alt.Chart(df).encode(x=alt.X("sparsity:O", title="sparsity of the one pruned layer"),
+                                y=alt.Y("short:N", title="layer", sort=order))
+    cells = base.mark_rect().encode(
+        color=alt.Color("loss:Q", title=f"{metric} loss", scale=alt.Scale(scheme="orangered", domainMin=0)),
+        tooltip=["layer", "shape", "sparsity", alt.Tooltip("sparsity_achieved", format=".3f"),
+                 alt.Tooltip(metric, format=".4f"), alt.Tooltip("loss", format=".4f"),
+                 alt.Tooltip("embedding_cosine", format=".4f"), alt.Tooltip("sparse_ms", format=".4f"),
+                 alt.Tooltip("dense_ms", format=".4f")])
+    text = base.mark_text(baseline="middle", fontSize=10).encode(text=alt.Text("loss:Q", format=".3f"))
+    return (cells + text).properties(title=f"{metric} lost by pruning one layer alone (dense minus pruned)",
+                                     height=max(160, 16 * len(order)))

@@ -11,6 +11,7 @@ import os
 import sys
 import time
 
+from .cli_accuracy import COMMANDS as ACCURACY_COMMANDS, add_parsers as add_accuracy_parsers
 from .errors import UserError
 from .spec import BLOCK_PRESETS, NORMS, ModelPlan, Spec, parse_block, parse_nm
 
@@ -185,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .loadtest import add_arguments as add_loadtest_arguments
 
     add_loadtest_arguments(p)
+    add_accuracy_parsers(sub)  # sensitivity, allocate, export (cli_accuracy.py)
     p = sub.add_parser("bench", help="kernel benchmark: every sparse format against every dense peer")
     from .bench import add_arguments
 
@@ -520,7 +522,8 @@ def _worker(args) -> None:
 
 
 COMMANDS = {"layers": _layers, "run": _run, "sweep": _sweep, "model": _model, "bench-model": _bench_model,
-            "cache": _cache, "recover": _recover, "bench-recovery": _bench_recovery, "jobs": _jobs, "worker": _worker}
+            "cache": _cache, "recover": _recover, "bench-recovery": _bench_recovery, "jobs": _jobs, "worker": _worker,
+            **ACCURACY_COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -111,12 +111,13 @@ class Encoder:
         from tvm import relax
 
         self.batch, self.seq, self.hidden, self.description = batch, seq, hidden, description
+        self.executable = executable  # the relax VMExecutable: `export.write_library` saves it with export_library
         self._vm = relax.VirtualMachine(executable, tvm.cpu())
         self._main = self._vm["main"]
         self._ids = tvm.runtime.tensor(np.zeros((batch, seq), np.int64), tvm.cpu())
         self._mask = tvm.runtime.tensor(np.ones((batch, seq), np.int64), tvm.cpu())
         self._out = None
-        self._vocab = vocab
+        self._vocab = self.vocab = vocab
         self._split_twin = split_twin  # () -> Encoder with the attention split in three kernels
         self._owners = owners or []  # per kernel call of a pass, in order: the linears it serves
         self.linear_ms: dict[tuple[str, ...], float] = {}  # filled by breakdown(): linears -> ms per pass

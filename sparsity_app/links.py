@@ -176,3 +176,22 @@ def recovery_from_query(query: Mapping[str, str], plan: ModelPlan):
 def recovery_to_query(request) -> dict[str, str]:
     """The plan's parameters and the recovery's (its batch is `train_batch`: `batch` is the plan's)."""
     return {**plan_to_query(request.plan), **{param: str(getattr(request, field)) for field, param in _RECOVERY_QUERY.items()}}
+
+
+def plan_to_command(plan: ModelPlan, command: str = "model") -> str:
+    """The CLI line that runs `plan`: `python -m sparsity_app model --model ... --override ...` (shell-quoted)."""
+    import shlex
+
+    args = ["python", "-m", "sparsity_app", command, "--model", plan.model, "--method", plan.method,
+            "--block", fmt_block(plan.block), "--sparsity", f"{plan.sparsity:g}"]
+    if plan.nm is not None:
+        args += ["--nm", f"{plan.nm[0]}:{plan.nm[1]}"]
+    if plan.norm != "l2":
+        args += ["--norm", plan.norm]
+    if plan.seed:
+        args += ["--seed", str(plan.seed)]
+    for override in plan.overrides:
+        args += ["--override", override]
+    args += ["--tokens", str(plan.tokens), "--batch", str(plan.batch), "--threads", str(plan.threads),
+             "--repeat", str(plan.repeat)]
+    return " ".join(shlex.quote(a) for a in args)

@@ -160,6 +160,7 @@ class Store:
         self._tunings = _open(self.directory / "tuning", budget // 8, self.notes)
         self._models = _open(self.directory / "models", budget // 8, self.notes)
         self._recoveries = _open(self.directory / "recovered", budget // 24, self.notes)  # RecoveryResult JSON
+        self._sensitivity = _open(self.directory / "sensitivity", budget // 24, self.notes)  # SensitivityPoint JSON
         self.recovery_dir = self.directory / "recovered-weights"  # <key>.safetensors, <key>/checkpoint.pt
 
     def get(self, key: str) -> Result | None:
@@ -204,6 +205,14 @@ class Store:
             result = self.get_model_result(key)
             if result and (model is None or result.plan.model == model):
                 yield result
+
+    def get_sensitivity_point(self, key: str) -> dict | None:
+        """A stored sensitivity point (sensitivity.SensitivityPoint.to_dict), or None; unreadable entries are dropped."""
+        d = _read(self._sensitivity, key)
+        return d if isinstance(d, dict) else None
+
+    def put_sensitivity_point(self, key: str, point: dict) -> None:
+        _write(self._sensitivity, key, json.dumps(point), "sensitivity point")
 
     def get_recovery(self, key: str):
         """A stored RecoveryResult whose weights file is still there, or None."""
@@ -266,7 +275,8 @@ class Store:
 
     def clear(self, results: bool = True, tuning: bool = True) -> tuple[int, int]:
         """Drop every stored result and/or tuner winner; returns how many of each were dropped."""
-        dropped = (self._cache.clear() + self._models.clear() + self._recoveries.clear() if results else 0,
+        dropped = (self._cache.clear() + self._models.clear() + self._recoveries.clear() + self._sensitivity.clear()
+                   if results else 0,
                    self._tunings.clear() if tuning else 0)
         if results and self.recovery_dir.exists():
             shutil.rmtree(self.recovery_dir, ignore_errors=True)
@@ -277,3 +287,4 @@ class Store:
         self._tunings.close()
         self._models.close()
         self._recoveries.close()
+        self._sensitivity.close()
