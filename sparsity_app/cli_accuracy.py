@@ -13,7 +13,7 @@ from .spec import NORMS, parse_block, parse_nm
 
 def add_parsers(sub) -> None:
     """The subcommands' parsers; their handlers are in COMMANDS."""
-    from .cli import _add_plan_args
+    from .cli import _add_plan_args, _add_recovery_args
 
     p = sub.add_parser("sensitivity", help="prune one layer at a time: real-label loss and kernel time per layer")
     _add_request_args(p)
@@ -29,6 +29,7 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("export", help="the pruned model as a Hugging Face folder, the compiled sparse library with "
                                       "its loader, and the results, in one directory")
     _add_plan_args(p)
+    _add_recovery_args(p, required=False)
     p.add_argument("--out", required=True, help="a new or empty directory to write into")
     p.add_argument("--force", action="store_true", help="write into a non-empty directory (same names are replaced)")
 
@@ -148,8 +149,18 @@ def _export(args) -> None:
 
     plan = _plan(args)
     validate(plan)
-    out = export_model(plan, args.out, store=Store(args.cache_dir), progress=_steps(STEPS), force=args.force)
-    print(f"exported {plan.label()} to {out}: hf/ (AutoModel.from_pretrained), sparse_model.so + run_sparse_model.py "
+    store, weights, result, what = Store(args.cache_dir), None, None, plan.label()
+    if args.recipe is not None:  # the recovered weights, and the whole model measured on them
+        from .cli import _recovered, _recovery_request
+        from .model_experiment import STEPS as MODEL_STEPS, run_model
+
+        recovered = _recovered(_recovery_request(args, plan), store, args.time_limit)
+        weights = store.recovered_weights(recovered.key)[0]
+        result = run_model(plan, store=store, progress=_steps(MODEL_STEPS), recovery=recovered)
+        what += f" recovered by {recovered.request.recipe} ({recovered.steps_done} steps)"
+    out = export_model(plan, args.out, weights=weights, store=store, progress=_steps(STEPS), force=args.force,
+                       result=result)
+    print(f"exported {what} to {out}: hf/ (AutoModel.from_pretrained), sparse_model.so + run_sparse_model.py "
           f"(TVM + NumPy), result.json, layers.csv")
 
 

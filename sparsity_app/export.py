@@ -83,7 +83,8 @@ def export_model(plan: ModelPlan, out_dir: str | os.PathLike, weights: dict[str,
         write_library(encoder, out)
     with clock.step("results", "result.json and layers.csv"):
         write_results(result, out)
-        manifest = {"plan": result.to_dict()["plan"], "weights": "one-shot pruned" if weights is None else "given",
+        manifest = {"plan": result.to_dict()["plan"], "weights": "one-shot pruned" if weights is None else "given" if result.recovery is None
+                    else f"recovered: {result.recovery['label']}",
                     "files": sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()),
                     "library_weights": "baked into sparse_model.so as constants"}
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
