@@ -20,7 +20,9 @@ import streamlit as st
 
 from app_pages.common import session_id
 from sparsity_app import UserError, jobs
+from sparsity_app.errors import one_line
 from sparsity_app.limits import RATE_LIMITER
+from sparsity_app.links import escape
 
 POLL_S = 1.0  # how often a watching page reads the job's file
 
@@ -49,7 +51,7 @@ def job_in_link() -> str | None:
     try:
         jobs.check_id(job_id)
     except UserError as e:
-        st.warning(f"ignored job={job_id!r} from the link ({e})", icon=":material/link_off:")
+        st.warning(escape(f"ignored job={job_id[:40]!r} from the link ({e})"), icon=":material/link_off:")
         return None
     return job_id
 
@@ -65,7 +67,7 @@ def show(job_id: str) -> jobs.Job | None:
                    "the plan again.")
         return None
     if job.state == "failed":
-        st.error(f"The job failed: {job.error}")
+        st.error(escape(f"The job failed: {one_line(job.error or '', 600)}"))
     elif job.state == "cancelled":
         st.info("This job was cancelled before it finished; nothing of it was stored. Press Run to start it again.")
     if job.state not in jobs.FINISHED:

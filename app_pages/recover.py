@@ -5,10 +5,10 @@ import streamlit as st
 from app_pages import job_panel
 from app_pages.common import cache_controls, pick_conditions, store
 from sparsity_app import UserError, analysis, charts, jobs
-from sparsity_app.links import plan_from_query, recovery_from_query, recovery_to_query
+from sparsity_app.links import RECOVERY_PARAMETERS, plan_from_query, recovery_from_query, recovery_to_query
 from sparsity_app.model_experiment import lookup as lookup_model
 from sparsity_app.pruning import METHODS
-from sparsity_app.recovery import RECIPES, RecoveryRequest, lookup
+from sparsity_app.recovery import RECIPES, RecoveryRequest, lookup, recovery_code
 from sparsity_app.spec import BLOCK_PRESETS, NM_PRESETS, ModelPlan, parse_block, parse_nm
 
 st.title("Recover accuracy")
@@ -19,7 +19,7 @@ st.caption("Pruning every linear one-shot costs accuracy. A short fine-tune on u
 cache_controls()
 
 query = dict(st.query_params)
-start, notes = plan_from_query(query)
+start, notes = plan_from_query(query, also=("job", *RECOVERY_PARAMETERS))
 start_request, more = recovery_from_query(query, start)
 for note in notes + more:
     st.warning(note, icon=":material/link_off:")
@@ -98,9 +98,10 @@ if recovered.loss:
 
 st.subheader("Recipes side by side")
 frame = analysis.recovery_frame(store().recoveries(model=request.plan.model))
-st.dataframe(analysis.recipes_side_by_side(frame, request.plan.label(), request.steps), hide_index=True,
+st.dataframe(analysis.recipes_side_by_side(frame, request, recovery_code()), hide_index=True,
              key="r_recipes")
-st.caption(f"Every recipe run on {request.plan.label()} for {request.steps} steps; gain = after minus one-shot.")
+st.caption(f"Every recipe run on {request.plan.label()} for {request.steps} steps of {request.batch} x {request.seq_len} "
+           f"tokens at learning rate {request.lr:g}, seed {request.seed}, by this code; gain = after minus one-shot.")
 
 st.subheader("What recovery buys, at what speed")
 groups = {}

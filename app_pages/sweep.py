@@ -77,8 +77,8 @@ if go and backend.kind == "rpc":  # fanned out over the key's servers; points ar
     try:
         for event in remote.stream(grid, backend, store()):
             if event.kind == "retried":
-                st.warning(f"{event.spec.label()} at {event.spec.sparsity:g}: its server was lost ({event.message}); "
-                           "measuring it on another server")
+                st.warning(escape(f"{event.spec.label()} at {event.spec.sparsity:g}: its server was lost "
+                                  f"({one_line(event.message, 300)}); measuring it on another server"))
                 continue
             finished += 1
             bar.progress(finished / len(grid), text=f"{finished}/{len(grid)}: {event.spec.label()} at "
@@ -89,7 +89,7 @@ if go and backend.kind == "rpc":  # fanned out over the key's servers; points ar
         failures.append(str(e))
     bar.progress(1.0, text=f"done on {backend.label()}: {finished - len(failures)} of {len(grid)} points")
     for f in failures:
-        st.error(f)
+        st.error(escape(one_line(f, 600)))
 elif go:
     bar = st.progress(0.0, text="starting")
     failures = []
@@ -112,7 +112,7 @@ for spec in grid:
         if (hit := lookup(spec, store(), backend)) is not None:  # this device, this code: one set of conditions
             results.append(hit)
     except UserError as e:  # an unreachable tracker: say it once
-        st.error(str(e))
+        st.error(escape(one_line(e, 600)))
         break
 if not results:
     st.info("No point of this grid is measured yet: press **Run sweep**.")

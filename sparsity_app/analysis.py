@@ -198,8 +198,8 @@ def recovery_frame(recoveries) -> pd.DataFrame:
     rows = []
     for r in recoveries:
         row = {"plan": r.request.plan.label(), "recipe": r.request.recipe, "steps": r.steps_done,
-               "train_batch": r.request.batch, "seq_len": r.request.seq_len, "wall_s": r.wall_s,
-               "sparsity_achieved": r.sparsity_achieved}
+               "train_batch": r.request.batch, "seq_len": r.request.seq_len, "lr": r.request.lr,
+               "seed": r.request.seed, "code": r.machine.get("code"), "wall_s": r.wall_s, "sparsity_achieved": r.sparsity_achieved}
         for k in MODEL_METRICS:
             row[f"{k}_before"], row[f"{k}_after"] = r.metrics_before.get(k), r.metrics_after.get(k)
             row[f"{k}_dense"] = r.dense_metrics.get(k)
@@ -207,10 +207,15 @@ def recovery_frame(recoveries) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def recipes_side_by_side(df: pd.DataFrame, plan: str, steps: int) -> pd.DataFrame:
-    """The recipes run on one plan for the same number of steps (a `recovery_frame`): one row each,
-    the metrics after recovery, their gain over one-shot, and the wall time."""
-    rows = df[(df["plan"] == plan) & (df["steps"] == steps)]
+def recipes_side_by_side(df: pd.DataFrame, request, code: str) -> pd.DataFrame:
+    """The recipes run like `request` (a recovery.RecoveryRequest: same plan, steps, batch, sequence
+    length, learning rate and seed) by the recovery code `code` (recovery.recovery_code()), in a
+    `recovery_frame`: one row each, the metrics after recovery, their gain over one-shot, the wall time."""
+    if df.empty:
+        return df
+    same = {"plan": request.plan.label(), "steps": request.steps, "train_batch": request.batch,
+            "seq_len": request.seq_len, "lr": request.lr, "seed": request.seed, "code": code}
+    rows = df[np.logical_and.reduce([df[k] == v for k, v in same.items()])]
     out = rows[["recipe", "train_batch", "seq_len", "wall_s"]].copy()
     for k in ("lee_pearson", "polarity_probe_acc", "wordsim_spearman", "simlex_spearman"):
         out[k] = rows[f"{k}_after"]
@@ -238,6 +243,7 @@ def recovery_arrows(results) -> pd.DataFrame:
                          "steps": r.recovery["steps"], "stage": stage, "order": int(stage == "recovered"),
                          **{k: d[k] for k in ("speedup_vs_best_dense", "speedup_vs_torch_eager", "speedup_vs_tvm_dense",
                                               "speedup_vs_onnxruntime")}, **res.metrics})
+    return pd.DataFrame(rows)
 
 
 def sensitivity_frame(result, metric: str = "lee_pearson") -> pd.DataFrame:

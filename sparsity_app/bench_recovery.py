@@ -78,10 +78,13 @@ def verdicts(results: list, one_shot: list[tuple[str, float, float]]) -> list[st
                                                f"({'beats' if v > ste else 'does not beat'} sr-ste)"))
     for pattern, magnitude, wanda in one_shot:
         lines.append(f"one-shot {pattern}: wanda Lee {wanda:.3f} vs magnitude {magnitude:.3f}: {wanda - magnitude:+.3f}")
-    slowest = max(results, key=lambda r: r.wall_s, default=None)
-    if slowest is not None:
-        lines.append(f"slowest run: {slowest.request.label()} {slowest.wall_s / 60:.1f} min of training "
-                     f"(target <= 10 min for 300 steps)")
+    timed = [r for r in results if r.steps_done == 300 and not r.resumed_from]  # whole runs of the target's length
+    if timed:
+        slowest = max(timed, key=lambda r: r.wall_s + r.eval_s)
+        total = (slowest.wall_s + slowest.eval_s) / 60
+        lines.append(f"slowest 300-step run: {slowest.request.label()}: {slowest.wall_s / 60:.1f} min training + "
+                     f"{slowest.eval_s / 60:.1f} min scoring = {total:.1f} min (target <= 10): "
+                     f"{'met' if total <= 10 else 'MISSED'} (measured when it ran; a cached run keeps its figure)")
     return lines
 
 

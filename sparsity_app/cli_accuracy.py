@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 
 from .errors import UserError
 from .spec import NORMS, parse_block, parse_nm
@@ -142,14 +143,14 @@ def _allocate(args) -> None:
 
 
 def _export(args) -> None:
-    from .cli import _plan, _steps
-    from .export import STEPS, export_model
+    from .cli import _open_store, _plan, _steps
+    from .export import STEPS, check_out_dir, export_model
     from .model_experiment import validate
-    from .store import Store
 
     plan = _plan(args)
     validate(plan)
-    store, weights, result, what = Store(args.cache_dir), None, None, plan.label()
+    check_out_dir(pathlib.Path(args.out), args.force)  # before minutes of training and measuring
+    store, weights, result, what = _open_store(args.cache_dir), None, None, plan.label()
     if args.recipe is not None:  # the recovered weights, and the whole model measured on them
         from .cli import _recovered, _recovery_request
         from .model_experiment import STEPS as MODEL_STEPS, run_model

@@ -61,7 +61,7 @@ def export_model(plan: ModelPlan, out_dir: str | os.PathLike, weights: dict[str,
     clock = StepClock(progress, STEPS)
     with clock.step("check", f"checking the plan, the weights and {out}"):
         plan, specs = validate(plan)
-        _check_out_dir(out, force)
+        check_out_dir(out, force)
         pruned = final_weights(plan, specs, weights)
     if result is None:
         with clock.step("measure", "the plan's whole-model result (stored, or measured now)"):
@@ -91,7 +91,7 @@ def export_model(plan: ModelPlan, out_dir: str | os.PathLike, weights: dict[str,
     return out
 
 
-def _check_out_dir(out: pathlib.Path, force: bool) -> None:
+def check_out_dir(out: pathlib.Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a new or empty directory")
     if out.is_dir() and any(out.iterdir()) and not force:

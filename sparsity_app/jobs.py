@@ -189,10 +189,14 @@ def _recovery_of(request: dict):
     from .recovery import RecoveryRequest
     from .spec import ModelPlan
 
+    from . import limits
+
     try:
-        return RecoveryRequest.from_dict(request["recovery"]).resolve(), ModelPlan.from_dict(request["plan"])
+        recovery, plan = RecoveryRequest.from_dict(request["recovery"]).resolve(), ModelPlan.from_dict(request["plan"])
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"not a recovery request: {e}") from None
+    limits.current().check_recovery(recovery.steps * recovery.batch * recovery.seq_len)  # refused at submit
+    return recovery, plan
 
 
 def _recover_stored(request: dict, store: Store) -> str | None:

@@ -53,6 +53,8 @@ class Limits:
     cache_mb: float = 384.0  # disk one cache directory may use (results 2/3, schedules and models 1/6 each); least recently used evicted first
     measure_timeout_s: float = 300.0  # wall seconds one layer measurement may take (a cold MiniLM layer: ~45 s on 2 shared cores)
     model_timeout_s: float = 1800.0  # wall seconds one whole-model measurement may take (tuning every layer cold: minutes)
+    recovery_tokens: int = 1_000_000  # steps x batch x tokens one recovery run may train on (300 x 16 x 128 = 614400)
+    recover_timeout_s: float = 1800.0  # wall seconds of training one recovery run may take (300 steps: ~6 min quiet)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> "Limits":
@@ -90,6 +92,12 @@ class Limits:
         if self.max_tokens and tokens > self.max_tokens:
             raise self.exceeded("max_tokens", f"this request asks for {tokens}")
 
+    def check_recovery(self, tokens: int) -> None:
+        """LimitExceeded when one recovery run would train on more than recovery_tokens tokens."""
+        if self.recovery_tokens and tokens > self.recovery_tokens:
+            raise self.exceeded("recovery_tokens", f"this run asks for {tokens} (steps x batch x sequence length): "
+                                                   "choose fewer steps or a smaller batch")
+
     def cache_bytes(self) -> int:
         """The cache budget in bytes (a very large number when lifted)."""
         return int(self.cache_mb * 2**20) if self.cache_mb else 2**62
@@ -100,6 +108,8 @@ _TITLES = {
     "max_tokens": "a layer may be timed on at most {value} tokens on this server",
     "measure_timeout_s": "a layer measurement may run at most {value} s on this server",
     "model_timeout_s": "a whole-model measurement may run at most {value} s on this server",
+    "recovery_tokens": "a recovery run may train on at most {value} tokens on this server",
+    "recover_timeout_s": "a recovery run may train for at most {value} s on this server",
 }
 
 

@@ -32,10 +32,11 @@ _PARSERS: dict[str, Callable[[str], object]] = {  # in the order they are applie
 MAX_VALUE_CHARS = 2000  # the longest value a link parameter may have (overrides are the longest: ~40 per line)
 
 
-def _from_query(query: Mapping[str, str], parsers: dict, default, check, show) -> tuple[object, list[str]]:
+def _from_query(query: Mapping[str, str], parsers: dict, default, check, show,
+                also: Iterable[str] = ()) -> tuple[object, list[str]]:
     """Apply each parameter of `query` named in `parsers` to `default` in order; one whose value does not
     parse or fails `check(candidate)` is skipped with a note (`show(current, name)` says what is kept)."""
-    current, notes = default, unknown_notes(query, parsers)
+    current, notes = default, unknown_notes(query, [*parsers, *also])  # `also`: read by another part of the page
     for name, parse in parsers.items():
         if name not in query:
             continue
@@ -128,15 +129,19 @@ _PLAN_PARSERS: dict[str, Callable[[str], object]] = {  # in the order they are a
 }
 
 
-def plan_from_query(query: Mapping[str, str], default: ModelPlan = ModelPlan()) -> tuple[ModelPlan, list[str]]:
-    """(plan, notes): every valid parameter applied, every invalid one replaced by its default."""
+def plan_from_query(query: Mapping[str, str], default: ModelPlan = ModelPlan(),
+                    also: Iterable[str] = ("job",)) -> tuple[ModelPlan, list[str]]:
+    """(plan, notes): every valid parameter applied, every invalid one replaced by its default.
+
+    also: parameters the page reads elsewhere (the job panel's `job`, the recovery's), never "unknown".
+    """
     from .model_experiment import validate
 
     def check(plan: ModelPlan, name: str, candidate: ModelPlan) -> ModelPlan:
         validate(candidate)
         return candidate
 
-    return _from_query(query, _PLAN_PARSERS, default, check, _show)
+    return _from_query(query, _PLAN_PARSERS, default, check, _show, also)
 
 
 def plan_to_query(plan: ModelPlan) -> dict[str, str]:
@@ -159,7 +164,8 @@ def recovery_from_query(query: Mapping[str, str], plan: ModelPlan):
     from .recovery import RecoveryRequest
 
     def check(request, name: str, candidate):
-        candidate.resolve()
+        r = candidate.resolve()
+        limits.current().check_recovery(r.steps * r.batch * r.seq_len)
         return candidate
 
     def show(request, name: str) -> str:
@@ -171,6 +177,9 @@ def recovery_from_query(query: Mapping[str, str], plan: ModelPlan):
         return RecoveryRequest(plan=plan), []
     renamed = {field: query[param] for field, param in _RECOVERY_QUERY.items() if param in query}
     return _from_query(renamed, _RECOVERY_PARSERS, default, check, show)
+
+
+RECOVERY_PARAMETERS = tuple(_RECOVERY_QUERY.values())  # the link parameters recovery_from_query reads
 
 
 def recovery_to_query(request) -> dict[str, str]:

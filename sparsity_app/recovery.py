@@ -43,12 +43,13 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import time
 from typing import Any, Callable
 
 import numpy as np
 
-from . import data
+from . import data, limits
 from .errors import UserError
 from .experiment import layer_input_norms
 from .models import TOKENIZER_LOCK, get_model
@@ -61,6 +62,13 @@ MAX_STEPS = 5000
 RECOVERY_SOURCES = ("recovery.py", "pruning.py", "models.py", "metrics.py", "data.py", "spec.py", "experiment.py",
                     "model_experiment.py")
 _PLAN = ModelPlan()
+
+
+def recovery_code() -> str:
+    """The hash of RECOVERY_SOURCES: the `code` of a recovery's machine (timing.code_version)."""
+    from .timing import code_version
+
+    return code_version(RECOVERY_SOURCES)
 Progress = Callable[[str, str], None]  # (step, one-line detail), as experiment.Progress
 STEPS = ("prune", "train", "evaluate")  # what `progress` is told, in order
 
@@ -97,7 +105,7 @@ class RecoveryRequest:
                                        ("checkpoint_every", self.checkpoint_every, 1, MAX_STEPS)):
             if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
                 raise UserError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
-        for name, value, low, high in (("lr", self.lr, 1e-7, 1e-1), ("decay_fraction", self.decay_fraction, 0.0, 1.0),
+        for name, value, low, high in (("lr", self.lr, 1e-7, 1e-1), ("decay_fraction", self.decay_fraction, 0.0, 0.9),
                                        ("sr_ste_decay", self.sr_ste_decay, 0.0, 1.0),
                                        ("group_lasso", self.group_lasso, 0.0, 1.0)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
@@ -135,9 +143,7 @@ class RecoveryRequest:
     def key(self, machine: dict) -> str:
         """Everything that changes the recovered weights and their scores: the resolved request, the
         machine and packages, and the code that trains and scores (RECOVERY_SOURCES, not the kernels')."""
-        from .timing import code_version
-
-        machine = {**machine, "code": code_version(RECOVERY_SOURCES)}
+        machine = {**machine, "code": recovery_code()}
         blob = json.dumps({"recovery": self.to_dict(), "machine": machine}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -363,7 +369,10 @@ def recover(request: RecoveryRequest, store=None, progress: Progress = _quiet,
     from .timing import fingerprint
 
     req = request.resolve()
-    machine = fingerprint()
+    limits.current().check_recovery(req.steps * req.batch * req.seq_len)
+    if time_limit_s is None:
+        time_limit_s = limits.current().recover_timeout_s or None
+    machine = {**fingerprint(), "code": recovery_code()}
     key = req.key(machine)
     if store is not None and (hit := store.get_recovery(key)) is not None:
         return hit
@@ -408,7 +417,7 @@ def _recover(req: RecoveryRequest, key: str, machine: dict, store, progress: Pro
     if store is not None:
         store.put_recovery(key, result, weights, masks)  # weights first, then the entry that points at them
         if checkpoint is not None:
-            checkpoint.unlink(missing_ok=True)
+            shutil.rmtree(checkpoint.parent, ignore_errors=True)
     return result
 
 
@@ -433,12 +442,41 @@ def _block_norm_penalty(w, spec: Spec):
     return w.reshape(out_f // bs_r, bs_r, in_f // bs_c, bs_c).pow(2).sum(dim=(1, 3)).add(1e-12).sqrt().sum()
 
 
+def _follows(mask: np.ndarray, spec: Spec, weight: np.ndarray) -> bool:
+    """Whether a mask (bool [out, in]) has the spec's pattern: N of every M for N:M; else whole
+    bs_r x bs_c blocks, as many kept as the one-shot mask of `weight` (float32 [out, in]) keeps."""
+    out_f, in_f = mask.shape
+    if spec.nm is not None:
+        n, m = spec.nm
+        return bool((mask.reshape(out_f, in_f // m, m).sum(-1) == n).all())
+    bs_r, bs_c = spec.block
+    tiles = mask.reshape(out_f // bs_r, bs_r, in_f // bs_c, bs_c)
+    whole = bool((tiles.all(axis=(1, 3)) | ~tiles.any(axis=(1, 3))).all())
+    return whole and int(mask.sum()) == int(prune(weight, spec, layer_input_norms(spec)).sum())
+
+
 def _lr_at(req: RecoveryRequest, step: int) -> float:
     """5% linear warm-up, then a cosine decay to 0."""
     warm = max(1, req.steps // 20)
     if step < warm:
         return req.lr * (step + 1) / warm
     return req.lr * 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, req.steps - warm)))
+
+
+def _load_checkpoint(checkpoint: pathlib.Path | None, progress: Progress) -> dict | None:
+    """The checkpoint's state, or None (none there; or unreadable: set aside, and the run starts afresh)."""
+    import torch
+
+    if checkpoint is None or not checkpoint.exists():
+        return None
+    try:
+        return torch.load(checkpoint, weights_only=True)
+    except Exception as e:
+        aside = checkpoint.with_name(f"checkpoint.unreadable-{int(time.time())}.pt")
+        os.replace(checkpoint, aside)
+        progress("train", f"the checkpoint could not be read ({type(e).__name__}); kept aside as {aside.name}, "
+                          "starting from step 0")
+        return None
 
 
 def _train(req: RecoveryRequest, specs: dict, checkpoint: pathlib.Path | None, progress: Progress,
@@ -459,8 +497,8 @@ def _train(req: RecoveryRequest, specs: dict, checkpoint: pathlib.Path | None, p
     m = {n: torch.ones(t.shape, dtype=torch.bool) for n, t in w.items()}
     opt = torch.optim.AdamW(list(w.values()), lr=req.lr, weight_decay=0.0, foreach=True)
     start, wall_s, losses = 0, 0.0, []
-    if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=True)
+    state = _load_checkpoint(checkpoint, progress)
+    if state is not None:
         with torch.no_grad():
             for n in w:
                 w[n].copy_(state["w"][n])
@@ -525,10 +563,21 @@ def _train(req: RecoveryRequest, specs: dict, checkpoint: pathlib.Path | None, p
             save(done)
         if time_limit_s is not None and time.perf_counter() - began > time_limit_s and done < req.steps:
             save(done)
+            kept = "its checkpoint is kept: run it again to resume" if checkpoint is not None else \
+                "nothing was kept (no store)"
             raise RecoveryStopped(f"recovery stopped by its time limit ({time_limit_s:g} s) after {done} of "
-                                  f"{req.steps} steps; its checkpoint is kept: run it again to resume")
+                                  f"{req.steps} steps; {kept}")
+    last = recipe(req, specs, req.steps - 1)
+    if last.specs != specs or not last.hard:  # a schedule cut short (e.g. decay_fraction near 1): the plan's mask now
+        for n, spec in specs.items():
+            m[n] = torch.ones_like(m[n]) if spec is None else torch.from_numpy(
+                prune(w[n].detach().numpy(), spec, layer_input_norms(spec)))
     weights = {n: (t.detach() * m[n]).numpy().astype(np.float32) for n, t in w.items()}
-    return weights, {n: t.numpy() for n, t in m.items()}, req.steps, wall_s, losses, resumed_from
+    masks = {n: t.numpy() for n, t in m.items()}
+    for n, spec in specs.items():  # what is stored is what the plan says, or nothing is
+        if spec is not None and not _follows(masks[n], spec, model.weight(n)[0]):
+            raise AssertionError(f"the recovered mask of {n} does not follow {spec.label()}")
+    return weights, masks, req.steps, wall_s, losses, resumed_from
 
 
 __all__ = ["RecoveryRequest", "RecoveryResult", "RecoveryStopped", "RECIPES", "recover", "lookup", "nm_stages",

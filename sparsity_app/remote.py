@@ -192,7 +192,14 @@ class RemotePrepared:
         self.kernels, self.info = kernels, info
         self.symbols = {name: f"k{i}" for i, name in enumerate(kernels)}
         mod = tvm.IRModule({sym: kernels[name].source.prim_func(sym) for name, sym in self.symbols.items()})
-        lib = tvm.compile(mod, target=info.tvm_target())  # a compile error is ours, not the device's
+        from .errors import CompileError, one_line
+        from .limits import check_time
+
+        check_time(f"compiling {len(kernels)} kernel(s) for {info.tvm_target()}")
+        try:
+            lib = tvm.compile(mod, target=info.tvm_target())  # a compile error is ours, not the device's
+        except Exception as e:
+            raise CompileError(f"TVM could not compile the kernels for the device: {one_line(e)}") from e
         with tempfile.TemporaryDirectory(prefix="sparsity-rpc-") as tmp:
             name = f"kernels-{uuid.uuid4().hex[:12]}.so"
             lib.export_library(os.path.join(tmp, name))
@@ -214,6 +221,8 @@ class RemotePrepared:
         """The timing.measure protocol on the device: each kernel's calls per sample sized to last
         min_sample_s, then rounds in which each kernel runs one discarded settle sample and
         `per_round` timed ones (time_evaluator's own clock there). Returns name -> Timing (ms)."""
+        from .limits import check_time
+
         with _on_device("timing"):
             number = {}
             for name, sym in self.symbols.items():
@@ -223,6 +232,7 @@ class RemotePrepared:
                 number[name] = max(1, int(np.ceil(min_sample_s / per_call)))
             samples: dict[Any, list[float]] = {name: [] for name in self.symbols}
             while any(len(s) < repeat for s in samples.values()):
+                check_time("timing on the device")  # the measurement's time limit, between rounds
                 for name, sym in self.symbols.items():
                     n = min(per_round, repeat - len(samples[name]))
                     if n <= 0:

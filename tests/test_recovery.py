@@ -90,7 +90,35 @@ def test_every_recipe_ends_on_the_plans_pattern_and_learns(recipe, plan):
             assert (rows.all(axis=1) | ~rows.any(axis=1)).all()
     changed = max(float(np.abs(weights[n] - one_shot[n]).max()) for n in weights)
     assert changed > 1e-6  # it trained
-    assert get_model("minilm-l6").weight(next(iter(weights)))[0].any()  # the shared weights are untouched
+    shared = get_model("minilm-l6").torch_model()
+    for name in list(weights)[:3]:  # the shared model's weights are the file's: training touched a copy
+        np.testing.assert_array_equal(shared.get_submodule(name).weight.detach().numpy(),
+                                      get_model("minilm-l6").weight(name)[0])
+
+
+def test_a_schedule_cut_short_still_ends_on_the_plans_pattern():
+    """gradual at decay_fraction 0.9 over 2 steps never reaches its target inside the loop."""
+    weights, masks, *_ = _train(RecoveryRequest(plan=BLOCK, recipe="gradual", steps=2, batch=2, seq_len=16,
+                                                decay_fraction=0.9))
+    assert all(m.mean() == pytest.approx(0.5, abs=1 / 64) for m in masks.values())
+    assert all(not w[~masks[n]].any() for n, w in weights.items())
+
+
+def test_recovery_arrows_pair_each_recovered_result_with_its_one_shot_twin():
+    from types import SimpleNamespace
+
+    from sparsity_app import analysis
+
+    def result(plan, recovery, lee, speedup):
+        d = {"speedup_vs_best_dense": speedup, "speedup_vs_torch_eager": speedup, "speedup_vs_tvm_dense": speedup,
+             "speedup_vs_onnxruntime": speedup}
+        return SimpleNamespace(plan=plan, recovery=recovery, metrics={"lee_pearson": lee}, to_dict=lambda: d)
+
+    fixed = {"recipe": "fixed", "steps": 300}
+    results = [result(BLOCK, None, 0.33, 3.0), result(BLOCK, fixed, 0.55, 2.9), result(NM, fixed, 0.5, 1.5)]
+    df = analysis.recovery_arrows(results)  # NM has no one-shot twin: left out
+    assert list(df["stage"]) == ["one-shot", "recovered"] and list(df["lee_pearson"]) == [0.33, 0.55]
+    assert df["pair"].nunique() == 1 and set(df["recipe"]) == {"fixed"}
 
 
 def test_a_stopped_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
@@ -173,7 +201,19 @@ def test_recover_page_survives_a_bad_link(cache_dir):
     for k, v in {"recipe": "rm -rf", "steps": "-1", "seq_len": "x"}.items():
         bad.query_params[k] = v
     bad.run().switch_page("app_pages/recover.py").run()
-    assert not bad.exception and len(bad.warning) >= 3
+    assert not bad.exception
+    warned = " ".join(w.value for w in bad.warning)
+    for name in ("recipe", "steps", "seq_len"):
+        escaped = name.replace("_", r"\_")  # notes are Markdown-escaped
+        assert f"ignored {escaped}=" in warned  # each bad value named, and its default used
+    assert "reads no parameter" not in warned  # the recovery's parameters are this page's own
+
+    good = AppTest.from_file(APP, default_timeout=60)
+    for k, v in {"recipe": "mask-decay", "steps": "100", "train_batch": "8", "seq_len": "64"}.items():
+        good.query_params[k] = v
+    good.run().switch_page("app_pages/recover.py").run()
+    assert not good.exception and not good.warning
+    assert good.selectbox(key="r_recipe").value == "mask-decay" and good.number_input(key="r_steps").value == 100
 
 
 def test_bad_recover_input_is_one_line(cli):
