@@ -29,6 +29,26 @@ def requests(steps: int, only: str | None = None) -> list[RecoveryRequest]:
     return [r for r in out if only is None or only in r.plan.label() or only == r.recipe]
 
 
+def stored_runs(todo: list[RecoveryRequest], store) -> tuple[list, str | None]:
+    """(the stored RecoveryResults of `todo` made by one recovery code version, that version).
+
+    The version with the most of them wins; results of different code versions are never mixed.
+    Only this machine's results count (same CPU and packages; the code hash aside).
+    """
+    from .timing import fingerprint
+
+    here = {k: v for k, v in fingerprint().items() if k != "code"}
+    wanted = {r.resolve(): i for i, r in enumerate(todo)}
+    by_code: dict[str, dict[int, object]] = {}
+    for result in store.recoveries():
+        if result.request in wanted and {k: v for k, v in result.machine.items() if k != "code"} == here:
+            by_code.setdefault(result.machine.get("code"), {})[wanted[result.request]] = result
+    if not by_code:
+        return [], None
+    code, found = max(by_code.items(), key=lambda kv: len(kv[1]))
+    return [found[i] for i in sorted(found)], code
+
+
 def one_shot_metrics(plan: ModelPlan) -> dict[str, float]:
     """Real-label metrics of the plan's one-shot pruned MiniLM (no timing, no training)."""
     from . import metrics

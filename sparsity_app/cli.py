@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--only", default=None, help="only runs whose plan label or recipe contains this")
     p.add_argument("--skip-one-shot", action="store_true", help="skip the wanda vs magnitude one-shot comparison")
+    p.add_argument("--stored", action="store_true", help="train nothing: the target runs already stored on this "
+                   "machine by one code version (the one with most of them, named), then the verdicts")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--json", action="store_true")
 
@@ -377,6 +379,11 @@ def _bench_recovery(args) -> None:
 
     store, results = _open_store(args.cache_dir), []
     todo = bench_recovery.requests(args.steps, args.only)
+    if args.stored:
+        results, code = bench_recovery.stored_runs(todo, store)
+        _err(f"{len(results)} of {len(todo)} target runs stored by recovery code {code}" if results else
+             "no target run is stored on this machine")
+        todo = []
     for i, request in enumerate(todo, 1):
         _err(f"[run {i}/{len(todo)}] {request.label()}")
         try:
