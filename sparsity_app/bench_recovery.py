@@ -100,11 +100,11 @@ def verdicts(results: list, one_shot: list[tuple[str, float, float]]) -> list[st
         lines.append(f"one-shot {pattern}: wanda Lee {wanda:.3f} vs magnitude {magnitude:.3f}: {wanda - magnitude:+.3f}")
     timed = [r for r in results if r.steps_done == 300 and not r.resumed_from]  # whole runs of the target's length
     if timed:
-        slowest = max(timed, key=lambda r: r.wall_s + r.eval_s)
-        total = (slowest.wall_s + slowest.eval_s) / 60
-        lines.append(f"slowest 300-step run: {slowest.request.label()}: {slowest.wall_s / 60:.1f} min training + "
-                     f"{slowest.eval_s / 60:.1f} min scoring = {total:.1f} min (target <= 10): "
-                     f"{'met' if total <= 10 else 'MISSED'} (measured when it ran; a cached run keeps its figure)")
+        totals = sorted((r.wall_s + r.eval_s) / 60 for r in timed)
+        met = sum(t <= 10 for t in totals)
+        lines.append(f"300-step runs, training + scoring: {totals[0]:.1f} to {totals[-1]:.1f} min, median "
+                     f"{totals[len(totals) // 2]:.1f} (target <= 10): met by {met} of {len(totals)} (each measured "
+                     "when it ran, with whatever else the machine was running then)")
     return lines
 
 
