@@ -145,6 +145,8 @@ def test_app_rate_limit_counts_new_measurements_only(monkeypatch, cache_dir):
         return result
 
     monkeypatch.setattr(app_pages.common, "run", engine)
+    # A fresh limiter: the process-wide one has counted the runs of earlier AppTests, which share a session id.
+    monkeypatch.setattr(app_pages.common, "RATE_LIMITER", RateLimiter())
     monkeypatch.setenv("SPARSITY_APP_RATE_MEASUREMENTS", "1")
     at = AppTest.from_file(APP, default_timeout=300).run()
     at.button(key="FormSubmitter:explore-Run").click().run()  # the session's one new measurement
