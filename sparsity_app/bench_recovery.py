@@ -93,9 +93,10 @@ def verdicts(results: list, one_shot: list[tuple[str, float, float]]) -> list[st
     ste = lee(NM_24, "sr-ste")
     for recipe in ("mask-decay", "structure-decay"):
         v = lee(NM_24, recipe)
-        lines.append(f"2:4: {recipe} Lee " + ("not run" if v is None or ste is None else
-                                               f"{v:.3f} vs sr-ste {ste:.3f}: {v - ste:+.3f} "
-                                               f"({'beats' if v > ste else 'does not beat'} sr-ste)"))
+        verdict = None if v is None or ste is None else "ties with sr-ste (within 0.01, one seed each)" \
+            if abs(v - ste) < 0.01 else "beats sr-ste" if v > ste else "does not beat sr-ste"
+        lines.append(f"2:4: {recipe} Lee " + ("not run" if verdict is None else
+                                               f"{v:.3f} vs sr-ste {ste:.3f}: {v - ste:+.3f} ({verdict})"))
     for pattern, magnitude, wanda in one_shot:
         lines.append(f"one-shot {pattern}: wanda Lee {wanda:.3f} vs magnitude {magnitude:.3f}: {wanda - magnitude:+.3f}")
     timed = [r for r in results if r.steps_done == 300 and not r.resumed_from]  # whole runs of the target's length

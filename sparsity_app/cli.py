@@ -381,7 +381,7 @@ def _bench_recovery(args) -> None:
     todo = bench_recovery.requests(args.steps, args.only)
     if args.stored:
         results, code = bench_recovery.stored_runs(todo, store)
-        _err(f"{len(results)} of {len(todo)} target runs stored by recovery code {code}" if results else
+        _err(f"{len(results)} of {len(todo)} target runs stored by code version {code}" if results else
              "no target run is stored on this machine")
         todo = []
     for i, request in enumerate(todo, 1):
