@@ -5,7 +5,8 @@ import streamlit as st
 from app_pages import job_panel
 from app_pages.common import cache_controls, pick_conditions, store
 from sparsity_app import UserError, analysis, charts, jobs
-from sparsity_app.links import RECOVERY_PARAMETERS, plan_from_query, recovery_from_query, recovery_to_query
+from sparsity_app.errors import one_line
+from sparsity_app.links import RECOVERY_PARAMETERS, escape, plan_from_query, recovery_from_query, recovery_to_query
 from sparsity_app.model_experiment import lookup as lookup_model
 from sparsity_app.pruning import METHODS
 from sparsity_app.recovery import RECIPES, RecoveryRequest, lookup, recovery_code
@@ -52,7 +53,7 @@ try:
     request = RecoveryRequest(plan=plan, recipe=recipe, steps=int(steps), batch=start_request.batch,
                               seq_len=start_request.seq_len).resolve()  # the link's training shape (the CLI's flags)
 except UserError as e:
-    st.error(str(e))
+    st.error(escape(one_line(e, 600)))
 
 recovered = measured = job = None
 job_id = job_panel.job_in_link()
@@ -69,9 +70,9 @@ if request is not None:
             if recovered is not None:
                 measured = lookup_model(plan, store(), recovered)
     except UserError as e:
-        st.error(str(e))
+        st.error(escape(one_line(e, 600)))
     except Exception as e:  # the engine failed: say so, keep the page alive
-        st.error(f"The engine failed: {type(e).__name__}: {e}")
+        st.error(escape(f"The engine failed: {type(e).__name__}: {one_line(e)}"))
 
 if recovered is None and job is not None and job.state not in jobs.FINISHED:
     st.stop()  # the job's panel is the screen until it finishes
