@@ -3,6 +3,9 @@
 - Lee corpus: 50 news documents and a 50x50 matrix of human similarity scores (0..1).
 - Pang & Lee polarity: 200 movie-review sentences, 100 positive and 100 negative.
 - WordSim353 and SimLex-999: word pairs with a mean human similarity score (0..10).
+
+And unlabelled text that no metric evaluates on (`training_documents`): what recovery trains on and
+what activation-aware pruning calibrates on, so neither sees an evaluation text.
 """
 from __future__ import annotations
 
@@ -30,6 +33,20 @@ def lee_documents() -> tuple[str, ...]:
     docs = tuple(line.strip() for line in text.splitlines() if line.strip())
     assert len(docs) == 50, f"lee.cor: expected 50 documents, found {len(docs)}"
     return docs
+
+
+TRAINING_CORPORA = ("lee_background.cor", "head500.noblanks.cor")  # metrics never read these
+
+
+@functools.cache
+def training_documents() -> tuple[str, ...]:
+    """The unlabelled training documents, one per non-empty line of each TRAINING_CORPORA file, in order
+    (300 Lee background news articles, then 500 Wikipedia paragraphs)."""
+    docs: list[str] = []
+    for name in TRAINING_CORPORA:
+        text = (data_dir() / name).read_text(encoding="utf-8", errors="replace")
+        docs += [line.strip() for line in text.splitlines() if line.strip()]
+    return tuple(docs)
 
 
 @functools.cache

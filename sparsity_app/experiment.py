@@ -8,7 +8,6 @@ behind TVM's RPC tracker (remote.py); everything else runs here.
 from __future__ import annotations
 
 import contextlib
-import functools
 import time
 from typing import Callable, Iterator
 
@@ -19,7 +18,7 @@ from .backend import LOCAL, Backend, LocalDevice
 from .errors import UserError
 from .formats import sparse_format, to_bsr
 from .models import get_model, layer_info
-from .pruning import ACTIVATION_AWARE, input_norms, prune
+from .pruning import ACTIVATION_AWARE, prune
 from .spec import SPARSE, Result, Spec
 from .store import Store, key_of
 
@@ -184,13 +183,9 @@ def mask_of(spec: Spec) -> np.ndarray:
 
 def layer_input_norms(spec: Spec) -> np.ndarray | None:
     """The input norms an activation-aware method scores with (None for the others): float64 [in],
-    over the layer's whole calibration set, so the mask does not depend on the timed token count."""
-    return _input_norms(spec.model, spec.layer) if spec.method in ACTIVATION_AWARE else None
-
-
-@functools.lru_cache(maxsize=64)
-def _input_norms(model: str, layer: str) -> np.ndarray:
-    return input_norms(get_model(model).calibration_set(layer))
+    measured on training text that no metric scores (`Model.pruning_input_norms`), never on the
+    calibration set the proxies and metrics use, and independent of the timed token count."""
+    return get_model(spec.model).pruning_input_norms(spec.layer) if spec.method in ACTIVATION_AWARE else None
 
 
 __all__ = ["run", "run_on", "lookup", "validate", "mask_of", "layer_input_norms", "STEPS", "UserError"]

@@ -30,6 +30,7 @@ TOKENIZER_LOCK = threading.Lock()
 
 MAX_TOKENS = 4096  # most rows of X a timed layer gets (the real text yields ~11k token rows)
 _SYNTHETIC_CALIBRATION = 4096  # rows of the synthetic model's (Gaussian) calibration set
+PRUNING_DOCUMENTS = 64  # training documents that activation-aware pruning calibrates on (~8k tokens)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,7 @@ class Model(Protocol):
     def weight(self, layer: str) -> tuple[np.ndarray, np.ndarray | None]: ...
     def calibration(self, layer: str, tokens: int) -> np.ndarray: ...
     def calibration_set(self, layer: str) -> np.ndarray: ...
+    def pruning_input_norms(self, layer: str) -> np.ndarray: ...  # what activation-aware pruning scores with
     def torch_model(self): ...  # the shared transformers BertModel (eval mode): never modify it
     def tokenizer(self): ...
 
@@ -140,6 +142,45 @@ class MiniLM:
         """
         _check_layer(self, layer)
         return self._calibration_all()[layer]
+
+    def pruning_input_norms(self, layer: str) -> np.ndarray:
+        """||X_j||_2 of each input feature of the layer, float64 [in], over the first
+        PRUNING_DOCUMENTS training documents (each cut at 128 tokens, ~8k tokens): what activation-aware
+        pruning (wanda) scores with. Never the calibration set above, whose texts the metrics score:
+        a mask chosen on them would be tuned to the test."""
+        _check_layer(self, layer)
+        return self._pruning_norms()[layer]
+
+    @functools.cache
+    def _pruning_norms(self) -> dict[str, np.ndarray]:
+        import torch
+
+        shared, tok = self._hf
+        model = copy.deepcopy(shared)  # the hooks go on a private copy: other callers' forwards stay unseen
+        texts = list(data.training_documents()[:PRUNING_DOCUMENTS])
+        squares = {info.name: 0.0 for info in self.layers()}
+        keep = None
+
+        def hook(name):
+            def fn(_module, inputs, _output):
+                x = inputs[0].double()[keep]  # the real tokens only: padding rows would skew the norms
+                squares[name] = squares[name] + (x * x).sum(dim=0)
+            return fn
+
+        for n in squares:
+            model.get_submodule(n).register_forward_hook(hook(n))
+        with torch.inference_mode():
+            for start in range(0, len(texts), 32):
+                with TOKENIZER_LOCK:
+                    enc = tok(texts[start:start + 32], padding=True, truncation=True, max_length=128, return_tensors="pt")
+                keep = enc["attention_mask"].bool()
+                model(**enc)
+        out = {}
+        for n, v in squares.items():
+            norms = np.sqrt(v.numpy())
+            norms.setflags(write=False)
+            out[n] = norms
+        return out
 
     @functools.cache
     def _calibration_all(self) -> dict[str, np.ndarray]:
@@ -251,6 +292,10 @@ class SyntheticBert:
 
     def calibration_set(self, layer: str) -> np.ndarray:
         return self.calibration(layer, _SYNTHETIC_CALIBRATION)
+
+    def pruning_input_norms(self, layer: str) -> np.ndarray:
+        """||X_j||_2 over the Gaussian calibration rows, float64 [in] (there is no text to keep apart here)."""
+        return np.sqrt((self.calibration_set(layer).astype(np.float64) ** 2).sum(axis=0))
 
     @functools.cached_property
     def _torch(self):

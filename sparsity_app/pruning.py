@@ -5,8 +5,8 @@ Scoring (which weights matter) is kept apart from the mask's shape (which patter
 the best N of every M consecutive weights along the input dimension.
 
 Every method has the signature of `magnitude`: (weight, spec, input_norms). input_norms is float64
-[in], the L2 norm of each input feature over the layer's calibration tokens (`input_norms`), for
-the activation-aware methods (`wanda`); the others ignore it. Adding a method is one function plus
+[in], the L2 norm of each input feature over the layer's calibration tokens (`input_norms`; the
+engine measures them on training text, `Model.pruning_input_norms`), for the activation-aware methods (`wanda`); the others ignore it. Adding a method is one function plus
 one line in `METHODS` (and, if it reads activations, its name in `ACTIVATION_AWARE`).
 """
 from __future__ import annotations

@@ -56,7 +56,6 @@ from .models import TOKENIZER_LOCK, get_model
 from .pruning import prune
 from .spec import ModelPlan, Spec
 
-CORPORA = ("lee_background.cor", "head500.noblanks.cor")  # training text; metrics never read these
 MAX_STEPS = 5000
 # The modules that decide recovered weights and their scores; a kernel or UI change keeps stored recoveries.
 RECOVERY_SOURCES = ("recovery.py", "pruning.py", "models.py", "metrics.py", "data.py", "spec.py", "experiment.py",
@@ -304,15 +303,6 @@ RECIPES: dict[str, Recipe] = {
 
 # ---- training text ------------------------------------------------------------------------------
 
-def corpus_documents() -> tuple[str, ...]:
-    """The training documents, one per line of each CORPORA file (never an evaluation text)."""
-    docs: list[str] = []
-    for name in CORPORA:
-        text = (data.data_dir() / name).read_text(encoding="utf-8", errors="replace")
-        docs += [line.strip() for line in text.splitlines() if line.strip()]
-    return tuple(docs)
-
-
 @functools.cache
 def training_sequences(seq_len: int) -> np.ndarray:
     """int64 [n, seq_len]: [CLS] + seq_len - 2 consecutive word pieces of one document + [SEP].
@@ -323,7 +313,7 @@ def training_sequences(seq_len: int) -> np.ndarray:
     tok = get_model("minilm-l6").tokenizer()
     body = seq_len - 2
     with TOKENIZER_LOCK:
-        ids = tok(list(corpus_documents()), add_special_tokens=False)["input_ids"]
+        ids = tok(list(data.training_documents()), add_special_tokens=False)["input_ids"]
     rows = [[tok.cls_token_id, *doc[i:i + body], tok.sep_token_id]
             for doc in ids for i in range(0, len(doc) - body + 1, body)]
     out = np.asarray(rows, dtype=np.int64)

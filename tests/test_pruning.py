@@ -132,3 +132,28 @@ def test_block_that_does_not_divide_names_the_dimension():
         Spec(block=(5, 1)).resolve().check_shape((384, 384))
     with pytest.raises(UserError, match="bs_c=7 must divide the input dimension 1536"):
         Spec(block=(1, 7)).resolve().check_shape((384, 1536))
+
+
+def test_wanda_calibrates_on_training_text_that_no_metric_scores():
+    """The input norms wanda scores with come from the unlabelled training documents only: a mask
+    chosen on the evaluation texts (Lee, polarity) would be tuned to the test it is scored on."""
+    from sparsity_app import data, metrics
+    from sparsity_app.experiment import layer_input_norms
+    from sparsity_app.models import PRUNING_DOCUMENTS, MiniLM, get_model
+
+    shared = get_model("minilm-l6")
+    seen = []
+
+    def spy(texts, **kw):
+        seen.extend(texts)
+        return shared.tokenizer()(texts, **kw)
+
+    fresh = MiniLM()  # its own caches; the shared model and tokenizer are only read
+    fresh._loaded = (shared.torch_model(), spy)
+    layer = "encoder.layer.0.attention.self.query"
+    norms = fresh.pruning_input_norms(layer)
+    assert seen == list(data.training_documents()[:PRUNING_DOCUMENTS])
+    assert not set(seen) & set(metrics.eval_texts())
+    assert norms.shape == (384,) and (norms > 0).all()
+    wanda = Spec(model="minilm-l6", layer=layer, method="wanda", block=(1, 1), sparsity=0.5)
+    np.testing.assert_array_equal(layer_input_norms(wanda), norms)  # what the engine prunes with
