@@ -1,18 +1,25 @@
 """The Dockerfile, read and then run step by step without Docker (no engine runs on these machines).
 
-What is mirrored: the pip RUN line installs requirements.txt into a fresh virtualenv (`python -m venv`,
-no system site packages) made from a Python 3.11 like the image's; the project is copied as `COPY . .`
+What is mirrored: the pip RUN line installs requirements.txt into a virtualenv (`python -m venv`, no
+system site packages) made from a Python 3.11 like the image's; the project is copied as `COPY . .`
 copies it (minus .dockerignore); the server runs the CMD's arguments with the ENV variables, as an
 unprivileged user (uid 65534 when the test runs as root, as `USER app` does) that may write only the
 cache volume and its home; the HEALTHCHECK command is polled until it passes; then the app's landing
 page is rendered by that install. Not mirrored: the base image itself and `useradd`.
 
-The install is the slow step (measured: ~4 min on the 2-core machine), so the virtualenv is kept
-between runs under the temp dir, keyed by requirements.txt, the pip line and the interpreter: it is
-rebuilt from nothing whenever any of them changes, or always with SPARSITY_APP_DOCKER_FRESH=1. pip's
-own cache may serve the wheels (the test drops `--no-cache-dir`, which only keeps the image small) and
-PIP_RETRIES=0 makes an unreachable extra index (download.pytorch.org here) fail fast instead of
-retrying for minutes; the local CPU torch wheel satisfies the pin.
+Which virtualenv: the install is the slow step (~4-5 min on the 2-core machine, as long as a third of
+the suite), and the suite itself already runs in a virtualenv that `pip install -r requirements.txt`
+built (the README's command, CI's too). So by default the server runs from the suite's own
+environment when that is a virtualenv without system site packages whose every package matches its
+pin in requirements.txt (checked, and the test says which it used); as root, from a hard-linked copy
+that the unprivileged user can read (CI's virtualenv sits in a 0700 temp dir). SPARSITY_APP_DOCKER_FRESH=1
+runs the Dockerfile's own pip line into a new virtualenv instead, kept under the temp dir and keyed by
+requirements.txt, the pip line and the interpreter (rebuilt whenever any changes); so does an
+environment off its pins. pip's own cache may serve the wheels (the test drops `--no-cache-dir`, which
+only keeps the image small) and PIP_RETRIES=0 makes an unreachable extra index (download.pytorch.org
+here) fail fast instead of retrying for minutes; the local CPU torch wheel satisfies the pin. The
+server is started as `python -m streamlit`, not through the `streamlit` script, whose #! line names
+the interpreter of the virtualenv it was installed into.
 """
 import fnmatch
 import hashlib
@@ -89,19 +96,17 @@ def _as_user() -> list[str]:
             if os.geteuid() == 0 else [])
 
 
-def _fresh_venv(python: str, pip_line: str) -> tuple[pathlib.Path, dict]:
+def _fresh_venv(python: str, pip_line: str) -> tuple[pathlib.Path, str]:
     """The virtualenv that `python -m venv` + the Dockerfile's pip line build; built once per key."""
     requirements = (ROOT / "requirements.txt").read_bytes()
     version = subprocess.run([python, "-VV"], capture_output=True, text=True).stdout.strip()
     key = hashlib.sha256(requirements + pip_line.encode() + python.encode() + version.encode()).hexdigest()[:16]
-    home = pathlib.Path(tempfile.gettempdir()) / "sparsity-app-docker"
-    home.mkdir(mode=0o755, exist_ok=True)
-    venv = home / f"venv-{key}"
-    with FileLock(str(home / "build.lock")):
+    venv = _home() / f"venv-{key}"
+    with FileLock(str(_home() / "build.lock")):
         if os.environ.get("SPARSITY_APP_DOCKER_FRESH") and venv.exists():
             shutil.rmtree(venv)
         if not (venv / "installed.json").exists():
-            for old in home.glob("venv-*"):  # another requirements.txt's: 2.5 GB each
+            for old in _home().glob("venv-*"):  # another requirements.txt's: 2.5 GB each
                 shutil.rmtree(old, ignore_errors=True)
             start = time.monotonic()
             subprocess.run([python, "-m", "venv", str(venv)], check=True)
@@ -113,7 +118,65 @@ def _fresh_venv(python: str, pip_line: str) -> tuple[pathlib.Path, dict]:
             assert done.returncode == 0, done.stderr[-3000:]
             (venv / "installed.json").write_text(json.dumps({"seconds": round(time.monotonic() - start, 1),
                                                              "pip": args, "python": version}))
-    return venv, json.loads((venv / "installed.json").read_text())
+    built = json.loads((venv / "installed.json").read_text())
+    return venv, f"a fresh virtualenv {venv.name}, installed by the Dockerfile's pip line in {built['seconds']} s"
+
+
+def _home() -> pathlib.Path:
+    home = pathlib.Path(tempfile.gettempdir()) / "sparsity-app-docker"
+    home.mkdir(mode=0o755, exist_ok=True)
+    return home
+
+
+def _off_pins() -> list[str]:
+    """The pins of requirements.txt that this interpreter's environment does not hold, as 'name: have != want'
+    (a local version label such as torch's +cpu aside), plus why it is not a plain virtualenv if it is not."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    off = []
+    if sys.prefix == sys.base_prefix:
+        off.append("not a virtualenv")
+    elif "include-system-site-packages = true" in (pathlib.Path(sys.prefix) / "pyvenv.cfg").read_text().lower():
+        off.append("a virtualenv that sees the system site packages")
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        name, _, want = line.partition("==")
+        try:
+            have = version(name)
+        except PackageNotFoundError:
+            have = "missing"
+        if have.split("+", 1)[0] != want:
+            off.append(f"{name}: {have} != {want}")
+    return off
+
+
+def _suite_venv(python: str) -> tuple[pathlib.Path, str] | None:
+    """The suite's own virtualenv when it holds exactly requirements.txt and runs `python`'s version (else None);
+    as root, a hard-linked copy of it under the temp dir that uid 65534 can read, made once per environment."""
+    off = _off_pins()
+    if off or sys.version_info[:2] != (3, 11):
+        return None
+    venv = pathlib.Path(sys.prefix)
+    if os.geteuid() != 0:
+        return venv, f"the suite's own virtualenv {venv} (every pin of requirements.txt checked)"
+    key = hashlib.sha256((ROOT / "requirements.txt").read_bytes() + str(venv).encode()).hexdigest()[:16]
+    copy = _home() / f"suite-{key}"
+    with FileLock(str(_home() / "build.lock")):
+        if not (copy / "pyvenv.cfg").exists():
+            for old in _home().glob("suite-*"):
+                shutil.rmtree(old, ignore_errors=True)
+            tmp = _home() / f"suite-{key}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            linked = subprocess.run(["cp", "-al", str(venv), str(tmp)], capture_output=True)
+            if linked.returncode != 0:  # another file system: a plain copy
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(venv, tmp, symlinks=True)
+            for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir() and not p.is_symlink())]:
+                d.chmod(d.stat().st_mode | 0o555)
+            tmp.rename(copy)
+    return copy, f"the suite's own virtualenv {venv} (every pin of requirements.txt checked), as a copy uid 65534 can read"
 
 
 def _copy_context(dest: pathlib.Path) -> None:
@@ -146,8 +209,9 @@ def test_the_dockerfile_steps_serve_the_app_in_a_fresh_virtualenv():
     if python is None:
         pytest.skip("no Python 3.11 that an unprivileged user can run (set SPARSITY_APP_DOCKER_PYTHON)")
     pip_line = next(args for w, args in ins if w == "RUN" and args.startswith("pip install"))
-    venv, built = _fresh_venv(python, pip_line)
-    print(f"virtualenv {venv.name}: installed in {built['seconds']} s ({built['python']})")
+    mirrored = None if os.environ.get("SPARSITY_APP_DOCKER_FRESH") else _suite_venv(python)
+    venv, which = mirrored or _fresh_venv(python, pip_line)
+    print(f"serving from {which}")
 
     app = pathlib.Path(tempfile.mkdtemp(prefix="sparsity-app-image-"))  # the image's /app, world-readable
     server = None
@@ -164,9 +228,10 @@ def test_the_dockerfile_steps_serve_the_app_in_a_fresh_virtualenv():
             env.update(kv.split("=", 1) for kv in shlex.split(args.replace("/app", str(app))))
         port = _free_port()
         cmd = [a.replace("--server.port=8501", f"--server.port={port}") for a in json.loads(_one(ins, "CMD"))]
+        assert cmd[0] == "streamlit"
         log = open(app / "tmp" / "server.log", "w")
-        server = subprocess.Popen([*_as_user(), str(venv / "bin" / cmd[0]), *cmd[1:]], cwd=app, env=env, stdout=log,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
+        server = subprocess.Popen([*_as_user(), str(venv / "bin" / "python"), "-m", *cmd], cwd=app, env=env,
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
         health = shlex.split(_one(ins, "HEALTHCHECK").split(" CMD ", 1)[1])
         health = [str(venv / "bin" / "python") if a == "python" else a.replace(":8501/", f":{port}/") for a in health]
