@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="result cache (default cache/ or $SPARSITY_APP_CACHE_DIR)")
     p = sub.add_parser("worker", help="(internal) run queued jobs one at a time until none is left")
     p.add_argument("--cache-dir", default=None)
-    p = sub.add_parser("loadtest", help="N browser sessions at once against a real `streamlit run app.py`: "
+    p = sub.add_parser("loadtest", help="N app sessions (websocket clients) at once against a real `streamlit run app.py`: "
                        "results, no errors, no overlapping measurements, speedups as quiet")
     from .loadtest import add_arguments as add_loadtest_arguments
 

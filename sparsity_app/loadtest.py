@@ -1,10 +1,13 @@
-"""python -m sparsity_app loadtest: many browser sessions at once against a real `streamlit run app.py`.
+"""python -m sparsity_app loadtest: many app sessions at once against a real `streamlit run app.py`.
 
-Starts the app on 127.0.0.1 with a private cache and measurement-slot directory, opens `--sessions`
-browser contexts in one headless Chromium (Playwright; one browser with N contexts costs far less
-than N browsers on 2 cores) and has each press Run on `--runs` uncached single-layer
-configurations of the Explore page, all sessions at once: each session's second run is one fixed
-configuration with "Measure again and re-tune" ticked (so every session measures it afresh), the
+Starts the app on 127.0.0.1 with a private cache and measurement-slot directory, connects `--sessions`
+websocket clients that speak Streamlit's own protocol (what a browser tab sends: the link's query
+string, then the widget states of a Run press; what it gets back: the page's elements) and has each
+press Run on `--runs` uncached single-layer configurations of the Explore page, all sessions at once.
+The server does all it does for real tabs; the clients render nothing, so the 2 cores are the
+server's, as on a real host where the browsers run on the users' machines (a local headless
+Chromium took ~30% of the machine's CPU in an earlier version of this command). Each session's second
+run is one fixed configuration with "Measure again and re-tune" ticked (so every session measures it afresh), the
 others are distinct. Then it stops the server (also on failure or ^C) and checks, printing each figure:
 
 - every run finished with a result on the page and in the cache, and none showed an error;
@@ -42,15 +45,15 @@ SQUARE_ROLES = ("attention.self.query", "attention.self.key", "attention.self.va
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sessions", type=int, default=8, help="browser sessions at once (default %(default)s)")
+    p.add_argument("--sessions", type=int, default=8, help="app sessions at once (default %(default)s)")
     p.add_argument("--runs", type=int, default=3, help="uncached runs each session submits (default %(default)s)")
     p.add_argument("--port", type=int, default=0, help="the app's port on 127.0.0.1 (default: a free one)")
     p.add_argument("--tokens", type=int, default=128, help="tokens of every configuration (default %(default)s)")
-    p.add_argument("--quiet-runs", type=int, default=3, help="quiet measurements of the fixed configuration")
+    p.add_argument("--quiet-runs", type=int, default=None, help="quiet measurements of the fixed configuration "
+                   "(default: as many as the sessions, so that both medians are of equally many samples)")
     p.add_argument("--tolerance", type=float, default=0.10, help="allowed relative gap of the fixed configuration's "
                    "speedup, loaded vs quiet (default %(default)s)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds for the whole load (default %(default)s)")
-    p.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
     p.add_argument("--keep", action="store_true", help="keep the private directory (server log, cache, slot log)")
 
 
@@ -74,8 +77,10 @@ def configurations(sessions: int, runs: int, tokens: int) -> tuple[list[list[Spe
 def main(args: argparse.Namespace) -> int:
     if not 1 <= args.sessions <= 32 or not 1 <= args.runs <= 10:
         raise UserError("--sessions must be in [1, 32] and --runs in [1, 10]")
-    if not os.path.exists(args.chromium):
-        raise UserError(f"no Chromium at {args.chromium} (install Debian's chromium, or pass --chromium)")
+    if args.quiet_runs is None:
+        args.quiet_runs = args.sessions
+    if not 1 <= args.quiet_runs <= 32:
+        raise UserError("--quiet-runs must be in [1, 32]")
     plan, fixed = configurations(args.sessions, args.runs, args.tokens)
     for specs in plan:  # every bad input before anything starts
         for spec in specs:
@@ -92,17 +97,17 @@ def main(args: argparse.Namespace) -> int:
     try:
         _wait_healthy(port, server)
         _say(f"server up in {time.monotonic() - t0:.1f} s")
-        t1, cpu0 = time.monotonic(), _cpu(server.pid)
+        t1, cpu0, mine0 = time.monotonic(), _cpu(server.pid), time.process_time()
         try:
-            outcomes, browser_cpu = asyncio.run(asyncio.wait_for(
-                _drive(f"http://127.0.0.1:{port}", plan, fixed, args.chromium, args.timeout), args.timeout + 60))
-        except TimeoutError:  # every run has its own deadline; this is the browser itself hanging
+            outcomes = asyncio.run(asyncio.wait_for(_drive(f"http://127.0.0.1:{port}", plan, fixed, args.timeout),
+                                                    args.timeout + 60))
+        except TimeoutError:  # every run has its own deadline; this is a client itself hanging
             print(f"FAILED the sessions did not finish within {args.timeout + 60:.0f} s")
             return 1
         load_s, cpu1 = time.monotonic() - t1, _cpu(server.pid)
         _say(f"CPU seconds during the load ({load_s:.0f} s wall, {os.cpu_count()} cores): streamlit server "
-             f"{cpu1['server'] - cpu0['server']:.0f}, Chromium {browser_cpu:.0f}, whole machine "
-             f"{cpu1['machine'] - cpu0['machine']:.0f} (other users included)")
+             f"{cpu1['server'] - cpu0['server']:.0f}, the {args.sessions} clients {time.process_time() - mine0:.0f}, "
+             f"whole machine {cpu1['machine'] - cpu0['machine']:.0f} (other users included)")
     finally:
         _stop(server)
         _say("server stopped")
@@ -159,77 +164,137 @@ def _stop(server: subprocess.Popen) -> None:
             continue
 
 
-async def _drive(url: str, plan: list[list[Spec]], fixed: Spec, chromium: str,
-                 timeout: float) -> tuple[list[list[dict]], float]:
-    """(each session's runs in order: {spec, ok, speedup, seconds, error}; CPU seconds the browser used)."""
-    from playwright.async_api import async_playwright
+class _Session:
+    """One app session spoken to as the browser speaks to it: a websocket to /_stcore/stream, BackMsg
+    `rerun_script` (query string + widget states) in, ForwardMsg deltas out. No browser, no rendering:
+    the server does everything it does for a real tab, the client costs next to nothing."""
+
+    def __init__(self, url: str):
+        self.url, self.ws, self.elements = url, None, []
+
+    async def open(self, query: str, timeout: float) -> None:
+        """Connect and run the page at `?query`, as a tab opening the link does."""
+        from websockets.asyncio.client import connect
+
+        origin = self.url.rstrip("/")
+        self.ws = await connect(origin.replace("http", "ws", 1) + "/_stcore/stream", subprotocols=["streamlit"],
+                                origin=origin, max_size=None, open_timeout=timeout)
+        self.query = query
+        await self.rerun([], timeout)
+
+    async def rerun(self, widgets: list, timeout: float) -> None:
+        """Rerun the script with these WidgetStates (a button press is a trigger_value) and read until it ends;
+        self.elements is then the elements that run produced, in order."""
+        from streamlit.proto.BackMsg_pb2 import BackMsg
+
+        msg = BackMsg()
+        msg.rerun_script.query_string = self.query
+        msg.rerun_script.widget_states.widgets.extend(widgets)
+        await self.ws.send(msg.SerializeToString())
+        self.elements = []
+        await asyncio.wait_for(self._until_finished(), timeout)
+
+    async def _until_finished(self) -> None:
+        from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
+
+        while True:
+            msg = ForwardMsg()
+            msg.ParseFromString(await self.ws.recv())
+            kind = msg.WhichOneof("type")
+            if kind == "new_session":
+                self.elements = []
+            elif kind == "delta" and msg.delta.WhichOneof("type") == "new_element":
+                self.elements.append(msg.delta.new_element)
+            elif kind == "script_finished" and msg.script_finished != ForwardMsg.FINISHED_EARLY_FOR_RERUN:
+                return
+
+    def find(self, kind: str, label_start: str):
+        """The first element of this kind whose label starts with `label_start`, or None."""
+        return next((getattr(e, kind) for e in self.elements if e.WhichOneof("type") == kind
+                     and getattr(e, kind).label.startswith(label_start)), None)
+
+    def error(self) -> str | None:
+        """The first error the page showed (an st.error or an exception), one line, or None."""
+        from streamlit.proto.Alert_pb2 import Alert
+
+        for e in self.elements:
+            if e.WhichOneof("type") == "alert" and e.alert.format == Alert.ERROR:
+                return e.alert.body.strip().splitlines()[0][:200]
+            if e.WhichOneof("type") == "exception":
+                return f"{e.exception.type}: {e.exception.message.splitlines()[0][:200]}"
+        return None
+
+    def headings(self) -> list[str]:
+        return [e.heading.body for e in self.elements if e.WhichOneof("type") == "heading"]
+
+    async def close(self) -> None:
+        if self.ws is not None:
+            await self.ws.close()
+
+
+async def _drive(url: str, plan: list[list[Spec]], fixed: Spec, timeout: float) -> list[list[dict]]:
+    """Each session's runs in order: {session, run, spec, ok, speedup, seconds, error}. A run opens the
+    configuration's link, ticks "Measure again and re-tune" for the fixed configuration (so every session
+    measures it afresh), presses Run and reads the page it gets back: the speedup metric, or its error."""
+    from streamlit.proto.WidgetStates_pb2 import WidgetState
 
     from .links import spec_to_query
 
     deadline = time.monotonic() + timeout
 
-    async def session(browser, i: int, specs: list[Spec]) -> list[dict]:
-        context = await browser.new_context(viewport={"width": 1400, "height": 1600}, reduced_motion="reduce")
-        page, out = await context.new_page(), []
-        try:
-            for j, spec in enumerate(specs):
-                start = time.monotonic()
-                row = {"session": i, "run": j, "spec": spec, "ok": False, "speedup": None, "error": None}
-                try:
-                    left_ms = max(1000.0, (deadline - time.monotonic()) * 1000)
-                    await page.goto(f"{url}/?{urllib.parse.urlencode(spec_to_query(spec))}", timeout=left_ms)
-                    run = page.get_by_role("button", name="Run", exact=True)
-                    await run.wait_for(timeout=min(left_ms, 120_000))
-                    if spec == fixed:  # measured afresh by every session, not served from the cache
-                        await page.get_by_text("Measure again and re-tune").click()
-                    await run.click()
-                    metric = page.get_by_text("Speedup vs best dense")
-                    error = page.locator('[data-testid="stAlertContentError"], [data-testid="stException"]')
-                    await metric.or_(error).first.wait_for(timeout=max(1000.0, (deadline - time.monotonic()) * 1000))
-                    if await error.count():
-                        row["error"] = (await error.first.inner_text()).strip().splitlines()[0][:200]
-                    else:
-                        value = await page.locator('[data-testid="stMetricValue"]').first.inner_text()
-                        row["ok"], row["speedup"] = True, float(value.rstrip("x"))
-                except Exception as e:  # a timeout or a browser failure: this run failed, say how
-                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                row["seconds"] = time.monotonic() - start
-                _say(f"  session {i} run {j + 1}/{len(specs)}: {spec.layer} {spec.label()} @ {spec.sparsity:g}: "
-                     + (f"{row['speedup']:.2f}x in {row['seconds']:.0f} s" if row["ok"] else f"FAILED ({row['error']})"))
-                out.append(row)
-                if time.monotonic() > deadline:
-                    break
-        finally:
-            await context.close()
+    async def one_run(client: _Session, spec: Spec, row: dict) -> None:
+        left = lambda: max(1.0, deadline - time.monotonic())
+        await client.open(urllib.parse.urlencode(spec_to_query(spec)), left())
+        run = client.find("button", "Run")
+        if run is None:
+            raise RuntimeError(client.error() or "no Run button on the page")
+        widgets = [WidgetState(id=run.id, trigger_value=True)]
+        if spec == fixed:
+            widgets.append(WidgetState(id=client.find("checkbox", "Measure again").id, bool_value=True))
+        await client.rerun(widgets, left())
+        if error := client.error():
+            row["error"] = error
+            return
+        metric = client.find("metric", "Speedup vs best dense")
+        wanted = f"{spec.label()} at sparsity"
+        shown = [h for h in client.headings() if h.startswith(wanted) and spec.layer in h]
+        if metric is None or not shown:
+            raise RuntimeError(f"no result for {spec.label()} on {spec.layer} on the page")
+        row["ok"], row["speedup"] = True, float(metric.body.rstrip("x"))
+
+    async def session(i: int, specs: list[Spec]) -> list[dict]:
+        out = []
+        for j, spec in enumerate(specs):
+            start = time.monotonic()
+            row = {"session": i, "run": j, "spec": spec, "ok": False, "speedup": None, "error": None}
+            client = _Session(url)  # a fresh tab per run, as a user opening each link
+            try:
+                await one_run(client, spec, row)
+            except Exception as e:  # a timeout or a dropped connection: this run failed, say how
+                row["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+            finally:
+                await client.close()
+            row["seconds"] = time.monotonic() - start
+            _say(f"  session {i} run {j + 1}/{len(specs)}: {spec.layer} {spec.label()} @ {spec.sparsity:g}: "
+                 + (f"{row['speedup']:.2f}x in {row['seconds']:.0f} s" if row["ok"] else f"FAILED ({row['error']})"))
+            out.append(row)
+            if time.monotonic() > deadline:
+                break
         return out
 
-    async with async_playwright() as p:
-        browser = await p.chromium.launch(executable_path=chromium, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
-        try:
-            outcomes = list(await asyncio.gather(*(session(browser, i, specs) for i, specs in enumerate(plan))))
-            return outcomes, _cpu(None, descendants_of=os.getpid())["tree"]
-        finally:
-            await browser.close()
+    return list(await asyncio.gather(*(session(i, specs) for i, specs in enumerate(plan))))
 
 
-def _cpu(server: int | None, descendants_of: int | None = None) -> dict[str, float]:
-    """CPU seconds (user + system) so far: of process `server`, of every descendant of `descendants_of`
-    (the Playwright driver and its Chromium), and of the whole machine (/proc/stat)."""
-    tick, stats = os.sysconf("SC_CLK_TCK"), {}
-    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        stats[int(stat.parent.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)  # ppid, cpu
-    tree, frontier = set(), {descendants_of}
-    while frontier:
-        frontier = {pid for pid, (ppid, _) in stats.items() if ppid in frontier} - tree
-        tree |= frontier
+def _cpu(server: int) -> dict[str, float]:
+    """CPU seconds (user + system) so far: of process `server` and of the whole machine (/proc/stat)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        fields = pathlib.Path(f"/proc/{server}/stat").read_text().rsplit(")", 1)[1].split()
+        mine = (int(fields[11]) + int(fields[12])) / tick
+    except OSError:
+        mine = 0.0
     machine = sum(int(v) for v in pathlib.Path("/proc/stat").read_text().split("\n")[0].split()[1:4]) / tick
-    return {"server": stats.get(server, (0, 0.0))[1], "tree": sum(stats[p][1] for p in tree), "machine": machine}
+    return {"server": mine, "machine": machine}
 
 
 def _report(plan: list[list[Spec]], fixed: Spec, outcomes: list[list[dict]], load_s: float, args) -> int:

@@ -17,7 +17,7 @@ def test_each_session_runs_the_fixed_configuration_second_and_its_own_others():
 
 @pytest.mark.parametrize("args, words", [(["--sessions", "0"], "--sessions must be in [1, 32]"),
                                          (["--sessions", "30", "--runs", "10"], "distinct configurations"),
-                                         (["--chromium", "/nonexistent"], "no Chromium at /nonexistent")])
+                                         (["--quiet-runs", "0"], "--quiet-runs must be in [1, 32]")])
 def test_bad_arguments_are_one_line(args, words, capsys):
     assert main(["loadtest", *args]) == 2
     err = capsys.readouterr().err
