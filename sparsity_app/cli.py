@@ -98,6 +98,8 @@ def _add_recovery_args(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per training sequence (default %(default)s)")
     g.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate (default %(default)s)")
     g.add_argument("--train-seed", type=int, default=d.seed, help="seed of the training data order")
+    g.add_argument("--loss", default=d.loss, help="what the student reproduces: hidden (every layer's hidden states, "
+                   "MSE) | pooled (the sentence embedding, cosine) | hidden+pooled (default %(default)s)")
     g.add_argument("--beta-schedule", default=d.beta_schedule, help="mask-decay: linear | exponential")
     g.add_argument("--decay-fraction", type=float, default=d.decay_fraction,
                    help="gradual/mask-decay/structure-decay/group-lasso: share of the steps before the final mask")
@@ -110,7 +112,7 @@ def _recovery_request(args: argparse.Namespace, plan: ModelPlan):
     from .recovery import RecoveryRequest
 
     return RecoveryRequest(plan=plan, recipe=args.recipe, steps=args.steps, batch=args.train_batch, seq_len=args.seq_len,
-                           lr=args.lr, seed=args.train_seed, beta_schedule=args.beta_schedule,
+                           lr=args.lr, seed=args.train_seed, beta_schedule=args.beta_schedule, loss=args.loss,
                            decay_fraction=args.decay_fraction, group_lasso=args.group_lasso).resolve()
 
 

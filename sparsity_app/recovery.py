@@ -3,8 +3,9 @@
 The student is a copy of the dense model whose encoder linears (`models.Model.layers()`) train;
 everything else (embeddings, biases, layer norms) stays frozen, so a recovered model is exactly
 "the same model with other linear weights": layer -> float32 [out, in], zero where its mask drops
-a weight. It learns to reproduce the dense model's hidden states (every layer's output, mean
-squared error) on unlabelled text that no metric evaluates on: gensim's `lee_background.cor` and
+a weight. It learns to reproduce the dense model (`LOSSES`: by default every layer's hidden states,
+mean squared error; or also the sentence embedding, by cosine) on unlabelled text that no metric
+evaluates on: gensim's `lee_background.cor` and
 `head500.noblanks.cor`, cut into sequences of `seq_len` tokens. Never `lee.cor` or the polarity
 sentences (metrics.py scores on those).
 
@@ -22,9 +23,11 @@ step) -> Phase plus one line in `RECIPES`:
 - mask-decay (arXiv 2209.07617): the forward uses W * (m + (1 - m) * beta), beta going from 1 to 0
   (`beta_schedule`: linear or exponential) over the first `decay_fraction` of the steps, masks
   recomputed every `mask_interval` steps; then a binary mask for the rest of the run.
-- structure-decay (arXiv 2209.07617, N:M only): N:M stepped from dense toward the target over equal
-  time frames in the first `decay_fraction` of the steps (`nm_stages`: 2:4 -> dense, 3:4, 2:4;
-  1:8 -> dense, 4:8, 2:8, 1:8), then the target for the rest.
+- structure-decay (arXiv 2209.07617, N:M only): N:M stepped toward the target over equal time
+  frames in the first `decay_fraction` of the steps (`nm_stages`: 2:4 -> 3:4, 2:4; 1:8 -> 4:8,
+  2:8, 1:8), then the target for the rest. The paper's first frame is dense; under distillation a
+  dense student is the teacher, its loss exactly 0 (measured: 0 at every step of that frame), so
+  that frame would train nothing and the sparse frames start at once.
 - group-lasso (co-design paper, arXiv 2106.08846): dense training with a penalty on the L2 norms of
   the plan's bs_r x bs_c blocks for the first `decay_fraction` of the steps, then the smallest
   blocks pruned (the plan's own method) and a fixed-mask fine-tune for the rest.
@@ -92,6 +95,7 @@ class RecoveryRequest:
     beta_schedule: str = "linear"  # mask-decay: linear | exponential
     sr_ste_decay: float = 2e-4  # sr-ste: decay on the pruned weights (lambda_w of Zhou et al.)
     group_lasso: float = 2e-5  # group-lasso: weight of the summed block L2 norms in the loss (not tuned)
+    loss: str = "hidden"  # LOSSES: what of the dense model the student learns to reproduce
     checkpoint_every: int = 25  # steps between checkpoints
 
     def resolve(self) -> "RecoveryRequest":
@@ -109,6 +113,8 @@ class RecoveryRequest:
                                        ("group_lasso", self.group_lasso, 0.0, 1.0)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
                 raise UserError(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}")
+        if self.loss not in LOSSES:
+            raise UserError(f"unknown loss {self.loss!r}; valid losses: {', '.join(LOSSES)}")
         if self.beta_schedule not in BETA_SCHEDULES:
             raise UserError(f"unknown beta schedule {self.beta_schedule!r}; valid: {', '.join(BETA_SCHEDULES)}")
         if not get_model(plan.model).real_weights:
@@ -253,17 +259,18 @@ def mask_decay(req: RecoveryRequest, specs: dict, step: int) -> Phase:
 
 
 def nm_stages(n: int, m: int) -> list[int]:
-    """The N of each frame of structure-decay, dense (N = M) first and the target last.
+    """The N of each frame of structure-decay, the first sparse stage first and the target last.
 
     N halves from M until the target; when that would go from dense straight to the target
-    (N = M/2), the midpoint comes between: 2:4 -> [4, 3, 2]; 1:8 -> [8, 4, 2, 1]; 4:8 -> [8, 6, 4].
+    (N = M/2), the midpoint comes between: 2:4 -> [3, 2]; 1:8 -> [4, 2, 1]; 4:8 -> [6, 4]. No dense
+    frame: under distillation it would train nothing (see the module's docstring).
     """
     stages = [m]
     while stages[-1] > n:
         stages.append(max(n, stages[-1] // 2))
     if len(stages) == 2:
         stages.insert(1, (m + n) // 2) if (m + n) // 2 not in (m, n) else None
-    return stages
+    return stages[1:]
 
 
 def structure_decay(req: RecoveryRequest, specs: dict, step: int) -> Phase:
@@ -298,6 +305,35 @@ RECIPES: dict[str, Recipe] = {
     "mask-decay": mask_decay,
     "structure-decay": structure_decay,
     "group-lasso": group_lasso,
+}
+
+
+# ---- losses: (student hidden states, teacher's) -> a scalar; each a tuple of [batch, seq, hidden], one per layer --
+
+def hidden_mse(student, teacher):
+    """Every layer's hidden states, mean squared error averaged over the layers (the issue's baseline)."""
+    import torch.nn.functional as F
+
+    return sum(F.mse_loss(h, t) for h, t in zip(student, teacher)) / len(teacher)
+
+
+def pooled_cosine(student, teacher):
+    """1 - cosine of the sentence embeddings, as the metrics embed (the last layer, mean over tokens:
+    the training sequences hold no padding), averaged over the batch."""
+    import torch.nn.functional as F
+
+    return 1.0 - F.cosine_similarity(student[-1].mean(dim=1), teacher[-1].mean(dim=1), dim=-1).mean()
+
+
+def hidden_and_pooled(student, teacher):
+    """hidden_mse + pooled_cosine: the token-level signal and the one that the metrics read."""
+    return hidden_mse(student, teacher) + pooled_cosine(student, teacher)
+
+
+LOSSES = {
+    "hidden": hidden_mse,
+    "pooled": pooled_cosine,
+    "hidden+pooled": hidden_and_pooled,
 }
 
 
@@ -524,7 +560,7 @@ def _train(req: RecoveryRequest, specs: dict, checkpoint: pathlib.Path | None, p
             target = teacher(input_ids=ids, output_hidden_states=True).hidden_states[1:]
         params = {f"{n}.weight": _effective(w[n], m[n], phase) for n in w}
         out = functional_call(student, params, args=(), kwargs={"input_ids": ids, "output_hidden_states": True})
-        loss = sum(torch.nn.functional.mse_loss(h, t) for h, t in zip(out.hidden_states[1:], target)) / len(target)
+        loss = LOSSES[req.loss](out.hidden_states[1:], target)
         total = loss
         if phase.group_lasso:
             total = loss + phase.group_lasso * sum(_block_norm_penalty(w[n], s) for n, s in specs.items() if s is not None)
@@ -570,5 +606,5 @@ def _train(req: RecoveryRequest, specs: dict, checkpoint: pathlib.Path | None, p
     return weights, masks, req.steps, wall_s, losses, resumed_from
 
 
-__all__ = ["RecoveryRequest", "RecoveryResult", "RecoveryStopped", "RECIPES", "recover", "lookup", "nm_stages",
+__all__ = ["RecoveryRequest", "RecoveryResult", "RecoveryStopped", "RECIPES", "LOSSES", "recover", "lookup", "nm_stages",
            "training_sequences", "batch_at"]

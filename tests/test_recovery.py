@@ -29,11 +29,12 @@ def _train(req, checkpoint=None, time_limit_s=None):
     return recovery._train(req, _specs(req.plan), checkpoint, lambda s, d: None, time_limit_s)
 
 
-def test_nm_stages_step_from_dense_to_the_target():
-    assert nm_stages(2, 4) == [4, 3, 2]
-    assert nm_stages(1, 8) == [8, 4, 2, 1]
-    assert nm_stages(4, 8) == [8, 6, 4]
-    assert nm_stages(1, 4) == [4, 2, 1]
+def test_nm_stages_step_from_the_first_sparse_stage_to_the_target():
+    assert nm_stages(2, 4) == [3, 2]
+    assert nm_stages(1, 8) == [4, 2, 1]
+    assert nm_stages(4, 8) == [6, 4]
+    assert nm_stages(1, 4) == [2, 1]
+    assert nm_stages(1, 2) == [1]
 
 
 def test_schedules_reach_the_target_pattern_and_stay_there():
@@ -55,8 +56,11 @@ def test_schedules_reach_the_target_pattern_and_stay_there():
     req = RecoveryRequest(plan=NM, recipe="structure-decay", steps=steps).resolve()
     phases = [RECIPES["structure-decay"](req, _specs(NM), t) for t in range(steps)]
     stages = [None if p.specs[layer] is None else p.specs[layer].nm for p in phases]
-    assert stages[:10] == [None] * 10 and stages[10:20] == [(3, 4)] * 10 and stages[20:] == [(2, 4)] * 10
-    assert [t for t, p in enumerate(phases) if p.remask] == [0, 10, 20]
+    assert stages[:20] == [(3, 4)] * 20 and stages[20:] == [(2, 4)] * 10  # no dense frame: it would train nothing
+    assert [t for t, p in enumerate(phases) if p.remask] == [0, 20]
+    req = RecoveryRequest(plan=dataclasses.replace(NM, nm=(1, 8)), recipe="structure-decay", steps=steps).resolve()
+    stages = [RECIPES["structure-decay"](req, _specs(req.plan), t).specs[layer].nm for t in range(steps)]
+    assert stages == [(4, 8)] * 10 + [(2, 8)] * 10 + [(1, 8)] * 10
 
     req = RecoveryRequest(plan=NM, recipe="sr-ste", steps=steps).resolve()
     phases = [RECIPES["sr-ste"](req, _specs(NM), t) for t in range(steps)]
@@ -94,6 +98,31 @@ def test_every_recipe_ends_on_the_plans_pattern_and_learns(recipe, plan):
     for name in list(weights)[:3]:  # the shared model's weights are the file's: training touched a copy
         np.testing.assert_array_equal(shared.get_submodule(name).weight.detach().numpy(),
                                       get_model("minilm-l6").weight(name)[0])
+
+
+def test_each_loss_is_zero_on_the_teacher_and_grows_as_the_student_drifts():
+    import torch
+
+    from sparsity_app.recovery import LOSSES
+
+    g = torch.Generator().manual_seed(0)
+    teacher = tuple(torch.randn(2, 5, 8, generator=g) for _ in range(3))
+    near = tuple(t + 0.01 * torch.randn(t.shape, generator=g) for t in teacher)
+    far = tuple(t + 1.0 * torch.randn(t.shape, generator=g) for t in teacher)
+    for name, loss in LOSSES.items():
+        assert float(loss(teacher, teacher)) == pytest.approx(0.0, abs=1e-6), name
+        assert 0 < float(loss(near, teacher)) < float(loss(far, teacher)), name
+    assert float(LOSSES["pooled"](tuple(2 * t for t in teacher), teacher)) == pytest.approx(0.0, abs=1e-6)  # cosine
+
+
+@pytest.mark.parametrize("loss", ["pooled", "hidden+pooled"])
+def test_the_other_losses_train_too(loss):
+    weights, masks, *_ = _train(RecoveryRequest(plan=BLOCK, recipe="fixed", loss=loss, **TINY))
+    from sparsity_app.model_experiment import pruned_weights
+
+    _, one_shot = pruned_weights(BLOCK)
+    assert max(float(np.abs(weights[n] - one_shot[n]).max()) for n in weights) > 1e-6
+    assert all(not weights[n][~masks[n]].any() for n in weights)
 
 
 def test_a_schedule_cut_short_still_ends_on_the_plans_pattern():
@@ -140,6 +169,8 @@ def test_requests_are_validated_and_canonical():
         RecoveryRequest(recipe="magic").resolve()
     with pytest.raises(UserError, match="steps must be an integer"):
         RecoveryRequest(steps=0).resolve()
+    with pytest.raises(UserError, match="valid losses: hidden, pooled, hidden\\+pooled"):
+        RecoveryRequest(loss="kl").resolve()
     with pytest.raises(UserError, match="random weights"):
         RecoveryRequest(plan=ModelPlan(model="bert-base-synthetic")).resolve()
     with pytest.raises(UserError, match="N:M"):
