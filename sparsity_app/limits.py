@@ -9,7 +9,7 @@ and the variable that sets it (`LimitExceeded`, a UserError: the CLI exits 2, th
 Where each applies: `max_tokens` and the time limits in the engine (`experiment.run`,
 `model_experiment.run_model`), so every door gets them; `max_sweep_points` at the two sweep doors
 (the Sweep page, `python -m sparsity_app sweep`); the rate limit in the app, per session
-(`RATE_LIMITER.take(session_id, n)`: the CLI has no sessions); `cache_mb` in `store.Store`.
+(`RATE_LIMITER.take(session_id, n)`: the CLI has no sessions); `cache_mb` and `weights_mb` in `store.Store`.
 
 The time limit is a deadline checked between the pieces of a measurement (`check_time`): before
 each pipeline step, between the tuner's candidate compiles, and after every timed sample. It stops
@@ -55,6 +55,7 @@ class Limits:
     model_timeout_s: float = 1800.0  # wall seconds one whole-model measurement may take (tuning every layer cold: minutes)
     recovery_tokens: int = 1_000_000  # steps x batch x tokens one recovery run may train on (300 x 16 x 128 = 614400)
     recover_timeout_s: float = 1800.0  # wall seconds of training one recovery run may take (300 steps: ~6 min quiet)
+    weights_mb: float = 2048.0  # disk the recovered weights (~53 MB each) and checkpoints (~140 MB) may use; least recently used evicted first
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> "Limits":
@@ -101,6 +102,10 @@ class Limits:
     def cache_bytes(self) -> int:
         """The cache budget in bytes (a very large number when lifted)."""
         return int(self.cache_mb * 2**20) if self.cache_mb else 2**62
+
+    def weights_bytes(self) -> int:
+        """The recovered-weights budget in bytes (a very large number when lifted)."""
+        return int(self.weights_mb * 2**20) if self.weights_mb else 2**62
 
 
 _TITLES = {

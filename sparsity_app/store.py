@@ -6,6 +6,9 @@ not text (a pickle written by another program into the directory is dropped unre
 cannot be read back is dropped and recomputed, never a crash; an unreadable index (cache.db) is kept
 aside and the cache starts afresh, with a note saying so. Size is bounded (limits.Limits.cache_mb)
 and the least recently used entries are evicted first (reading a result, for a chart too, is a use).
+Recovered weights (safetensors, ~53 MB for MiniLM) and the checkpoints of unfinished recovery runs
+(~140 MB) live beside it under their own budget (limits.Limits.weights_mb), least recently used
+evicted first; a checkpoint written in the last hour is never evicted (its run may be going on).
 A write that fails (a full disk) raises CacheWriteError; everything stored before stays readable.
 """
 from __future__ import annotations
@@ -148,6 +151,12 @@ def _write(cache: diskcache.Cache, key: str, text: str, what: str) -> None:
                               "disk) and run it again") from None
 
 
+def _touch(path: pathlib.Path) -> None:
+    """Mark a file used now (its mtime), for least-recently-used eviction; a read-only cache stays as it is."""
+    with contextlib.suppress(OSError):
+        os.utime(path)
+
+
 class Store:
     """Layer results, whole-model results, and the tuner's winners, each in its own namespace
     (`results()` reads every key of its own)."""
@@ -224,6 +233,7 @@ class Store:
                 return None
             if not (self.recovery_dir / f"{key}.safetensors").exists():
                 raise FileNotFoundError(key)
+            _touch(self.recovery_dir / f"{key}.safetensors")  # a use: the least recently used go first
             return dataclasses.replace(RecoveryResult.from_dict(d), cached=True)
         except Exception:  # incompatible, or its weights are gone: train again
             _drop(self._recoveries, key)
@@ -240,6 +250,7 @@ class Store:
         tmp = path.with_suffix(".tmp")
         try:
             self.recovery_dir.mkdir(parents=True, exist_ok=True)
+            self._make_room(sum(t.nbytes for t in tensors.values()), keep=path)
             save_file(tensors, str(tmp))
             os.replace(tmp, path)
         except OSError as e:
@@ -252,9 +263,36 @@ class Store:
         """(weights layer -> float32 [out, in], masks layer -> bool [out, in]) of a stored recovery."""
         from safetensors.numpy import load_file
 
-        tensors = load_file(str(self.recovery_dir / f"{key}.safetensors"))
+        path = self.recovery_dir / f"{key}.safetensors"
+        tensors = load_file(str(path))
+        _touch(path)
         weights = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("weight/")}
         return weights, {n: tensors[f"mask/{n}"].astype(bool) for n in weights}
+
+    def _make_room(self, incoming: int, keep: pathlib.Path) -> None:
+        """Evict the least recently used recovered weights and stale checkpoints (untouched for an hour) until
+        what stays plus `incoming` bytes fits limits.Limits.weights_mb. Their results go with them (get_recovery
+        drops a result whose weights are gone)."""
+        budget = limits.current().weights_bytes()
+        if not self.recovery_dir.exists():
+            return
+        items = []  # (last use, bytes, path): a weights file, or a checkpoint's directory
+        for path in self.recovery_dir.iterdir():
+            try:
+                files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+                stats = [f.stat() for f in files]
+            except OSError:
+                continue
+            last = max((st.st_mtime for st in stats), default=0.0)
+            items.append((last, sum(st.st_size for st in stats), path))
+        used = sum(size for _, size, _ in items)
+        for last, size, path in sorted(items):
+            if used + incoming <= budget:
+                break
+            if path == keep or (path.is_dir() and time.time() - last < 3600):
+                continue
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            used -= size
 
     def recovery_checkpoint(self, key: str) -> pathlib.Path:
         """Where a recovery run keeps its checkpoint (the file may not exist)."""

@@ -159,3 +159,39 @@ def test_app_rate_limit_counts_new_measurements_only(monkeypatch, cache_dir):
     at.button(key="FormSubmitter:explore-Run").click().run()  # stored: served, not counted
     assert not at.exception and not at.error and len(measured) == 1
     assert any("Loaded from the cache" in c.value for c in at.caption)
+
+
+def test_recovered_weights_are_bounded_least_recently_used_first_and_a_live_checkpoint_stays(monkeypatch, cache_dir):
+    import os
+
+    import numpy as np
+
+    from sparsity_app.recovery import RecoveryRequest, RecoveryResult
+
+    monkeypatch.setenv("SPARSITY_APP_WEIGHTS_MB", "1")  # room for two of these (0.4 MB each), not three
+    store = Store()
+    metrics = {"lee_pearson": 0.5}
+    weights = {"l": np.ones((320, 256), np.float32)}  # 320 KB + an 80 KB mask
+    masks = {"l": np.ones((320, 256), bool)}
+
+    def put(key: str) -> None:
+        result = RecoveryResult(request=RecoveryRequest(), steps_done=1, wall_s=1.0, loss=[(1, 0.1)],
+                                metrics_before=metrics, metrics_after=metrics, dense_metrics=metrics,
+                                sparsity_achieved=0.5, resumed_from=0, eval_s=0.0, machine={}, key=key)
+        store.put_recovery(key, result, weights, masks)
+
+    live, stale = store.recovery_checkpoint("running"), store.recovery_checkpoint("abandoned")
+    for checkpoint in (live, stale):
+        checkpoint.parent.mkdir(parents=True)
+        checkpoint.write_bytes(b"0" * 200_000)
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))  # untouched for two hours
+    put("a")
+    put("b")
+    for key, ago in (("a", 120), ("b", 60)):  # "a" stored first
+        os.utime(store.recovery_dir / f"{key}.safetensors", (time.time() - ago, time.time() - ago))
+    assert store.get_recovery("a") is not None  # a use: "b" is now the least recently used weights
+    put("c")
+    assert not stale.exists() and live.exists()  # the stale checkpoint went first; a live one is never evicted
+    assert store.get_recovery("b") is None  # then the least recently used weights, and their result with them
+    assert store.get_recovery("a") is not None and store.get_recovery("c") is not None
+    np.testing.assert_array_equal(store.recovered_weights("c")[0]["l"], weights["l"])
