@@ -49,6 +49,32 @@ def stored_runs(todo: list[RecoveryRequest], store) -> tuple[list, str | None]:
     return [found[i] for i in sorted(found)], code
 
 
+def probe_requests(lrs: list[float], steps: int, loss: str, plan: ModelPlan = BLOCK_50,
+                   recipe: str = "fixed") -> list[RecoveryRequest]:
+    """The learning-rate probe: short runs of one plan and recipe, one per learning rate."""
+    return [RecoveryRequest(plan=plan, recipe=recipe, steps=steps, lr=lr, loss=loss) for lr in lrs]
+
+
+def fidelity(weights: dict) -> float:
+    """Mean cosine between the sentence embeddings of MiniLM with these linear weights (layer -> float32
+    [out, in]) and the dense model's, on 256 training sequences (every 18th of `training_sequences(128)`):
+    unlabelled training text, so a setting chosen by it never looked at an evaluation text or label."""
+    import torch
+
+    from .models import get_model
+    from .recovery import training_sequences
+
+    model = get_model("minilm-l6")
+    ids = torch.from_numpy(training_sequences(128)[::18][:256].copy())
+
+    def pooled(m):
+        with torch.inference_mode():
+            return torch.cat([m(input_ids=ids[i:i + 32]).last_hidden_state.mean(1) for i in range(0, len(ids), 32)])
+
+    return float(torch.nn.functional.cosine_similarity(pooled(model.pruned_copy(weights)),
+                                                        pooled(model.torch_model())).mean())
+
+
 def one_shot_metrics(plan: ModelPlan) -> dict[str, float]:
     """Real-label metrics of the plan's one-shot pruned MiniLM (no timing, no training)."""
     from . import metrics
@@ -109,4 +135,4 @@ def verdicts(results: list, one_shot: list[tuple[str, float, float]]) -> list[st
     return lines
 
 
-__all__ = ["RUNS", "ONE_SHOT", "requests", "one_shot_metrics", "verdicts"]
+__all__ = ["RUNS", "ONE_SHOT", "requests", "probe_requests", "fidelity", "one_shot_metrics", "verdicts"]

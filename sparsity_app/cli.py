@@ -160,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-one-shot", action="store_true", help="skip the wanda vs magnitude one-shot comparison")
     p.add_argument("--stored", action="store_true", help="train nothing: the target runs already stored on this "
                    "machine by one code version (the one with most of them, named), then the verdicts")
+    p.add_argument("--probe-lr", default=None, metavar="LRS", help="instead: the learning-rate probe, fixed 32x1 at "
+                   "50%% for --probe-steps steps at each of these comma-separated rates, scored by embedding fidelity "
+                   "to the dense model on training text (what a rate is chosen by) and by the metrics (reported)")
+    p.add_argument("--probe-steps", type=int, default=100)
+    p.add_argument("--probe-loss", default="hidden", help="the probe's loss (see recover --loss)")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--json", action="store_true")
 
@@ -380,6 +385,26 @@ def _bench_recovery(args) -> None:
     from . import bench_recovery
 
     store, results = _open_store(args.cache_dir), []
+    if args.probe_lr is not None:
+        try:
+            lrs = [float(v) for v in args.probe_lr.split(",")]
+        except ValueError:
+            raise UserError(f"--probe-lr takes comma-separated numbers, got {args.probe_lr!r}") from None
+        rows, probes = [], [r.resolve() for r in bench_recovery.probe_requests(lrs, args.probe_steps, args.probe_loss)]
+        for request in probes:  # every bad value said before anything trains
+            _err(f"[probe] {request.label()}, lr {request.lr:g}, loss {request.loss}")
+            r = _recovered(request, store, None)
+            rows.append({"lr": request.lr, "loss": request.loss, "steps": r.steps_done, "train_s": round(r.wall_s),
+                         "last_loss": r.loss[-1][1], "fidelity": round(bench_recovery.fidelity(
+                             store.recovered_weights(r.key)[0]), 4), "lee": round(r.metrics_after["lee_pearson"], 3),
+                         "probe": round(r.metrics_after["polarity_probe_acc"], 3)})
+        if args.json:
+            print(json.dumps(rows))
+        else:
+            import pandas as pd
+
+            print(pd.DataFrame(rows).to_string(index=False))
+        return
     todo = bench_recovery.requests(args.steps, args.only)
     if args.stored:
         results, code = bench_recovery.stored_runs(todo, store)

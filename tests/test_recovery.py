@@ -254,3 +254,7 @@ def test_bad_recover_input_is_one_line(cli):
                             "N:M")):
         out = cli(["recover", *args])
         assert out.returncode == 2 and expected in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    for args, expected in ((["--probe-lr", "fast"], "--probe-lr takes comma-separated numbers"),
+                           (["--probe-lr", "1e-3", "--probe-loss", "kl"], "valid losses")):
+        out = cli(["bench-recovery", *args])
+        assert out.returncode == 2 and expected in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
