@@ -110,6 +110,7 @@ def test_streamlit_xsrf_and_cors_protection_stay_on():
     config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
     assert config["server"]["enableXsrfProtection"] is True and config["server"]["enableCORS"] is True
     assert config["client"]["showErrorDetails"] in ("type", "none")  # no traceback on the page
+    assert config["server"]["fileWatcherType"] == "none"  # a shared server does not re-scan its modules every run
     for path in (ROOT / "Dockerfile", ROOT / ".ci" / "run", ROOT / "README.md"):  # nothing turns them off
         text = path.read_text().lower()
         assert "enablexsrfprotection=false" not in text and "enable_xsrf_protection" not in text, path
