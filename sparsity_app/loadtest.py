@@ -170,7 +170,7 @@ class _Session:
     the server does everything it does for a real tab, the client costs next to nothing."""
 
     def __init__(self, url: str):
-        self.url, self.ws, self.elements = url, None, []
+        self.url, self.ws, self.query, self.elements = url, None, "", []
 
     async def open(self, query: str, timeout: float) -> None:
         """Connect and run the page at `?query`, as a tab opening the link does."""
