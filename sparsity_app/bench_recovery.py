@@ -12,9 +12,9 @@ BLOCK_50 = ModelPlan(method="block", block=(32, 1), sparsity=0.5)
 BLOCK_90 = ModelPlan(method="block", block=(32, 1), sparsity=0.9)
 NM_24 = ModelPlan(method="nm", nm=(2, 4))
 RUNS = (  # in priority order: each target's deciding runs first
-    (BLOCK_50, "fixed"), (BLOCK_90, "fixed"), (BLOCK_90, "mask-decay"), (NM_24, "sr-ste"), (NM_24, "mask-decay"),
-    (NM_24, "structure-decay"), (BLOCK_50, "mask-decay"), (BLOCK_90, "gradual"), (BLOCK_90, "group-lasso"),
-    (NM_24, "fixed"), (BLOCK_50, "gradual"), (BLOCK_50, "group-lasso"),
+    (BLOCK_50, "fixed"), (BLOCK_50, "mask-decay"), (BLOCK_90, "fixed"), (BLOCK_90, "gradual"),
+    (BLOCK_90, "mask-decay"), (BLOCK_90, "group-lasso"), (NM_24, "sr-ste"), (NM_24, "mask-decay"),
+    (NM_24, "structure-decay"), (NM_24, "fixed"), (BLOCK_50, "gradual"), (BLOCK_50, "group-lasso"),
 )
 ONE_SHOT = (  # wanda against magnitude, one-shot (no training)
     (ModelPlan(method="magnitude", block=(1, 1), sparsity=0.5), ModelPlan(method="wanda", block=(1, 1), sparsity=0.5)),

@@ -88,7 +88,7 @@ class RecoveryRequest:
     steps: int = 300  # optimiser steps
     batch: int = 16  # sequences per step
     seq_len: int = 128  # tokens per sequence
-    lr: float = 1e-4  # AdamW learning rate (cosine decay to 0 after a 5% warm-up)
+    lr: float = 3e-3  # AdamW learning rate (cosine decay to 0 after a 5% warm-up); chosen by `bench-recovery --probe-lr`
     seed: int = 0  # data order
     decay_fraction: float = 2 / 3  # gradual / mask-decay / structure-decay / group-lasso: steps spent before the final mask
     mask_interval: int = 10  # gradual / mask-decay: steps between mask updates
