@@ -98,15 +98,20 @@ def verdicts(results: list, one_shot: list[tuple[str, float, float]]) -> list[st
         return None if r is None else r.metrics_after["lee_pearson"]
 
     lines = []
-    best50 = max((r for (p, _), r in by.items() if p == BLOCK_50.label()), default=None,
-                 key=lambda r: r.metrics_after["lee_pearson"])
-    if best50 is None:
+    runs50 = [r for (p, _), r in by.items() if p == BLOCK_50.label()]
+
+    def meets(r) -> bool:
+        return r.metrics_after["lee_pearson"] >= 0.63 and r.metrics_after["polarity_probe_acc"] >= 0.70
+
+    if not runs50:
         lines.append("32x1 at 50%: not run")
-    else:
+    else:  # a recipe that meets both targets if one does, else the best on Lee
+        best50 = max(runs50, key=lambda r: (meets(r), r.metrics_after["lee_pearson"]))
         a = best50.metrics_after
-        ok = a["lee_pearson"] >= 0.63 and a["polarity_probe_acc"] >= 0.70
         lines.append(f"32x1 at 50%, best recipe {best50.request.recipe}: Lee {a['lee_pearson']:.3f} (target >= 0.63), "
-                     f"probe {a['polarity_probe_acc']:.3f} (target >= 0.70): {'met' if ok else 'MISSED'}")
+                     f"probe {a['polarity_probe_acc']:.3f} (target >= 0.70): {'met' if meets(best50) else 'MISSED'}"
+                     + "".join(f"; {r.request.recipe}: Lee {r.metrics_after['lee_pearson']:.3f}, probe "
+                               f"{r.metrics_after['polarity_probe_acc']:.3f}" for r in runs50 if r is not best50))
     fixed90 = lee(BLOCK_90, "fixed")
     others = [(recipe, lee(BLOCK_90, recipe)) for recipe in ("gradual", "mask-decay", "group-lasso")]
     others = [(r, v) for r, v in others if v is not None]

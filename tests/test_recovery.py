@@ -258,3 +258,26 @@ def test_bad_recover_input_is_one_line(cli):
                            (["--probe-lr", "1e-3", "--probe-loss", "kl"], "valid losses")):
         out = cli(["bench-recovery", *args])
         assert out.returncode == 2 and expected in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_bench_verdicts_name_a_recipe_that_meets_both_targets_and_call_small_gaps_ties():
+    from types import SimpleNamespace
+
+    from sparsity_app import bench_recovery as b
+
+    def run(plan, recipe, lee, probe):
+        return SimpleNamespace(request=RecoveryRequest(plan=plan, recipe=recipe), steps_done=300, resumed_from=0,
+                               wall_s=400.0, eval_s=10.0, metrics_after={"lee_pearson": lee, "polarity_probe_acc": probe})
+
+    lines = b.verdicts([run(b.BLOCK_50, "fixed", 0.69, 0.68), run(b.BLOCK_50, "mask-decay", 0.66, 0.71),
+                        run(b.BLOCK_90, "fixed", 0.30, 0.6), run(b.BLOCK_90, "gradual", 0.36, 0.6),
+                        run(b.NM_24, "sr-ste", 0.660, 0.7), run(b.NM_24, "mask-decay", 0.665, 0.7)],
+                       [("unstructured", 0.58, 0.65)])
+    assert lines[0].startswith("32x1 at 50%, best recipe mask-decay: Lee 0.660") and ": met;" in lines[0]
+    assert "fixed: Lee 0.690, probe 0.680" in lines[0]  # the best Lee, which misses the probe, is still shown
+    assert "best recipe gradual Lee 0.360 vs fixed 0.300: +0.060" in lines[1] and lines[1].endswith("met")
+    assert "ties with sr-ste" in lines[2] and "structure-decay Lee not run" in lines[3]
+    assert "wanda Lee 0.650 vs magnitude 0.580: +0.070" in lines[4]
+    assert "met by 6 of 6" in lines[-1]  # 410 s each
+    missed = b.verdicts([run(b.BLOCK_50, "fixed", 0.69, 0.68)], [])
+    assert missed[0].endswith("MISSED") and "not run" in missed[1]
