@@ -176,6 +176,10 @@ def _suite_venv(python: str) -> tuple[pathlib.Path, str] | None:
             for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir() and not p.is_symlink())]:
                 d.chmod(d.stat().st_mode | 0o555)
             tmp.rename(copy)
+    runs = subprocess.run([*_as_user(), str(copy / "bin" / "python"), "-c", "import streamlit, torch, tvm"],
+                          capture_output=True)
+    if runs.returncode != 0:  # e.g. its interpreter lives where uid 65534 may not go: the fresh install instead
+        return None
     return copy, f"the suite's own virtualenv {venv} (every pin of requirements.txt checked), as a copy uid 65534 can read"
 
 
