@@ -8,7 +8,8 @@ aside and the cache starts afresh, with a note saying so. Size is bounded (limit
 and the least recently used entries are evicted first (reading a result, for a chart too, is a use).
 Recovered weights (safetensors, ~53 MB for MiniLM) and the checkpoints of unfinished recovery runs
 (~140 MB) live beside it under their own budget (limits.Limits.weights_mb), least recently used
-evicted first; a checkpoint written in the last hour is never evicted (its run may be going on).
+evicted first (reading the weights is a use; listing results is not); a checkpoint written in the
+last hour is never evicted (its run may be going on).
 A write that fails (a full disk) raises CacheWriteError; everything stored before stays readable.
 """
 from __future__ import annotations
@@ -233,7 +234,6 @@ class Store:
                 return None
             if not (self.recovery_dir / f"{key}.safetensors").exists():
                 raise FileNotFoundError(key)
-            _touch(self.recovery_dir / f"{key}.safetensors")  # a use: the least recently used go first
             return dataclasses.replace(RecoveryResult.from_dict(d), cached=True)
         except Exception:  # incompatible, or its weights are gone: train again
             _drop(self._recoveries, key)

@@ -189,7 +189,8 @@ def test_recovered_weights_are_bounded_least_recently_used_first_and_a_live_chec
     put("b")
     for key, ago in (("a", 120), ("b", 60)):  # "a" stored first
         os.utime(store.recovery_dir / f"{key}.safetensors", (time.time() - ago, time.time() - ago))
-    assert store.get_recovery("a") is not None  # a use: "b" is now the least recently used weights
+    store.recovered_weights("a")  # a use: "b" is now the least recently used weights
+    assert len(list(store.recoveries())) == 2  # and listing the results (b after a) is no use of them
     put("c")
     assert not stale.exists() and live.exists()  # the stale checkpoint went first; a live one is never evicted
     assert store.get_recovery("b") is None  # then the least recently used weights, and their result with them
