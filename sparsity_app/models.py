@@ -153,28 +153,12 @@ class MiniLM:
 
     @functools.cache
     def _pruning_norms(self) -> dict[str, np.ndarray]:
-        import torch
+        squares: dict[str, object] = {info.name: 0.0 for info in self.layers()}
 
-        shared, tok = self._hf
-        model = copy.deepcopy(shared)  # the hooks go on a private copy: other callers' forwards stay unseen
-        texts = list(data.training_documents()[:PRUNING_DOCUMENTS])
-        squares = {info.name: 0.0 for info in self.layers()}
-        keep = None
+        def add(name, x, keep):  # the real tokens only: padding rows would skew the norms
+            squares[name] = squares[name] + (x.double()[keep] ** 2).sum(dim=0)
 
-        def hook(name):
-            def fn(_module, inputs, _output):
-                x = inputs[0].double()[keep]  # the real tokens only: padding rows would skew the norms
-                squares[name] = squares[name] + (x * x).sum(dim=0)
-            return fn
-
-        for n in squares:
-            model.get_submodule(n).register_forward_hook(hook(n))
-        with torch.inference_mode():
-            for start in range(0, len(texts), 32):
-                with TOKENIZER_LOCK:
-                    enc = tok(texts[start:start + 32], padding=True, truncation=True, max_length=128, return_tensors="pt")
-                keep = enc["attention_mask"].bool()
-                model(**enc)
+        self._each_linear_input(list(data.training_documents()[:PRUNING_DOCUMENTS]), add)
         out = {}
         for n, v in squares.items():
             norms = np.sqrt(v.numpy())
@@ -184,34 +168,34 @@ class MiniLM:
 
     @functools.cache
     def _calibration_all(self) -> dict[str, np.ndarray]:
+        captured: dict[str, list[np.ndarray]] = {info.name: [] for info in self.layers()}
+        texts = [t for t, _ in data.polarity_sentences()] + list(data.lee_documents())
+        self._each_linear_input(texts, lambda name, x, keep: captured[name].append(x[keep].numpy()))
+        out = {}
+        for n, v in captured.items():
+            rows = np.ascontiguousarray(np.concatenate(v), dtype=np.float32)
+            rows.setflags(write=False)
+            out[n] = rows
+        return out
+
+    def _each_linear_input(self, texts: list[str], seen) -> None:
+        """Run `texts` (batches of 32, cut at 128 tokens, padded) through a private copy of the model and
+        call seen(layer, x, keep) for every encoder linear's input: x float32 [batch, seq, in], keep bool
+        [batch, seq] (False on padding). The hooks go on the copy: other callers' forwards stay unseen."""
         import torch
 
         shared, tok = self._hf
-        model = copy.deepcopy(shared)  # the hooks go on a private copy: other callers' forwards stay unseen
-        texts = [t for t, _ in data.polarity_sentences()] + list(data.lee_documents())
-        captured: dict[str, list[np.ndarray]] = {info.name: [] for info in self.layers()}
-        masks: list[np.ndarray] = []
-
-        def hook(name):
-            def fn(_module, inputs, _output):
-                captured[name].append(inputs[0].detach().reshape(-1, inputs[0].shape[-1]).numpy())
-            return fn
-
-        for n in captured:
-            model.get_submodule(n).register_forward_hook(hook(n))
+        model = copy.deepcopy(shared)
+        keep = None
+        for info in self.layers():
+            model.get_submodule(info.name).register_forward_hook(
+                lambda _module, inputs, _output, name=info.name: seen(name, inputs[0], keep))
         with torch.inference_mode():
             for start in range(0, len(texts), 32):
                 with TOKENIZER_LOCK:
                     enc = tok(texts[start:start + 32], padding=True, truncation=True, max_length=128, return_tensors="pt")
+                keep = enc["attention_mask"].bool()
                 model(**enc)
-                masks.append(enc["attention_mask"].reshape(-1).numpy().astype(bool))
-        keep = np.concatenate(masks)
-        out = {}
-        for n, v in captured.items():
-            rows = np.ascontiguousarray(np.concatenate(v)[keep], dtype=np.float32)
-            rows.setflags(write=False)
-            out[n] = rows
-        return out
 
     def torch_model(self):
         return self._hf[0]
