@@ -28,7 +28,7 @@ import numpy as np
 from tvm.script import tirx as T
 
 from ..formats import BSR
-from . import Kernel, KernelSource, balanced_parts, empty, largest_divisor, max_threads, tensor
+from . import Kernel, KernelSource, tir_builder, balanced_parts, empty, largest_divisor, max_threads, tensor
 
 VECS = ("rows", "tokens")
 LAYOUTS = ("row-major", "feature-major")
@@ -58,6 +58,7 @@ class BSRKnobs:
                 f"{'unrolled' if self.unroll else 'rolled'} columns, parallel over {self.split}")
 
 
+@tir_builder
 def bsr_prim_func(tokens: int, shape: tuple[int, int], block: tuple[int, int], nnz_blocks: int,
                   knobs: BSRKnobs, n_parts: int = 1):
     """PrimFunc(X, data, indices, indptr, parts, Y) for one shape, block and schedule.

@@ -16,7 +16,7 @@ import numpy as np
 from tvm.script import tirx as T
 
 from ..formats import CSR
-from . import Kernel, KernelSource, balanced_parts, empty, largest_divisor, max_threads, tensor
+from . import Kernel, KernelSource, tir_builder, balanced_parts, empty, largest_divisor, max_threads, tensor
 
 SPLITS = ("rows", "nnz")
 
@@ -35,6 +35,7 @@ class CSRKnobs:
         return f"tile {self.tile}, {'packed X tiles' if self.pack else 'X^T'}, parallel over {self.split}"
 
 
+@tir_builder
 def csr_prim_func(tokens: int, shape: tuple[int, int], nnz: int, knobs: CSRKnobs, n_parts: int = 1):
     """PrimFunc(X, values, indices, indptr, parts, Y).
 

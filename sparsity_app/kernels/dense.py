@@ -20,7 +20,7 @@ import dataclasses
 import numpy as np
 from tvm.script import tirx as T
 
-from . import Kernel, KernelSource, empty, largest_divisor, tensor
+from . import Kernel, KernelSource, tir_builder, empty, largest_divisor, tensor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +29,7 @@ class DenseKnobs:
     tile: int = 8  # tokens per register tile (clipped to tokens; need not divide them)
 
 
+@tir_builder
 def dense_prim_func(tokens: int, out_f: int, in_f: int, knobs: DenseKnobs):
     """X float32 [tokens, in], Wp float32 [out / vn, in, vn] -> Y float32 [tokens, out]."""
     vn, tile = knobs.vn, min(knobs.tile, tokens)
@@ -67,6 +68,7 @@ class DenseFMKnobs:
     block: int = 64  # tokens per cache block (X^T [in, block] kept in L2 while weight panels stream)
 
 
+@tir_builder
 def dense_fm_prim_func(tokens: int, out_f: int, in_f: int, knobs: DenseFMKnobs):
     """X^T float32 [in, tokens], Wp float32 [out / mr, in, mr] -> Y^T float32 [out, tokens].
 

@@ -15,7 +15,7 @@ import numpy as np
 from tvm.script import tirx as T
 
 from ..formats import NM
-from . import Kernel, KernelSource, empty, largest_divisor, max_threads, tensor
+from . import Kernel, KernelSource, tir_builder, empty, largest_divisor, max_threads, tensor
 from .csr import SPLITS, pack_x
 
 
@@ -35,6 +35,7 @@ class NMKnobs:
                 f"{'packed X tiles' if self.pack else 'X^T'}, parallel over {self.split}")
 
 
+@tir_builder
 def nm_prim_func(tokens: int, shape: tuple[int, int], nm: tuple[int, int], knobs: NMKnobs, n_parts: int = 1):
     """PrimFunc(X, values, offsets, Y).
 

@@ -21,6 +21,8 @@ import math
 from tvm.script import tirx as T
 from tvm import tirx
 
+from . import tir_builder
+
 
 def _tiles(n: int, tile: int) -> tuple[int, int]:
     """(tile, count) covering n: the tile shrinks to n if n < tile; the last tile may overlap."""
@@ -60,6 +62,7 @@ def fast_erf(x):
     return x * p / q
 
 
+@tir_builder
 def bias_gelu_prim_func(features: int, tokens: int):
     """PrimFunc(Y, bias, G): G = gelu(Y + bias) (erf GELU, as BERT's), feature-major.
 
@@ -81,6 +84,7 @@ def bias_gelu_prim_func(features: int, tokens: int):
     return bias_gelu
 
 
+@tir_builder
 def add_layer_norm_prim_func(features: int, tokens: int, eps: float, batch: int = 1, row_major_out: bool = False,
                              ld: int | None = None):
     """PrimFunc(Y, bias, R, gamma, beta, Z): Z = LayerNorm(Y + bias + R) over features, per token.
@@ -130,6 +134,7 @@ def add_layer_norm_prim_func(features: int, tokens: int, eps: float, batch: int 
     return add_layer_norm
 
 
+@tir_builder
 def embed_layer_norm_prim_func(batch: int, seq: int, vocab: int, positions: int, features: int, eps: float,
                                ld: int | None = None):
     """PrimFunc(ids, word, pos, type0, gamma, beta, X): BERT's embeddings, feature-major out.
@@ -264,6 +269,7 @@ def _context_macro(seq: int, heads: int, head_dim: int, v_offset: int, normalise
     return context
 
 
+@tir_builder
 def attention_prim_func(batch: int, seq: int, heads: int, head_dim: int, q_rows: int, offsets: tuple[int, int, int],
                         scale: float, ld: int | None = None):
     """PrimFunc(Q, K, V, bq, bk, bv, mask, O): multi-head self-attention, fused per (sequence, head).
@@ -319,6 +325,7 @@ def attention_prim_func(batch: int, seq: int, heads: int, head_dim: int, q_rows:
     return attention
 
 
+@tir_builder
 def attention_scores_prim_func(batch: int, seq: int, heads: int, head_dim: int, q_rows: int,
                                offsets: tuple[int, int], scale: float, ld: int | None = None):
     """PrimFunc(Q, K, bq, bk, mask, S): the split attention's first kernel (see attention_prim_func).
@@ -340,6 +347,7 @@ def attention_scores_prim_func(batch: int, seq: int, heads: int, head_dim: int, 
     return attention_scores
 
 
+@tir_builder
 def softmax_prim_func(groups: int, seq: int):
     """PrimFunc(S, P): P[g, :, i] = softmax(S[g, :, i]), down each column (over keys).
 
@@ -376,6 +384,7 @@ def softmax_prim_func(groups: int, seq: int):
     return softmax
 
 
+@tir_builder
 def attention_context_prim_func(batch: int, seq: int, heads: int, head_dim: int, v_rows: int, offset: int,
                                 ld: int | None = None):
     """PrimFunc(P, V, bv, O): the split attention's last kernel, O^T = (V + bv) P^T per (sequence, head).
@@ -400,6 +409,7 @@ def attention_context_prim_func(batch: int, seq: int, heads: int, head_dim: int,
     return attention_context
 
 
+@tir_builder
 def transpose_prim_func(rows: int, cols: int):
     """PrimFunc(A, B): B = A^T. A: float32 [rows, cols]; B: float32 [cols, rows] (layout changes
     around a linear whose schedule is row-major inside a feature-major graph)."""
@@ -414,6 +424,7 @@ def transpose_prim_func(rows: int, cols: int):
     return transpose
 
 
+@tir_builder
 def pack_tiles_prim_func(features: int, tokens: int, tile: int):
     """PrimFunc(X, Xp): X^T float32 [features, tokens] -> Xp [tokens / tile, features, tile] (the
     packed input of the CSR / N:M kernels' pack=True schedules; tile divides tokens)."""
