@@ -32,6 +32,19 @@ def test_calibration_is_real_activations_of_the_layer():
     assert not np.allclose(x, model.calibration("encoder.layer.3.attention.self.query", 64))
 
 
+def test_calibration_rows_are_the_first_rows_of_the_whole_set():
+    """A run forwards only the batches its rows need; those rows must be the whole set's, bit for bit."""
+    model = get_model("minilm-l6")
+    whole = model.calibration_set(LAYER)
+    assert model._calibration_batches(1) == 1 and model._calibration_batches(len(whole)) == 8  # 250 texts
+    assert model._calibration_batches(len(whole) + 1) is None
+    assert [model._calibration_batches(n) for n in (700, 1000, 3000)] == [1, 2, 4]
+    for tokens in (1, 700, 1000, 3000):  # inside the first batch of 32 texts, across its end, several batches
+        assert np.array_equal(model.calibration(LAYER, tokens), whole[:tokens]), tokens
+    with pytest.raises(UserError, match="calibration text has"):
+        model.calibration(LAYER, len(whole) + 1)
+
+
 def test_proxies_at_sparsity_zero_are_exact():
     model = get_model("minilm-l6")
     w, b = model.weight(LAYER)
