@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--only", default=None, help="only runs whose plan label or recipe contains this")
     p.add_argument("--skip-one-shot", action="store_true", help="skip the wanda vs magnitude one-shot comparison")
+    p.add_argument("--skip-probe-spread", action="store_true", help="skip the polarity probe under 20 fold "
+                   "assignments for the 32x1-at-50%% runs")
     p.add_argument("--stored", action="store_true", help="train nothing: the target runs already stored on this "
                    "machine by one code version (the one with most of them, named), then the verdicts")
     p.add_argument("--probe-lr", default=None, metavar="LRS", help="instead: the learning-rate probe, fixed 32x1 at "
@@ -426,6 +428,9 @@ def _bench_recovery(args) -> None:
             one_shot.append((magnitude.label(), bench_recovery.one_shot_metrics(magnitude)["lee_pearson"],
                              bench_recovery.one_shot_metrics(wanda)["lee_pearson"]))
     lines = bench_recovery.verdicts(results, one_shot)
+    if not args.skip_probe_spread:
+        _err("[probe spread] the polarity probe of the dense model and each 32x1-at-50% run, 20 fold assignments")
+        lines += bench_recovery.probe_spread_lines(results, store)
     if args.json:
         print(json.dumps({"runs": [r.to_dict() for r in results], "one_shot": one_shot, "verdicts": lines}))
     else:

@@ -281,3 +281,12 @@ def test_bench_verdicts_name_a_recipe_that_meets_both_targets_and_call_small_gap
     assert "met by 6 of 6" in lines[-1]  # 410 s each
     missed = b.verdicts([run(b.BLOCK_50, "fixed", 0.69, 0.68)], [])
     assert missed[0].endswith("MISSED") and "not run" in missed[1]
+
+
+def test_probe_spread_keeps_the_metric_protocol_at_its_fold_assignment():
+    """bench-recovery's fold-assignment spread re-runs the polarity probe; at random_state 0 it must be the metric."""
+    from sparsity_app.bench_recovery import probe_spread
+
+    dense = probe_spread(None, assignments=5)
+    assert dense["fixed"] == pytest.approx(0.745, abs=1e-9)  # metrics.polarity_probe_acc of the dense MiniLM
+    assert dense["min"] <= dense["fixed"] <= dense["max"] and dense["min"] < dense["max"] and dense["sd"] > 0
