@@ -31,10 +31,11 @@ def requests(steps: int, only: str | None = None) -> list[RecoveryRequest]:
     return [r for r in out if only is None or only in r.plan.label() or only == r.recipe]
 
 
-def stored_runs(todo: list[RecoveryRequest], store) -> tuple[list, str | None]:
+def stored_runs(todo: list[RecoveryRequest], store, code: str | None = None) -> tuple[list, str | None]:
     """(the stored RecoveryResults of `todo` made by one recovery code version, that version).
 
-    The version with the most of them wins; results of different code versions are never mixed.
+    The version `code` (a prefix of it), or else the one with the most of them; results of different code
+    versions are never mixed.
     Only this machine's results count (same CPU and packages; the code hash aside).
     """
     from .timing import fingerprint
@@ -45,6 +46,8 @@ def stored_runs(todo: list[RecoveryRequest], store) -> tuple[list, str | None]:
     for result in store.recoveries():
         if result.request in wanted and {k: v for k, v in result.machine.items() if k != "code"} == here:
             by_code.setdefault(result.machine.get("code"), {})[wanted[result.request]] = result
+    if code is not None:
+        by_code = {c: found for c, found in by_code.items() if c and c.startswith(code)}
     if not by_code:
         return [], None
     code, found = max(by_code.items(), key=lambda kv: len(kv[1]))

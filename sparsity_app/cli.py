@@ -162,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "assignments for the 32x1-at-50%% runs")
     p.add_argument("--stored", action="store_true", help="train nothing: the target runs already stored on this "
                    "machine by one code version (the one with most of them, named), then the verdicts")
+    p.add_argument("--code", default=None, help="with --stored: this code version (a prefix of it) instead")
     p.add_argument("--probe-lr", default=None, metavar="LRS", help="instead: the learning-rate probe, fixed 32x1 at "
                    "50%% for --probe-steps steps at each of these comma-separated rates, scored by embedding fidelity "
                    "to the dense model on training text (what a rate is chosen by) and by the metrics (reported)")
@@ -408,10 +409,12 @@ def _bench_recovery(args) -> None:
             print(pd.DataFrame(rows).to_string(index=False))
         return
     todo = bench_recovery.requests(args.steps, args.only)
+    if args.code is not None and not args.stored:
+        raise UserError("--code picks which stored runs to print: use it with --stored")
     if args.stored:
-        results, code = bench_recovery.stored_runs(todo, store)
+        results, code = bench_recovery.stored_runs(todo, store, args.code)
         _err(f"{len(results)} of {len(todo)} target runs stored by code version {code}" if results else
-             "no target run is stored on this machine")
+             "no target run is stored on this machine" + (f" by code version {args.code}" if args.code else ""))
         todo = []
     for i, request in enumerate(todo, 1):
         _err(f"[run {i}/{len(todo)}] {request.label()}")

@@ -290,3 +290,24 @@ def test_probe_spread_keeps_the_metric_protocol_at_its_fold_assignment():
     dense = probe_spread(None, assignments=5)
     assert dense["fixed"] == pytest.approx(0.745, abs=1e-9)  # metrics.polarity_probe_acc of the dense MiniLM
     assert dense["min"] <= dense["fixed"] <= dense["max"] and dense["min"] < dense["max"] and dense["sd"] > 0
+
+
+def test_stored_runs_never_mix_code_versions_and_can_be_asked_for_one():
+    from types import SimpleNamespace
+
+    from sparsity_app.bench_recovery import requests, stored_runs
+    from sparsity_app.timing import fingerprint
+
+    todo = requests(300)
+    here = {k: v for k, v in fingerprint().items() if k != "code"}
+
+    def result(i, code):
+        return SimpleNamespace(request=todo[i].resolve(), machine={**here, "code": code})
+
+    elsewhere = SimpleNamespace(request=todo[3].resolve(), machine={**here, "cpu": "another CPU", "code": "bbb1"})
+    store = SimpleNamespace(recoveries=lambda: iter([result(0, "aaa1"), result(1, "aaa1"), result(2, "bbb1"), elsewhere]))
+    runs, code = stored_runs(todo, store)
+    assert code == "aaa1" and [r.request for r in runs] == [todo[0].resolve(), todo[1].resolve()]
+    runs, code = stored_runs(todo, store, "bbb")
+    assert code == "bbb1" and [r.request for r in runs] == [todo[2].resolve()]  # never another machine's
+    assert stored_runs(todo, store, "ccc") == ([], None)
