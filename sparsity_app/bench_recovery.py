@@ -5,6 +5,8 @@ MiniLM, every encoder linear, `steps` steps of 16 x 128 tokens per run (the targ
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from .recovery import RecoveryRequest
@@ -54,10 +56,16 @@ def stored_runs(todo: list[RecoveryRequest], store, code: str | None = None) -> 
     return [found[i] for i in sorted(found)], code
 
 
-def probe_requests(lrs: list[float], steps: int, loss: str, plan: ModelPlan = BLOCK_50,
-                   recipe: str = "fixed") -> list[RecoveryRequest]:
-    """The learning-rate probe: short runs of one plan and recipe, one per learning rate."""
-    return [RecoveryRequest(plan=plan, recipe=recipe, steps=steps, lr=lr, loss=loss) for lr in lrs]
+# What a probe varies: knob -> (the recipe it belongs to, the RecoveryRequest field). Each is chosen by `fidelity`.
+PROBES = {"lr": ("fixed", "lr"), "group-lasso": ("group-lasso", "group_lasso")}
+
+
+def probe_requests(values: list[float], steps: int, loss: str, knob: str = "lr",
+                   plan: ModelPlan = BLOCK_50) -> list[RecoveryRequest]:
+    """A probe: short runs of one plan and the knob's recipe, one per value of the knob (PROBES)."""
+    recipe, field = PROBES[knob]
+    return [dataclasses.replace(RecoveryRequest(plan=plan, recipe=recipe, steps=steps, loss=loss), **{field: v})
+            for v in values]
 
 
 def fidelity(weights: dict) -> float:
@@ -180,5 +188,5 @@ def verdicts(results: list, one_shot: list[tuple[str, float, float]]) -> list[st
     return lines
 
 
-__all__ = ["RUNS", "ONE_SHOT", "requests", "probe_requests", "fidelity", "probe_spread", "probe_spread_lines",
+__all__ = ["RUNS", "ONE_SHOT", "PROBES", "requests", "probe_requests", "fidelity", "probe_spread", "probe_spread_lines",
            "one_shot_metrics", "verdicts"]

@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-lr", default=None, metavar="LRS", help="instead: the learning-rate probe, fixed 32x1 at "
                    "50%% for --probe-steps steps at each of these comma-separated rates, scored by embedding fidelity "
                    "to the dense model on training text (what a rate is chosen by) and by the metrics (reported)")
+    p.add_argument("--probe-group-lasso", default=None, metavar="PENALTIES", help="instead: the same probe for "
+                   "group-lasso 32x1 at 50%%, one run per comma-separated penalty weight")
     p.add_argument("--probe-steps", type=int, default=100)
     p.add_argument("--probe-loss", default="hidden", help="the probe's loss (see recover --loss)")
     p.add_argument("--cache-dir", default=None)
@@ -388,16 +390,22 @@ def _bench_recovery(args) -> None:
     from . import bench_recovery
 
     store, results = _open_store(args.cache_dir), []
-    if args.probe_lr is not None:
+    if args.probe_lr is not None and args.probe_group_lasso is not None:
+        raise UserError("probe one knob at a time: --probe-lr or --probe-group-lasso")
+    knob, given = ("lr", args.probe_lr) if args.probe_lr is not None else ("group-lasso", args.probe_group_lasso)
+    if given is not None:
         try:
-            lrs = [float(v) for v in args.probe_lr.split(",")]
+            values = [float(v) for v in given.split(",")]
         except ValueError:
-            raise UserError(f"--probe-lr takes comma-separated numbers, got {args.probe_lr!r}") from None
-        rows, probes = [], [r.resolve() for r in bench_recovery.probe_requests(lrs, args.probe_steps, args.probe_loss)]
+            raise UserError(f"--probe-{knob} takes comma-separated numbers, got {given!r}") from None
+        rows, probes = [], [r.resolve() for r in bench_recovery.probe_requests(values, args.probe_steps,
+                                                                              args.probe_loss, knob)]
         for request in probes:  # every bad value said before anything trains
-            _err(f"[probe] {request.label()}, lr {request.lr:g}, loss {request.loss}")
+            _err(f"[probe] {request.label()}, {knob} {getattr(request, bench_recovery.PROBES[knob][1]):g}, "
+                 f"lr {request.lr:g}, loss {request.loss}")
             r = _recovered(request, store, None)
-            rows.append({"lr": request.lr, "loss": request.loss, "steps": r.steps_done, "train_s": round(r.wall_s),
+            rows.append({knob: getattr(request, bench_recovery.PROBES[knob][1]), "recipe": request.recipe,
+                         "loss": request.loss, "steps": r.steps_done, "train_s": round(r.wall_s),
                          "last_loss": r.loss[-1][1], "fidelity": round(bench_recovery.fidelity(
                              store.recovered_weights(r.key)[0]), 4), "lee": round(r.metrics_after["lee_pearson"], 3),
                          "probe": round(r.metrics_after["polarity_probe_acc"], 3)})

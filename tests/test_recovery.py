@@ -255,7 +255,9 @@ def test_bad_recover_input_is_one_line(cli):
         out = cli(["recover", *args])
         assert out.returncode == 2 and expected in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
     for args, expected in ((["--probe-lr", "fast"], "--probe-lr takes comma-separated numbers"),
-                           (["--probe-lr", "1e-3", "--probe-loss", "kl"], "valid losses")):
+                           (["--probe-lr", "1e-3", "--probe-loss", "kl"], "valid losses"),
+                           (["--probe-group-lasso", "-1"], "group_lasso"),
+                           (["--probe-group-lasso", "1e-4", "--probe-lr", "1e-3"], "one knob at a time")):
         out = cli(["bench-recovery", *args])
         assert out.returncode == 2 and expected in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
 
