@@ -5,6 +5,7 @@ matrix X is float32 [tokens, in], one row per real (non-padding) token.
 """
 from __future__ import annotations
 
+import bisect
 import copy
 import dataclasses
 import functools
@@ -89,6 +90,9 @@ class MiniLM:
     def __init__(self):
         self._load_lock = threading.Lock()
         self._loaded = None
+        self._calibration_lock = threading.Lock()
+        self._calibration_whole: dict[str, np.ndarray] | None = None  # layer -> every calibration row
+        self._calibration_prefix: tuple[int, dict[str, np.ndarray]] | None = None  # (batches, layer -> rows)
 
     @property
     def _hf(self):
@@ -129,12 +133,26 @@ class MiniLM:
 
     def calibration(self, layer: str, tokens: int) -> np.ndarray:
         """The layer's real input activations on real text: float32 [tokens, in], the first `tokens`
-        rows of `calibration_set` (the polarity sentences' tokens, then the Lee documents')."""
+        rows of `calibration_set` (the polarity sentences' tokens, then the Lee documents').
+
+        Unless the whole set is computed already, only the batches of texts holding those rows are
+        run: a model run tunes on a few hundred rows, and the whole set is a forward over 250 texts
+        (~8 s on 2 cores). At one torch thread count the rows are bit-identical either way."""
         _check_layer(self, layer)
-        rows = self._calibration_all(self._calibration_batches(tokens))[layer]
-        if not 1 <= tokens <= len(rows):
-            raise UserError(f"tokens must be <= {len(rows)} for {self.name} (the calibration text has {len(rows)} tokens)")
-        return rows[:tokens].copy()  # the set is read-only; callers may hand X to torch
+        total = self._calibration_counts()[-1]
+        if not 1 <= tokens <= total:
+            raise UserError(f"tokens must be between 1 and {total} for {self.name} (the calibration text has "
+                            f"{total} tokens)")
+        with self._calibration_lock:  # one forward at a time: two callers never compute the same rows twice
+            if self._calibration_whole is not None:
+                rows = self._calibration_whole
+            else:
+                batches = self._calibration_batches(tokens)
+                if self._calibration_prefix is None or self._calibration_prefix[0] < batches:
+                    # only the largest prefix is kept
+                    self._calibration_prefix = (batches, self._forward_calibration(batches))
+                rows = self._calibration_prefix[1]
+        return rows[layer][:tokens].copy()  # the set is read-only; callers may hand X to torch
 
     def calibration_set(self, layer: str) -> np.ndarray:
         """Every real calibration token of the layer: float32 [~11k, in], read-only.
@@ -143,7 +161,11 @@ class MiniLM:
         (each cut at 128 tokens), in order. The layer proxies are scored on all of them.
         """
         _check_layer(self, layer)
-        return self._calibration_all()[layer]
+        with self._calibration_lock:
+            if self._calibration_whole is None:
+                self._calibration_whole = self._forward_calibration(None)
+                self._calibration_prefix = None  # the whole set serves every request from now on
+            return self._calibration_whole[layer]
 
     def pruning_input_norms(self, layer: str) -> np.ndarray:
         """||X_j||_2 of each input feature of the layer, float64 [in], over the first
@@ -168,10 +190,8 @@ class MiniLM:
             out[n] = norms
         return out
 
-    @functools.cache
-    def _calibration_all(self, batches: int | None = None) -> dict[str, np.ndarray]:
-        """layer -> the calibration rows of the first `batches` batches of texts (None: all of them).
-        A prefix is bit-identical to the same rows of the whole set: the same batches run the same way."""
+    def _forward_calibration(self, batches: int | None) -> dict[str, np.ndarray]:
+        """layer -> the calibration rows (read-only) of the first `batches` batches of texts (None: all)."""
         captured: dict[str, list[np.ndarray]] = {info.name: [] for info in self.layers()}
         texts = self._calibration_texts()[:None if batches is None else batches * _BATCH]
         self._each_linear_input(texts, lambda name, x, keep: captured[name].append(x[keep].numpy()))
@@ -186,18 +206,20 @@ class MiniLM:
     def _calibration_texts(self) -> list[str]:
         return [t for t, _ in data.polarity_sentences()] + list(data.lee_documents())
 
-    def _calibration_batches(self, tokens: int) -> int | None:
-        """How many batches of calibration texts hold at least `tokens` real tokens (None: more than all
-        of them hold). A model run needs only its first few hundred rows, not the ~11k of the whole set
-        (a forward over 250 texts, ~10 s on 2 cores)."""
-        texts, seen = self._calibration_texts(), 0
-        for i, start in enumerate(range(0, len(texts), _BATCH)):
+    @functools.cache
+    def _calibration_counts(self) -> list[int]:
+        """Real tokens in the first 1, 2, ... batches of calibration texts (cumulative; the last is the total)."""
+        texts, counts = self._calibration_texts(), []
+        for start in range(0, len(texts), _BATCH):
             with TOKENIZER_LOCK:
                 enc = self._hf[1](texts[start:start + _BATCH], truncation=True, max_length=128)
-            seen += sum(len(ids) for ids in enc["input_ids"])
-            if seen >= tokens:
-                return i + 1
-        return None
+            counts.append((counts[-1] if counts else 0) + sum(len(ids) for ids in enc["input_ids"]))
+        return counts
+
+    def _calibration_batches(self, tokens: int) -> int | None:
+        """How many batches of calibration texts hold at least `tokens` real tokens (None: all of them hold fewer)."""
+        counts = self._calibration_counts()
+        return bisect.bisect_left(counts, tokens) + 1 if tokens <= counts[-1] else None
 
     def _each_linear_input(self, texts: list[str], seen) -> None:
         """Run `texts` (batches of 32, cut at 128 tokens, padded) through a private copy of the model and

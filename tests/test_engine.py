@@ -34,15 +34,20 @@ def test_calibration_is_real_activations_of_the_layer():
 
 def test_calibration_rows_are_the_first_rows_of_the_whole_set():
     """A run forwards only the batches its rows need; those rows must be the whole set's, bit for bit."""
-    model = get_model("minilm-l6")
-    whole = model.calibration_set(LAYER)
-    assert model._calibration_batches(1) == 1 and model._calibration_batches(len(whole)) == 8  # 250 texts
-    assert model._calibration_batches(len(whole) + 1) is None
-    assert [model._calibration_batches(n) for n in (700, 1000, 3000)] == [1, 2, 4]
-    for tokens in (1, 700, 1000, 3000):  # inside the first batch of 32 texts, across its end, several batches
-        assert np.array_equal(model.calibration(LAYER, tokens), whole[:tokens]), tokens
-    with pytest.raises(UserError, match="calibration text has"):
-        model.calibration(LAYER, len(whole) + 1)
+    from sparsity_app.models import MiniLM
+
+    whole = get_model("minilm-l6").calibration_set(LAYER)
+    fresh = MiniLM()  # nothing computed yet: the prefix path
+    assert fresh._calibration_batches(1) == 1 and fresh._calibration_batches(len(whole)) == 8  # 250 texts
+    assert fresh._calibration_batches(len(whole) + 1) is None
+    assert [fresh._calibration_batches(n) for n in (700, 1000, 3000)] == [1, 2, 4]
+    for tokens in (1, 700, 1000, 3000, 700):  # inside the first batch of 32 texts, across its end, several batches
+        assert np.array_equal(fresh.calibration(LAYER, tokens), whole[:tokens]), tokens
+    assert fresh._calibration_whole is None and fresh._calibration_prefix[0] == 4  # only the largest prefix kept
+    for bad in (0, len(whole) + 1):
+        with pytest.raises(UserError, match=f"between 1 and {len(whole)} .*calibration text has {len(whole)} tokens"):
+            fresh.calibration(LAYER, bad)
+    assert fresh._calibration_whole is None  # saying so forwarded nothing
 
 
 def test_proxies_at_sparsity_zero_are_exact():
