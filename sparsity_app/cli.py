@@ -392,6 +392,11 @@ def _bench_recovery(args) -> None:
     store, results = _open_store(args.cache_dir), []
     if args.probe_lr is not None and args.probe_group_lasso is not None:
         raise UserError("probe one knob at a time: --probe-lr or --probe-group-lasso")
+    if args.code is not None and (not args.stored or not args.code):
+        raise UserError("--code names the stored runs to print (a non-empty prefix of a code version): use it with "
+                        "--stored")
+    if args.stored and (args.probe_lr is not None or args.probe_group_lasso is not None):
+        raise UserError("--stored trains nothing, a probe trains: use one or the other")
     knob, given = ("lr", args.probe_lr) if args.probe_lr is not None else ("group-lasso", args.probe_group_lasso)
     if given is not None:
         try:
@@ -417,8 +422,6 @@ def _bench_recovery(args) -> None:
             print(pd.DataFrame(rows).to_string(index=False))
         return
     todo = bench_recovery.requests(args.steps, args.only)
-    if args.code is not None and not args.stored:
-        raise UserError("--code picks which stored runs to print: use it with --stored")
     if args.stored:
         results, code = bench_recovery.stored_runs(todo, store, args.code)
         _err(f"{len(results)} of {len(todo)} target runs stored by code version {code}" if results else
@@ -438,12 +441,13 @@ def _bench_recovery(args) -> None:
             _err(f"[one-shot] {magnitude.label()} vs {wanda.label()}")
             one_shot.append((magnitude.label(), bench_recovery.one_shot_metrics(magnitude)["lee_pearson"],
                              bench_recovery.one_shot_metrics(wanda)["lee_pearson"]))
-    lines = bench_recovery.verdicts(results, one_shot)
+    lines, spread = bench_recovery.verdicts(results, one_shot), []
     if not args.skip_probe_spread:
-        _err("[probe spread] the polarity probe of the dense model and each 32x1-at-50% run, 20 fold assignments")
-        lines += bench_recovery.probe_spread_lines(results, store)
+        _err("[probe spread] the polarity probe of the dense model and each 32x1-at-50% run, 20 draws of its folds")
+        spread = bench_recovery.probe_spread_lines(results, store)
     if args.json:
-        print(json.dumps({"runs": [r.to_dict() for r in results], "one_shot": one_shot, "verdicts": lines}))
+        print(json.dumps({"runs": [r.to_dict() for r in results], "one_shot": one_shot, "verdicts": lines,
+                          "probe_spread": spread}))
     else:
         import pandas as pd
 
@@ -451,7 +455,7 @@ def _bench_recovery(args) -> None:
                                         "wall_min": round(r.wall_s / 60, 1),
                                         **{f"{k}_{when}": round(getattr(r, f"metrics_{when}")[k], 3)
                                            for k in ("lee_pearson", "polarity_probe_acc") for when in ("before", "after")}}
-                                       for r in results]).to_string(index=False), *lines]))
+                                       for r in results]).to_string(index=False), *lines, *spread]))
 
 
 def _recover(args) -> None:

@@ -98,6 +98,7 @@ def test_every_recipe_ends_on_the_plans_pattern_and_learns(recipe, plan):
     for name in list(weights)[:3]:  # the shared model's weights are the file's: training touched a copy
         np.testing.assert_array_equal(shared.get_submodule(name).weight.detach().numpy(),
                                       get_model("minilm-l6").weight(name)[0])
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in shared.modules())  # nor its hooks
 
 
 def test_each_loss_is_zero_on_the_teacher_and_grows_as_the_student_drifts():
@@ -179,6 +180,11 @@ def test_requests_are_validated_and_canonical():
     a = RecoveryRequest(plan=dataclasses.replace(BLOCK, tokens=64, repeat=5), recipe="fixed", beta_schedule="exponential")
     assert a.resolve() == RecoveryRequest(plan=BLOCK, recipe="fixed").resolve()
     assert RecoveryRequest.from_dict(json.loads(json.dumps(a.resolve().to_dict()))) == a.resolve()
+    # ...nor does a change of another recipe's default: ignored knobs take fixed values, so a run stored before
+    # group-lasso's penalty was tuned (2e-5 -> 2e-6) is still the same fixed-recipe request
+    stored_before = dataclasses.replace(RecoveryRequest(plan=BLOCK, recipe="fixed").resolve(), group_lasso=2e-5)
+    assert RecoveryRequest(plan=BLOCK, recipe="fixed", group_lasso=0.3).resolve() == stored_before
+    assert RecoveryRequest(plan=BLOCK, recipe="group-lasso").resolve().group_lasso == RecoveryRequest().group_lasso
 
 
 def test_recover_scores_stores_and_the_whole_model_runs_on_the_recovered_weights(cli, cache_dir):
@@ -257,7 +263,9 @@ def test_bad_recover_input_is_one_line(cli):
     for args, expected in ((["--probe-lr", "fast"], "--probe-lr takes comma-separated numbers"),
                            (["--probe-lr", "1e-3", "--probe-loss", "kl"], "valid losses"),
                            (["--probe-group-lasso", "-1"], "group_lasso"),
-                           (["--probe-group-lasso", "1e-4", "--probe-lr", "1e-3"], "one knob at a time")):
+                           (["--probe-group-lasso", "1e-4", "--probe-lr", "1e-3"], "one knob at a time"),
+                           (["--code", "abc"], "use it with --stored"), (["--stored", "--code", ""], "non-empty"),
+                           (["--stored", "--probe-lr", "1e-3"], "one or the other")):
         out = cli(["bench-recovery", *args])
         assert out.returncode == 2 and expected in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
 
@@ -290,8 +298,8 @@ def test_probe_spread_keeps_the_metric_protocol_at_its_fold_assignment():
     from sparsity_app.bench_recovery import probe_spread
 
     dense = probe_spread(None, assignments=5)
-    assert dense["fixed"] == pytest.approx(0.745, abs=1e-9)  # metrics.polarity_probe_acc of the dense MiniLM
-    assert dense["min"] <= dense["fixed"] <= dense["max"] and dense["min"] < dense["max"] and dense["sd"] > 0
+    assert dense["draw0"] == pytest.approx(0.745, abs=1e-9)  # metrics.polarity_probe_acc of the dense MiniLM
+    assert dense["min"] <= dense["draw0"] <= dense["max"] and dense["min"] < dense["max"] and dense["sd"] > 0
 
 
 def test_stored_runs_never_mix_code_versions_and_can_be_asked_for_one():
@@ -313,3 +321,6 @@ def test_stored_runs_never_mix_code_versions_and_can_be_asked_for_one():
     runs, code = stored_runs(todo, store, "bbb")
     assert code == "bbb1" and [r.request for r in runs] == [todo[2].resolve()]  # never another machine's
     assert stored_runs(todo, store, "ccc") == ([], None)
+    store = SimpleNamespace(recoveries=lambda: iter([result(0, "aaa1"), result(1, "aaa2")]))
+    with pytest.raises(UserError, match="ambiguous: aaa1, aaa2"):
+        stored_runs(todo, store, "aaa")

@@ -63,7 +63,7 @@ def tir_builder(builder: Callable) -> Callable:
     about 115 ms to parse against 50 ms on a short stack, about 15 s of a whole-model compile.
     A fresh thread's stack holds only the builder's own frames.
     """
-    @functools.lru_cache(maxsize=1024)
+    @functools.lru_cache(maxsize=1024, typed=True)  # 1 and 1.0 build different dtypes
     def cached(*args, **kwargs):
         out: dict = {}
 
