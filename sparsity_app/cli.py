@@ -398,6 +398,7 @@ def _bench_recovery(args) -> None:
     if args.stored and (args.probe_lr is not None or args.probe_group_lasso is not None):
         raise UserError("--stored trains nothing, a probe trains: use one or the other")
     knob, given = ("lr", args.probe_lr) if args.probe_lr is not None else ("group-lasso", args.probe_group_lasso)
+    field = bench_recovery.PROBES[knob][1]  # the RecoveryRequest field the probe varies
     if given is not None:
         try:
             values = [float(v) for v in given.split(",")]
@@ -406,10 +407,10 @@ def _bench_recovery(args) -> None:
         rows, probes = [], [r.resolve() for r in bench_recovery.probe_requests(values, args.probe_steps,
                                                                               args.probe_loss, knob)]
         for request in probes:  # every bad value said before anything trains
-            _err(f"[probe] {request.label()}, {knob} {getattr(request, bench_recovery.PROBES[knob][1]):g}, "
+            _err(f"[probe] {request.label()}, {knob} {getattr(request, field):g}, "
                  f"lr {request.lr:g}, loss {request.loss}")
             r = _recovered(request, store, None)
-            rows.append({knob: getattr(request, bench_recovery.PROBES[knob][1]), "recipe": request.recipe,
+            rows.append({knob: getattr(request, field), "recipe": request.recipe,
                          "loss": request.loss, "steps": r.steps_done, "train_s": round(r.wall_s),
                          "last_loss": r.loss[-1][1], "fidelity": round(bench_recovery.fidelity(
                              store.recovered_weights(r.key)[0]), 4), "lee": round(r.metrics_after["lee_pearson"], 3),

@@ -6,10 +6,10 @@ TVMScript function whose schedule knobs are plain Python arguments.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import os
-import threading
 from typing import Callable
 
 from ..spec import default_threads
@@ -65,20 +65,8 @@ def tir_builder(builder: Callable) -> Callable:
     """
     @functools.lru_cache(maxsize=1024, typed=True)  # 1 and 1.0 build different dtypes
     def cached(*args, **kwargs):
-        out: dict = {}
-
-        def parse() -> None:
-            try:
-                out["func"] = builder(*args, **kwargs)
-            except BaseException as e:  # noqa: BLE001 -- re-raised in the caller's thread
-                out["error"] = e
-
-        worker = threading.Thread(target=parse, name=f"tvmscript-{builder.__name__}")
-        worker.start()
-        worker.join()
-        if "error" in out:
-            raise out["error"]
-        return out["func"]
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tvmscript") as fresh:
+            return fresh.submit(builder, *args, **kwargs).result()  # its error, if any, raised here
 
     return functools.wraps(builder)(cached)
 
