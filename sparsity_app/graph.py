@@ -155,11 +155,18 @@ class Encoder:
 
         Kernels are timed inside real passes (VM instrument), so each reads its inputs from
         wherever the previous kernel left them (at 8 x 128 tokens, L3: timing kernels on their
-        own, warm, missed a third of the pass). Two corrections keep the instrument out of the
-        figures: before each call a no-op parallel kernel wakes TVM's workers (the Python
-        callback's gap let them fall asleep, and waking them doubled the total), and the
-        instrument's remaining cost per call (instrumented pass - plain pass, over the calls) is
-        subtracted. "other" is the rest of the plain pass: the VM's own work and layout changes.
+        own, warm, missed a third of the pass). Before each call a no-op parallel kernel wakes
+        TVM's workers (the Python callback's gap let them fall asleep, and waking them doubled the
+        total). Two corrections keep the instrument out of the figures, both measured in the same
+        passes: (1) each call's window holds some of the instrument's own cost, measured as the
+        window of the VM's cheapest builtin (`vm.builtin.null_value`, ~1 us), and taken off every
+        call (a kernel's window holds ~0.15 us more per tensor argument, left in: ~1 us a call);
+        (2) calls run a little slower between callbacks than in a plain pass (~5% of it at 1 x 128
+        tokens), so any excess of the timed calls (kernels and the VM's builtins) over the plain
+        pass's median is taken off each in proportion to its time. (Subtracting the whole
+        callback's cost per call instead, ~3-7 us, also took off time spent outside the windows
+        and drove 16-token kernels of ~5 us to zero.) "other" is the rest of the plain pass: the
+        VM's own work (its builtins among it) and layout changes.
         A fused attention kernel cannot be timed in parts, so an encoder compiled with fused
         attention is broken down on its twin with the attention split in three kernels (scores,
         softmax, context; otherwise the same kernels), compiled on first use; the split
@@ -176,37 +183,36 @@ class Encoder:
             return out
         wake = _wake_workers()
         plain = measure({"pass": self.run}, repeat=repeat, per_round=repeat)["pass"].median
-        per_symbol: dict[str, list[float]] = collections.defaultdict(list)
+        windows: dict[str, list[float]] = collections.defaultdict(list)  # per call, ms, over all passes
+        per_symbol: dict[str, list[float]] = collections.defaultdict(list)  # per pass, ms
         now: dict[str, float] = collections.defaultdict(float)
         order: list[float] = []  # this pass's kernel calls in order (ms), to attribute to their linears
         per_owner: dict[tuple[str, ...], list[float]] = collections.defaultdict(list)
-        clock = {"start": 0.0, "woken": 0.0}
+        clock = {"start": 0.0}
 
         def instrument(func, symbol, before, ret, *args):
             if before:
-                t = time.perf_counter()
                 wake()
                 clock["start"] = time.perf_counter()
-                clock["woken"] += clock["start"] - t
             else:
-                elapsed = time.perf_counter() - clock["start"]
+                elapsed = (time.perf_counter() - clock["start"]) * 1e3
                 now[str(symbol)] += elapsed
+                windows[str(symbol)].append(elapsed)
                 if not str(symbol).startswith("vm."):
-                    order.append(elapsed * 1e3)
+                    order.append(elapsed)
             return 0
 
-        walls = []
         self._vm.set_instrument(instrument)
         try:
-            for _ in range(repeat + 1):
+            for warm in [True] + [False] * repeat:  # the first pass warms the instrument
                 now.clear()
                 order.clear()
-                clock["woken"] = 0.0
-                t = time.perf_counter()
                 self.run()
-                walls.append((time.perf_counter() - t - clock["woken"]) * 1e3)
-                for sym, sec in now.items():
-                    per_symbol[sym].append(sec * 1e3)
+                if warm:
+                    windows.clear()
+                    continue
+                for sym, ms in now.items():
+                    per_symbol[sym].append(ms)
                 if len(order) == len(self._owners):  # calls run in the order they were emitted
                     totals: dict[tuple[str, ...], float] = collections.defaultdict(float)
                     for owner, ms in zip(self._owners, order):
@@ -216,17 +222,22 @@ class Encoder:
                         per_owner[owner].append(ms)
         finally:
             self._vm.set_instrument(None)
-        walls = walls[1:]  # the first pass warms the instrument
-        calls_per_pass = self._count_calls()
-        overhead = max(0.0, (float(np.median(walls)) - plain) / max(calls_per_pass, 1))
+        self._count_calls()
+        floor = float(np.median(windows["vm.builtin.null_value"])) if "vm.builtin.null_value" in windows else min(
+            (float(np.median(w)) for s, w in windows.items() if s.startswith("vm.")), default=0.0)
+
+        def net(samples: list[float], calls: int) -> float:  # median ms per pass, less the instrument's floor
+            return max(0.0, float(np.median(samples)) - floor * calls)
+
+        kernels = {sym: net(ms, self._symbol_calls[sym]) for sym, ms in per_symbol.items() if not sym.startswith("vm.")}
+        builtins = sum(net(ms, self._symbol_calls[sym]) for sym, ms in per_symbol.items() if sym.startswith("vm."))
+        timed = sum(kernels.values()) + builtins
+        scale = min(1.0, plain / timed) if timed > 0 else 1.0
         out = dict.fromkeys(GROUPS, 0.0)
-        for sym, ms in per_symbol.items():
-            if not sym.startswith("vm."):
-                n = self._symbol_calls[sym]
-                out[_group(sym)] += max(0.0, float(np.median(ms[1:])) - overhead * n)
+        for sym, ms in kernels.items():
+            out[_group(sym)] += ms * scale
         out["other"] += max(0.0, plain - sum(out.values()))
-        self.linear_ms = {owner: max(0.0, float(np.median(ms[1:])) - overhead * self._calls_of(owner))
-                          for owner, ms in per_owner.items()}
+        self.linear_ms = {owner: net(ms, self._calls_of(owner)) * scale for owner, ms in per_owner.items()}
         return out
 
     def _calls_of(self, owner: tuple[str, ...]) -> int:

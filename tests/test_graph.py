@@ -103,12 +103,12 @@ def test_verify_raises_on_a_wrong_model(small):
 
 
 def test_breakdown_groups_present_and_positive():
-    """On one MiniLM-sized layer (kernels of 10-300 us; in a toy model the instrument's cost per
-    call, which the breakdown subtracts, is as long as a layer norm)."""
+    """On one MiniLM-sized layer: kernels of 10-300 us at 128 tokens, and of a few us at 16 (where
+    subtracting the whole callback's cost per call once drove linears to zero)."""
     model = graph.synthetic_bert(layers=1, hidden=384, heads=12, intermediate=1536, seed=5)
-    for fuse_attention in (False, True):  # fused: broken down on its split twin
-        enc = graph.compile_encoder(model, model, {}, 1, 128, fuse_attention=fuse_attention)
-        enc.set_inputs(*_inputs(1, 128, model.config.vocab_size))
+    for fuse_attention, seq in ((False, 128), (True, 128), (False, 16)):  # fused: broken down on its split twin
+        enc = graph.compile_encoder(model, model, {}, 1, seq, fuse_attention=fuse_attention)
+        enc.set_inputs(*_inputs(1, seq, model.config.vocab_size))
         bd = enc.breakdown(repeat=3)
         assert set(bd) == set(graph.GROUPS)
         assert all(bd[g] > 0 for g in graph.GROUPS if g != "other"), bd
@@ -116,6 +116,17 @@ def test_breakdown_groups_present_and_positive():
         assert amdahl_bound(bd) > 1 and amdahl_bound({**bd, "linears": 0.0}) == 1.0
         times = enc.linear_times()  # each linear's share of the passes, by layer
         assert set(times) == set(graph.EncoderShape.of(model).linear_names()) and all(v > 0 for v in times.values())
+
+
+def test_breakdown_keeps_sub_microsecond_kernels(small):
+    """In a toy model every kernel is shorter than the instrument's callback (~3-7 us a call);
+    only the part of it inside each call's window is taken off, so no operator reads zero
+    (subtracting the whole callback zeroed softmax, layer norm and GELU on every run)."""
+    enc = graph.compile_encoder(small, small, {}, 1, 8)
+    enc.set_inputs(*_inputs(1, 8, small.config.vocab_size))
+    bd = enc.breakdown(repeat=5)
+    assert all(bd[g] > 0 for g in graph.GROUPS), bd  # "other": the VM's own work, a large share here
+    assert all(v > 0 for v in enc.linear_times().values()), enc.linear_times()
 
 
 def test_bad_inputs_are_one_line_errors(small):
