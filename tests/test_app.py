@@ -93,7 +93,7 @@ def test_learn_example_follows_the_block_and_claims_run(cache_dir):
     assert [c.value for c in at.code] != before
     at.selectbox(key="learn_model").set_value("minilm-l6")
     at.number_input(key="learn_tokens").set_value(16)
-    at.button(key="learn_test").click().run()
+    at.button(key="learn_test").click().run(timeout=600)  # a whole-model run and the layer claims: ~1.5 min quiet
     _ok(at)
     frames = [d.value for d in at.dataframe]
     claims = next(f for f in frames if "claim" in f.columns)

@@ -62,7 +62,8 @@ def test_press_run_and_see_speedup_and_chart(server, tmp_path):
             run = page.get_by_role("button", name="Run", exact=True)
             run.wait_for(timeout=60_000)
             run.click()
-            expect(page.get_by_text("Speedup vs best dense")).to_be_visible(timeout=120_000)
+            # a cold MiniLM layer: ~45 s quiet; CI's 2 cores are shared, so allow ~6x
+            expect(page.get_by_text("Speedup vs best dense")).to_be_visible(timeout=300_000)
             charts = page.locator('[data-testid="stVegaLiteChart"]')
             expect(charts).to_have_count(2, timeout=30_000)
             value = page.locator('[data-testid="stMetricValue"]').first.inner_text()

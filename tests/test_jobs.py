@@ -145,7 +145,7 @@ def test_model_page_runs_a_job_that_a_reload_or_the_link_shows_then_its_result(k
     from streamlit.testing.v1 import AppTest
 
     monkeypatch.setenv("FAKE_JOBS_MODEL", "1")
-    monkeypatch.setenv("FAKE_JOBS_STEP_S", "1.0")
+    monkeypatch.setenv("FAKE_JOBS_STEP_S", "3.0")  # the visitor must arrive while it runs
     app = str(TESTS.parent / "app.py")
     owner = AppTest.from_file(app, default_timeout=60).run()
     owner.switch_page("app_pages/model.py").run()
