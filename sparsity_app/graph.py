@@ -183,9 +183,10 @@ class Encoder:
             return out
         wake = _wake_workers()
         plain = measure({"pass": self.run}, repeat=repeat, per_round=repeat)["pass"].median
-        windows: dict[str, list[float]] = collections.defaultdict(list)  # per call, ms, over all passes
+        builtin_windows: dict[str, list[float]] = collections.defaultdict(list)  # vm.* per call, ms: the floor
         per_symbol: dict[str, list[float]] = collections.defaultdict(list)  # per pass, ms
-        now: dict[str, float] = collections.defaultdict(float)
+        now: dict[str, float] = collections.defaultdict(float)  # this pass's ms per symbol
+        calls_now: collections.Counter = collections.Counter()  # this pass's calls per symbol
         order: list[float] = []  # this pass's kernel calls in order (ms), to attribute to their linears
         per_owner: dict[tuple[str, ...], list[float]] = collections.defaultdict(list)
         clock = {"start": 0.0}
@@ -195,10 +196,12 @@ class Encoder:
                 wake()
                 clock["start"] = time.perf_counter()
             else:
-                elapsed = (time.perf_counter() - clock["start"]) * 1e3
-                now[str(symbol)] += elapsed
-                windows[str(symbol)].append(elapsed)
-                if not str(symbol).startswith("vm."):
+                elapsed, sym = (time.perf_counter() - clock["start"]) * 1e3, str(symbol)
+                now[sym] += elapsed
+                calls_now[sym] += 1
+                if sym.startswith("vm."):
+                    builtin_windows[sym].append(elapsed)
+                else:
                     order.append(elapsed)
             return 0
 
@@ -206,10 +209,12 @@ class Encoder:
         try:
             for warm in [True] + [False] * repeat:  # the first pass warms the instrument
                 now.clear()
+                calls_now.clear()
                 order.clear()
                 self.run()
-                if warm:
-                    windows.clear()
+                if warm:  # every pass makes the same calls
+                    calls = dict(calls_now)
+                    builtin_windows.clear()
                     continue
                 for sym, ms in now.items():
                     per_symbol[sym].append(ms)
@@ -222,15 +227,15 @@ class Encoder:
                         per_owner[owner].append(ms)
         finally:
             self._vm.set_instrument(None)
-        self._count_calls()
-        floor = float(np.median(windows["vm.builtin.null_value"])) if "vm.builtin.null_value" in windows else min(
-            (float(np.median(w)) for s, w in windows.items() if s.startswith("vm.")), default=0.0)
+        cheapest = builtin_windows.get("vm.builtin.null_value") or min(builtin_windows.values(), key=np.median,
+                                                                        default=[0.0])
+        floor = float(np.median(cheapest))
 
         def net(samples: list[float], calls: int) -> float:  # median ms per pass, less the instrument's floor
             return max(0.0, float(np.median(samples)) - floor * calls)
 
-        kernels = {sym: net(ms, self._symbol_calls[sym]) for sym, ms in per_symbol.items() if not sym.startswith("vm.")}
-        builtins = sum(net(ms, self._symbol_calls[sym]) for sym, ms in per_symbol.items() if sym.startswith("vm."))
+        kernels = {sym: net(ms, calls[sym]) for sym, ms in per_symbol.items() if not sym.startswith("vm.")}
+        builtins = sum(net(ms, calls[sym]) for sym, ms in per_symbol.items() if sym.startswith("vm."))
         timed = sum(kernels.values()) + builtins
         scale = min(1.0, plain / timed) if timed > 0 else 1.0
         out = dict.fromkeys(GROUPS, 0.0)
@@ -247,24 +252,6 @@ class Encoder:
         """ms per pass of each linear's kernel calls, by layer name, after `breakdown()`; layers that
         run as one stacked kernel (Q, K, V) share its time evenly."""
         return {name: ms / len(owner) for owner, ms in self.linear_ms.items() for name in owner}
-
-    def _count_calls(self) -> int:
-        """Calls per pass, and per symbol (self._symbol_calls), from one instrumented pass."""
-        counts: dict[str, int] = collections.Counter()
-
-        def instrument(func, symbol, before, ret, *args):
-            if before:
-                counts[str(symbol)] += 1
-            return 0
-
-        self._vm.set_instrument(instrument)
-        try:
-            self.run()
-        finally:
-            self._vm.set_instrument(None)
-        self._symbol_calls = counts
-        return sum(counts.values())
-
 
 
 @functools.cache
