@@ -29,9 +29,9 @@ ONE_SHOT = (  # wanda against magnitude, one-shot (no training)
 )
 
 
-def requests(steps: int, only: str | None = None) -> list[RecoveryRequest]:
+def requests(steps: int, only: str | None = None, lengths: str = "mixed") -> list[RecoveryRequest]:
     """The target runs (optionally only those whose plan label or recipe contains `only`)."""
-    out = [RecoveryRequest(plan=plan, recipe=recipe, steps=steps) for plan, recipe in RUNS]
+    out = [RecoveryRequest(plan=plan, recipe=recipe, steps=steps, lengths=lengths) for plan, recipe in RUNS]
     return [r for r in out if only is None or only in r.plan.label() or only == r.recipe]
 
 
@@ -64,32 +64,36 @@ def stored_runs(todo: list[RecoveryRequest], store, code: str | None = None) -> 
 PROBES = {"lr": ("fixed", "lr"), "group-lasso": ("group-lasso", "group_lasso")}
 
 
-def probe_requests(values: list[float], steps: int, loss: str, knob: str = "lr",
+def probe_requests(values: list[float], steps: int, loss: str, knob: str = "lr", lengths: str = "mixed",
                    plan: ModelPlan = BLOCK_50) -> list[RecoveryRequest]:
     """A probe: short runs of one plan and the knob's recipe, one per value of the knob (PROBES)."""
     recipe, field = PROBES[knob]
-    return [dataclasses.replace(RecoveryRequest(plan=plan, recipe=recipe, steps=steps, loss=loss), **{field: v})
-            for v in values]
+    return [dataclasses.replace(RecoveryRequest(plan=plan, recipe=recipe, steps=steps, loss=loss, lengths=lengths),
+                                **{field: v}) for v in values]
 
 
 def fidelity(weights: dict) -> float:
     """Mean cosine between the sentence embeddings of MiniLM with these linear weights (layer -> float32
-    [out, in]) and the dense model's, on 256 training sequences (every 18th of `training_sequences(128)`):
-    unlabelled training text, so a setting chosen by it never looked at an evaluation text or label."""
+    [out, in]) and the dense model's, averaged over inputs of 16, 32, 64 and 128 tokens: 256 training
+    sequences (every 18th of `training_sequences(128)`), each also cut to its first 14, 30 and 62 word
+    pieces between [CLS] and [SEP]. Unlabelled training text, so a setting chosen by it never looked at an
+    evaluation text or label; short inputs count because the metrics embed sentences and single words."""
     import torch
 
     from .models import get_model
     from .recovery import training_sequences
 
     model = get_model("minilm-l6")
-    ids = torch.from_numpy(training_sequences(128)[::18][:256].copy())
+    seqs = training_sequences(128)[::18][:256]
 
-    def pooled(m):
+    def pooled(m, length: int):
+        ids = torch.from_numpy(np.concatenate([seqs[:, :length - 1], seqs[:, -1:]], axis=1))
         with torch.inference_mode():
             return torch.cat([m(input_ids=ids[i:i + 32]).last_hidden_state.mean(1) for i in range(0, len(ids), 32)])
 
-    return float(torch.nn.functional.cosine_similarity(pooled(model.pruned_copy(weights)),
-                                                        pooled(model.torch_model())).mean())
+    student, dense = model.pruned_copy(weights), model.torch_model()
+    return float(np.mean([torch.nn.functional.cosine_similarity(pooled(student, n), pooled(dense, n)).mean()
+                          for n in (16, 32, 64, 128)]))
 
 
 def probe_spread(weights: dict | None, assignments: int = 20) -> dict[str, float]:

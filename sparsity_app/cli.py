@@ -86,7 +86,7 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_recovery_args(p: argparse.ArgumentParser, required: bool) -> None:
-    from .recovery import RECIPES, RecoveryRequest
+    from .recovery import LENGTHS, RECIPES, RecoveryRequest
 
     d = RecoveryRequest()
     g = p.add_argument_group("recovery fine-tune" + ("" if required else " (with --recipe: measure the recovered "
@@ -95,7 +95,11 @@ def _add_recovery_args(p: argparse.ArgumentParser, required: bool) -> None:
                    help=f"{' | '.join(RECIPES)}" + (" (default %(default)s)" if required else ""))
     g.add_argument("--steps", type=int, default=d.steps, help="optimiser steps (default %(default)s)")
     g.add_argument("--train-batch", type=int, default=d.batch, help="sequences per step (default %(default)s)")
-    g.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per training sequence (default %(default)s)")
+    g.add_argument("--seq-len", type=int, default=d.seq_len, help="a step reads --train-batch x --seq-len tokens "
+                   "(default %(default)s)")
+    g.add_argument("--lengths", default=d.lengths, help=f"{' | '.join(LENGTHS)}: sequences of --seq-len tokens only "
+                   "(fixed), or steps cycling through seq-len/8, /4, /2 and seq-len tokens, as many sequences as make "
+                   "the same tokens (mixed; default %(default)s)")
     g.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate (default %(default)s)")
     g.add_argument("--train-seed", type=int, default=d.seed, help="seed of the training data order")
     g.add_argument("--loss", default=d.loss, help="what the student reproduces: hidden (every layer's hidden states, "
@@ -113,6 +117,7 @@ def _recovery_request(args: argparse.Namespace, plan: ModelPlan):
 
     return RecoveryRequest(plan=plan, recipe=args.recipe, steps=args.steps, batch=args.train_batch, seq_len=args.seq_len,
                            lr=args.lr, seed=args.train_seed, beta_schedule=args.beta_schedule, loss=args.loss,
+                           lengths=args.lengths,
                            decay_fraction=args.decay_fraction, group_lasso=args.group_lasso).resolve()
 
 
@@ -170,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "group-lasso 32x1 at 50%%, one run per comma-separated penalty weight")
     p.add_argument("--probe-steps", type=int, default=100)
     p.add_argument("--probe-loss", default="hidden", help="the probe's loss (see recover --loss)")
+    p.add_argument("--lengths", default="mixed", help="the training sequences' lengths of every run (see recover "
+                   "--lengths; fixed: the table stored before mixed lengths existed, with --stored --code)")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--json", action="store_true")
 
@@ -405,7 +412,7 @@ def _bench_recovery(args) -> None:
         except ValueError:
             raise UserError(f"--probe-{knob} takes comma-separated numbers, got {given!r}") from None
         rows, probes = [], [r.resolve() for r in bench_recovery.probe_requests(values, args.probe_steps,
-                                                                              args.probe_loss, knob)]
+                                                                              args.probe_loss, knob, args.lengths)]
         for request in probes:  # every bad value said before anything trains
             _err(f"[probe] {request.label()}, {knob} {getattr(request, field):g}, "
                  f"lr {request.lr:g}, loss {request.loss}")
@@ -422,7 +429,7 @@ def _bench_recovery(args) -> None:
 
             print(pd.DataFrame(rows).to_string(index=False))
         return
-    todo = bench_recovery.requests(args.steps, args.only)
+    todo = bench_recovery.requests(args.steps, args.only, args.lengths)
     if args.stored:
         results, code = bench_recovery.stored_runs(todo, store, args.code)
         _err(f"{len(results)} of {len(todo)} target runs stored by code version {code}" if results else
