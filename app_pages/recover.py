@@ -9,7 +9,7 @@ from sparsity_app.errors import one_line
 from sparsity_app.links import RECOVERY_PARAMETERS, escape, plan_from_query, recovery_from_query, recovery_to_query
 from sparsity_app.model_experiment import lookup as lookup_model
 from sparsity_app.pruning import METHODS
-from sparsity_app.recovery import RECIPES, RecoveryRequest, lookup, recovery_code
+from sparsity_app.recovery import LENGTHS, RECIPES, RecoveryRequest, lookup, recovery_code
 from sparsity_app.spec import BLOCK_PRESETS, NM_PRESETS, ModelPlan, parse_block, parse_nm
 
 st.title("Recover accuracy")
@@ -51,7 +51,8 @@ try:
                      nm=None if nm == "none" else parse_nm(nm), tokens=int(tokens), overrides=start.overrides,
                      threads=start.threads, repeat=start.repeat)
     request = RecoveryRequest(plan=plan, recipe=recipe, steps=int(steps), batch=start_request.batch,
-                              seq_len=start_request.seq_len).resolve()  # the link's training shape (the CLI's flags)
+                              seq_len=start_request.seq_len, lengths=start_request.lengths
+                              ).resolve()  # the link's training shape (the CLI's flags)
 except UserError as e:
     st.error(escape(one_line(e, 600)))
 
@@ -102,7 +103,9 @@ frame = analysis.recovery_frame(store().recoveries(model=request.plan.model))
 st.dataframe(analysis.recipes_side_by_side(frame, request, recovery_code()), hide_index=True,
              key="r_recipes")
 st.caption(f"Every recipe run on {request.plan.label()} for {request.steps} steps of {request.batch} x {request.seq_len} "
-           f"tokens at learning rate {request.lr:g}, seed {request.seed}, by this code; gain = after minus one-shot.")
+           f"tokens (as sequences of {'/'.join(map(str, LENGTHS[request.lengths](request.seq_len)))} tokens), "
+           f"loss {request.loss}, learning rate {request.lr:g}, seed {request.seed}, by this code; gain = after minus "
+           "one-shot.")
 
 st.subheader("What recovery buys, at what speed")
 groups = {}

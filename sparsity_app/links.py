@@ -154,8 +154,10 @@ def plan_to_query(plan: ModelPlan) -> dict[str, str]:
     return q
 
 
-_RECOVERY_PARSERS: dict[str, Callable[[str], object]] = {"recipe": str, "steps": int, "batch": int, "seq_len": int}
-_RECOVERY_QUERY = {"recipe": "recipe", "steps": "steps", "batch": "train_batch", "seq_len": "seq_len"}  # field -> parameter
+_RECOVERY_PARSERS: dict[str, Callable[[str], object]] = {"recipe": str, "steps": int, "batch": int, "seq_len": int,
+                                                         "lengths": str}
+_RECOVERY_QUERY = {"recipe": "recipe", "steps": "steps", "batch": "train_batch", "seq_len": "seq_len",
+                   "lengths": "lengths"}  # field -> parameter
 
 
 def recovery_from_query(query: Mapping[str, str], plan: ModelPlan):

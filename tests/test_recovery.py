@@ -152,7 +152,8 @@ def test_recovery_arrows_pair_each_recovered_result_with_its_one_shot_twin():
 
 
 def test_a_stopped_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
-    req = RecoveryRequest(plan=BLOCK, recipe="mask-decay", **TINY)
+    req = RecoveryRequest(plan=BLOCK, recipe="mask-decay", **{**TINY, "seq_len": 32})  # steps of 16 and 32 tokens
+    assert recovery.LENGTHS[req.lengths](req.seq_len) == (16, 32)
     whole, whole_masks, *_ = _train(req)
     checkpoint = tmp_path / "ck" / "checkpoint.pt"
     with pytest.raises(RecoveryStopped, match="after 1 of 4 steps"):
@@ -165,7 +166,33 @@ def test_a_stopped_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
         np.testing.assert_array_equal(resumed_masks[name], whole_masks[name])
 
 
+def test_mixed_lengths_cut_every_step_into_the_same_tokens():
+    from sparsity_app.models import get_model
+
+    mixed = recovery.LENGTHS["mixed"]
+    assert mixed(128) == (16, 32, 64, 128) and mixed(100) == (25, 50, 100) and mixed(16) == (16,) and mixed(24) == (24,)
+    req = RecoveryRequest(plan=BLOCK).resolve()
+    assert (req.lengths, req.batch, req.seq_len) == ("mixed", 16, 128)
+    batches = [recovery.batch_at(req, step) for step in range(8)]
+    assert [b.shape for b in batches] == [(128, 16), (64, 32), (32, 64), (16, 128)] * 2
+    tok = get_model("minilm-l6").tokenizer()
+    for b in batches:
+        assert b.size == 16 * 128 and (b[:, 0] == tok.cls_token_id).all() and (b[:, -1] == tok.sep_token_id).all()
+        assert (b != tok.pad_token_id).all()  # whole windows of the training text, never padding
+    assert not np.array_equal(batches[0], batches[4])  # the next sequences of that length, not the same again
+    np.testing.assert_array_equal(recovery.batch_at(req, 5), batches[5])  # indexed by step alone
+    short = {r.tobytes() for r in recovery.training_sequences(16)}
+    assert all(r.tobytes() in short for r in batches[0])
+    fixed = dataclasses.replace(req, lengths="fixed")
+    assert {recovery.batch_at(fixed, step).shape for step in range(4)} == {(16, 128)}
+
+
 def test_requests_are_validated_and_canonical():
+    with pytest.raises(UserError, match="unknown lengths 'short'; valid: mixed, fixed"):
+        RecoveryRequest(lengths="short").resolve()
+    # a run stored before `lengths` existed trained on seq_len tokens only: it reads back as such
+    old = {k: v for k, v in RecoveryRequest(plan=BLOCK).resolve().to_dict().items() if k != "lengths"}
+    assert RecoveryRequest.from_dict(old).lengths == "fixed"
     with pytest.raises(UserError, match="valid recipes: fixed, gradual"):
         RecoveryRequest(recipe="magic").resolve()
     with pytest.raises(UserError, match="steps must be an integer"):
@@ -256,6 +283,7 @@ def test_recover_page_survives_a_bad_link(cache_dir):
 
 def test_bad_recover_input_is_one_line(cli):
     for args, expected in ((["--recipe", "nope"], "valid recipes"), (["--steps", "-3"], "steps must be"),
+                           (["--lengths", "short"], "valid: mixed, fixed"),
                            (["--recipe", "structure-decay", "--steps", "2", "--train-batch", "1", "--seq-len", "8"],
                             "N:M")):
         out = cli(["recover", *args])
