@@ -41,7 +41,8 @@ with st.form("recover"):
                                "sr-ste: masks recomputed every step, straight-through gradient (N:M). mask-decay: "
                                "pruned weights fade out (beta 1 -> 0). structure-decay: N:M stepped from dense to the "
                                "target. group-lasso: block norms penalised, then the smallest blocks pruned.")
-    steps = c2.number_input("Steps (16 x 128 tokens each)", 1, 5000, int(start_request.steps), key="r_steps")
+    steps = c2.number_input(f"Steps ({start_request.batch} x {start_request.seq_len} tokens each)", 1, 5000,
+                            int(start_request.steps), key="r_steps")
     tokens = c3.number_input("Tokens timed per sequence", 2, 512, start.tokens, key="r_tokens")
     go = st.form_submit_button("Recover, then measure the whole model", type="primary")
 
