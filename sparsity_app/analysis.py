@@ -199,7 +199,8 @@ def recovery_frame(recoveries) -> pd.DataFrame:
     for r in recoveries:
         row = {"plan": r.request.plan.label(), "recipe": r.request.recipe, "steps": r.steps_done,
                "train_batch": r.request.batch, "seq_len": r.request.seq_len, "lengths": r.request.lengths,
-               "loss": r.request.loss, "lr": r.request.lr, "seed": r.request.seed, "code": r.machine.get("code"), "wall_s": r.wall_s, "sparsity_achieved": r.sparsity_achieved}
+               "loss": r.request.loss, "lr": r.request.lr, "seed": r.request.seed, "code": r.machine.get("code"),
+               "wall_s": r.wall_s, "sparsity_achieved": r.sparsity_achieved}
         for k in MODEL_METRICS:
             row[f"{k}_before"], row[f"{k}_after"] = r.metrics_before.get(k), r.metrics_after.get(k)
             row[f"{k}_dense"] = r.dense_metrics.get(k)
@@ -209,8 +210,8 @@ def recovery_frame(recoveries) -> pd.DataFrame:
 
 def recipes_side_by_side(df: pd.DataFrame, request, code: str) -> pd.DataFrame:
     """The recipes run like `request` (a recovery.RecoveryRequest: same plan, steps, batch, sequence
-    length and lengths, loss, learning rate and seed) by the recovery code `code` (recovery.recovery_code()), in a
-    `recovery_frame`: one row each, the metrics after recovery, their gain over one-shot, the wall time."""
+    length and lengths, loss, learning rate and seed) by the recovery code `code` (recovery.recovery_code()),
+    in a `recovery_frame`: one row each, the metrics after recovery, their gain over one-shot, the wall time."""
     if df.empty:
         return df
     same = {"plan": request.plan.label(), "steps": request.steps, "train_batch": request.batch,

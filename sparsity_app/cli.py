@@ -94,7 +94,8 @@ def _add_recovery_args(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--recipe", default="fixed" if required else None,
                    help=f"{' | '.join(RECIPES)}" + (" (default %(default)s)" if required else ""))
     g.add_argument("--steps", type=int, default=d.steps, help="optimiser steps (default %(default)s)")
-    g.add_argument("--train-batch", type=int, default=d.batch, help="sequences per step (default %(default)s)")
+    g.add_argument("--train-batch", type=int, default=d.batch, help="sequences of --seq-len tokens per step: the "
+                   "step's tokens, however --lengths cuts them (default %(default)s)")
     g.add_argument("--seq-len", type=int, default=d.seq_len, help="a step reads --train-batch x --seq-len tokens "
                    "(default %(default)s)")
     g.add_argument("--lengths", default=d.lengths, help=f"{' | '.join(LENGTHS)}: sequences of --seq-len tokens only "
@@ -429,7 +430,7 @@ def _bench_recovery(args) -> None:
 
             print(pd.DataFrame(rows).to_string(index=False))
         return
-    todo = bench_recovery.requests(args.steps, args.only, args.lengths)
+    todo = [r.resolve() for r in bench_recovery.requests(args.steps, args.only, args.lengths)]  # a bad flag: one line
     if args.stored:
         results, code = bench_recovery.stored_runs(todo, store, args.code)
         _err(f"{len(results)} of {len(todo)} target runs stored by code version {code}" if results else

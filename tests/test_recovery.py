@@ -293,7 +293,8 @@ def test_bad_recover_input_is_one_line(cli):
                            (["--probe-group-lasso", "-1"], "group_lasso"),
                            (["--probe-group-lasso", "1e-4", "--probe-lr", "1e-3"], "one knob at a time"),
                            (["--code", "abc"], "use it with --stored"), (["--stored", "--code", ""], "non-empty"),
-                           (["--stored", "--probe-lr", "1e-3"], "one or the other")):
+                           (["--stored", "--probe-lr", "1e-3"], "one or the other"),
+                           (["--lengths", "short"], "valid: mixed, fixed")):
         out = cli(["bench-recovery", *args])
         assert out.returncode == 2 and expected in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
 
