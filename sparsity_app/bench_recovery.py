@@ -29,7 +29,7 @@ ONE_SHOT = (  # wanda against magnitude, one-shot (no training)
 )
 
 
-def requests(steps: int, only: str | None = None, lengths: str = "mixed") -> list[RecoveryRequest]:
+def requests(steps: int, only: str | None = None, lengths: str = RecoveryRequest.lengths) -> list[RecoveryRequest]:
     """The target runs (optionally only those whose plan label or recipe contains `only`)."""
     out = [RecoveryRequest(plan=plan, recipe=recipe, steps=steps, lengths=lengths) for plan, recipe in RUNS]
     return [r for r in out if only is None or only in r.plan.label() or only == r.recipe]
@@ -64,7 +64,7 @@ def stored_runs(todo: list[RecoveryRequest], store, code: str | None = None) -> 
 PROBES = {"lr": ("fixed", "lr"), "group-lasso": ("group-lasso", "group_lasso")}
 
 
-def probe_requests(values: list[float], steps: int, loss: str, knob: str = "lr", lengths: str = "mixed",
+def probe_requests(values: list[float], steps: int, loss: str, knob: str = "lr", lengths: str = RecoveryRequest.lengths,
                    plan: ModelPlan = BLOCK_50) -> list[RecoveryRequest]:
     """A probe: short runs of one plan and the knob's recipe, one per value of the knob (PROBES)."""
     recipe, field = PROBES[knob]

@@ -130,6 +130,8 @@ def _plan(args: argparse.Namespace) -> ModelPlan:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .recovery import RecoveryRequest  # as _add_recovery_args does: the request's defaults are the flags'
+
     parser = _Parser(prog="sparsity_app", description="Prune a layer, compile it to a TVM block-sparse "
                      "kernel, time it against dense, score the accuracy cost.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -176,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "group-lasso 32x1 at 50%%, one run per comma-separated penalty weight")
     p.add_argument("--probe-steps", type=int, default=100)
     p.add_argument("--probe-loss", default="hidden", help="the probe's loss (see recover --loss)")
-    p.add_argument("--lengths", default="mixed", help="the training sequences' lengths of every run (see recover "
-                   "--lengths; fixed: the table stored before mixed lengths existed, with --stored --code)")
+    p.add_argument("--lengths", default=RecoveryRequest.lengths, help="the training sequences' lengths of every run "
+                   "(see recover --lengths; fixed: the table stored before mixed lengths existed, with --stored --code)")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--json", action="store_true")
 
@@ -439,7 +441,7 @@ def _bench_recovery(args) -> None:
     for i, request in enumerate(todo, 1):
         _err(f"[run {i}/{len(todo)}] {request.label()}")
         try:
-            results.append(_recovered(request.resolve(), store, None))
+            results.append(_recovered(request, store, None))  # resolved above
         except UserError as e:  # one run that cannot go (e.g. stopped): say so, keep the others
             _err(f"  {e}")
             continue
