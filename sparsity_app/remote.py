@@ -75,21 +75,37 @@ def _tracker(backend: Backend):
         raise UserError(f"cannot reach the RPC tracker at {backend.tracker}: {e}") from None
 
 
-def servers(backend: Backend) -> tuple[int, int]:
+def servers(backend: Backend, tracker=None) -> tuple[int, int]:
     """(servers registered with the backend's key, of which free) according to its tracker."""
-    summary = _tracker(backend).summary()
+    summary = (tracker or _tracker(backend)).summary()
     total = sum(1 for s in summary.get("server_info", []) if s.get("key") == f"server:{backend.key}")
     return total, int(summary.get("queue_info", {}).get(backend.key, {}).get("free", 0))
 
 
-def _request(backend: Backend, tracker=None):
-    """A session on one server of the key; UserError when the tracker has none registered."""
-    total, _ = servers(backend)
-    if total == 0:
-        raise UserError(f"the RPC tracker {backend.tracker} has no server with key {backend.key!r} "
-                        f"(start one: python -m tvm.exec.rpc_server --tracker {backend.tracker} --key {backend.key})")
-    with _on_device(f"requesting a {backend.key} server"):
-        return (tracker or _tracker(backend)).request(backend.key, session_timeout=0, max_retry=3)
+_REQUESTING = threading.Lock()  # one request in flight per process: see _request
+
+
+def _request(backend: Backend, tracker=None, poll_s: float = 0.2):
+    """A session on one server of the key; UserError when the tracker has none registered.
+
+    TVM's tracker queues a request until a server of the key is free, and keeps it queued for ever if
+    the last busy one dies. So a request goes out only when the tracker reports a free server, one at
+    a time in this process (two sent for one free server would leave the second queued); while every
+    server is busy this polls, and when none is left registered it says so. (A server that dies
+    between the summary and the request can still strand that one request.)
+    """
+    tracker = tracker or _tracker(backend)
+    while True:
+        with _REQUESTING:
+            total, free = servers(backend, tracker)
+            if total == 0:
+                raise UserError(f"the RPC tracker {backend.tracker} has no server with key {backend.key!r} "
+                                f"(start one: python -m tvm.exec.rpc_server --tracker {backend.tracker} "
+                                f"--key {backend.key})")
+            if free:
+                with _on_device(f"requesting a {backend.key} server"):
+                    return tracker.request(backend.key, session_timeout=0, max_retry=3)
+        time.sleep(poll_s)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,6 +6,7 @@ popen workers survive a plain SIGTERM), and kills those groups by id when the te
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -61,6 +62,12 @@ class Cluster:
         self.procs.append(p)
         return p
 
+    def add_server(self, key: str) -> subprocess.Popen:
+        """A server of `key` registered with this cluster's tracker (free ports)."""
+        sp = _free_port()
+        return self.start("tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(sp), "--port-end", str(sp + 1),
+                          "--tracker", self.backend.tracker, "--key", key, env={"TVM_NUM_THREADS": "2"})
+
     def kill(self, p: subprocess.Popen) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(p.pid, signal.SIGKILL)  # the server and its forked session and popen workers
@@ -83,10 +90,7 @@ def cluster(tmp_path_factory):
         c.start("tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 1))
         c.backend = Backend(kind="rpc", tracker=f"127.0.0.1:{port}", key=KEY)
         for _ in range(2):  # started with the tracker: importing TVM takes longer than the tracker's bind
-            sp = _free_port()
-            c.servers.append(c.start("tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(sp), "--port-end",
-                                     str(sp + 1), "--tracker", f"127.0.0.1:{port}", "--key", KEY,
-                                     env={"TVM_NUM_THREADS": "2"}))
+            c.servers.append(c.add_server(KEY))
         _wait(lambda: _accepts(port), "the tracker")
         _wait(lambda: remote.servers(c.backend)[1] == 2, "two free servers")
         yield c
@@ -164,6 +168,42 @@ def test_bad_backend_is_one_clear_line(cluster):
         run(_grid()[0], backend=Backend(kind="rpc", tracker=cluster.backend.tracker, key="absent"))
     with pytest.raises(UserError, match="--rpc-target"):
         Backend(kind="rpc", tracker=cluster.backend.tracker, key=KEY, target="cpu=arm").resolve()
+
+
+def test_sweep_ends_when_every_server_of_its_key_dies(cluster):
+    """A worker that lost its server asks the tracker for another while the last one is busy; then
+    that one dies too. TVM's tracker keeps such a request queued for ever: the sweep must end anyway,
+    every unmeasured point failed with one clear line."""
+    import threading
+
+    from sparsity_app import remote
+
+    key = "loopback-doomed"  # its own key: the module's surviving server must not rescue the sweep
+    backend = Backend(kind="rpc", tracker=cluster.backend.tracker, key=key)
+    doomed = [cluster.add_server(key) for _ in range(2)]
+    _wait(lambda: remote.servers(backend)[1] == 2, "two free servers of the doomed key")
+    grid = [dataclasses.replace(_grid()[0], sparsity=s) for s in (0.86, 0.87, 0.88, 0.89, 0.9, 0.91)]
+
+    def kill_the_rest():
+        while doomed:
+            cluster.kill(doomed.pop())
+
+    def on_event(event):
+        if event.kind == "measured" and len(doomed) == 2:  # one server dies between its worker's points
+            cluster.kill(doomed.pop(0))
+        elif event.kind == "retried" and len(doomed) == 1:  # its worker is about to wait for the busy one: kill it
+            threading.Timer(3.0, kill_the_rest).start()
+
+    finished = []
+    sweep = threading.Thread(target=lambda: finished.append(remote.sweep(grid, backend, on_event=on_event)), daemon=True)
+    sweep.start()
+    sweep.join(timeout=180)
+    assert finished, "the sweep still waits for a server that no longer exists"
+    report = finished[0]
+    assert not doomed and report.workers == 2 and report.retried
+    assert report.failures and len(report.results) + len(report.failures) == len(grid)
+    assert all("no server with key 'loopback-doomed'" in e or "lost 3 servers" in e for e in report.failures.values()), \
+        report.failures
 
 
 def _stored(sparsity: float, device: str | None, code: str, threads: int = 2):
