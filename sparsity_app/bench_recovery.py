@@ -60,14 +60,16 @@ def stored_runs(todo: list[RecoveryRequest], store, code: str | None = None) -> 
     return [found[i] for i in sorted(found)], code
 
 
-# What a probe varies: knob -> (the recipe it belongs to, the RecoveryRequest field). Each is chosen by `fidelity`.
-PROBES = {"lr": ("fixed", "lr"), "group-lasso": ("group-lasso", "group_lasso")}
+# What a probe varies: knob -> (the recipe it belongs to, the RecoveryRequest field, the plan of the target that
+# recipe is there for). Each value is chosen by `fidelity`, never by a metric.
+PROBES = {"lr": ("fixed", "lr", BLOCK_50), "group-lasso": ("group-lasso", "group_lasso", BLOCK_50),
+          "decay-fraction": ("gradual", "decay_fraction", BLOCK_90)}
 
 
-def probe_requests(values: list[float], steps: int, loss: str, knob: str = "lr", lengths: str = RecoveryRequest.lengths,
-                   plan: ModelPlan = BLOCK_50) -> list[RecoveryRequest]:
-    """A probe: short runs of one plan and the knob's recipe, one per value of the knob (PROBES)."""
-    recipe, field = PROBES[knob]
+def probe_requests(values: list[float], steps: int, loss: str, knob: str = "lr",
+                   lengths: str = RecoveryRequest.lengths) -> list[RecoveryRequest]:
+    """A probe: short runs of the knob's recipe and plan, one per value of the knob (PROBES)."""
+    recipe, field, plan = PROBES[knob]
     return [dataclasses.replace(RecoveryRequest(plan=plan, recipe=recipe, steps=steps, loss=loss, lengths=lengths),
                                 **{field: v}) for v in values]
 

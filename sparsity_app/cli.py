@@ -176,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "to the dense model on training text (what a rate is chosen by) and by the metrics (reported)")
     p.add_argument("--probe-group-lasso", default=None, metavar="PENALTIES", help="instead: the same probe for "
                    "group-lasso 32x1 at 50%%, one run per comma-separated penalty weight")
+    p.add_argument("--probe-decay-fraction", default=None, metavar="FRACTIONS", help="instead: the same probe for "
+                   "gradual 32x1 at 90%%, one run per comma-separated fraction of the steps its sparsity ramp takes")
     p.add_argument("--probe-steps", type=int, default=100)
     p.add_argument("--probe-loss", default="hidden", help="the probe's loss (see recover --loss)")
     p.add_argument("--lengths", default=RecoveryRequest.lengths, help="the training sequences' lengths of every run "
@@ -400,14 +402,16 @@ def _bench_recovery(args) -> None:
     from . import bench_recovery
 
     store, results = _open_store(args.cache_dir), []
-    if args.probe_lr is not None and args.probe_group_lasso is not None:
-        raise UserError("probe one knob at a time: --probe-lr or --probe-group-lasso")
+    asked = [(knob, v) for knob in bench_recovery.PROBES
+             if (v := getattr(args, "probe_" + knob.replace("-", "_"))) is not None]
+    if len(asked) > 1:
+        raise UserError("probe one knob at a time: " + " or ".join(f"--probe-{k}" for k in bench_recovery.PROBES))
     if args.code is not None and (not args.stored or not args.code):
         raise UserError("--code names the stored runs to print (a non-empty prefix of a code version): use it with "
                         "--stored")
-    if args.stored and (args.probe_lr is not None or args.probe_group_lasso is not None):
+    if args.stored and asked:
         raise UserError("--stored trains nothing, a probe trains: use one or the other")
-    knob, given = ("lr", args.probe_lr) if args.probe_lr is not None else ("group-lasso", args.probe_group_lasso)
+    knob, given = asked[0] if asked else ("lr", None)
     field = bench_recovery.PROBES[knob][1]  # the RecoveryRequest field the probe varies
     if given is not None:
         try:

@@ -292,6 +292,7 @@ def test_bad_recover_input_is_one_line(cli):
                            (["--probe-lr", "1e-3", "--probe-loss", "kl"], "valid losses"),
                            (["--probe-group-lasso", "-1"], "group_lasso"),
                            (["--probe-group-lasso", "1e-4", "--probe-lr", "1e-3"], "one knob at a time"),
+                           (["--probe-decay-fraction", "0.95"], "decay_fraction must be"),
                            (["--code", "abc"], "use it with --stored"), (["--stored", "--code", ""], "non-empty"),
                            (["--stored", "--probe-lr", "1e-3"], "one or the other"),
                            (["--lengths", "short"], "valid: mixed, fixed")):
