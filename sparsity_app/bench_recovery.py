@@ -29,9 +29,12 @@ ONE_SHOT = (  # wanda against magnitude, one-shot (no training)
 )
 
 
-def requests(steps: int, only: str | None = None, lengths: str = RecoveryRequest.lengths) -> list[RecoveryRequest]:
-    """The target runs (optionally only those whose plan label or recipe contains `only`)."""
-    out = [RecoveryRequest(plan=plan, recipe=recipe, steps=steps, lengths=lengths) for plan, recipe in RUNS]
+def requests(steps: int, only: str | None = None, lengths: str = RecoveryRequest.lengths,
+             seed: int = RecoveryRequest.seed) -> list[RecoveryRequest]:
+    """The target runs (optionally only those whose plan label or recipe contains `only`), their data
+    order drawn with training seed `seed` (the targets are judged at the default; another seed shows
+    how much of a verdict is that draw)."""
+    out = [RecoveryRequest(plan=plan, recipe=recipe, steps=steps, lengths=lengths, seed=seed) for plan, recipe in RUNS]
     return [r for r in out if only is None or only in r.plan.label() or only == r.recipe]
 
 

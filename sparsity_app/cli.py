@@ -28,6 +28,17 @@ def _floats(text: str) -> list[float]:
         raise UserError(f"expected comma-separated numbers like 0.5,0.9, got {text!r}") from None
 
 
+def _seed(text: str) -> int:
+    """A training seed: NumPy seeds the data order with it, so a non-negative integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
+    return value
+
+
 def _add_spec_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     d = Spec()
     p.add_argument("--model", default=d.model, help="model name (default %(default)s)")
@@ -102,7 +113,7 @@ def _add_recovery_args(p: argparse.ArgumentParser, required: bool) -> None:
                    "(fixed), or steps cycling through seq-len/8, /4, /2 and seq-len tokens, as many sequences as make "
                    "the same tokens (mixed; default %(default)s)")
     g.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate (default %(default)s)")
-    g.add_argument("--train-seed", type=int, default=d.seed, help="seed of the training data order")
+    g.add_argument("--train-seed", type=_seed, default=d.seed, help="seed of the training data order")
     g.add_argument("--loss", default=d.loss, help="what the student reproduces: hidden (every layer's hidden states, "
                    "MSE) | pooled (the sentence embedding, cosine) | hidden+pooled (default %(default)s)")
     g.add_argument("--beta-schedule", default=d.beta_schedule, help="mask-decay: linear | exponential")
@@ -182,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-loss", default="hidden", help="the probe's loss (see recover --loss)")
     p.add_argument("--lengths", default=RecoveryRequest.lengths, help="the training sequences' lengths of every run "
                    "(see recover --lengths; fixed: the table stored before mixed lengths existed, with --stored --code)")
+    p.add_argument("--train-seed", type=_seed, default=RecoveryRequest.seed, help="the training data order of every "
+                   "target run (default %(default)s, the one the targets are judged at; another seed shows the draw's share)")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--json", action="store_true")
 
@@ -436,7 +449,8 @@ def _bench_recovery(args) -> None:
 
             print(pd.DataFrame(rows).to_string(index=False))
         return
-    todo = [r.resolve() for r in bench_recovery.requests(args.steps, args.only, args.lengths)]  # a bad flag: one line
+    todo = [r.resolve() for r in bench_recovery.requests(args.steps, args.only, args.lengths,  # a bad flag: one line
+                                                         args.train_seed)]
     if args.stored:
         results, code = bench_recovery.stored_runs(todo, store, args.code)
         _err(f"{len(results)} of {len(todo)} target runs stored by code version {code}" if results else
@@ -457,6 +471,8 @@ def _bench_recovery(args) -> None:
             one_shot.append((magnitude.label(), bench_recovery.one_shot_metrics(magnitude)["lee_pearson"],
                              bench_recovery.one_shot_metrics(wanda)["lee_pearson"]))
     lines, spread = bench_recovery.verdicts(results, one_shot), []
+    if args.train_seed != RecoveryRequest.seed:
+        lines = [f"training seed {args.train_seed}: {line}" for line in lines]
     if not args.skip_probe_spread:
         _err("[probe spread] the polarity probe of the dense model and each 32x1-at-50% run, 20 draws of its folds")
         spread = bench_recovery.probe_spread_lines(results, store)

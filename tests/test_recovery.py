@@ -284,6 +284,7 @@ def test_recover_page_survives_a_bad_link(cache_dir):
 def test_bad_recover_input_is_one_line(cli):
     for args, expected in ((["--recipe", "nope"], "valid recipes"), (["--steps", "-3"], "steps must be"),
                            (["--lengths", "short"], "valid: mixed, fixed"),
+                           (["--train-seed", "-1"], "non-negative integer"),
                            (["--recipe", "structure-decay", "--steps", "2", "--train-batch", "1", "--seq-len", "8"],
                             "N:M")):
         out = cli(["recover", *args])
@@ -295,7 +296,8 @@ def test_bad_recover_input_is_one_line(cli):
                            (["--probe-decay-fraction", "0.95"], "decay_fraction must be"),
                            (["--code", "abc"], "use it with --stored"), (["--stored", "--code", ""], "non-empty"),
                            (["--stored", "--probe-lr", "1e-3"], "one or the other"),
-                           (["--lengths", "short"], "valid: mixed, fixed")):
+                           (["--lengths", "short"], "valid: mixed, fixed"),
+                           (["--train-seed", "x"], "non-negative integer")):
         out = cli(["bench-recovery", *args])
         assert out.returncode == 2 and expected in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
 
