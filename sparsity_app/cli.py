@@ -413,6 +413,7 @@ def _recovered(request, store, time_limit: float | None):
 
 def _bench_recovery(args) -> None:
     from . import bench_recovery
+    from .recovery import RecoveryRequest
 
     store, results = _open_store(args.cache_dir), []
     asked = [(knob, v) for knob in bench_recovery.PROBES

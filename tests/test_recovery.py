@@ -281,6 +281,14 @@ def test_recover_page_survives_a_bad_link(cache_dir):
     assert good.selectbox(key="r_recipe").value == "mask-decay" and good.number_input(key="r_steps").value == 100
 
 
+def test_bench_recovery_at_another_seed_says_so_in_every_verdict(cli):
+    out = cli(["bench-recovery", "--stored", "--train-seed", "1", "--skip-one-shot", "--skip-probe-spread"])
+    assert out.returncode == 0, out.stderr
+    assert "no target run is stored" in out.stderr  # a private, empty cache
+    verdicts = [line for line in out.stdout.splitlines() if "not run" in line]
+    assert verdicts and all(line.startswith("training seed 1: ") for line in verdicts), out.stdout
+
+
 def test_bad_recover_input_is_one_line(cli):
     for args, expected in ((["--recipe", "nope"], "valid recipes"), (["--steps", "-3"], "steps must be"),
                            (["--lengths", "short"], "valid: mixed, fixed"),
