@@ -184,20 +184,27 @@ def test_sweep_ends_when_every_server_of_its_key_dies(cluster):
     _wait(lambda: remote.servers(backend)[1] == 2, "two free servers of the doomed key")
     grid = [dataclasses.replace(_grid()[0], sparsity=s) for s in (0.86, 0.87, 0.88, 0.89, 0.9, 0.91)]
 
-    def kill_the_rest():
-        while doomed:
-            cluster.kill(doomed.pop())
+    timers: list[threading.Timer] = []
+    lock = threading.Lock()  # events come from both workers' threads
+
+    def kill_one(index: int) -> None:
+        with lock:
+            if doomed:
+                cluster.kill(doomed.pop(index))
 
     def on_event(event):
         if event.kind == "measured" and len(doomed) == 2:  # one server dies between its worker's points
-            cluster.kill(doomed.pop(0))
-        elif event.kind == "retried" and len(doomed) == 1:  # its worker is about to wait for the busy one: kill it
-            threading.Timer(3.0, kill_the_rest).start()
+            kill_one(0)
+        elif event.kind == "retried" and not timers:  # its worker is about to wait for the busy one: kill that too
+            timers.append(threading.Timer(3.0, kill_one, args=(-1,)))
+            timers[0].start()
 
     finished = []
     sweep = threading.Thread(target=lambda: finished.append(remote.sweep(grid, backend, on_event=on_event)), daemon=True)
     sweep.start()
     sweep.join(timeout=180)
+    for t in timers:
+        t.join()
     assert finished, "the sweep still waits for a server that no longer exists"
     report = finished[0]
     assert not doomed and report.workers == 2 and report.retried
