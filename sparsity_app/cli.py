@@ -30,13 +30,9 @@ def _floats(text: str) -> list[float]:
 
 def _seed(text: str) -> int:
     """A training seed: NumPy seeds the data order with it, so a non-negative integer."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
+    if not text.strip().isdecimal():  # no sign, no fraction
         raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
-    return value
+    return int(text)
 
 
 def _add_spec_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
@@ -141,6 +137,7 @@ def _plan(args: argparse.Namespace) -> ModelPlan:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import bench_recovery  # its probe knobs are flags
     from .recovery import RecoveryRequest  # as _add_recovery_args does: the request's defaults are the flags'
 
     parser = _Parser(prog="sparsity_app", description="Prune a layer, compile it to a TVM block-sparse "
@@ -182,13 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stored", action="store_true", help="train nothing: the target runs already stored on this "
                    "machine by one code version (the one with most of them, named), then the verdicts")
     p.add_argument("--code", default=None, help="with --stored: this code version (a prefix of it) instead")
-    p.add_argument("--probe-lr", default=None, metavar="LRS", help="instead: the learning-rate probe, fixed 32x1 at "
-                   "50%% for --probe-steps steps at each of these comma-separated rates, scored by embedding fidelity "
-                   "to the dense model on training text (what a rate is chosen by) and by the metrics (reported)")
-    p.add_argument("--probe-group-lasso", default=None, metavar="PENALTIES", help="instead: the same probe for "
-                   "group-lasso 32x1 at 50%%, one run per comma-separated penalty weight")
-    p.add_argument("--probe-decay-fraction", default=None, metavar="FRACTIONS", help="instead: the same probe for "
-                   "gradual 32x1 at 90%%, one run per comma-separated fraction of the steps its sparsity ramp takes")
+    for knob, (recipe, field, plan) in bench_recovery.PROBES.items():  # one flag per probe knob
+        p.add_argument(f"--probe-{knob}", dest=f"probe_{knob}", default=None, metavar="VALUES", help=f"instead: the "
+                       f"{field} probe, {recipe} {plan.label()} for --probe-steps steps at each of these comma-separated "
+                       "values, scored by embedding fidelity to the dense model on training text (what a value is "
+                       "chosen by) and by the metrics (reported)")
     p.add_argument("--probe-steps", type=int, default=100)
     p.add_argument("--probe-loss", default="hidden", help="the probe's loss (see recover --loss)")
     p.add_argument("--lengths", default=RecoveryRequest.lengths, help="the training sequences' lengths of every run "
@@ -416,8 +411,7 @@ def _bench_recovery(args) -> None:
     from .recovery import RecoveryRequest
 
     store, results = _open_store(args.cache_dir), []
-    asked = [(knob, v) for knob in bench_recovery.PROBES
-             if (v := getattr(args, "probe_" + knob.replace("-", "_"))) is not None]
+    asked = [(knob, v) for knob in bench_recovery.PROBES if (v := getattr(args, f"probe_{knob}")) is not None]
     if len(asked) > 1:
         raise UserError("probe one knob at a time: " + " or ".join(f"--probe-{k}" for k in bench_recovery.PROBES))
     if args.code is not None and (not args.stored or not args.code):
