@@ -153,6 +153,23 @@ def verdicts(results: list, one_shot: list[tuple[str, float, float]]) -> list[st
 
     results: RecoveryResult of `requests`; one_shot: (pattern, magnitude Lee, wanda Lee).
     """
+    lines = target_verdicts(results)
+    for pattern, magnitude, wanda in one_shot:
+        lines.append(f"one-shot {pattern}: wanda Lee {wanda:.3f} vs magnitude {magnitude:.3f}: {wanda - magnitude:+.3f}")
+    timed = [r for r in results if r.steps_done == 300 and not r.resumed_from]  # whole runs of the target's length
+    if timed:
+        totals = sorted((r.wall_s + r.eval_s) / 60 for r in timed)
+        met = sum(t <= 10 for t in totals)
+        lines.append(f"300-step runs, training + scoring: {totals[0]:.1f} to {totals[-1]:.1f} min, median "
+                     f"{totals[len(totals) // 2]:.1f} (target <= 10): met by {met} of {len(totals)} (each measured "
+                     "when it ran, with whatever else the machine was running then)")
+    return lines
+
+
+def target_verdicts(results: list) -> list[str]:
+    """The recovered-accuracy targets' lines (32x1 at 50%, at 90%, 2:4), from `results`: anything with
+    `request` (a RecoveryRequest) and `metrics_after` (lee_pearson, polarity_probe_acc), a RecoveryResult
+    or a mean over seeds (`across_seeds`)."""
     by = {(r.request.plan.label(), r.request.recipe): r for r in results}
 
     def lee(plan, recipe):
@@ -190,17 +207,36 @@ def verdicts(results: list, one_shot: list[tuple[str, float, float]]) -> list[st
             if abs(v - ste) < 0.01 else "beats sr-ste" if v > ste else "does not beat sr-ste"
         lines.append(f"2:4: {recipe} Lee " + ("not run" if verdict is None else
                                                f"{v:.3f} vs sr-ste {ste:.3f}: {v - ste:+.3f} ({verdict})"))
-    for pattern, magnitude, wanda in one_shot:
-        lines.append(f"one-shot {pattern}: wanda Lee {wanda:.3f} vs magnitude {magnitude:.3f}: {wanda - magnitude:+.3f}")
-    timed = [r for r in results if r.steps_done == 300 and not r.resumed_from]  # whole runs of the target's length
-    if timed:
-        totals = sorted((r.wall_s + r.eval_s) / 60 for r in timed)
-        met = sum(t <= 10 for t in totals)
-        lines.append(f"300-step runs, training + scoring: {totals[0]:.1f} to {totals[-1]:.1f} min, median "
-                     f"{totals[len(totals) // 2]:.1f} (target <= 10): met by {met} of {len(totals)} (each measured "
-                     "when it ran, with whatever else the machine was running then)")
     return lines
 
 
+def across_seeds(by_seed: dict[int, list]) -> tuple[list[dict], list[str]]:
+    """The target runs of several training seeds side by side: (rows, the target verdicts on their means).
+
+    by_seed: training seed -> its RecoveryResults (of `requests(..., seed=seed)`). rows: one per target run
+    stored at every seed, in the order of the first seed's results: plan, recipe, and for Lee and the probe
+    each seed's figure (lee_seed0, ...), their mean and sd (population). The verdicts judge each run's mean;
+    a run missing at some seed is in neither. The targets themselves are judged on one run at seed 0: this
+    says how much of a verdict that seed decides.
+    """
+    from types import SimpleNamespace
+
+    seeds = sorted(by_seed)
+    keyed = {s: {(r.request.plan.label(), r.request.recipe): r for r in by_seed[s]} for s in seeds}
+    rows, means = [], []
+    for key, first in (keyed[seeds[0]] if seeds else {}).items():
+        if not all(key in keyed[s] for s in seeds):
+            continue
+        row, mean = {"plan": key[0], "recipe": key[1]}, {}
+        for metric, short in (("lee_pearson", "lee"), ("polarity_probe_acc", "probe")):
+            values = [keyed[s][key].metrics_after[metric] for s in seeds]
+            row |= {f"{short}_seed{s}": round(v, 3) for s, v in zip(seeds, values)}
+            row |= {f"{short}_mean": round(float(np.mean(values)), 3), f"{short}_sd": round(float(np.std(values)), 3)}
+            mean[metric] = float(np.mean(values))
+        rows.append(row)
+        means.append(SimpleNamespace(request=first.request, metrics_after=mean))
+    return rows, target_verdicts(means)
+
+
 __all__ = ["RUNS", "ONE_SHOT", "PROBES", "requests", "probe_requests", "fidelity", "probe_spread", "probe_spread_lines",
-           "one_shot_metrics", "verdicts"]
+           "one_shot_metrics", "verdicts", "target_verdicts", "across_seeds"]

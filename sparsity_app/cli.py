@@ -35,6 +35,14 @@ def _seed(text: str) -> int:
     return int(text)
 
 
+def _seeds(text: str) -> tuple[int, ...]:
+    """Two or more distinct training seeds, comma-separated (e.g. 0,1,2)."""
+    seeds = tuple(_seed(t) for t in text.split(","))
+    if len(seeds) < 2 or len(set(seeds)) < len(seeds):
+        raise argparse.ArgumentTypeError(f"takes two or more distinct comma-separated seeds (e.g. 0,1,2), got {text!r}")
+    return seeds
+
+
 def _add_spec_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     d = Spec()
     p.add_argument("--model", default=d.model, help="model name (default %(default)s)")
@@ -190,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(see recover --lengths; fixed: the table stored before mixed lengths existed, with --stored --code)")
     p.add_argument("--train-seed", type=_seed, default=RecoveryRequest.seed, help="the training data order of every "
                    "target run (default %(default)s, the one the targets are judged at; another seed shows the draw's share)")
+    p.add_argument("--across-seeds", type=_seeds, default=None, metavar="SEEDS", help="with --stored: the stored "
+                   "target runs of each of these training seeds (e.g. 0,1,2; a seed's runs are trained by --train-seed "
+                   "N) side by side, with each seed's verdicts and the verdicts on the means over the seeds")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--json", action="store_true")
 
@@ -419,6 +430,8 @@ def _bench_recovery(args) -> None:
                         "--stored")
     if args.stored and asked:
         raise UserError("--stored trains nothing, a probe trains: use one or the other")
+    if args.across_seeds is not None:
+        return _bench_recovery_across_seeds(args, store)
     knob, given = asked[0] if asked else ("lr", None)
     field = bench_recovery.PROBES[knob][1]  # the RecoveryRequest field the probe varies
     if given is not None:
@@ -482,6 +495,37 @@ def _bench_recovery(args) -> None:
                                         **{f"{k}_{when}": round(getattr(r, f"metrics_{when}")[k], 3)
                                            for k in ("lee_pearson", "polarity_probe_acc") for when in ("before", "after")}}
                                        for r in results]).to_string(index=False), *lines, *spread]))
+
+
+def _bench_recovery_across_seeds(args, store) -> None:
+    """bench-recovery --stored --across-seeds 0,1,2: trains nothing; every seed's runs of one code version."""
+    from . import bench_recovery
+    from .recovery import RecoveryRequest
+
+    if not args.stored:
+        raise UserError("--across-seeds reads stored runs and trains nothing: add --stored (a seed's runs are "
+                        "trained by bench-recovery --train-seed N)")
+    if args.train_seed != RecoveryRequest.seed:
+        raise UserError("--across-seeds names the seeds itself: leave out --train-seed")
+    by_seed, code = {}, args.code
+    for seed in args.across_seeds:
+        todo = [r.resolve() for r in bench_recovery.requests(args.steps, args.only, args.lengths, seed)]
+        by_seed[seed], found = bench_recovery.stored_runs(todo, store, code)
+        code = code or found  # the first seed with runs fixes the code version: seeds are never mixed across versions
+        _err(f"training seed {seed}: {len(by_seed[seed])} of {len(todo)} target runs stored"
+             + (f" by code version {found}" if found else ""))
+    rows, mean_lines = bench_recovery.across_seeds(by_seed)
+    seeds = ", ".join(map(str, args.across_seeds))
+    lines = [f"training seed {seed}: {line}" for seed, runs in by_seed.items()
+             for line in bench_recovery.target_verdicts(runs)]
+    lines += [f"mean over training seeds {seeds}: {line}" for line in mean_lines]
+    if args.json:
+        print(json.dumps({"seeds": list(args.across_seeds), "code": code, "rows": rows, "verdicts": lines}))
+    else:
+        import pandas as pd
+
+        table = pd.DataFrame(rows).to_string(index=False) if rows else f"no target run is stored at every seed ({seeds})"
+        print("\n".join([table, *lines]))
 
 
 def _recover(args) -> None:

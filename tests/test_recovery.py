@@ -289,6 +289,37 @@ def test_bench_recovery_at_another_seed_says_so_in_every_verdict(cli):
     assert verdicts and all(line.startswith("training seed 1: ") for line in verdicts), out.stdout
 
 
+def test_bench_recovery_across_seeds_on_an_empty_cache_prefixes_each_seed_and_the_mean(cli):
+    out = cli(["bench-recovery", "--stored", "--across-seeds", "0,2", "--only", "0.9", "--json"])
+    assert out.returncode == 0, out.stderr
+    assert "training seed 2: 0 of 4 target runs stored" in out.stderr
+    d = json.loads(out.stdout)
+    assert d["seeds"] == [0, 2] and d["rows"] == [] and d["code"] is None
+    assert "training seed 2: 32x1 at 90%: fixed or every other recipe not run" in d["verdicts"]
+    assert "mean over training seeds 0, 2: 32x1 at 90%: fixed or every other recipe not run" in d["verdicts"]
+
+
+def test_across_seeds_judges_the_means_of_runs_stored_at_every_seed():
+    from types import SimpleNamespace
+
+    from sparsity_app import bench_recovery as b
+
+    def run(plan, recipe, lee, probe):
+        return SimpleNamespace(request=RecoveryRequest(plan=plan, recipe=recipe),
+                               metrics_after={"lee_pearson": lee, "polarity_probe_acc": probe})
+
+    by_seed = {0: [run(b.BLOCK_90, "fixed", 0.48, 0.70), run(b.BLOCK_90, "gradual", 0.51, 0.66),
+                   run(b.BLOCK_50, "fixed", 0.70, 0.685)],
+               1: [run(b.BLOCK_90, "gradual", 0.59, 0.62), run(b.BLOCK_90, "fixed", 0.50, 0.72)]}  # 50%: seed 0 only
+    rows, lines = b.across_seeds(by_seed)
+    assert [(r["plan"], r["recipe"]) for r in rows] == [(b.BLOCK_90.label(), "fixed"), (b.BLOCK_90.label(), "gradual")]
+    assert rows[1] == {"plan": b.BLOCK_90.label(), "recipe": "gradual", "lee_seed0": 0.51, "lee_seed1": 0.59,
+                       "lee_mean": 0.55, "lee_sd": 0.04, "probe_seed0": 0.66, "probe_seed1": 0.62, "probe_mean": 0.64,
+                       "probe_sd": 0.02}
+    assert lines[0] == "32x1 at 50%: not run"  # not stored at every seed: no mean
+    assert lines[1] == "32x1 at 90%: best recipe gradual Lee 0.550 vs fixed 0.490: +0.060 (target >= +0.05): met"
+
+
 def test_bad_recover_input_is_one_line(cli):
     for args, expected in ((["--recipe", "nope"], "valid recipes"), (["--steps", "-3"], "steps must be"),
                            (["--lengths", "short"], "valid: mixed, fixed"),
@@ -305,7 +336,12 @@ def test_bad_recover_input_is_one_line(cli):
                            (["--code", "abc"], "use it with --stored"), (["--stored", "--code", ""], "non-empty"),
                            (["--stored", "--probe-lr", "1e-3"], "one or the other"),
                            (["--lengths", "short"], "valid: mixed, fixed"),
-                           (["--train-seed", "x"], "non-negative integer")):
+                           (["--train-seed", "x"], "non-negative integer"),
+                           (["--across-seeds", "0,1"], "add --stored"),
+                           (["--stored", "--across-seeds", "0"], "two or more distinct"),
+                           (["--stored", "--across-seeds", "1,1"], "two or more distinct"),
+                           (["--stored", "--across-seeds", "0,-1"], "non-negative integer"),
+                           (["--stored", "--across-seeds", "0,1", "--train-seed", "1"], "leave out --train-seed")):
         out = cli(["bench-recovery", *args])
         assert out.returncode == 2 and expected in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
 
