@@ -166,10 +166,10 @@ def verdicts(results: list, one_shot: list[tuple[str, float, float]]) -> list[st
     return lines
 
 
-def target_verdicts(results: list) -> list[str]:
+def target_verdicts(results: list, each: str = "one seed each") -> list[str]:
     """The recovered-accuracy targets' lines (32x1 at 50%, at 90%, 2:4), from `results`: anything with
     `request` (a RecoveryRequest) and `metrics_after` (lee_pearson, polarity_probe_acc), a RecoveryResult
-    or a mean over seeds (`across_seeds`)."""
+    or a mean over seeds (`across_seeds`). `each`: what one figure is, where a tie is called."""
     by = {(r.request.plan.label(), r.request.recipe): r for r in results}
 
     def lee(plan, recipe):
@@ -203,7 +203,7 @@ def target_verdicts(results: list) -> list[str]:
     ste = lee(NM_24, "sr-ste")
     for recipe in ("mask-decay", "structure-decay"):
         v = lee(NM_24, recipe)
-        verdict = None if v is None or ste is None else "ties with sr-ste (within 0.01, one seed each)" \
+        verdict = None if v is None or ste is None else f"ties with sr-ste (within 0.01, {each})" \
             if abs(v - ste) < 0.01 else "beats sr-ste" if v > ste else "does not beat sr-ste"
         lines.append(f"2:4: {recipe} Lee " + ("not run" if verdict is None else
                                                f"{v:.3f} vs sr-ste {ste:.3f}: {v - ste:+.3f} ({verdict})"))
@@ -235,7 +235,7 @@ def across_seeds(by_seed: dict[int, list]) -> tuple[list[dict], list[str]]:
             mean[metric] = float(np.mean(values))
         rows.append(row)
         means.append(SimpleNamespace(request=first.request, metrics_after=mean))
-    return rows, target_verdicts(means)
+    return rows, target_verdicts(means, f"means of {len(seeds)} seeds each")
 
 
 __all__ = ["RUNS", "ONE_SHOT", "PROBES", "requests", "probe_requests", "fidelity", "probe_spread", "probe_spread_lines",

@@ -318,6 +318,8 @@ def test_across_seeds_judges_the_means_of_runs_stored_at_every_seed():
                        "probe_sd": 0.02}
     assert lines[0] == "32x1 at 50%: not run"  # not stored at every seed: no mean
     assert lines[1] == "32x1 at 90%: best recipe gradual Lee 0.550 vs fixed 0.490: +0.060 (target >= +0.05): met"
+    by_seed = {s: [run(b.NM_24, "sr-ste", 0.70, 0.7), run(b.NM_24, "mask-decay", 0.70 + s / 100, 0.7)] for s in (0, 1)}
+    assert "+0.005 (ties with sr-ste (within 0.01, means of 2 seeds each))" in b.across_seeds(by_seed)[1][2]
 
 
 def test_bad_recover_input_is_one_line(cli):
