@@ -230,9 +230,9 @@ def across_seeds(by_seed: dict[int, list]) -> tuple[list[dict], list[str]]:
         row, mean = {"plan": key[0], "recipe": key[1]}, {}
         for metric, short in (("lee_pearson", "lee"), ("polarity_probe_acc", "probe")):
             values = [keyed[s][key].metrics_after[metric] for s in seeds]
-            row |= {f"{short}_seed{s}": round(v, 3) for s, v in zip(seeds, values)}
-            row |= {f"{short}_mean": round(float(np.mean(values)), 3), f"{short}_sd": round(float(np.std(values)), 3)}
             mean[metric] = float(np.mean(values))
+            row |= {f"{short}_seed{s}": round(v, 3) for s, v in zip(seeds, values)}
+            row |= {f"{short}_mean": round(mean[metric], 3), f"{short}_sd": round(float(np.std(values)), 3)}
         rows.append(row)
         means.append(SimpleNamespace(request=first.request, metrics_after=mean))
     return rows, target_verdicts(means, f"means of {len(seeds)} seeds each")
