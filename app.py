@@ -1,6 +1,10 @@
 """Sparsity Co-design Explorer: the page router. Each page describes its screen; the engine computes."""
 import streamlit as st
 
+from sparsity_app.core import env
+
+env.configure()  # before any page imports TVM, PyTorch or transformers
+
 st.set_page_config(page_title="Sparsity Co-design Explorer", page_icon=":material/grid_on:", layout="wide")
 
 page = st.navigation([

@@ -5,13 +5,13 @@ import streamlit as st
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from sparsity_app import Spec, UserError
-from sparsity_app.backend import LOCAL, Backend
-from sparsity_app.errors import one_line
-from sparsity_app.experiment import lookup, run
-from sparsity_app.limits import RATE_LIMITER
-from sparsity_app.links import escape
-from sparsity_app.spec import DENSE_PEERS
-from sparsity_app.store import Store, cache_dir
+from sparsity_app.core.errors import one_line
+from sparsity_app.core.limits import RATE_LIMITER
+from sparsity_app.core.results import DENSE_PEERS
+from sparsity_app.core.store import Store, cache_dir
+from sparsity_app.measure.backend import LOCAL, Backend
+from sparsity_app.runs.layer import lookup, run
+from sparsity_app.serve.links import escape
 
 
 @st.cache_resource
@@ -73,7 +73,7 @@ def conditions(result) -> str:
 
 def query_spec(default: Spec = Spec()) -> Spec:
     """The spec in the URL, with a visible note for each value that fell back to its default."""
-    from sparsity_app.links import spec_from_query
+    from sparsity_app.serve.links import spec_from_query
 
     spec, notes = spec_from_query(dict(st.query_params), default)
     for note in notes:

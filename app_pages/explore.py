@@ -1,16 +1,18 @@
 """Explore a layer: configure one experiment, run it, see its cost and its place among the others."""
 import streamlit as st
 
-from app_pages.common import (backend_controls, cache_controls, conditions, pick_conditions, query_spec, run_with_status,
-                              store)
-from sparsity_app import Spec, UserError, analysis, charts
-from sparsity_app.experiment import lookup, mask_of
-from sparsity_app.limits import current as current_limits
-from sparsity_app.links import escape, spec_to_query
-from sparsity_app.models import MAX_TOKENS
-from sparsity_app.models import MODEL_NAMES, get_model
-from sparsity_app.pruning import METHODS
-from sparsity_app.spec import BLOCK_PRESETS, DENSE_PEERS, NM_PRESETS, NORMS, SPARSE, fmt_block, parse_block, parse_nm
+from app_pages.common import (backend_controls, cache_controls, conditions, pick_conditions, query_spec,
+                              run_with_status, store)
+from sparsity_app import Spec, UserError
+from sparsity_app.core.limits import current as current_limits
+from sparsity_app.core.requests import BLOCK_PRESETS, MAX_TOKENS, NM_PRESETS, NORMS, fmt_block, parse_block, parse_nm
+from sparsity_app.core.results import DENSE_PEERS, SPARSE
+from sparsity_app.model.catalog import MODEL_NAMES, get_model
+from sparsity_app.model.pruned import mask_of
+from sparsity_app.prune.methods import METHODS
+from sparsity_app.runs.layer import lookup
+from sparsity_app.serve import analysis, charts
+from sparsity_app.serve.links import escape, spec_to_query
 
 st.title("Explore a layer")
 st.caption("Prune one layer of a real model, compile it to a sparse TVM kernel for this CPU (BSR, CSR or N:M), "

@@ -1,6 +1,6 @@
 """A long job on a page: submit it, then its place in the queue, its progress and (for its owner) a cancel button.
 
-The job runs in the machine's worker (sparsity_app.jobs), not in this session: closing or reloading
+The job runs in the machine's worker (sparsity_app.serve.jobs), not in this session: closing or reloading
 the tab leaves it running, and the link (`?job=<id>` beside the request's own parameters) shows its
 progress and then its result to anyone who opens it. Only the browser session that submitted it may
 cancel it: the owner token lives in st.session_state, which a reload starts afresh, so a reload
@@ -19,10 +19,11 @@ import time
 import streamlit as st
 
 from app_pages.common import session_id
-from sparsity_app import UserError, jobs
-from sparsity_app.errors import one_line
-from sparsity_app.limits import RATE_LIMITER
-from sparsity_app.links import escape
+from sparsity_app import UserError
+from sparsity_app.core.errors import one_line
+from sparsity_app.core.limits import RATE_LIMITER
+from sparsity_app.serve import jobs
+from sparsity_app.serve.links import escape
 
 POLL_S = 1.0  # how often a watching page reads the job's file
 

@@ -3,12 +3,12 @@ import pandas as pd
 import streamlit as st
 
 from app_pages.common import cache_controls, pick_conditions, store
-from sparsity_app import analysis
-from sparsity_app.claims import DENSE_TITLES, layer_claims, model_claims
-from sparsity_app.links import unknown_notes
-from sparsity_app.models import MODEL_NAMES, get_model
-from sparsity_app.spec import ModelPlan, fmt_block
-from sparsity_app.teach import bsr_example, rounded, weight_table
+from sparsity_app.core.requests import ModelPlan, fmt_block
+from sparsity_app.model.catalog import MODEL_NAMES, get_model
+from sparsity_app.runs.claims import DENSE_TITLES, layer_claims, model_claims
+from sparsity_app.serve import analysis
+from sparsity_app.serve.links import unknown_notes
+from sparsity_app.serve.teach import bsr_example, rounded, weight_table
 
 st.title("Learn: why block shape decides whether sparsity pays off")
 cache_controls()

@@ -6,13 +6,14 @@ import streamlit as st
 
 from app_pages import job_panel
 from app_pages.common import cache_controls, pick_conditions, store
-from sparsity_app import UserError, analysis, charts, jobs
-from sparsity_app.links import plan_from_query, plan_to_query
-from sparsity_app.model_experiment import lookup
-from sparsity_app.models import MODEL_NAMES, get_model
-from sparsity_app.pruning import METHODS
-from sparsity_app.spec import (BLOCK_PRESETS, MAX_BATCH, MODEL_DENSE_PEERS, MODEL_OTHER_PEERS, NM_PRESETS, ROLES, ModelPlan,
-                                parse_block, parse_nm)
+from sparsity_app import UserError
+from sparsity_app.core.requests import BLOCK_PRESETS, MAX_BATCH, NM_PRESETS, ROLES, ModelPlan, parse_block, parse_nm
+from sparsity_app.core.results import MODEL_DENSE_PEERS, MODEL_OTHER_PEERS
+from sparsity_app.model.catalog import MODEL_NAMES, get_model
+from sparsity_app.prune.methods import METHODS
+from sparsity_app.runs.model import lookup
+from sparsity_app.serve import analysis, charts, jobs
+from sparsity_app.serve.links import plan_from_query, plan_to_query
 
 st.title("Whole model")
 st.caption("Prune every encoder linear of a model with one pattern (and per-layer overrides), run the pruned model "
@@ -141,7 +142,7 @@ with st.expander("Download this model: Hugging Face folder, compiled sparse libr
                "`run_sparse_model.py` (runs with only TVM and NumPy; the weights are baked into the library), "
                "`result.json` and `layers.csv`. Building it compiles the sparse encoder again (a minute or so).")
     if st.button("Build the download", key="m_export_build"):
-        from sparsity_app.export import zip_bytes
+        from sparsity_app.serve.export import zip_bytes
 
         try:
             with st.spinner("Exporting..."):

@@ -4,13 +4,17 @@ import streamlit as st
 
 from app_pages import job_panel
 from app_pages.common import cache_controls, pick_conditions, store
-from sparsity_app import UserError, analysis, charts, jobs
-from sparsity_app.errors import one_line
-from sparsity_app.links import RECOVERY_PARAMETERS, escape, plan_from_query, recovery_from_query, recovery_to_query
-from sparsity_app.model_experiment import lookup as lookup_model
-from sparsity_app.pruning import METHODS
-from sparsity_app.recovery import LENGTHS, RECIPES, RecoveryRequest, lookup, recovery_code
-from sparsity_app.spec import BLOCK_PRESETS, NM_PRESETS, ModelPlan, parse_block, parse_nm
+from sparsity_app import UserError
+from sparsity_app.accuracy.recipes import LENGTHS, RECIPES
+from sparsity_app.core.errors import one_line
+from sparsity_app.core.requests import BLOCK_PRESETS, NM_PRESETS, ModelPlan, RecoveryRequest, parse_block, parse_nm
+from sparsity_app.prune.methods import METHODS
+from sparsity_app.runs import resolve
+from sparsity_app.runs.model import lookup as lookup_model
+from sparsity_app.runs.recover import lookup, recovery_code
+from sparsity_app.serve import analysis, charts, jobs
+from sparsity_app.serve.links import (RECOVERY_PARAMETERS, escape, plan_from_query, recovery_from_query,
+                                      recovery_to_query)
 
 st.title("Recover accuracy")
 st.caption("Pruning every linear one-shot costs accuracy. A short fine-tune on unlabelled text (gensim's "
@@ -51,9 +55,9 @@ try:
     plan = ModelPlan(method=method, block=parse_block(block), sparsity=float(sparsity),
                      nm=None if nm == "none" else parse_nm(nm), tokens=int(tokens), overrides=start.overrides,
                      threads=start.threads, repeat=start.repeat)
-    request = RecoveryRequest(plan=plan, recipe=recipe, steps=int(steps), batch=start_request.batch,
+    request = resolve.recovery(RecoveryRequest(plan=plan, recipe=recipe, steps=int(steps), batch=start_request.batch,
                               seq_len=start_request.seq_len, lengths=start_request.lengths
-                              ).resolve()  # the link's training shape (the CLI's flags)
+                              ))[0]  # the link's training shape (the CLI's flags)
 except UserError as e:
     st.error(escape(one_line(e, 600)))
 

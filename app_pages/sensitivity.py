@@ -3,13 +3,14 @@ import pandas as pd
 import streamlit as st
 
 from app_pages.common import cache_controls, store
-from sparsity_app import UserError, analysis, charts
-from sparsity_app.links import plan_to_command, plan_to_query
-from sparsity_app.models import MODEL_NAMES, get_model
-from sparsity_app.pruning import METHODS
-from sparsity_app.sensitivity import (LOSS_METRICS, SensitivityRequest, allocate, lookup, ranking, remainder_from_store,
-                                      run_sensitivity)
-from sparsity_app.spec import BLOCK_PRESETS, MAX_BATCH, NM_PRESETS, parse_block, parse_nm
+from sparsity_app import UserError
+from sparsity_app.core.requests import BLOCK_PRESETS, MAX_BATCH, NM_PRESETS, parse_block, parse_nm, plan_to_command
+from sparsity_app.model.catalog import MODEL_NAMES, get_model
+from sparsity_app.prune.methods import METHODS
+from sparsity_app.runs.sensitivity import (LOSS_METRICS, SensitivityRequest, allocate, lookup, ranking,
+                                           remainder_from_store, run_sensitivity)
+from sparsity_app.serve import analysis, charts
+from sparsity_app.serve.links import plan_to_query
 
 st.title("Layer sensitivity")
 st.caption("Prune one layer at a time (every other layer dense) at a few sparsities, score the model on real labels, "

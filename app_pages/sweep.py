@@ -2,16 +2,17 @@
 import streamlit as st
 
 from app_pages.common import backend_controls, cache_controls, conditions, query_spec, session_id, store
-from sparsity_app import Spec, UserError, analysis, charts, remote
-from sparsity_app.errors import one_line
-from sparsity_app.experiment import lookup, run
-from sparsity_app.limits import RATE_LIMITER
-from sparsity_app.limits import current as current_limits
-from sparsity_app.links import escape
-from sparsity_app.models import MAX_TOKENS
-from sparsity_app.models import MODEL_NAMES, get_model
-from sparsity_app.pruning import METHODS
-from sparsity_app.spec import BLOCK_PRESETS, NM_PRESETS, NORMS, default_threads, parse_block, parse_nm
+from sparsity_app import Spec, UserError
+from sparsity_app.core.errors import one_line
+from sparsity_app.core.limits import RATE_LIMITER, current as current_limits
+from sparsity_app.core.requests import (BLOCK_PRESETS, MAX_TOKENS, NM_PRESETS, NORMS, default_threads, parse_block,
+                                        parse_nm)
+from sparsity_app.model.catalog import MODEL_NAMES, get_model
+from sparsity_app.prune.methods import METHODS
+from sparsity_app.runs import resolve, sweep
+from sparsity_app.runs.layer import lookup, run
+from sparsity_app.serve import analysis, charts
+from sparsity_app.serve.links import escape
 
 SPARSITIES = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98)
 
@@ -75,7 +76,7 @@ if go and backend.kind == "rpc":  # fanned out over the key's servers; points ar
     bar = st.progress(0.0, text=f"starting on {backend.label()}")
     failures, finished = [], 0
     try:
-        for event in remote.stream(grid, backend, store()):
+        for event in sweep.stream(grid, backend, store()):
             if event.kind == "retried":
                 st.warning(escape(f"{event.spec.label()} at {event.spec.sparsity:g}: its server was lost "
                                   f"({one_line(event.message, 300)}); measuring it on another server"))
@@ -136,7 +137,7 @@ st.dataframe(analysis.break_even(df, speedup), hide_index=True, key="sweep_break
 st.dataframe(df, hide_index=True)
 st.subheader("Compare devices")
 by_device = analysis.device_frame(store().results(model=model_name, layer=layer),
-                                  [s.resolve() for s in grid])
+                                  [resolve.spec(s) for s in grid])
 if by_device.empty or by_device["device"].nunique() < 2:
     st.caption("Measure this grid on another device (sidebar: Measure on) to see the devices side by side.")
 else:

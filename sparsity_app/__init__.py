@@ -8,16 +8,21 @@ Python API (the CLI and the app are thin doors onto it):
                       method="block", block=(32, 1), sparsity=0.9))
     result.speedup_vs_torch_dense, result.proxies["lee_pearson"]
 """
-__version__ = "0.3.0"  # the release; cache keys use timing.code_version(), a hash of the sources
+__version__ = "0.3.0"  # the release; cache keys use measure.timing.code_version(), a hash of the sources
 
-from .errors import UserError  # noqa: E402
-from .spec import Result, Spec, Timing  # noqa: E402
+from sparsity_app.core import env
+from sparsity_app.core.errors import UserError
+from sparsity_app.core.requests import Spec
+from sparsity_app.core.results import Result, Timing
 
 
 def run(spec, **kwargs):
-    from .experiment import run as _run
+    """runs.layer.run for the Python API, which is an entry point like the CLI: the environment first."""
+    # lazy: importing any sparsity_app module runs this file, and must not load TVM and PyTorch
+    from sparsity_app.runs.layer import run as run_layer
 
-    return _run(spec, **kwargs)
+    env.configure()
+    return run_layer(spec, **kwargs)
 
 
 __all__ = ["Result", "Spec", "Timing", "UserError", "run", "__version__"]

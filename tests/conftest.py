@@ -5,6 +5,10 @@ import sys
 import pytest
 from hypothesis import settings
 
+from sparsity_app.core import env
+
+env.configure()  # as every entry point does (threads, TVM pool, offline Hugging Face)
+
 # Numeric properties: no deadline (a TVM compile takes ~0.1 s), few examples (each compiles).
 settings.register_profile("default", deadline=None, max_examples=25, derandomize=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))

@@ -11,9 +11,10 @@ import json
 import os
 import time
 
-from sparsity_app import jobs, locks
-from sparsity_app.errors import UserError
-from sparsity_app.jobs import JOB_KINDS, JobKind
+from sparsity_app.core.errors import UserError
+from sparsity_app.measure import locks
+from sparsity_app.serve import jobs
+from sparsity_app.serve.jobs import JOB_KINDS, JobKind
 
 
 def _file(store, request: dict):
@@ -42,12 +43,12 @@ def sleep_run(request: dict, progress, store) -> str:
 
 
 def fake_model_run(request: dict, progress, store) -> str:
-    from sparsity_app.model_experiment import validate
-    from sparsity_app.spec import ModelResult, Timing
-    from sparsity_app.store import model_key_of
-    from sparsity_app.timing import fingerprint
+    from sparsity_app.core.results import ModelResult, Timing
+    from sparsity_app.core.store import model_key_of
+    from sparsity_app.measure.timing import fingerprint
+    from sparsity_app.runs import resolve
 
-    plan, specs = validate(jobs.plan_of(request))
+    plan, specs = resolve.plan(jobs.plan_of(request))
     with locks.measurement_slot("fake model"):
         for step in ("prune", "tune", "compile", "time"):
             progress(step, f"pretending to {step}")

@@ -3,10 +3,11 @@ import numpy as np
 import pytest
 import torch
 
-from sparsity_app import baselines, metrics, models
-from sparsity_app.errors import UserError
-from sparsity_app.models import get_model
-from sparsity_app.spec import default_threads
+from sparsity_app.accuracy import metrics
+from sparsity_app.core.errors import UserError
+from sparsity_app.core.requests import default_threads
+from sparsity_app.model import baselines, hf as model_hf
+from sparsity_app.model.catalog import get_model
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def test_onnxruntime_runs_the_pruned_weights(minilm):
     hf, _ = minilm
     layer = "encoder.layer.0.intermediate.dense"
     w = hf.get_submodule(layer).weight.detach().numpy()
-    pruned = models.masked_copy(hf, {layer: np.where(np.abs(w) > np.median(np.abs(w)), w, 0)})
+    pruned = model_hf.masked_copy(hf, {layer: np.where(np.abs(w) > np.median(np.abs(w)), w, 0)})
     run = baselines.onnxruntime_session(pruned, 2, 32, threads=1)
     dense_out = baselines.torch_eager(hf, 2, 32)().numpy()
     assert _rel(run(), baselines.torch_eager(pruned, 2, 32)().numpy()) <= 1e-4
@@ -68,7 +69,7 @@ def test_onnxruntime_runs_the_pruned_weights(minilm):
 def test_an_export_that_disagrees_with_eager_is_refused(minilm, monkeypatch):
     hf, _ = minilm
     layer = "encoder.layer.0.attention.self.value"
-    other = models.masked_copy(hf, {layer: np.zeros((384, 384), np.float32)})
+    other = model_hf.masked_copy(hf, {layer: np.zeros((384, 384), np.float32)})
     real_export = baselines._export
     monkeypatch.setattr(baselines, "_export", lambda model, ids, mask, path: real_export(other, ids, mask, path))
     with pytest.raises(RuntimeError, match="differs from PyTorch eager"):
@@ -94,7 +95,7 @@ def test_bad_requests_get_one_line_errors(minilm, kwargs, message):
 
 
 def test_a_model_in_training_mode_is_refused(minilm):
-    training = models.masked_copy(minilm[0], {}).train()
+    training = model_hf.masked_copy(minilm[0], {}).train()
     with pytest.raises(UserError, match="training mode"):
         baselines.torch_eager(training, 1, 16)
     with pytest.raises(UserError, match="training mode"):

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from sparsity_app.cli import main
+from sparsity_app.cli.main import main
 
 RUN = ["run", "--model", "minilm-l6", "--layer", "encoder.layer.0.attention.self.query", "--method", "block",
        "--block", "32x1", "--sparsity", "0.9", "--tokens", "128", "--json"]

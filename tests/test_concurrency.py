@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from sparsity_app import Spec, locks, proxies, run
-from sparsity_app.experiment import mask_of
-from sparsity_app.models import get_model
+from sparsity_app import Spec, run
+from sparsity_app.accuracy import proxies
+from sparsity_app.measure import locks
+from sparsity_app.model.catalog import get_model
+from sparsity_app.model.pruned import mask_of
+from sparsity_app.runs import resolve
 
 SPECS = [Spec(layer="encoder.layer.1.intermediate.dense", method="block", block=(16, 1), sparsity=0.8, tokens=16,
               repeat=3),
@@ -21,13 +24,13 @@ def test_two_runs_in_threads_get_what_each_gets_alone(cache_dir):
     model = get_model("minilm-l6")
     shared = {k: v.clone() for k, v in model._hf[0].state_dict().items()}
     dense_before = proxies._dense_embeddings("minilm-l6").copy()
-    alone = [(run(s), mask_of(s)) for s in SPECS]  # no store: each is measured afresh
+    alone = [(run(s), mask_of(resolve.spec(s))) for s in SPECS]  # no store: each is measured afresh
 
     together, errors = [None, None], []
 
     def work(i):
         try:
-            together[i] = (run(SPECS[i]), mask_of(SPECS[i]))
+            together[i] = (run(SPECS[i]), mask_of(resolve.spec(SPECS[i])))
         except Exception as e:  # surfaced below, with the thread's failure
             errors.append(e)
 
@@ -88,7 +91,7 @@ def test_waiters_are_served_in_ticket_order_told_their_place_and_dead_tickets_ig
 
 def test_one_slot_whatever_the_cache_directory(tmp_path, monkeypatch):
     """The app on cache/ and a CLI run on --cache-dir elsewhere queue in the machine's one slot."""
-    from sparsity_app.store import Store
+    from sparsity_app.core.store import Store
 
     spec = Spec(model="bert-base-synthetic", block=(16, 1), sparsity=0.9, tokens=8, repeat=3)
     for name in ("a", "b"):

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from sparsity_app import Spec, UserError, run
-from sparsity_app import proxies
-from sparsity_app.models import get_model
-from sparsity_app.store import Store, key_of
-from sparsity_app.timing import fingerprint
+from sparsity_app.accuracy import proxies
+from sparsity_app.core.store import Store, key_of
+from sparsity_app.measure.timing import fingerprint
+from sparsity_app.model.catalog import get_model
+from sparsity_app.runs import resolve
 
 LAYER = "encoder.layer.0.attention.self.query"
 
@@ -34,7 +35,7 @@ def test_calibration_is_real_activations_of_the_layer():
 
 def test_calibration_rows_are_the_first_rows_of_the_whole_set():
     """A run forwards only the batches its rows need; those rows must be the whole set's, bit for bit."""
-    from sparsity_app.models import MiniLM
+    from sparsity_app.model.catalog import MiniLM
 
     whole = get_model("minilm-l6").calibration_set(LAYER)
     fresh = MiniLM()  # nothing computed yet: the prefix path
@@ -93,7 +94,7 @@ def test_corrupt_entry_is_recomputed_not_a_crash(cache_dir):
     store = Store()
     spec = Spec(model="bert-base-synthetic", sparsity=0.95, tokens=16, repeat=3)
     run(spec, store=store)
-    key = key_of(spec.resolve(), fingerprint())
+    key = key_of(resolve.spec(spec), fingerprint())
     store._cache.set(key, "{not json")
     again = run(spec, store=store)
     assert not again.cached

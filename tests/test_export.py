@@ -7,9 +7,12 @@ import sys
 import numpy as np
 import pytest
 
-from sparsity_app import UserError, export, graph
-from sparsity_app.formats import to_bsr
-from sparsity_app.spec import ModelPlan, Spec
+from sparsity_app import UserError
+from sparsity_app.core.requests import ModelPlan, Spec
+from sparsity_app.model import graph
+from sparsity_app.prune.formats import to_bsr
+from sparsity_app.runs import resolve
+from sparsity_app.serve import export
 
 
 def test_library_and_loader_run_without_the_project(tmp_path):
@@ -46,12 +49,13 @@ def test_library_and_loader_run_without_the_project(tmp_path):
 def test_hf_folder_reloads_with_the_same_metrics(tmp_path):
     from transformers import AutoModel
 
-    from sparsity_app import metrics
-    from sparsity_app.model_experiment import pruned_weights
-    from sparsity_app.models import get_model
+    from sparsity_app.accuracy import metrics
+    from sparsity_app.model.catalog import get_model
+    from sparsity_app.model.pruned import pruned_weights
 
     plan = ModelPlan(method="block", block=(32, 1), sparsity=0.5)
-    _, pruned = pruned_weights(plan)
+    resolved, specs = resolve.plan(plan)
+    _, pruned = pruned_weights(resolved.model, specs)
     model = get_model("minilm-l6")
     copy = model.pruned_copy(pruned)
     export.write_hf_folder(copy, model.tokenizer(), tmp_path / "hf")
@@ -70,14 +74,14 @@ def test_hf_folder_reloads_with_the_same_metrics(tmp_path):
 def test_mask_of_weights_fits_the_pattern_or_refuses():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((8, 8)).astype(np.float32)
-    nm = Spec(layer="x", method="nm", nm=(2, 4)).resolve()
+    nm = resolve.spec(Spec(layer="x", method="nm", nm=(2, 4)))
     kept = np.zeros((8, 8), bool)
     kept[:, [0, 3, 4, 5]] = True
     m = export.mask_of_weights(w * kept, nm)
     assert m.reshape(8, 2, 4).sum(axis=2).tolist() == [[2, 2]] * 8 and (m >= kept).all()
     with pytest.raises(UserError, match="not 2:4"):
         export.mask_of_weights(w, nm)
-    block = Spec(layer="x", method="block", block=(4, 1), sparsity=0.5).resolve()
+    block = resolve.spec(Spec(layer="x", method="block", block=(4, 1), sparsity=0.5))
     sparse = w.copy()
     sparse[:4, :3] = 0
     m = export.mask_of_weights(sparse, block)

@@ -11,13 +11,14 @@ import time
 import diskcache
 import pytest
 from streamlit.testing.v1 import AppTest
-
-from sparsity_app import Spec, locks, run
-from sparsity_app.cli import main
-from sparsity_app.errors import CompileError
-from sparsity_app.kernels import bsr
-from sparsity_app.store import CacheWriteError, Store, _TextDisk
 from test_figures import _result
+
+from sparsity_app import Spec, run
+from sparsity_app.cli.main import main
+from sparsity_app.core.errors import CompileError
+from sparsity_app.core.store import CacheWriteError, Store, _TextDisk
+from sparsity_app.kernels import bsr
+from sparsity_app.measure import locks
 
 APP = str(pathlib.Path(__file__).resolve().parent.parent / "app.py")
 CHEAP = ["--model", "bert-base-synthetic", "--tokens", "8", "--repeat", "3"]

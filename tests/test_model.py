@@ -5,10 +5,12 @@ import pathlib
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from sparsity_app.cli import main
-from sparsity_app.errors import UserError
-from sparsity_app.models import get_model
-from sparsity_app.spec import ModelPlan, ModelResult
+from sparsity_app.cli.main import main
+from sparsity_app.core.errors import UserError
+from sparsity_app.core.requests import ModelPlan
+from sparsity_app.core.results import ModelResult
+from sparsity_app.model.catalog import get_model
+from sparsity_app.runs import resolve
 
 APP = str(pathlib.Path(__file__).resolve().parent.parent / "app.py")
 LAYERS = [(info.name, info.shape) for info in get_model("minilm-l6").layers()]
@@ -18,7 +20,7 @@ SMALL = ["model", "--tokens", "16", "--repeat", "3", "--override", "ffn-out=2:4"
 
 def test_plan_overrides_by_role_and_glob_last_match_wins():
     plan = ModelPlan(overrides=("attention.self.*=0.7", "ffn-out=dense", "encoder.layer.5.*=16x1@0.5", "q=2:4"))
-    specs = plan.resolve().layer_specs(LAYERS)
+    _, specs = resolve.plan(plan)
     assert specs["encoder.layer.0.attention.self.key"].sparsity == 0.7
     assert specs["encoder.layer.0.attention.output.dense"].sparsity == 0.9  # not "output.dense"
     assert specs["encoder.layer.0.output.dense"] is None
@@ -40,8 +42,8 @@ def test_plan_overrides_by_role_and_glob_last_match_wins():
 def test_bad_plans_say_what_to_change(plan, words):
     with pytest.raises(UserError, match=words.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")
                        .replace(")", r"\)").replace(".", r"\.")):
-        from sparsity_app.model_experiment import validate
-        validate(plan)
+        from sparsity_app.runs import resolve
+        resolve.plan(plan)
 
 
 @pytest.mark.parametrize("args, words", [

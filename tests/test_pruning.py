@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
-from sparsity_app.errors import UserError
-from sparsity_app.pruning import ACTIVATION_AWARE, METHODS, input_norms, prune
-from sparsity_app.spec import Spec
+from sparsity_app.core.errors import UserError
+from sparsity_app.core.requests import Spec
+from sparsity_app.prune.methods import ACTIVATION_AWARE, METHODS, input_norms, prune
+from sparsity_app.runs import resolve
 
 
 @st.composite
@@ -18,7 +18,7 @@ def weights_and_blocks(draw):
 
 
 def _spec(**kw):
-    return Spec(**kw).resolve()
+    return resolve.spec(Spec(**kw))
 
 
 @given(weights_and_blocks(), st.floats(0.0, 0.99), st.sampled_from(["block", "random"]))
@@ -124,22 +124,23 @@ def test_wanda_without_activations_is_an_error_and_norms_come_from_x():
 ])
 def test_bad_specs_say_what_to_change(kw, words):
     with pytest.raises(UserError, match=words.replace("[", r"\[").replace("]", r"\]")):
-        Spec(**kw).resolve()
+        resolve.spec(Spec(**kw))
 
 
 def test_block_that_does_not_divide_names_the_dimension():
     with pytest.raises(UserError, match="bs_r=5 must divide the output dimension 384"):
-        Spec(block=(5, 1)).resolve().check_shape((384, 384))
+        resolve.spec(Spec(block=(5, 1))).check_shape((384, 384))
     with pytest.raises(UserError, match="bs_c=7 must divide the input dimension 1536"):
-        Spec(block=(1, 7)).resolve().check_shape((384, 1536))
+        resolve.spec(Spec(block=(1, 7))).check_shape((384, 1536))
 
 
 def test_wanda_calibrates_on_training_text_that_no_metric_scores():
     """The input norms wanda scores with come from the unlabelled training documents only: a mask
     chosen on the evaluation texts (Lee, polarity) would be tuned to the test it is scored on."""
-    from sparsity_app import data, metrics
-    from sparsity_app.experiment import layer_input_norms
-    from sparsity_app.models import PRUNING_DOCUMENTS, MiniLM, get_model
+    from sparsity_app.accuracy import metrics
+    from sparsity_app.model import data
+    from sparsity_app.model.catalog import PRUNING_DOCUMENTS, MiniLM, get_model
+    from sparsity_app.model.pruned import layer_input_norms
 
     shared = get_model("minilm-l6")
     seen = []

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from sparsity_app import recovery
-from sparsity_app.errors import UserError
-from sparsity_app.model_experiment import validate
-from sparsity_app.recovery import RECIPES, RecoveryRequest, RecoveryStopped, nm_stages
-from sparsity_app.spec import ModelPlan
-from sparsity_app.store import Store, model_key_of
+from sparsity_app.accuracy import recipes, recovery
+from sparsity_app.accuracy.recipes import RECIPES, RecoveryStopped, nm_stages
+from sparsity_app.core.errors import UserError
+from sparsity_app.core.requests import ModelPlan, RecoveryRequest
+from sparsity_app.core.store import Store, model_key_of
+from sparsity_app.runs import resolve
 
 APP = str(pathlib.Path(__file__).resolve().parent.parent / "app.py")
 BLOCK = ModelPlan(method="block", block=(32, 1), sparsity=0.5)
@@ -21,12 +21,12 @@ TINY = dict(steps=4, batch=2, seq_len=16, mask_interval=2)  # every recipe passe
 
 
 def _specs(plan):
-    return validate(plan)[1]
+    return resolve.plan(plan)[1]
 
 
 def _train(req, checkpoint=None, time_limit_s=None):
-    req = req.resolve()
-    return recovery._train(req, _specs(req.plan), checkpoint, lambda s, d: None, time_limit_s)
+    req = resolve.recovery(req)[0]
+    return recovery.train(req, _specs(req.plan), checkpoint, lambda s, d: None, time_limit_s)
 
 
 def test_nm_stages_step_from_the_first_sparse_stage_to_the_target():
@@ -40,35 +40,35 @@ def test_nm_stages_step_from_the_first_sparse_stage_to_the_target():
 def test_schedules_reach_the_target_pattern_and_stay_there():
     steps = 30
     layer = "encoder.layer.0.attention.self.query"
-    req = RecoveryRequest(plan=BLOCK, recipe="gradual", steps=steps).resolve()
-    sparsities = [RECIPES["gradual"](req, _specs(BLOCK), t).specs[layer].sparsity for t in range(steps)]
+    req = resolve.recovery(RecoveryRequest(plan=BLOCK, recipe="gradual", steps=steps))[0]
+    sparsities = [RECIPES["gradual"].phase(req, _specs(BLOCK), t).specs[layer].sparsity for t in range(steps)]
     assert sparsities[0] == 0 and sparsities == sorted(sparsities) and sparsities[-1] == 0.5
     assert sparsities[20] == 0.5 and sparsities[19] < 0.5  # cubic ramp over 2/3 of the steps
     assert sparsities[5] - sparsities[0] > sparsities[18] - sparsities[13]  # fast first, slow last
 
-    req = RecoveryRequest(plan=BLOCK, recipe="mask-decay", steps=steps).resolve()
-    betas = [RECIPES["mask-decay"](req, _specs(BLOCK), t).beta for t in range(steps)]
+    req = resolve.recovery(RecoveryRequest(plan=BLOCK, recipe="mask-decay", steps=steps))[0]
+    betas = [RECIPES["mask-decay"].phase(req, _specs(BLOCK), t).beta for t in range(steps)]
     assert betas[0] == 1.0 and betas[:20] == sorted(betas[:20], reverse=True) and set(betas[20:]) == {0.0}
     req = dataclasses.replace(req, beta_schedule="exponential")
-    exp = [RECIPES["mask-decay"](req, _specs(BLOCK), t).beta for t in range(steps)]
+    exp = [RECIPES["mask-decay"].phase(req, _specs(BLOCK), t).beta for t in range(steps)]
     assert exp[0] == 1.0 and all(e < b for e, b in zip(exp[1:20], betas[1:20])) and set(exp[20:]) == {0.0}
 
-    req = RecoveryRequest(plan=NM, recipe="structure-decay", steps=steps).resolve()
-    phases = [RECIPES["structure-decay"](req, _specs(NM), t) for t in range(steps)]
+    req = resolve.recovery(RecoveryRequest(plan=NM, recipe="structure-decay", steps=steps))[0]
+    phases = [RECIPES["structure-decay"].phase(req, _specs(NM), t) for t in range(steps)]
     stages = [None if p.specs[layer] is None else p.specs[layer].nm for p in phases]
     assert stages[:20] == [(3, 4)] * 20 and stages[20:] == [(2, 4)] * 10  # no dense frame: it would train nothing
     assert [t for t, p in enumerate(phases) if p.remask] == [0, 20]
-    req = RecoveryRequest(plan=dataclasses.replace(NM, nm=(1, 8)), recipe="structure-decay", steps=steps).resolve()
-    stages = [RECIPES["structure-decay"](req, _specs(req.plan), t).specs[layer].nm for t in range(steps)]
+    req = resolve.recovery(RecoveryRequest(plan=dataclasses.replace(NM, nm=(1, 8)), recipe="structure-decay", steps=steps))[0]
+    stages = [RECIPES["structure-decay"].phase(req, _specs(req.plan), t).specs[layer].nm for t in range(steps)]
     assert stages == [(4, 8)] * 10 + [(2, 8)] * 10 + [(1, 8)] * 10
 
-    req = RecoveryRequest(plan=NM, recipe="sr-ste", steps=steps).resolve()
-    phases = [RECIPES["sr-ste"](req, _specs(NM), t) for t in range(steps)]
+    req = resolve.recovery(RecoveryRequest(plan=NM, recipe="sr-ste", steps=steps))[0]
+    phases = [RECIPES["sr-ste"].phase(req, _specs(NM), t) for t in range(steps)]
     assert all(p.remask for p in phases) and all(p.ste and p.decay > 0 for p in phases[:-1])
     assert phases[-1].hard  # the run ends on a binary mask
 
-    req = RecoveryRequest(plan=BLOCK, recipe="group-lasso", steps=steps).resolve()
-    phases = [RECIPES["group-lasso"](req, _specs(BLOCK), t) for t in range(steps)]
+    req = resolve.recovery(RecoveryRequest(plan=BLOCK, recipe="group-lasso", steps=steps))[0]
+    phases = [RECIPES["group-lasso"].phase(req, _specs(BLOCK), t) for t in range(steps)]
     assert all(p.group_lasso > 0 and p.specs[layer] is None for p in phases[:20])
     assert phases[20].remask and all(p.group_lasso == 0 and p.specs[layer] is not None for p in phases[20:])
 
@@ -76,11 +76,11 @@ def test_schedules_reach_the_target_pattern_and_stay_there():
 @pytest.mark.parametrize("recipe,plan", [("fixed", BLOCK), ("gradual", BLOCK), ("mask-decay", BLOCK),
                                          ("group-lasso", BLOCK), ("sr-ste", NM), ("structure-decay", NM)])
 def test_every_recipe_ends_on_the_plans_pattern_and_learns(recipe, plan):
-    from sparsity_app.models import get_model
-    from sparsity_app.model_experiment import pruned_weights
+    from sparsity_app.model.catalog import get_model
+    from sparsity_app.model.pruned import pruned_weights
 
     weights, masks, steps, *_ = _train(RecoveryRequest(plan=plan, recipe=recipe, **TINY))
-    one_shot_masks, one_shot = pruned_weights(plan)
+    one_shot_masks, one_shot = pruned_weights(plan.model, _specs(plan))
     assert steps == TINY["steps"] and set(weights) == set(one_shot)
     for name, w in weights.items():
         m = masks[name]
@@ -104,7 +104,7 @@ def test_every_recipe_ends_on_the_plans_pattern_and_learns(recipe, plan):
 def test_each_loss_is_zero_on_the_teacher_and_grows_as_the_student_drifts():
     import torch
 
-    from sparsity_app.recovery import LOSSES
+    from sparsity_app.accuracy.recipes import LOSSES
 
     g = torch.Generator().manual_seed(0)
     teacher = tuple(torch.randn(2, 5, 8, generator=g) for _ in range(3))
@@ -119,9 +119,9 @@ def test_each_loss_is_zero_on_the_teacher_and_grows_as_the_student_drifts():
 @pytest.mark.parametrize("loss", ["pooled", "hidden+pooled"])
 def test_the_other_losses_train_too(loss):
     weights, masks, *_ = _train(RecoveryRequest(plan=BLOCK, recipe="fixed", loss=loss, **TINY))
-    from sparsity_app.model_experiment import pruned_weights
+    from sparsity_app.model.pruned import pruned_weights
 
-    _, one_shot = pruned_weights(BLOCK)
+    _, one_shot = pruned_weights(BLOCK.model, _specs(BLOCK))
     assert max(float(np.abs(weights[n] - one_shot[n]).max()) for n in weights) > 1e-6
     assert all(not weights[n][~masks[n]].any() for n in weights)
 
@@ -137,7 +137,7 @@ def test_a_schedule_cut_short_still_ends_on_the_plans_pattern():
 def test_recovery_arrows_pair_each_recovered_result_with_its_one_shot_twin():
     from types import SimpleNamespace
 
-    from sparsity_app import analysis
+    from sparsity_app.serve import analysis
 
     def result(plan, recovery, lee, speedup):
         d = {"speedup_vs_best_dense": speedup, "speedup_vs_torch_eager": speedup, "speedup_vs_tvm_dense": speedup,
@@ -153,7 +153,7 @@ def test_recovery_arrows_pair_each_recovered_result_with_its_one_shot_twin():
 
 def test_a_stopped_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
     req = RecoveryRequest(plan=BLOCK, recipe="mask-decay", **{**TINY, "seq_len": 32})  # steps of 16 and 32 tokens
-    assert recovery.LENGTHS[req.lengths](req.seq_len) == (16, 32)
+    assert recipes.LENGTHS[req.lengths](req.seq_len) == (16, 32)
     whole, whole_masks, *_ = _train(req)
     checkpoint = tmp_path / "ck" / "checkpoint.pt"
     with pytest.raises(RecoveryStopped, match="after 1 of 4 steps"):
@@ -167,51 +167,51 @@ def test_a_stopped_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
 
 
 def test_mixed_lengths_cut_every_step_into_the_same_tokens():
-    from sparsity_app.models import get_model
+    from sparsity_app.model.catalog import get_model
 
-    mixed = recovery.LENGTHS["mixed"]
+    mixed = recipes.LENGTHS["mixed"]
     assert mixed(128) == (16, 32, 64, 128) and mixed(100) == (25, 50, 100) and mixed(16) == (16,) and mixed(24) == (24,)
-    req = RecoveryRequest(plan=BLOCK).resolve()
+    req = resolve.recovery(RecoveryRequest(plan=BLOCK))[0]
     assert (req.lengths, req.batch, req.seq_len) == ("mixed", 16, 128)
-    batches = [recovery.batch_at(req, step) for step in range(8)]
+    batches = [recipes.batch_at(req, step) for step in range(8)]
     assert [b.shape for b in batches] == [(128, 16), (64, 32), (32, 64), (16, 128)] * 2
     tok = get_model("minilm-l6").tokenizer()
     for b in batches:
         assert b.size == 16 * 128 and (b[:, 0] == tok.cls_token_id).all() and (b[:, -1] == tok.sep_token_id).all()
         assert (b != tok.pad_token_id).all()  # whole windows of the training text, never padding
     assert not np.array_equal(batches[0], batches[4])  # the next sequences of that length, not the same again
-    np.testing.assert_array_equal(recovery.batch_at(req, 5), batches[5])  # indexed by step alone
-    short = {r.tobytes() for r in recovery.training_sequences(16)}
+    np.testing.assert_array_equal(recipes.batch_at(req, 5), batches[5])  # indexed by step alone
+    short = {r.tobytes() for r in recipes.training_sequences(16)}
     assert all(r.tobytes() in short for r in batches[0])
     fixed = dataclasses.replace(req, lengths="fixed")
-    assert {recovery.batch_at(fixed, step).shape for step in range(4)} == {(16, 128)}
+    assert {recipes.batch_at(fixed, step).shape for step in range(4)} == {(16, 128)}
 
 
 def test_requests_are_validated_and_canonical():
     with pytest.raises(UserError, match="unknown lengths 'short'; valid: mixed, fixed"):
-        RecoveryRequest(lengths="short").resolve()
+        resolve.recovery(RecoveryRequest(lengths="short"))[0]
     # a run stored before `lengths` existed trained on seq_len tokens only: it reads back as such
-    old = {k: v for k, v in RecoveryRequest(plan=BLOCK).resolve().to_dict().items() if k != "lengths"}
+    old = {k: v for k, v in resolve.recovery(RecoveryRequest(plan=BLOCK))[0].to_dict().items() if k != "lengths"}
     assert RecoveryRequest.from_dict(old).lengths == "fixed"
     with pytest.raises(UserError, match="valid recipes: fixed, gradual"):
-        RecoveryRequest(recipe="magic").resolve()
+        resolve.recovery(RecoveryRequest(recipe="magic"))[0]
     with pytest.raises(UserError, match="steps must be an integer"):
-        RecoveryRequest(steps=0).resolve()
+        resolve.recovery(RecoveryRequest(steps=0))[0]
     with pytest.raises(UserError, match="valid losses: hidden, pooled, hidden\\+pooled"):
-        RecoveryRequest(loss="kl").resolve()
+        resolve.recovery(RecoveryRequest(loss="kl"))[0]
     with pytest.raises(UserError, match="random weights"):
-        RecoveryRequest(plan=ModelPlan(model="bert-base-synthetic")).resolve()
+        resolve.recovery(RecoveryRequest(plan=ModelPlan(model="bert-base-synthetic")))[0]
     with pytest.raises(UserError, match="N:M"):
         _train(RecoveryRequest(plan=BLOCK, recipe="structure-decay", **TINY))
     # knobs a recipe ignores, and the plan's timing fields, do not split the cache
     a = RecoveryRequest(plan=dataclasses.replace(BLOCK, tokens=64, repeat=5), recipe="fixed", beta_schedule="exponential")
-    assert a.resolve() == RecoveryRequest(plan=BLOCK, recipe="fixed").resolve()
-    assert RecoveryRequest.from_dict(json.loads(json.dumps(a.resolve().to_dict()))) == a.resolve()
+    assert resolve.recovery(a)[0] == resolve.recovery(RecoveryRequest(plan=BLOCK, recipe="fixed"))[0]
+    assert RecoveryRequest.from_dict(json.loads(json.dumps(resolve.recovery(a)[0].to_dict()))) == resolve.recovery(a)[0]
     # ...nor does a change of another recipe's default: ignored knobs take fixed values, so a run stored before
     # group-lasso's penalty was tuned (2e-5 -> 2e-6) is still the same fixed-recipe request
-    stored_before = dataclasses.replace(RecoveryRequest(plan=BLOCK, recipe="fixed").resolve(), group_lasso=2e-5)
-    assert RecoveryRequest(plan=BLOCK, recipe="fixed", group_lasso=0.3).resolve() == stored_before
-    assert RecoveryRequest(plan=BLOCK, recipe="group-lasso").resolve().group_lasso == RecoveryRequest().group_lasso
+    stored_before = dataclasses.replace(resolve.recovery(RecoveryRequest(plan=BLOCK, recipe="fixed"))[0], group_lasso=2e-5)
+    assert resolve.recovery(RecoveryRequest(plan=BLOCK, recipe="fixed", group_lasso=0.3))[0] == stored_before
+    assert resolve.recovery(RecoveryRequest(plan=BLOCK, recipe="group-lasso"))[0].group_lasso == RecoveryRequest().group_lasso
 
 
 def test_recover_scores_stores_and_the_whole_model_runs_on_the_recovered_weights(cli, cache_dir):
@@ -302,7 +302,7 @@ def test_bench_recovery_across_seeds_on_an_empty_cache_prefixes_each_seed_and_th
 def test_across_seeds_judges_the_means_of_runs_stored_at_every_seed():
     from types import SimpleNamespace
 
-    from sparsity_app import bench_recovery as b
+    from sparsity_app.bench import recovery as b
 
     def run(plan, recipe, lee, probe):
         return SimpleNamespace(request=RecoveryRequest(plan=plan, recipe=recipe),
@@ -351,7 +351,7 @@ def test_bad_recover_input_is_one_line(cli):
 def test_bench_verdicts_name_a_recipe_that_meets_both_targets_and_call_small_gaps_ties():
     from types import SimpleNamespace
 
-    from sparsity_app import bench_recovery as b
+    from sparsity_app.bench import recovery as b
 
     def run(plan, recipe, lee, probe):
         return SimpleNamespace(request=RecoveryRequest(plan=plan, recipe=recipe), steps_done=300, resumed_from=0,
@@ -373,7 +373,7 @@ def test_bench_verdicts_name_a_recipe_that_meets_both_targets_and_call_small_gap
 
 def test_probe_spread_keeps_the_metric_protocol_at_its_fold_assignment():
     """bench-recovery's fold-assignment spread re-runs the polarity probe; at random_state 0 it must be the metric."""
-    from sparsity_app.bench_recovery import probe_spread
+    from sparsity_app.bench.recovery import probe_spread
 
     dense = probe_spread(None, assignments=5)
     assert dense["draw0"] == pytest.approx(0.745, abs=1e-9)  # metrics.polarity_probe_acc of the dense MiniLM
@@ -383,21 +383,21 @@ def test_probe_spread_keeps_the_metric_protocol_at_its_fold_assignment():
 def test_stored_runs_never_mix_code_versions_and_can_be_asked_for_one():
     from types import SimpleNamespace
 
-    from sparsity_app.bench_recovery import requests, stored_runs
-    from sparsity_app.timing import fingerprint
+    from sparsity_app.bench.recovery import requests, stored_runs
+    from sparsity_app.measure.timing import fingerprint
 
     todo = requests(300)
     here = {k: v for k, v in fingerprint().items() if k != "code"}
 
     def result(i, code):
-        return SimpleNamespace(request=todo[i].resolve(), machine={**here, "code": code})
+        return SimpleNamespace(request=resolve.recovery(todo[i])[0], machine={**here, "code": code})
 
-    elsewhere = SimpleNamespace(request=todo[3].resolve(), machine={**here, "cpu": "another CPU", "code": "bbb1"})
+    elsewhere = SimpleNamespace(request=resolve.recovery(todo[3])[0], machine={**here, "cpu": "another CPU", "code": "bbb1"})
     store = SimpleNamespace(recoveries=lambda: iter([result(0, "aaa1"), result(1, "aaa1"), result(2, "bbb1"), elsewhere]))
     runs, code = stored_runs(todo, store)
-    assert code == "aaa1" and [r.request for r in runs] == [todo[0].resolve(), todo[1].resolve()]
+    assert code == "aaa1" and [r.request for r in runs] == [resolve.recovery(todo[0])[0], resolve.recovery(todo[1])[0]]
     runs, code = stored_runs(todo, store, "bbb")
-    assert code == "bbb1" and [r.request for r in runs] == [todo[2].resolve()]  # never another machine's
+    assert code == "bbb1" and [r.request for r in runs] == [resolve.recovery(todo[2])[0]]  # never another machine's
     assert stored_runs(todo, store, "ccc") == ([], None)
     store = SimpleNamespace(recoveries=lambda: iter([result(0, "aaa1"), result(1, "aaa2")]))
     with pytest.raises(UserError, match="ambiguous: aaa1, aaa2"):

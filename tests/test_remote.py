@@ -17,9 +17,10 @@ import time
 import numpy as np
 import pytest
 
-from sparsity_app.backend import Backend
-from sparsity_app.errors import UserError
-from sparsity_app.spec import Spec
+from sparsity_app.core.errors import UserError
+from sparsity_app.core.requests import Spec
+from sparsity_app.measure.backend import Backend
+from sparsity_app.runs import resolve
 
 KEY = "loopback-cpu"
 
@@ -82,7 +83,7 @@ class Cluster:
 def cluster(tmp_path_factory):
     """A tracker and two servers of KEY on 127.0.0.1 (free ports), stopped by their group ids at the
     end of the module (one start for its tests: each server imports TVM, seconds on a busy machine)."""
-    from sparsity_app import remote
+    from sparsity_app.measure import remote
 
     c = Cluster(tmp_path_factory.mktemp("rpc"))
     try:
@@ -106,12 +107,14 @@ def _grid() -> list[Spec]:
 
 
 def test_sweep_fans_out_survives_a_lost_server_and_caches_remote_results(cluster, tmp_path):
-    from sparsity_app import locks, remote
-    from sparsity_app.experiment import lookup, mask_of
-    from sparsity_app.formats import sparse_format
-    from sparsity_app.models import get_model
-    from sparsity_app.store import Store, key_of
-    from sparsity_app.tuner import check_output, families
+    from sparsity_app.core.store import Store, key_of
+    from sparsity_app.measure import locks, remote
+    from sparsity_app.measure.tuner import check_output, families
+    from sparsity_app.model.catalog import get_model
+    from sparsity_app.model.pruned import mask_of
+    from sparsity_app.prune.formats import sparse_format
+    from sparsity_app.runs.layer import lookup
+    from sparsity_app.runs.sweep import sweep as run_sweep
 
     store, grid, killed = Store(tmp_path / "cache"), _grid(), []
 
@@ -120,7 +123,7 @@ def test_sweep_fans_out_survives_a_lost_server_and_caches_remote_results(cluster
             killed.append(cluster.servers[0])
             cluster.kill(cluster.servers[0])
 
-    report = remote.sweep(grid, cluster.backend, store, on_event=on_event)
+    report = run_sweep(grid, cluster.backend, store, on_event=on_event)
     assert report.workers == 2
     assert not report.failures, report.failures
     assert sorted(report.results) == [0, 1, 2]  # no point lost
@@ -133,7 +136,7 @@ def test_sweep_fans_out_survives_a_lost_server_and_caches_remote_results(cluster
     assert len(holds) >= len(grid)
     assert all(a["end"] <= b["start"] for a, b in zip(holds, holds[1:]))
     for spec in grid:
-        r = store.get(key_of(spec.resolve(info.cores), info.fingerprint))
+        r = store.get(key_of(resolve.spec(spec, info.cores), info.fingerprint))
         assert r is not None  # cached under the remote device's fingerprint
         assert r.machine["device"] == info.label and r.machine["key"] == KEY
         assert set(r.times_ms) == {"tvm_sparse", "tvm_dense"}  # PyTorch cannot run there
@@ -150,7 +153,7 @@ def test_sweep_fans_out_survives_a_lost_server_and_caches_remote_results(cluster
         for spec in grid:
             r = lookup(spec, store, cluster.backend)
             weight, _ = get_model(spec.model).weight(spec.layer)
-            mask = mask_of(spec)
+            mask = mask_of(resolve.spec(spec))
             x = get_model(spec.model).calibration(spec.layer, spec.tokens)
             family, sparse = sparse_format(weight, mask, r.spec)
             kernel = families()[family].kernel(sparse, x, families()[family].knobs(**r.kernel["knobs"]),
@@ -160,7 +163,7 @@ def test_sweep_fans_out_survives_a_lost_server_and_caches_remote_results(cluster
 
 
 def test_bad_backend_is_one_clear_line(cluster):
-    from sparsity_app.experiment import run
+    from sparsity_app.runs.layer import run
 
     with pytest.raises(UserError, match="HOST:PORT"):
         Backend(kind="rpc", tracker="nowhere", key=KEY).resolve()
@@ -176,7 +179,8 @@ def test_sweep_ends_when_every_server_of_its_key_dies(cluster):
     every unmeasured point failed with one clear line."""
     import threading
 
-    from sparsity_app import remote
+    from sparsity_app.measure import remote
+    from sparsity_app.runs.sweep import sweep as run_sweep
 
     key = "loopback-doomed"  # its own key: the module's surviving server must not rescue the sweep
     backend = Backend(kind="rpc", tracker=cluster.backend.tracker, key=key)
@@ -200,7 +204,7 @@ def test_sweep_ends_when_every_server_of_its_key_dies(cluster):
             timers[0].start()
 
     finished = []
-    sweep = threading.Thread(target=lambda: finished.append(remote.sweep(grid, backend, on_event=on_event)), daemon=True)
+    sweep = threading.Thread(target=lambda: finished.append(run_sweep(grid, backend, on_event=on_event)), daemon=True)
     sweep.start()
     sweep.join(timeout=180)
     for t in timers:
@@ -215,12 +219,12 @@ def test_sweep_ends_when_every_server_of_its_key_dies(cluster):
 
 def _stored(sparsity: float, device: str | None, code: str, threads: int = 2):
     """A stored-looking result; device None = this machine, else a remote one without PyTorch peers."""
-    from sparsity_app.spec import Result, Timing
+    from sparsity_app.core.results import Result, Timing
 
     def t(ms):
         return Timing(median=ms, spread=0.0, min=ms, max=ms, runs=3)
 
-    spec = Spec(block=(32, 1), sparsity=sparsity, threads=threads).resolve(cores=threads)
+    spec = resolve.spec(Spec(block=(32, 1), sparsity=sparsity, threads=threads), threads)
     times = {"tvm_sparse": t(0.5), "tvm_dense": t(1.0)}
     if device is None:
         times.update(torch_dense=t(1.2), torch_dense_fm=t(1.1))
@@ -231,10 +235,10 @@ def _stored(sparsity: float, device: str | None, code: str, threads: int = 2):
 
 
 def test_devices_side_by_side_only_for_the_grid_and_this_code():
-    from sparsity_app import analysis, charts
-    from sparsity_app.spec import Result
+    from sparsity_app.core.results import Result
+    from sparsity_app.serve import analysis, charts
 
-    grid = [Spec(block=(32, 1), sparsity=s).resolve() for s in (0.8, 0.9)]
+    grid = [resolve.spec(Spec(block=(32, 1), sparsity=s)) for s in (0.8, 0.9)]
     results = [_stored(0.8, None, "now"), _stored(0.9, None, "now"), _stored(0.8, "RPC key arm (cortex-a72)", "now", 4),
                _stored(0.9, "RPC key arm (cortex-a72)", "old", 4),  # another code version: left out
                _stored(0.7, "RPC key arm (cortex-a72)", "now", 4)]  # not in the grid: left out
@@ -256,7 +260,7 @@ def test_devices_side_by_side_only_for_the_grid_and_this_code():
     (["--rpc-tracker", "127.0.0.1:{closed}", "--rpc-key", "k"], "cannot reach the RPC tracker"),
 ])
 def test_bad_rpc_flags_are_one_line_and_exit_2(args, words, capsys, cache_dir):
-    from sparsity_app.cli import main
+    from sparsity_app.cli.main import main
 
     args = [a.format(closed=_free_port()) for a in args]  # a port nothing listens on
     assert main(["run", "--model", "bert-base-synthetic", "--tokens", "8", *args]) == 2

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from sparsity_app import UserError
-from sparsity_app.model_experiment import validate
-from sparsity_app.sensitivity import (SensitivityPoint, SensitivityRequest, SensitivityResult, allocate, lookup, plan_of,
-                                      ranking, run_sensitivity)
-from sparsity_app.store import Store
+from sparsity_app.core.store import Store
+from sparsity_app.runs import resolve
+from sparsity_app.runs.sensitivity import (SensitivityPoint, SensitivityRequest, SensitivityResult, allocate, lookup,
+                                           plan_of, ranking, run_sensitivity)
 
 LAYERS = ("encoder.layer.0.attention.self.query", "encoder.layer.0.attention.self.key",
           "encoder.layer.1.intermediate.dense", "encoder.layer.1.output.dense")
@@ -16,7 +16,7 @@ LAYERS = ("encoder.layer.0.attention.self.query", "encoder.layer.0.attention.sel
 
 def _result(losses: dict[str, dict[float, float]], ms: dict[str, dict[float, float]] | None = None) -> SensitivityResult:
     """A hand-made result over real MiniLM layer names: losses[layer][sparsity] of lee_pearson (dense 0.6)."""
-    from sparsity_app.models import get_model
+    from sparsity_app.model.catalog import get_model
 
     shapes = {i.name: i.shape for i in get_model("minilm-l6").layers()}
     sparsities = sorted({s for grid in losses.values() for s in grid})
@@ -63,7 +63,7 @@ def test_sparsity_allocation_is_the_best_combination_on_the_grid(target):
 
 
 def test_latency_allocation_is_the_best_combination_within_the_budget():
-    from sparsity_app.sensitivity import _unmeasured_dense_ms
+    from sparsity_app.runs.sensitivity import _unmeasured_dense_ms
 
     result = _result(LOSSES, MS)
     rest = _unmeasured_dense_ms(result)  # the 32 layers not measured stay dense: each its shape's dense median
@@ -86,7 +86,7 @@ def test_a_sensitive_layer_is_spared_and_the_plan_means_the_choices():
     assert ranking(result)[0]["layer"] == LAYERS[2]
     a = allocate(result, target_sparsity=0.5)
     assert a.choices[LAYERS[2]] is None and a.sparsity >= 0.5
-    plan, specs = validate(a.plan)  # resolves; every layer as chosen, those not measured left dense
+    plan, specs = resolve.plan(a.plan)  # resolves; every layer as chosen, those not measured left dense
     assert {name: None if s is None else s.sparsity for name, s in specs.items() if name in a.choices} == a.choices
     assert all(specs[name] is None for name in specs if name not in a.choices)
     with pytest.raises(UserError, match="out of reach"):
@@ -104,7 +104,7 @@ def test_plan_of_uses_the_commonest_choice_as_default():
     choices["encoder.layer.2.attention.self.query"] = 0.5
     plan = plan_of(request, choices)
     assert plan.sparsity == 0.9 and len(plan.overrides) == 2
-    _, specs = validate(plan)
+    _, specs = resolve.plan(plan)
     assert specs["encoder.layer.3.output.dense"] is None
     assert specs["encoder.layer.2.attention.self.query"].sparsity == 0.5
     assert specs["encoder.layer.3.attention.output.dense"].sparsity == 0.9  # output.dense override hits only its layer
@@ -141,9 +141,9 @@ def test_bad_requests_are_one_line_errors():
 
 def _store_fake_grid(cache_dir, request) -> None:
     """Every point of `request` in the store with made-up metrics and times (layer i loses i/1000 per 0.1 sparsity)."""
-    from sparsity_app.models import get_model
-    from sparsity_app.sensitivity import _dense_metrics, point_key
-    from sparsity_app.timing import fingerprint
+    from sparsity_app.measure.timing import fingerprint
+    from sparsity_app.model.catalog import get_model
+    from sparsity_app.runs.sensitivity import _dense_metrics, point_key
 
     shapes = {i.name: i.shape for i in get_model(request.model).layers()}
     store = Store(cache_dir)

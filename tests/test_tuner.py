@@ -4,11 +4,12 @@ import dataclasses
 import numpy as np
 import pytest
 
-from sparsity_app import tuner
-from sparsity_app.formats import sparse_format
-from sparsity_app.pruning import prune
-from sparsity_app.spec import Spec
-from sparsity_app.store import Store
+from sparsity_app.core.requests import Spec
+from sparsity_app.core.store import Store
+from sparsity_app.measure import tuner
+from sparsity_app.prune.formats import sparse_format
+from sparsity_app.prune.methods import prune
+from sparsity_app.runs import resolve
 
 
 def _case(spec: Spec, shape=(64, 96), tokens=32):
@@ -23,7 +24,7 @@ def _case(spec: Spec, shape=(64, 96), tokens=32):
 @pytest.mark.parametrize("spec", [Spec(block=(16, 1), sparsity=0.9), Spec(block=(1, 1), method="magnitude"),
                                   Spec(method="nm", nm=(2, 4))], ids=lambda s: s.label())
 def test_tune_reports_every_trial_and_the_winner(spec):
-    spec = spec.resolve()
+    spec = resolve.spec(spec)
     family, weight, x, ref = _case(spec)
     t = tuner.tune(family, weight, x, ref)
     fam = tuner.families()[family]
@@ -39,7 +40,7 @@ def test_tune_reports_every_trial_and_the_winner(spec):
 
 def test_best_schedule_is_stored_per_bucket_and_never_tuned_twice(tmp_path, monkeypatch):
     store = Store(tmp_path)
-    spec = Spec(block=(8, 1), sparsity=0.9).resolve()
+    spec = resolve.spec(Spec(block=(8, 1), sparsity=0.9))
     family, weight, x, ref = _case(spec)
     first = tuner.best_schedule(family, weight, x, ref, spec, 2, store)
     assert not first.cached and tuner.is_tuned(family, weight, x, spec, 2, store)
@@ -47,12 +48,12 @@ def test_best_schedule_is_stored_per_bucket_and_never_tuned_twice(tmp_path, monk
     again = tuner.best_schedule(family, weight, x, ref, spec, 2, Store(tmp_path))  # a new process, same disk
     assert again.cached and again.winner == first.winner and again.trials == first.trials
     assert not tuner.is_tuned(family, weight, x, spec, 1, store)  # other thread count: its own winner
-    other = Spec(block=(8, 1), sparsity=0.5).resolve()
+    other = resolve.spec(Spec(block=(8, 1), sparsity=0.5))
     assert not tuner.is_tuned(*_case(other)[:3], other, 2, store)
 
 
 def test_a_kernel_with_a_wrong_answer_never_wins(monkeypatch):
-    spec = Spec(block=(16, 1), sparsity=0.5).resolve()
+    spec = resolve.spec(Spec(block=(16, 1), sparsity=0.5))
     family, weight, x, ref = _case(spec)
     real = tuner.families()
     fam = real[family]

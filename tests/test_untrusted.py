@@ -7,9 +7,9 @@ import tomllib
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from sparsity_app import locks
-from sparsity_app.links import plan_from_query, spec_from_query
-from sparsity_app.spec import ModelPlan, Spec
+from sparsity_app.core.requests import ModelPlan, Spec
+from sparsity_app.measure import locks
+from sparsity_app.serve.links import plan_from_query, spec_from_query
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 APP = str(ROOT / "app.py")

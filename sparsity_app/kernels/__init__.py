@@ -12,20 +12,12 @@ import functools
 import os
 from typing import Callable
 
-from ..spec import default_threads
+import numpy as np
+import torch
+import tvm
 
-# TVM sizes its thread pool once, from this variable, when the first parallel kernel runs; without
-# it the pool has one thread on these machines. Per-run thread counts are set by `set_threads`.
-os.environ.setdefault("TVM_NUM_THREADS", str(default_threads()))
-# After a call TVM's idle workers spin before they sleep (default ~300k yields, a long time); while
-# they spin they steal the cores PyTorch's OpenMP threads need, which made PyTorch dense read 20x
-# slower when the two were timed alternately. 1000 keeps back-to-back TVM calls at full speed.
-os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "1000")
-
-import numpy as np  # noqa: E402
-import tvm  # noqa: E402
-
-from ..errors import UserError  # noqa: E402
+from sparsity_app.core.errors import UserError
+from sparsity_app.core.requests import default_threads
 
 
 @functools.cache
@@ -40,13 +32,12 @@ def host_mcpu() -> str:
 
 
 def max_threads() -> int:
-    return int(os.environ["TVM_NUM_THREADS"])
+    """The size of TVM's thread pool (core.env.configure sets it before the first kernel runs)."""
+    return int(os.environ.get("TVM_NUM_THREADS", default_threads()))
 
 
 def set_threads(n: int) -> None:
     """Use n threads in TVM kernels and in PyTorch from now on (same count for every implementation)."""
-    import torch
-
     if not 1 <= n <= max_threads():
         raise UserError(f"threads must be between 1 and {max_threads()} on this machine, got {n}")
     tvm.get_global_func("runtime.config_threadpool")(1, n)

@@ -15,8 +15,9 @@ import dataclasses
 import numpy as np
 from tvm.script import tirx as T
 
-from ..formats import CSR
-from . import Kernel, KernelSource, tir_builder, balanced_parts, empty, largest_divisor, max_threads, tensor
+from sparsity_app.kernels import (Kernel, KernelSource, balanced_parts, empty, largest_divisor, max_threads, tensor,
+                                  tir_builder)
+from sparsity_app.prune.formats import CSR
 
 SPLITS = ("rows", "nnz")
 

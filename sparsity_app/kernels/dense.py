@@ -18,9 +18,10 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import torch
 from tvm.script import tirx as T
 
-from . import Kernel, KernelSource, tir_builder, empty, largest_divisor, tensor
+from sparsity_app.kernels import Kernel, KernelSource, empty, largest_divisor, tensor, tir_builder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,8 +136,6 @@ class TorchDense:
     """PyTorch's dense baseline: torch.nn.functional.linear (oneDNN/MKL-backed on CPU)."""
 
     def __init__(self, weight: np.ndarray, x: np.ndarray):
-        import torch
-
         self._f = torch.nn.functional.linear
         self._w, self._x = torch.from_numpy(np.ascontiguousarray(weight)), torch.from_numpy(np.ascontiguousarray(x))
 

@@ -14,9 +14,9 @@ import dataclasses
 import numpy as np
 from tvm.script import tirx as T
 
-from ..formats import NM
-from . import Kernel, KernelSource, tir_builder, empty, largest_divisor, max_threads, tensor
-from .csr import SPLITS, pack_x
+from sparsity_app.kernels import Kernel, KernelSource, empty, largest_divisor, max_threads, tensor, tir_builder
+from sparsity_app.kernels.csr import SPLITS, pack_x
+from sparsity_app.prune.formats import NM
 
 
 @dataclasses.dataclass(frozen=True)

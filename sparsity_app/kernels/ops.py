@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import math
 
-from tvm.script import tirx as T
 from tvm import tirx
+from tvm.script import tirx as T
 
-from . import tir_builder
+from sparsity_app.kernels import tir_builder
 
 
 def _tiles(n: int, tile: int) -> tuple[int, int]:

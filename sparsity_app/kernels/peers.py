@@ -8,17 +8,18 @@ slower layout has not won.
 from __future__ import annotations
 
 import numpy as np
+import torch
+from tvm import te
 
-from ..spec import DENSE_PEERS
-from .dense import TorchDense, TVMDense
+from sparsity_app.core.results import DENSE_PEERS
+from sparsity_app.kernels import compile_prim_func, empty, tensor
+from sparsity_app.kernels.dense import TorchDense, TVMDense
 
 
 class TorchDenseFeatureMajor:
     """PyTorch dense in the sparse kernels' layout: Y^T float32 [out, tokens] = W @ X^T."""
 
     def __init__(self, weight: np.ndarray, x: np.ndarray):
-        import torch
-
         self._w = torch.from_numpy(np.ascontiguousarray(weight))
         self._xt = torch.from_numpy(np.ascontiguousarray(x.T))
         self._mm = torch.mm
@@ -48,10 +49,6 @@ class TVMDefaultDense:
     without scheduling, and why our scheduled TVM dense is the one speedups are quoted against."""
 
     def __init__(self, weight: np.ndarray, x: np.ndarray):
-        from tvm import te
-
-        from . import compile_prim_func, empty, tensor
-
         (out_f, in_f), tokens = weight.shape, x.shape[0]
         xs = te.placeholder((tokens, in_f), "float32", name="X")
         ws = te.placeholder((out_f, in_f), "float32", name="W")

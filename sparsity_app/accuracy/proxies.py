@@ -1,0 +1,79 @@
+"""Accuracy proxies: how much a keep-mask changes the layer and the model, on real data.
+
+All take the dense weight W float32 [out, in] and the pruned one W * mask.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from sparsity_app.model import data
+from sparsity_app.model.catalog import MiniLM, get_model
+
+
+def retained_energy(weight: np.ndarray, mask: np.ndarray) -> float:
+    """||W * mask||^2 / ||W||^2: the share of squared weight mass kept (needs no data)."""
+    w = weight.astype(np.float64)
+    total = float((w * w).sum())
+    return float((w * w * mask).sum() / total) if total else 1.0
+
+
+def output_error(x: np.ndarray, weight: np.ndarray, pruned: np.ndarray, bias: np.ndarray | None) -> tuple[float, float]:
+    """(relative Frobenius error, mean cosine per token) of the pruned vs the dense layer output.
+
+    x: float32 [tokens, in], the layer's real calibration inputs. Outputs include the bias, as in
+    the model.
+    """
+    b = 0.0 if bias is None else bias.astype(np.float64)
+    x64 = x.astype(np.float64)
+    y = x64 @ weight.astype(np.float64).T + b
+    yp = x64 @ pruned.astype(np.float64).T + b
+    norm = np.linalg.norm(y)
+    rel = float(np.linalg.norm(yp - y) / norm) if norm else 0.0
+    dots = (y * yp).sum(axis=1)
+    norms = np.linalg.norm(y, axis=1) * np.linalg.norm(yp, axis=1)
+    cos = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), np.where(dots == 0, 1.0, 0.0))
+    return rel, float(np.clip(cos, -1.0, 1.0).mean())
+
+
+def _eval_texts() -> list[str]:
+    return list(data.lee_documents()) + [s for s, _ in data.polarity_sentences()]
+
+
+@functools.lru_cache(maxsize=2)
+def _dense_embeddings(model_name: str) -> np.ndarray:
+    return get_model(model_name).embed(_eval_texts())
+
+
+def lee_pearson(lee_embeddings: np.ndarray) -> float:
+    """Pearson correlation of embedding cosine similarity with the human Lee scores (50 documents)."""
+    sim = lee_embeddings @ lee_embeddings.T
+    iu = np.triu_indices(len(sim), 1)
+    return float(np.corrcoef(sim[iu], data.lee_similarity()[iu])[0, 1])
+
+
+def model_level(model_name: str, layer: str, pruned: np.ndarray) -> dict[str, float | None]:
+    """That one layer pruned inside the full model, on the Lee documents and polarity sentences.
+
+    embedding_cosine: mean cosine of pruned vs dense sentence embeddings (1 = unchanged);
+    lee_pearson: document-similarity correlation with human scores (dense MiniLM: 0.656).
+    Models without real weights give None for both.
+    """
+    model = get_model(model_name)
+    if not isinstance(model, MiniLM):
+        return {"embedding_cosine": None, "lee_pearson": None}
+    dense = _dense_embeddings(model_name)
+    emb = model.embed(_eval_texts(), weights={layer: pruned})
+    n_lee = len(data.lee_documents())
+    return {
+        "embedding_cosine": float(np.clip((dense * emb).sum(axis=1), -1, 1).mean()),
+        "lee_pearson": lee_pearson(emb[:n_lee]),
+    }
+
+
+def dense_lee_pearson(model_name: str) -> float | None:
+    model = get_model(model_name)
+    if not isinstance(model, MiniLM):
+        return None
+    return lee_pearson(_dense_embeddings(model_name)[: len(data.lee_documents())])

@@ -1,0 +1,54 @@
+"""python -m sparsity_app bench-model: the whole-model targets' configurations, measured afresh,
+and each target's verdict (a command, never a test)."""
+from __future__ import annotations
+
+import json
+
+from sparsity_app.core.errors import UserError
+from sparsity_app.core.requests import ModelPlan, parse_block
+from sparsity_app.core.store import Store
+from sparsity_app.runs import resolve
+from sparsity_app.runs.model import STEPS, run_model
+from sparsity_app.serve.report import format_model, say, steps_to_stderr
+
+
+def main(args) -> int:
+    plans = []
+    for item in args.configs.split(","):
+        model, _, shape = item.strip().partition(":")
+        try:
+            batch, tokens = parse_block(shape or "1x128")
+        except UserError:
+            raise UserError(f"--configs entries must look like minilm-l6:1x128 (MODEL:BATCHxTOKENS), got {item!r}") from None
+        plan = ModelPlan(model=model, method=args.method, block=parse_block(args.block), sparsity=args.sparsity,
+                         tokens=tokens, batch=batch, threads=args.threads, repeat=args.repeat)
+        resolve.plan(plan)
+        plans.append(plan)
+    store, rows = Store(args.cache_dir), []
+    for plan in plans:  # each run_model holds the measurement slot while it measures
+        say(f"measuring {plan.model}, {plan.label()}, {plan.batch}x{plan.tokens} tokens...")
+        d = run_model(plan, store=store, reuse_result=False, progress=steps_to_stderr(STEPS, "  "))
+        rows.append(d.to_dict())
+        if not args.json:
+            print(format_model(rows[-1]), flush=True)
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        print(model_targets(rows))
+    return 0
+
+
+def model_targets(rows: list[dict]) -> str:
+    """The issue's end-to-end targets, checked on the rows of this run."""
+    out = ["", "== targets (end to end, same measure call per row)"]
+    for d in rows:
+        t = {k: v["median"] for k, v in d["times_ms"].items()}
+        where = f"{d['plan']['model']} {d['plan']['batch']}x{d['plan']['tokens']}"
+        for peer, goal in (("torch_eager", 5.0), ("onnxruntime", 4.0), ("tvm_dense", 2.5)):
+            ratio = t[peer] / t["tvm_sparse"]
+            out.append(f"{where}: vs {peer} {ratio:.2f}x (>= {goal}) {'ok' if ratio >= goal else 'MISSED'}")
+        fair = t["torch_eager"] / t["tvm_dense"]
+        out.append(f"{where}: TVM dense at {fair:.2f}x PyTorch eager's speed (>= 1) {'ok' if fair >= 1 else 'MISSED'}")
+        out.append(f"{where}: sparse vs masked PyTorch relative error {d['max_abs_error']:.1e} (<= 1e-4) "
+                   f"{'ok' if d['max_abs_error'] <= 1e-4 else 'MISSED'}")
+    return "\n".join(out)

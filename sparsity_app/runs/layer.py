@@ -1,0 +1,142 @@
+"""run(spec) -> Result: prune -> format -> tune -> compile -> verify -> time -> score -> store.
+
+Each step is a small function; `run` strings them together, tells `progress` as each begins, and
+records how long each took (Result.step_s), so the figures a user reads about time come from the run.
+Compiling, verifying and timing go through a device (measure.backend): this process, or a remote
+device behind TVM's RPC tracker (measure.remote); everything else runs here.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from sparsity_app.accuracy import proxies
+from sparsity_app.core import limits
+from sparsity_app.core.errors import UserError
+from sparsity_app.core.requests import Spec
+from sparsity_app.core.results import SPARSE, Result
+from sparsity_app.core.store import Store, key_of
+from sparsity_app.measure import tuner
+from sparsity_app.measure.backend import LOCAL, Backend, LocalDevice
+from sparsity_app.model.catalog import get_model
+from sparsity_app.model.pruned import layer_input_norms
+from sparsity_app.prune.formats import sparse_format, to_bsr
+from sparsity_app.prune.methods import prune
+from sparsity_app.runs import resolve
+from sparsity_app.runs.pipeline import Progress, StepClock, cached_or_run, quiet
+
+STEPS = ("prune", "format", "tune", "compile", "verify", "time", "score")  # what `progress` is told, in order
+FORMAT_NAMES = {"bsr": "BSR", "csr": "CSR", "nm": "the N:M format"}
+
+
+def run(spec: Spec, store: Store | None = None, progress: Progress = quiet, retune: bool = False,
+        backend: Backend = LOCAL) -> Result:
+    """Measure one configuration; with a store, a stored result returns at once (cached=True).
+
+    retune=True measures again and re-tunes the schedule even if a result or winner is stored.
+    backend: where to measure (backend.Backend; an RPC backend takes one server from its tracker).
+    Raises UserError for a request that cannot be measured (unknown model, block that does not
+    divide the layer, ...) or is beyond this server's limits (limits.LimitExceeded: tokens; the
+    measurement's time limit, which stops it between steps, compiles and samples).
+    """
+    if backend.resolve().kind == "local":
+        return run_on(LocalDevice(), spec, store, progress, retune)
+    if store is not None and not retune and (hit := lookup(spec, store, backend)) is not None:
+        return hit  # no server is taken for a stored result
+    with _remote().open_device(backend) as device:
+        return run_on(device, spec, store, progress, retune)
+
+
+def run_on(device, spec: Spec, store: Store | None = None, progress: Progress = quiet, retune: bool = False) -> Result:
+    """`run` on a device already at hand (backend.LocalDevice, or remote.RemoteDevice: a sweep's worker)."""
+    spec, shape = resolve.layer(spec, device.cores)
+    key = key_of(spec, device.fingerprint)
+    if store is not None and not retune and (hit := store.get(key)) is not None:
+        return hit
+    limits.current().check_tokens(spec.tokens)
+    return cached_or_run(f"run {spec.label()} {spec.layer}",
+                         None if store is None or retune else lambda: store.get(key),
+                         lambda: _measure(device, spec, shape, store, progress, retune), device.slot, progress,
+                         time_limit="measure_timeout_s", store=None if store is None else lambda r: store.put(key, r))
+
+
+def _measure(device, spec: Spec, shape: tuple[int, int], store: Store | None, progress: Progress,
+             retune: bool) -> Result:
+    model, machine, clock = get_model(spec.model), device.fingerprint, StepClock(progress, STEPS)
+    weight, bias = model.weight(spec.layer)
+    x = model.calibration(spec.layer, spec.tokens)
+
+    with clock.step("prune", f"{spec.label()} at sparsity {spec.sparsity:.2f} on {shape[0]}x{shape[1]}"):
+        mask = prune(weight, spec, layer_input_norms(spec))
+        pruned = weight * mask
+    with clock.step("format", "storing the kept weights in the kernel's sparse format"):
+        family, sparse = sparse_format(weight, mask, spec)
+        stored = to_bsr(weight, mask, spec.block).nnz_blocks  # blocks of spec.block, whatever the format
+    stored_note = (f"{FORMAT_NAMES[family]} holds {stored} blocks of {spec.block[0]}x{spec.block[1]} "
+                   f"in {sparse.nbytes / 1024:.0f} KiB; ")
+
+    device.set_threads(spec.threads)
+    reference = x.astype(np.float64) @ pruned.astype(np.float64).T
+    tuned = store is not None and not retune and tuner.is_tuned(family, sparse, x, spec, spec.threads, store, device)
+    with clock.step("tune", stored_note + ("reusing the stored winning schedule" if tuned else
+                                          "tuning: compiling, checking and timing candidate schedules")):
+        tuning = tuner.best_schedule(family, sparse, x, reference, spec, spec.threads, store, retune=retune,
+                                     device=device)
+    with clock.step("compile", f"compiling the {FORMAT_NAMES[family]} kernel ({tuning.label}) and the dense peers"):
+        kernel = tuner.compile_kernel(tuner.families()[family], sparse, x, tuning.knobs(), device)
+        peers = device.dense_peers(weight, x)
+        prepared = device.prepare({SPARSE: kernel, **peers})
+    with clock.step("verify", "checking every kernel against NumPy before timing it"):
+        errors = _verify(prepared, peers, x, weight, reference)
+    with clock.step("time", f"timing the sparse kernel and {len(peers)} dense peers on {spec.threads} threads "
+                    f"({spec.repeat} samples each)"):
+        times = prepared.time(repeat=spec.repeat)
+    with clock.step("score", "scoring the accuracy proxies on the full calibration set"):
+        scores, scored = _score(spec, weight, mask, bias)
+
+    result = Result(spec=spec, shape=shape, sparsity_achieved=1.0 - float(mask.mean()), stored_blocks=stored,
+                    sparse_bytes=sparse.nbytes, dense_bytes=weight.nbytes, times_ms=times,
+                    tune_s=0.0 if tuning.cached else clock.seconds["tune"], compile_s=clock.seconds["compile"],
+                    proxies=scores, scored_tokens=scored, machine={**machine, "threads": spec.threads},
+                    kernel={"format": family, "mcpu": device.mcpu(), "knobs": tuning.winner, "schedule": tuning.label,
+                            "tuning": tuning.to_dict(), "dense": vars(peers["tvm_dense"].knobs)},
+                    step_s=dict(clock.seconds), real_weights=model.real_weights,
+                    backend={**device.where(times), "max_rel_error": errors})
+    return result
+
+
+def _verify(prepared, peers: dict, x: np.ndarray, weight: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """name -> max relative error of each kernel's output, computed where it runs, against NumPy
+    here. A kernel that computes the wrong answer never reports a time (raises RuntimeError)."""
+    errors = {SPARSE: tuner.check_output("TVM sparse", prepared.output(SPARSE), reference)}
+    dense_reference = x.astype(np.float64) @ weight.astype(np.float64).T
+    for name in peers:
+        errors[name] = tuner.check_output(name, prepared.output(name), dense_reference)
+    return errors
+
+
+def _score(spec: Spec, weight: np.ndarray, mask: np.ndarray, bias: np.ndarray | None) -> tuple[dict, int]:
+    """(proxies, scored tokens): layer proxies on every calibration token, whatever spec.tokens is."""
+    x_all = get_model(spec.model).calibration_set(spec.layer)
+    pruned = weight * mask
+    rel, cos = proxies.output_error(x_all, weight, pruned, bias)
+    scores = {"retained_energy": proxies.retained_energy(weight, mask), "output_rel_error": rel,
+              "output_cosine": cos, **proxies.model_level(spec.model, spec.layer, pruned)}
+    return scores, len(x_all)
+
+
+def lookup(spec: Spec, store: Store, backend: Backend = LOCAL) -> Result | None:
+    """The stored result of `spec` on the backend's device with this code, or None; never measures
+    (an RPC backend's device is asked what it is once per process: measure.remote.probe)."""
+    device = LocalDevice() if backend.resolve().kind == "local" else _remote().probe(backend)
+    spec, _ = resolve.layer(spec, device.cores)
+    return store.get(key_of(spec, device.fingerprint))
+
+
+def _remote():
+    """measure.remote, imported for a remote backend only: TVM's RPC client loads TVM (~3 s)."""
+    from sparsity_app.measure import remote  # lazy: see the docstring
+
+    return remote
+
+
+__all__ = ["run", "run_on", "lookup", "STEPS", "UserError"]

@@ -1,0 +1,165 @@
+"""run_model(plan) -> ModelResult: the whole encoder pruned, compiled with our kernels, timed, scored.
+
+plan -> prune every linear -> sparse formats + tuned schedules -> compile the sparse and the dense
+TVM executables -> verify both against PyTorch -> time them with PyTorch eager (dense and pruned)
+and ONNX Runtime in one `measure` call -> where the time goes -> real-label metrics -> store.
+Nothing shared is modified: the pruned PyTorch model is a copy.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from sparsity_app.accuracy import metrics
+from sparsity_app.core.errors import UserError
+from sparsity_app.core.requests import ModelPlan, default_threads
+from sparsity_app.core.results import SPARSE, ModelResult
+from sparsity_app.core.store import Store, model_key_of
+from sparsity_app.measure import tuner
+from sparsity_app.measure.backend import LocalDevice
+from sparsity_app.measure.locks import measurement_slot
+from sparsity_app.measure.timing import fingerprint, measure
+from sparsity_app.model.catalog import get_model
+from sparsity_app.model.pruned import plan_masks
+from sparsity_app.prune.formats import sparse_format
+from sparsity_app.runs import resolve
+from sparsity_app.runs.pipeline import Progress, StepClock, cached_or_run, quiet
+
+STEPS = ("prune", "tune", "compile", "verify", "time", "breakdown", "evaluate")
+
+def lookup(plan: ModelPlan, store: Store, recovery=None) -> ModelResult | None:
+    """The stored result of the plan (with `recovery`'s weights, a RecoveryResult, if given), or None."""
+    plan, _ = resolve.plan(plan)
+    return store.get_model_result(model_key_of(plan, fingerprint(), None if recovery is None else recovery.key))
+
+
+def run_model(plan: ModelPlan, store: Store | None = None, progress: Progress = quiet,
+              retune: bool = False, reuse_result: bool = True, recovery=None) -> ModelResult:
+    """Measure a whole pruned model; with a store, a stored result returns at once (cached=True).
+
+    retune=True re-tunes every layer's schedule; reuse_result=False measures again but keeps the
+    stored schedules (what a benchmark wants). recovery: a stored recovery.RecoveryResult of this
+    plan; its fine-tuned weights (and masks) replace the one-shot ones, and everything is measured
+    on them (they are compiled, verified, timed and scored like any other weights).
+    """
+    plan, specs = resolve.plan(plan)
+    if recovery is not None and (store is None or not _same_pattern(recovery.request.plan, plan)):
+        raise UserError("a recovered model is measured from a store, with the plan it was recovered for")
+    key = model_key_of(plan, fingerprint(), None if recovery is None else recovery.key)
+    reuse = store is not None and reuse_result and not retune
+    who = f"model {plan.model} {plan.label()}" + (f" recovered by {recovery.request.recipe}" if recovery else "")
+    return cached_or_run(who, (lambda: store.get_model_result(key)) if reuse else None,
+                         lambda: _measure(plan, specs, store, progress, retune, recovery), measurement_slot, progress,
+                         time_limit="model_timeout_s",  # stops between steps, layer tunings and samples
+                         store=None if store is None else lambda r: store.put_model_result(key, r))
+
+
+def _same_pattern(a: ModelPlan, b: ModelPlan) -> bool:
+    """The plans prune alike (they may differ in tokens, batch, threads, repeat)."""
+    timing = dict(tokens=0, batch=1, threads=0, repeat=3)
+    return dataclasses.replace(a, **timing) == dataclasses.replace(b, **timing)
+
+
+def _measure(plan: ModelPlan, specs: dict, store: Store | None, progress: Progress, retune: bool,
+             recovery=None) -> ModelResult:
+    # lazy: the graph and the peers load TVM, PyTorch and ONNX Runtime; a stored result needs none of them
+    from sparsity_app.model import baselines, graph
+
+    model, machine, clock = get_model(plan.model), fingerprint(), StepClock(progress, STEPS)
+    threads = plan.threads or default_threads()
+    LocalDevice().set_threads(threads)
+    hf, tokenizer = model.torch_model(), model.tokenizer()
+    rows = plan.batch * plan.tokens
+
+    with clock.step("prune", f"{plan.label()}: pruning {len(specs)} linears" if recovery is None else
+                    f"{plan.label()}: the weights recovered by {recovery.request.recipe} ({recovery.steps_done} steps)"):
+        weights = {name: model.weight(name) for name in specs}  # name -> (W float32 [out, in], bias)
+        if recovery is None:
+            masks = plan_masks(plan.model, specs)
+            pruned = {name: weights[name][0] * masks[name] for name in specs}  # float32 [out, in], W * mask
+        else:
+            pruned, masks = store.recovered_weights(recovery.key)
+    tuned_now = 0
+    with clock.step("tune", "sparse formats and each layer's schedule (layers of one shape and pattern share a "
+                    "tuning)"):
+        plans, layers = {}, []
+        for name, spec in specs.items():
+            weight, bias = weights[name]
+            if spec is None:
+                plans[name] = graph.LinearPlan("dense", pruned[name], bias)
+                layers.append(_layer_row(name, "dense", "dense", 0.0, None, weight.nbytes, weight.nbytes))
+                continue
+            family, fmt = sparse_format(pruned[name], masks[name], spec)
+            x = model.calibration(name, rows)
+            reference = x.astype(np.float64) @ pruned[name].astype(np.float64).T
+            tuning = tuner.best_schedule(family, fmt, x, reference, spec, threads, store, retune=retune,
+                                         layouts=("feature-major",))
+            tuned_now += not tuning.cached
+            plans[name] = graph.LinearPlan(family, fmt, bias, tuning.knobs())
+            layers.append(_layer_row(name, spec.label(), family, 1.0 - float(masks[name].mean()), tuning.label,
+                                     fmt.nbytes, weight.nbytes))
+    with clock.step("compile", "compiling the sparse and the dense encoders for this CPU"):
+        sparse = graph.compile_encoder(hf, hf, plans, plan.batch, plan.tokens)
+        dense = graph.compile_encoder(hf, hf, {}, plan.batch, plan.tokens)
+    ids, attention = baselines.example_inputs(tokenizer, plan.batch, plan.tokens)
+    with clock.step("verify", "checking both executables against PyTorch (relative error <= 1e-4)"):
+        reference = model.pruned_copy(pruned)
+        error = graph.verify(sparse, reference, ids, attention)
+        graph.verify(dense, hf, ids, attention)
+        sparse.set_inputs(ids, attention)
+        dense.set_inputs(ids, attention)
+        peers = {"torch_eager": baselines.torch_eager(hf, plan.batch, plan.tokens, tokenizer),
+                 "torch_eager_pruned": baselines.torch_eager(reference, plan.batch, plan.tokens, tokenizer),
+                 "onnxruntime": baselines.onnxruntime_session(hf, plan.batch, plan.tokens, threads, tokenizer)}
+    with clock.step("time", f"timing TVM sparse, TVM dense, PyTorch eager (dense and pruned) and ONNX Runtime on "
+                    f"{threads} threads, {plan.repeat} samples each"):
+        LocalDevice().set_threads(threads)
+        # Each runtime's idle pool spins after a pass (ONNX Runtime's for longer than TVM's): a 0.2 s
+        # settle before each one's samples lets the previous pool go quiet (measured: ORT's spinning
+        # raised the next runtime's median ~10% with the default 0.02 s).
+        times = measure({SPARSE: sparse.run, "tvm_dense": dense.run, **peers}, repeat=plan.repeat, per_round=3,
+                        settle_s=0.2)
+    with clock.step("breakdown", "timing each operator of both executables"):
+        breakdown = {SPARSE: sparse.breakdown(), "tvm_dense": dense.breakdown()}
+        for row, ms in zip(layers, _per_linear_ms(sparse, list(specs))):
+            row["kernel_ms"] = ms
+    with clock.step("evaluate", "real-label metrics of the pruned model (Lee, polarity, WordSim, SimLex)"):
+        metrics, dense_metrics = _evaluate(plan.model, reference)
+
+    total = sum(m.size for m in masks.values())
+    result = ModelResult(plan=plan, sparsity_achieved=float(sum((~m).sum() for m in masks.values()) / total),
+                         layers=layers, times_ms=times, breakdown=breakdown, max_abs_error=error, metrics=metrics,
+                         dense_metrics=dense_metrics, tune_s=clock.seconds["tune"] if tuned_now else 0.0,
+                         compile_s=clock.seconds["compile"], machine={**machine, "threads": threads},
+                         step_s=dict(clock.seconds), real_weights=model.real_weights,
+                         recovery=None if recovery is None else recovery.summary())
+    return result
+
+
+def _layer_row(name, pattern, family, achieved, schedule, sparse_bytes, dense_bytes) -> dict:
+    return {"layer": name, "pattern": pattern, "format": family, "sparsity_achieved": achieved,
+            "schedule": schedule, "sparse_bytes": sparse_bytes, "dense_bytes": dense_bytes, "kernel_ms": None}
+
+
+def _per_linear_ms(encoder, names: list[str]) -> list[float | None]:
+    """Each linear's kernel time inside the sparse executable's passes (after its breakdown); Q, K and V
+    stacked into one kernel share its time evenly."""
+    times = encoder.linear_times()
+    return [times.get(name) for name in names]
+
+
+def _evaluate(model_name: str, pruned_model) -> tuple[dict, dict]:
+    """(metrics of the pruned copy, metrics of the dense model); None everywhere for synthetic weights.
+
+    embedding_cosine compares with this model's own dense embeddings (metrics.reference_embeddings).
+    """
+    model = get_model(model_name)
+    if not model.real_weights:
+        empty = {name: None for name in metrics.METRICS}
+        return empty, dict(empty)
+    return (metrics.evaluate(pruned_model, model.tokenizer(), metrics.reference_embeddings(model_name)),
+            dict(metrics.dense_metrics(model_name)))
+
+
+__all__ = ["run_model", "lookup", "STEPS", "UserError"]
