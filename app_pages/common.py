@@ -1,5 +1,9 @@
-"""What every page shares: the result store, the engine call with live steps, the conditions line."""
+"""What every page shares: the result store, the engine call with live steps, the conditions line, and
+the one check of a request (runs.resolve), memoised per process: a page re-executes on every rerun,
+and a request that did not change is not checked again (nor is a link read twice)."""
 from __future__ import annotations
+
+import functools
 
 import streamlit as st
 from streamlit.runtime.scriptrunner import get_script_run_ctx
@@ -7,11 +11,37 @@ from streamlit.runtime.scriptrunner import get_script_run_ctx
 from sparsity_app import Spec, UserError
 from sparsity_app.core.errors import one_line
 from sparsity_app.core.limits import RATE_LIMITER
+from sparsity_app.core.requests import ModelPlan, RecoveryRequest, ResolvedPlan, ResolvedRecovery, ResolvedSpec
 from sparsity_app.core.results import DENSE_PEERS
 from sparsity_app.core.store import Store, cache_dir
 from sparsity_app.measure.backend import LOCAL, Backend
+from sparsity_app.runs import resolve, sweep
 from sparsity_app.runs.layer import lookup, run
-from sparsity_app.serve.links import escape
+from sparsity_app.serve.links import escape, spec_from_query
+
+
+@functools.lru_cache(maxsize=512)
+def resolved_spec(spec: Spec, cores: int | None = None) -> ResolvedSpec:
+    """resolve.layer, once per distinct Spec (and device's cores) in this process; a UserError is
+    raised every time."""
+    return resolve.layer(spec, cores)
+
+
+def resolved_on(spec: Spec, backend: Backend) -> ResolvedSpec:
+    """The spec resolved against the cores of the device it is measured on."""
+    return resolved_spec(spec, None if backend.kind == "local" else sweep.probe(backend).cores)
+
+
+@functools.lru_cache(maxsize=256)
+def resolved_plan(plan: ModelPlan) -> ResolvedPlan:
+    """resolve.plan, once per distinct plan in this process."""
+    return resolve.plan(plan)
+
+
+@functools.lru_cache(maxsize=256)
+def resolved_recovery(request: RecoveryRequest, plan: ResolvedPlan | None = None) -> ResolvedRecovery:
+    """resolve.recovery, once per distinct request (and its resolved plan) in this process."""
+    return resolve.recovery(request, plan)
 
 
 @st.cache_resource
@@ -31,7 +61,8 @@ def run_with_status(spec: Spec, retune: bool = False, backend: Backend = LOCAL):
     counts against this session's rate limit; a cached one never does.
     """
     try:
-        if retune or lookup(spec, store(), backend) is None:
+        point = resolved_on(spec, backend)  # the page's one check: the lookup and the run take it
+        if retune or lookup(point, store(), backend) is None:
             RATE_LIMITER.take(session_id(), 1)
         with st.status(f"Running {spec.label()} at sparsity {spec.sparsity:g} on {backend.label()}...",
                        expanded=True) as status:
@@ -41,7 +72,7 @@ def run_with_status(spec: Spec, retune: bool = False, backend: Backend = LOCAL):
                 if shown[-1:] != [(step, detail)]:
                     shown.append((step, detail))
                     status.write(f"**{step}**: {detail}")
-            result = run(spec, store=store(), progress=show, retune=retune, backend=backend)
+            result = run(point, store=store(), progress=show, retune=retune, backend=backend)
             status.update(label="Loaded from the cache" if result.cached else "Measured", state="complete",
                           expanded=False)
         return result
@@ -73,9 +104,7 @@ def conditions(result) -> str:
 
 def query_spec(default: Spec = Spec()) -> Spec:
     """The spec in the URL, with a visible note for each value that fell back to its default."""
-    from sparsity_app.serve.links import spec_from_query
-
-    spec, notes = spec_from_query(dict(st.query_params), default)
+    spec, notes = spec_from_query(dict(st.query_params), default, resolved_spec)
     for note in notes:
         st.warning(note, icon=":material/link_off:")
     return spec

@@ -1,9 +1,10 @@
 """Explore a layer: configure one experiment, run it, see its cost and its place among the others."""
 import streamlit as st
 
-from app_pages.common import (backend_controls, cache_controls, conditions, pick_conditions, query_spec,
+from app_pages.common import (backend_controls, cache_controls, conditions, pick_conditions, query_spec, resolved_on,
                               run_with_status, store)
 from sparsity_app import Spec, UserError
+from sparsity_app.accuracy.proxies import PROXIES
 from sparsity_app.core.limits import current as current_limits
 from sparsity_app.core.requests import BLOCK_PRESETS, MAX_TOKENS, NM_PRESETS, NORMS, fmt_block, parse_block, parse_nm
 from sparsity_app.core.results import DENSE_PEERS, SPARSE
@@ -63,7 +64,7 @@ if submitted and spec is not None:
     result = run_with_status(spec, retune=retune, backend=backend)
 elif spec is not None:
     try:
-        result = lookup(spec, store(), backend)  # a shared link whose result is cached shows at once
+        result = lookup(resolved_on(spec, backend), store(), backend)  # a shared link's cached result shows at once
     except UserError as e:
         st.error(escape(str(e)))
 
@@ -92,10 +93,10 @@ for col, name in zip(c, [k for k in titles if k in t]):
     col.metric(f"{titles[name]}{best}", f"{t[name].median * 1000:.1f} us",
                f"spread {t[name].spread * 1000:.1f} us" + ("" if name == SPARSE else f"; {r.speedup_vs(name):.2f}x"),
                delta_color="off")
-c = st.columns(5)
-for col, (name, (title, _)) in zip(c, analysis.PROXIES.items()):
+c = st.columns(len(PROXIES))
+for col, (name, proxy) in zip(c, PROXIES.items()):
     value = r.proxies.get(name)
-    col.metric(title, "n/a" if value is None else f"{value:.3f}")
+    col.metric(proxy.label, "n/a" if value is None else f"{value:.3f}")
 st.caption(conditions(r) + f" Layer proxies scored on {r.scored_tokens or '?'} calibration tokens (all of them), "
            f"independent of the {r.spec.tokens} timed. {r.stored_blocks} blocks stored."
            + (" Loaded from the cache." if r.cached else ""))
@@ -120,8 +121,8 @@ with left:
                + (f"Downsampled: each cell is the kept fraction of {factor}x{factor} weights." if factor > 1
                   else "One cell per weight."))
 with right:
-    proxy = st.selectbox("Accuracy proxy", list(analysis.PROXIES), key="proxy",
-                         format_func=lambda p: analysis.PROXIES[p][0])
+    proxy = st.selectbox("Accuracy proxy", list(PROXIES), key="proxy",
+                         format_func=lambda p: PROXIES[p].label)
     groups = analysis.by_conditions(store().results(model=r.spec.model, layer=r.spec.layer), prefer=r)
     chosen = pick_conditions(groups, key="tradeoff_conditions")
     df = analysis.frame(groups.get(chosen, []))

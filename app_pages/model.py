@@ -5,8 +5,9 @@ import pandas as pd
 import streamlit as st
 
 from app_pages import job_panel
-from app_pages.common import cache_controls, pick_conditions, store
+from app_pages.common import cache_controls, pick_conditions, resolved_plan, store
 from sparsity_app import UserError
+from sparsity_app.accuracy.metrics import METRICS
 from sparsity_app.core.requests import BLOCK_PRESETS, MAX_BATCH, NM_PRESETS, ROLES, ModelPlan, parse_block, parse_nm
 from sparsity_app.core.results import MODEL_DENSE_PEERS, MODEL_OTHER_PEERS
 from sparsity_app.model.catalog import MODEL_NAMES, get_model
@@ -21,7 +22,7 @@ st.caption("Prune every encoder linear of a model with one pattern (and per-laye
            "and with the dense model on real labels.")
 cache_controls()
 
-start, notes = plan_from_query(dict(st.query_params))
+start, notes = plan_from_query(dict(st.query_params), resolver=resolved_plan)
 for note in notes:
     st.warning(note, icon=":material/link_off:")
 block_text = f"{start.block[0]}x{start.block[1]}"
@@ -48,20 +49,21 @@ with st.form("model"):
                                   "override that matches a layer wins.")
     go = st.form_submit_button("Run the whole model", type="primary")
 
-plan = None
+plan = resolved = None
 try:
     plan = ModelPlan(model=model_name, method=method, block=parse_block(block), sparsity=float(sparsity),
                      nm=None if nm == "none" else parse_nm(nm), tokens=int(tokens), batch=int(batch),
                      overrides=tuple(line.strip() for line in overrides.splitlines() if line.strip()),
                      threads=start.threads, repeat=start.repeat)  # from the link (the CLI sets them; the form does not)
+    resolved = resolved_plan(plan)  # the page's one check of the plan: the job and the lookup take it as it is
 except UserError as e:
     st.error(str(e))
 
 result, job, job_id = None, None, job_panel.job_in_link()
-if plan is not None:
+if resolved is not None:
     try:
         if go:  # the run is a job of the machine's worker: it outlives this tab, and the link shows it
-            submitted = job_panel.submit("model", jobs.plan_request(plan), plan_to_query(plan))
+            submitted = job_panel.submit("model", resolved.to_dict(), plan_to_query(plan))
             if submitted.result_key is not None:
                 result = store().get_model_result(submitted.result_key)
             else:
@@ -76,7 +78,7 @@ if plan is not None:
                 else:
                     result = dataclasses.replace(result, cached=False)  # measured by this link's job
         elif result is None:
-            result = lookup(plan, store())  # a plan already measured shows at once
+            result = lookup(resolved, store())  # a plan already measured shows at once
     except UserError as e:
         st.error(str(e))
     except Exception as e:  # the engine failed: say so, keep the page alive
@@ -103,7 +105,7 @@ st.dataframe(pd.DataFrame([{"implementation": peers[k], "median_ms": t.median, "
                             "sparse is x faster": result.speedup_vs(k)} for k, t in result.times_ms.items()]),
              hide_index=True, key="m_times")
 if result.real_weights:
-    st.dataframe(pd.DataFrame([{"metric": analysis.MODEL_METRICS[k], "pruned": v, "dense": result.dense_metrics.get(k)}
+    st.dataframe(pd.DataFrame([{"metric": METRICS[k].label, "pruned": v, "dense": result.dense_metrics.get(k)}
                                for k, v in result.metrics.items()]), hide_index=True, key="m_metrics")
 st.caption(f"Measured {analysis.model_conditions(result)}; every implementation in one measurement, median and "
            f"interquartile spread. The sparse executable matches the masked PyTorch model to a relative error of "
@@ -122,8 +124,8 @@ mine = analysis.model_conditions(result)
 groups = {mine: groups.pop(mine, [result]), **groups}
 chosen = pick_conditions(groups, key="m_conditions")
 c1, c2 = st.columns(2)
-metric = c1.selectbox("Metric", list(analysis.MODEL_METRICS), key="m_metric",
-                      format_func=lambda k: analysis.MODEL_METRICS[k])
+metric = c1.selectbox("Metric", list(METRICS), key="m_metric",
+                      format_func=lambda k: METRICS[k].label)
 speedup = c2.radio("Speedup against", ["speedup_vs_best_dense", "speedup_vs_torch_eager", "speedup_vs_tvm_dense",
                                        "speedup_vs_onnxruntime"], horizontal=True, key="m_speedup",
                    format_func=lambda s: s.removeprefix("speedup_vs_").replace("_", " "))
@@ -146,7 +148,7 @@ with st.expander("Download this model: Hugging Face folder, compiled sparse libr
 
         try:
             with st.spinner("Exporting..."):
-                st.session_state["m_export_zip"] = (result.plan, zip_bytes(result.plan, store=store(), result=result))
+                st.session_state["m_export_zip"] = (result.plan, zip_bytes(resolved_plan(result.plan), store=store(), result=result))
         except UserError as e:
             st.error(str(e))
         except Exception as e:  # the engine failed: say so, keep the page alive

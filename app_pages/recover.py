@@ -3,13 +3,13 @@ import pandas as pd
 import streamlit as st
 
 from app_pages import job_panel
-from app_pages.common import cache_controls, pick_conditions, store
+from app_pages.common import cache_controls, pick_conditions, resolved_plan, resolved_recovery, store
 from sparsity_app import UserError
+from sparsity_app.accuracy.metrics import METRICS
 from sparsity_app.accuracy.recipes import LENGTHS, RECIPES
 from sparsity_app.core.errors import one_line
 from sparsity_app.core.requests import BLOCK_PRESETS, NM_PRESETS, ModelPlan, RecoveryRequest, parse_block, parse_nm
 from sparsity_app.prune.methods import METHODS
-from sparsity_app.runs import resolve
 from sparsity_app.runs.model import lookup as lookup_model
 from sparsity_app.runs.recover import lookup, recovery_code
 from sparsity_app.serve import analysis, charts, jobs
@@ -24,8 +24,8 @@ st.caption("Pruning every linear one-shot costs accuracy. A short fine-tune on u
 cache_controls()
 
 query = dict(st.query_params)
-start, notes = plan_from_query(query, also=("job", *RECOVERY_PARAMETERS))
-start_request, more = recovery_from_query(query, start)
+start, notes = plan_from_query(query, also=("job", *RECOVERY_PARAMETERS), resolver=resolved_plan)
+start_request, more = recovery_from_query(query, start, resolver=resolved_recovery)
 for note in notes + more:
     st.warning(note, icon=":material/link_off:")
 block_text = f"{start.block[0]}x{start.block[1]}"
@@ -55,9 +55,11 @@ try:
     plan = ModelPlan(method=method, block=parse_block(block), sparsity=float(sparsity),
                      nm=None if nm == "none" else parse_nm(nm), tokens=int(tokens), overrides=start.overrides,
                      threads=start.threads, repeat=start.repeat)
-    request = resolve.recovery(RecoveryRequest(plan=plan, recipe=recipe, steps=int(steps), batch=start_request.batch,
-                              seq_len=start_request.seq_len, lengths=start_request.lengths
-                              ))[0]  # the link's training shape (the CLI's flags)
+    plan_checked = resolved_plan(plan)  # the page's one check of each request: the job and lookups take them
+    resolved = resolved_recovery(RecoveryRequest(plan=plan, recipe=recipe, steps=int(steps), batch=start_request.batch,
+                                                seq_len=start_request.seq_len, lengths=start_request.lengths),
+                                plan_checked)  # the link's training shape (the CLI's flags)
+    request = resolved.request
 except UserError as e:
     st.error(escape(one_line(e, 600)))
 
@@ -66,15 +68,15 @@ job_id = job_panel.job_in_link()
 if request is not None:
     try:
         if go:  # a job of the machine's worker: it outlives this tab, and the link shows it
-            submitted = job_panel.submit("recover", jobs.recovery_request(request, plan),
+            submitted = job_panel.submit("recover", jobs.recovery_request(resolved, plan_checked),
                                          recovery_to_query(request) | {"tokens": str(plan.tokens)})
             job_id = None if submitted.job is None else submitted.job.id
         if job_id is not None:
             job = job_panel.show(job_id)
         if job is None or job.state == "done":
-            recovered = lookup(request, store())  # a recovered plan shows at once
+            recovered = lookup(resolved, store())  # a recovered plan shows at once
             if recovered is not None:
-                measured = lookup_model(plan, store(), recovered)
+                measured = lookup_model(plan_checked, store(), recovered)
     except UserError as e:
         st.error(escape(one_line(e, 600)))
     except Exception as e:  # the engine failed: say so, keep the page alive
@@ -91,7 +93,7 @@ d = recovered.to_dict()
 st.subheader(f"{request.label()} of {request.batch} x {request.seq_len} tokens: {d['wall_s']:.0f} s of training")
 c = st.columns(4)
 for col, k in zip(c, ("lee_pearson", "polarity_probe_acc", "wordsim_spearman", "simlex_spearman")):
-    col.metric(analysis.MODEL_METRICS[k], f"{d['metrics_after'][k]:.3f}",
+    col.metric(METRICS[k].label, f"{d['metrics_after'][k]:.3f}",
                f"{d['metrics_after'][k] - d['metrics_before'][k]:+.3f} vs one-shot; dense {d['dense_metrics'][k]:.3f}")
 if measured is not None:
     md = measured.to_dict()
@@ -124,7 +126,7 @@ arrows = analysis.recovery_arrows(groups.get(chosen, []))
 if arrows.empty:
     st.info("No plan under these conditions has both its one-shot and its recovered model measured yet.")
 else:
-    metric = st.selectbox("Metric", list(analysis.MODEL_METRICS), key="r_metric",
-                          format_func=lambda k: analysis.MODEL_METRICS[k])
+    metric = st.selectbox("Metric", list(METRICS), key="r_metric",
+                          format_func=lambda k: METRICS[k].label)
     st.altair_chart(charts.recovery_arrows(arrows, metric), key="r_arrows")
     st.caption(f"Measured {chosen}.")

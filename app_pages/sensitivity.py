@@ -4,10 +4,11 @@ import streamlit as st
 
 from app_pages.common import cache_controls, store
 from sparsity_app import UserError
+from sparsity_app.accuracy.metrics import METRICS
 from sparsity_app.core.requests import BLOCK_PRESETS, MAX_BATCH, NM_PRESETS, parse_block, parse_nm, plan_to_command
 from sparsity_app.model.catalog import MODEL_NAMES, get_model
 from sparsity_app.prune.methods import METHODS
-from sparsity_app.runs.sensitivity import (LOSS_METRICS, SensitivityRequest, allocate, lookup, ranking,
+from sparsity_app.runs.sensitivity import (SensitivityRequest, allocate, lookup, loss_metrics, ranking,
                                            remainder_from_store, run_sensitivity)
 from sparsity_app.serve import analysis, charts
 from sparsity_app.serve.links import plan_to_query
@@ -71,7 +72,7 @@ if not result.real_weights:
     st.dataframe(analysis.sensitivity_frame(result), hide_index=True, key="s_points")
     st.stop()
 
-metric = st.selectbox("Metric", LOSS_METRICS, key="s_metric", format_func=lambda k: analysis.MODEL_METRICS.get(k, k))
+metric = st.selectbox("Metric", loss_metrics(), key="s_metric", format_func=lambda k: METRICS[k].label)
 df = analysis.sensitivity_frame(result, metric)
 st.altair_chart(charts.sensitivity_heatmap(df, metric), key="s_heatmap")
 st.caption(f"Loss = dense {metric} ({result.dense_metrics[metric]:.3f}) minus the metric with only that layer pruned; "

@@ -1,15 +1,16 @@
 """Sweep: a grid of patterns x sparsities on one layer; every point is stored as it finishes."""
 import streamlit as st
 
-from app_pages.common import backend_controls, cache_controls, conditions, query_spec, session_id, store
+from app_pages.common import backend_controls, cache_controls, conditions, query_spec, resolved_on, session_id, store
 from sparsity_app import Spec, UserError
+from sparsity_app.accuracy.proxies import PROXIES
 from sparsity_app.core.errors import one_line
 from sparsity_app.core.limits import RATE_LIMITER, current as current_limits
 from sparsity_app.core.requests import (BLOCK_PRESETS, MAX_TOKENS, NM_PRESETS, NORMS, default_threads, parse_block,
                                         parse_nm)
 from sparsity_app.model.catalog import MODEL_NAMES, get_model
 from sparsity_app.prune.methods import METHODS
-from sparsity_app.runs import resolve, sweep
+from sparsity_app.runs import sweep
 from sparsity_app.runs.layer import lookup, run
 from sparsity_app.serve import analysis, charts
 from sparsity_app.serve.links import escape
@@ -56,49 +57,59 @@ elif method == "magnitude":
 else:
     grid = [Spec(**common, block=parse_block(b), sparsity=s) for b in blocks for s in sorted(sparsities)]
 
+# This page's one check of each point (on the measuring device's cores): everything below takes `points`.
+points, invalid = [], []
+try:
+    for spec in grid:
+        try:
+            points.append(resolved_on(spec, backend))
+        except UserError as e:  # e.g. a block that does not divide this layer: skipped with a message
+            invalid.append(f"{spec.label()} at {spec.sparsity:g}: {one_line(e, 600)}")
+except UserError as e:  # an unreachable tracker
+    st.error(escape(one_line(e, 600)))
+    st.stop()
 
-def _measured(spec: Spec) -> bool:
-    """Whether this point needs no measuring: stored already, or invalid (it is skipped with a message)."""
-    try:
-        return lookup(spec, store(), backend) is not None
-    except UserError:
-        return True
+
+def _measured(point) -> bool:
+    """Whether this point needs no measuring (stored already)."""
+    return lookup(point, store(), backend) is not None
 
 
 if go:  # the limits first: the sweep's size, then this session's rate (only points still to measure count)
     try:
         current_limits().check_sweep(len(grid))
-        RATE_LIMITER.take(session_id(), sum(not _measured(spec) for spec in grid))
+        RATE_LIMITER.take(session_id(), sum(not _measured(point) for point in points))
     except UserError as e:
         st.error(escape(str(e)))
         go = False
 if go and backend.kind == "rpc":  # fanned out over the key's servers; points arrive in any order
     bar = st.progress(0.0, text=f"starting on {backend.label()}")
-    failures, finished = [], 0
+    failures, finished = list(invalid), 0
     try:
-        for event in sweep.stream(grid, backend, store()):
+        for event in sweep.stream(points, backend, store()):
             if event.kind == "retried":
                 st.warning(escape(f"{event.spec.label()} at {event.spec.sparsity:g}: its server was lost "
                                   f"({one_line(event.message, 300)}); measuring it on another server"))
                 continue
             finished += 1
-            bar.progress(finished / len(grid), text=f"{finished}/{len(grid)}: {event.spec.label()} at "
+            bar.progress(finished / len(points), text=f"{finished}/{len(points)}: {event.spec.label()} at "
                                                     f"{event.spec.sparsity:g}")
             if event.kind == "failed":
                 failures.append(f"{event.spec.label()} at {event.spec.sparsity:g}: {event.message}")
     except UserError as e:  # e.g. the tracker cannot be reached
         failures.append(str(e))
-    bar.progress(1.0, text=f"done on {backend.label()}: {finished - len(failures)} of {len(grid)} points")
+    bar.progress(1.0, text=f"done on {backend.label()}: {finished - len(failures) + len(invalid)} of {len(grid)} points")
     for f in failures:
         st.error(escape(one_line(f, 600)))
 elif go:
     bar = st.progress(0.0, text="starting")
-    failures = []
-    for i, spec in enumerate(grid):
-        bar.progress(i / len(grid), text=f"{i}/{len(grid)}: {spec.label()} at {spec.sparsity:g}")
+    failures = list(invalid)
+    for i, point in enumerate(points):
+        spec = point.spec
+        bar.progress(i / len(points), text=f"{i}/{len(points)}: {spec.label()} at {spec.sparsity:g}")
         try:
-            run(spec, store=store())
-        except UserError as e:  # e.g. a block that does not divide this layer: skip it, keep the rest
+            run(point, store=store())
+        except UserError as e:  # e.g. over a limit: skip it, keep the rest
             failures.append(f"{spec.label()} at {spec.sparsity:g}: {one_line(e, 600)}")
         except Exception as e:  # the engine failed on this point: say so, keep the points already stored
             failures.append(f"{spec.label()} at {spec.sparsity:g}: the engine failed: {type(e).__name__}: "
@@ -108,9 +119,9 @@ elif go:
         st.error(escape(f))
 
 results = []
-for spec in grid:
+for point in points:
     try:
-        if (hit := lookup(spec, store(), backend)) is not None:  # this device, this code: one set of conditions
+        if (hit := lookup(point, store(), backend)) is not None:  # this device, this code: one set of conditions
             results.append(hit)
     except UserError as e:  # an unreachable tracker: say it once
         st.error(escape(one_line(e, 600)))
@@ -123,8 +134,8 @@ df = analysis.frame(results)
 st.caption(f"{len(df)} of {len(grid)} points measured. " + conditions(results[0]))
 speedup = st.radio("Speedup against", ["speedup_vs_best_dense", "speedup_vs_torch_dense", "speedup_vs_tvm_dense"],
                    horizontal=True, key="sweep_speedup", format_func=lambda s: s.removeprefix("speedup_vs_").replace("_", " "))
-proxy = st.selectbox("Accuracy proxy", list(analysis.PROXIES), key="sweep_proxy",
-                     format_func=lambda p: analysis.PROXIES[p][0])
+proxy = st.selectbox("Accuracy proxy", list(PROXIES), key="sweep_proxy",
+                     format_func=lambda p: PROXIES[p].label)
 c1, c2 = st.columns(2)
 c1.altair_chart(charts.speedup_vs_sparsity(df, speedup), key="sweep_speedup_chart")
 c2.altair_chart(charts.speedup_heatmap(df, speedup), key="sweep_heatmap")
@@ -137,7 +148,7 @@ st.dataframe(analysis.break_even(df, speedup), hide_index=True, key="sweep_break
 st.dataframe(df, hide_index=True)
 st.subheader("Compare devices")
 by_device = analysis.device_frame(store().results(model=model_name, layer=layer),
-                                  [resolve.spec(s) for s in grid])
+                                  [point.spec for point in points])
 if by_device.empty or by_device["device"].nunique() < 2:
     st.caption("Measure this grid on another device (sidebar: Measure on) to see the devices side by side.")
 else:

@@ -54,8 +54,8 @@ def test_hf_folder_reloads_with_the_same_metrics(tmp_path):
     from sparsity_app.model.pruned import pruned_weights
 
     plan = ModelPlan(method="block", block=(32, 1), sparsity=0.5)
-    resolved, specs = resolve.plan(plan)
-    _, pruned = pruned_weights(resolved.model, specs)
+    resolved = resolve.plan(plan)
+    _, pruned = pruned_weights(resolved.plan.model, resolved.specs)
     model = get_model("minilm-l6")
     copy = model.pruned_copy(pruned)
     export.write_hf_folder(copy, model.tokenizer(), tmp_path / "hf")
@@ -91,8 +91,8 @@ def test_mask_of_weights_fits_the_pattern_or_refuses():
 def test_export_refuses_a_non_empty_directory(tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
     with pytest.raises(UserError, match="not empty"):
-        export.export_model(ModelPlan(sparsity=0.5), tmp_path)
+        export.export_model(resolve.plan(ModelPlan(sparsity=0.5)), tmp_path)
     assert (tmp_path / "keep.txt").read_text() == "mine"
     with pytest.raises(UserError, match="unknown layer"):
-        export.export_model(ModelPlan(sparsity=0.5), tmp_path / "new", weights={"nope": np.zeros((2, 2))})
+        export.export_model(resolve.plan(ModelPlan(sparsity=0.5)), tmp_path / "new", weights={"nope": np.zeros((2, 2))})
     assert not (tmp_path / "new").exists()

@@ -11,7 +11,7 @@ from sparsity_app.kernels.csr import CSRKnobs
 from sparsity_app.kernels.dense import DenseFMKnobs
 from sparsity_app.kernels.nm import NMKnobs
 from sparsity_app.model import baselines, graph
-from sparsity_app.prune.formats import sparse_format
+from sparsity_app.measure.tuner import sparse_format
 from sparsity_app.prune.methods import prune
 from sparsity_app.runs import resolve
 

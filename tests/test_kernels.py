@@ -11,7 +11,8 @@ from sparsity_app.kernels.bsr import TVMBSR, BSRKnobs
 from sparsity_app.kernels.dense import (DenseFMKnobs, DenseKnobs, TorchDense, TVMDense, dense_fm_prim_func, pack_fm,
                                         pick_fm_knobs, pick_knobs)
 from sparsity_app.measure import tuner
-from sparsity_app.prune.formats import sparse_format, to_bsr, to_csr, to_nm
+from sparsity_app.measure.tuner import sparse_format
+from sparsity_app.prune.formats import to_bsr, to_csr, to_nm
 from sparsity_app.prune.methods import prune
 from sparsity_app.runs import resolve
 
@@ -198,3 +199,22 @@ def test_feature_major_dense_kernel(tokens, knobs):
     y = empty((48, tokens))
     compile_prim_func(dense_fm_prim_func(tokens, 48, 40, k), "dense_fm")(tensor(x.T), tensor(pack_fm(w, k.mr)), y)
     assert_matches_dense(y.numpy().T, x, w)
+
+
+@pytest.mark.parametrize("pattern", [Spec(method="block", block=(8, 1), sparsity=0.5), Spec(method="magnitude", sparsity=0.5),
+                                     Spec(method="nm", nm=(2, 4))], ids=lambda s: s.label())
+def test_a_kernel_is_compiled_once_and_runs_on_the_callers_buffers_for_any_x(pattern):
+    from sparsity_app.kernels import Kernel
+
+    spec, tokens = resolve.spec(pattern), 16
+    w, _, _ = _case(64, 32, tokens, 1.0, seed=5)
+    mask = prune(w, spec)
+    name, weight = sparse_format(w, mask, spec)
+    family = tuner.families()[name]
+    kernel = Kernel(family.pack(weight, tokens, family.default(tokens, weight)))
+    y = empty((64, tokens) if kernel.packed.y_feature_major else (tokens, 64))
+    for seed in (1, 2):  # two inputs, one kernel: the caller's buffers, no second compile
+        x = np.random.default_rng(seed).standard_normal((tokens, 32)).astype(np.float32)
+        kernel(tensor(np.ascontiguousarray(kernel.packed.x_of(x))), y)
+        assert_matches_dense(kernel.to_output(y.numpy()), x, w * mask)
+    assert kernel.compile() is kernel and "_fn" in vars(kernel)  # compiled on the first call, kept

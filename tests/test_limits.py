@@ -7,6 +7,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from sparsity_app import Spec, run
+from sparsity_app.accuracy.proxies import PROXIES
 from sparsity_app.cli.main import main
 from sparsity_app.core.limits import (LimitExceeded, Limits, MeasurementTimeout, RateLimiter, check_time, env_name,
                                       time_limit)
@@ -142,7 +143,7 @@ def test_app_rate_limit_counts_new_measurements_only(monkeypatch, cache_dir):
         if not retune and (hit := store.get(key_of(spec, fingerprint()))) is not None:
             return hit
         measured.append(spec)
-        result = dataclasses.replace(_result(spec.sparsity, 2.0), spec=spec, proxies=dict.fromkeys(analysis.PROXIES, 0.5))
+        result = dataclasses.replace(_result(spec.sparsity, 2.0), spec=spec, proxies=dict.fromkeys(PROXIES, 0.5))
         store.put(key_of(spec, fingerprint()), result)
         return result
 

@@ -11,7 +11,7 @@ def test_each_session_runs_the_fixed_configuration_second_and_its_own_others():
     assert [len(runs) for runs in plan] == [3] * 8 and all(runs[1] == fixed for runs in plan)
     others = [s for runs in plan for i, s in enumerate(runs) if i != 1]
     assert len(set(others)) == 16 and fixed not in others  # uncached: no two sessions share one
-    assert all(resolve.layer(s)[1] == (384, 384) and s.tokens == 128 for s in others)
+    assert all(resolve.layer(s).shape == (384, 384) and s.tokens == 128 for s in others)
     assert configurations(2, 1, 16)[0] == [[configurations(2, 1, 16)[1]]] * 2
 
 

@@ -20,7 +20,7 @@ SMALL = ["model", "--tokens", "16", "--repeat", "3", "--override", "ffn-out=2:4"
 
 def test_plan_overrides_by_role_and_glob_last_match_wins():
     plan = ModelPlan(overrides=("attention.self.*=0.7", "ffn-out=dense", "encoder.layer.5.*=16x1@0.5", "q=2:4"))
-    _, specs = resolve.plan(plan)
+    specs = resolve.plan(plan).specs
     assert specs["encoder.layer.0.attention.self.key"].sparsity == 0.7
     assert specs["encoder.layer.0.attention.output.dense"].sparsity == 0.9  # not "output.dense"
     assert specs["encoder.layer.0.output.dense"] is None

@@ -21,11 +21,11 @@ TINY = dict(steps=4, batch=2, seq_len=16, mask_interval=2)  # every recipe passe
 
 
 def _specs(plan):
-    return resolve.plan(plan)[1]
+    return resolve.plan(plan).specs
 
 
 def _train(req, checkpoint=None, time_limit_s=None):
-    req = resolve.recovery(req)[0]
+    req = resolve.recovery(req).request
     return recovery.train(req, _specs(req.plan), checkpoint, lambda s, d: None, time_limit_s)
 
 
@@ -40,34 +40,34 @@ def test_nm_stages_step_from_the_first_sparse_stage_to_the_target():
 def test_schedules_reach_the_target_pattern_and_stay_there():
     steps = 30
     layer = "encoder.layer.0.attention.self.query"
-    req = resolve.recovery(RecoveryRequest(plan=BLOCK, recipe="gradual", steps=steps))[0]
+    req = resolve.recovery(RecoveryRequest(plan=BLOCK, recipe="gradual", steps=steps)).request
     sparsities = [RECIPES["gradual"].phase(req, _specs(BLOCK), t).specs[layer].sparsity for t in range(steps)]
     assert sparsities[0] == 0 and sparsities == sorted(sparsities) and sparsities[-1] == 0.5
     assert sparsities[20] == 0.5 and sparsities[19] < 0.5  # cubic ramp over 2/3 of the steps
     assert sparsities[5] - sparsities[0] > sparsities[18] - sparsities[13]  # fast first, slow last
 
-    req = resolve.recovery(RecoveryRequest(plan=BLOCK, recipe="mask-decay", steps=steps))[0]
+    req = resolve.recovery(RecoveryRequest(plan=BLOCK, recipe="mask-decay", steps=steps)).request
     betas = [RECIPES["mask-decay"].phase(req, _specs(BLOCK), t).beta for t in range(steps)]
     assert betas[0] == 1.0 and betas[:20] == sorted(betas[:20], reverse=True) and set(betas[20:]) == {0.0}
     req = dataclasses.replace(req, beta_schedule="exponential")
     exp = [RECIPES["mask-decay"].phase(req, _specs(BLOCK), t).beta for t in range(steps)]
     assert exp[0] == 1.0 and all(e < b for e, b in zip(exp[1:20], betas[1:20])) and set(exp[20:]) == {0.0}
 
-    req = resolve.recovery(RecoveryRequest(plan=NM, recipe="structure-decay", steps=steps))[0]
+    req = resolve.recovery(RecoveryRequest(plan=NM, recipe="structure-decay", steps=steps)).request
     phases = [RECIPES["structure-decay"].phase(req, _specs(NM), t) for t in range(steps)]
     stages = [None if p.specs[layer] is None else p.specs[layer].nm for p in phases]
     assert stages[:20] == [(3, 4)] * 20 and stages[20:] == [(2, 4)] * 10  # no dense frame: it would train nothing
     assert [t for t, p in enumerate(phases) if p.remask] == [0, 20]
-    req = resolve.recovery(RecoveryRequest(plan=dataclasses.replace(NM, nm=(1, 8)), recipe="structure-decay", steps=steps))[0]
+    req = resolve.recovery(RecoveryRequest(plan=dataclasses.replace(NM, nm=(1, 8)), recipe="structure-decay", steps=steps)).request
     stages = [RECIPES["structure-decay"].phase(req, _specs(req.plan), t).specs[layer].nm for t in range(steps)]
     assert stages == [(4, 8)] * 10 + [(2, 8)] * 10 + [(1, 8)] * 10
 
-    req = resolve.recovery(RecoveryRequest(plan=NM, recipe="sr-ste", steps=steps))[0]
+    req = resolve.recovery(RecoveryRequest(plan=NM, recipe="sr-ste", steps=steps)).request
     phases = [RECIPES["sr-ste"].phase(req, _specs(NM), t) for t in range(steps)]
     assert all(p.remask for p in phases) and all(p.ste and p.decay > 0 for p in phases[:-1])
     assert phases[-1].hard  # the run ends on a binary mask
 
-    req = resolve.recovery(RecoveryRequest(plan=BLOCK, recipe="group-lasso", steps=steps))[0]
+    req = resolve.recovery(RecoveryRequest(plan=BLOCK, recipe="group-lasso", steps=steps)).request
     phases = [RECIPES["group-lasso"].phase(req, _specs(BLOCK), t) for t in range(steps)]
     assert all(p.group_lasso > 0 and p.specs[layer] is None for p in phases[:20])
     assert phases[20].remask and all(p.group_lasso == 0 and p.specs[layer] is not None for p in phases[20:])
@@ -171,7 +171,7 @@ def test_mixed_lengths_cut_every_step_into_the_same_tokens():
 
     mixed = recipes.LENGTHS["mixed"]
     assert mixed(128) == (16, 32, 64, 128) and mixed(100) == (25, 50, 100) and mixed(16) == (16,) and mixed(24) == (24,)
-    req = resolve.recovery(RecoveryRequest(plan=BLOCK))[0]
+    req = resolve.recovery(RecoveryRequest(plan=BLOCK)).request
     assert (req.lengths, req.batch, req.seq_len) == ("mixed", 16, 128)
     batches = [recipes.batch_at(req, step) for step in range(8)]
     assert [b.shape for b in batches] == [(128, 16), (64, 32), (32, 64), (16, 128)] * 2
@@ -189,29 +189,29 @@ def test_mixed_lengths_cut_every_step_into_the_same_tokens():
 
 def test_requests_are_validated_and_canonical():
     with pytest.raises(UserError, match="unknown lengths 'short'; valid: mixed, fixed"):
-        resolve.recovery(RecoveryRequest(lengths="short"))[0]
+        resolve.recovery(RecoveryRequest(lengths="short")).request
     # a run stored before `lengths` existed trained on seq_len tokens only: it reads back as such
-    old = {k: v for k, v in resolve.recovery(RecoveryRequest(plan=BLOCK))[0].to_dict().items() if k != "lengths"}
+    old = {k: v for k, v in resolve.recovery(RecoveryRequest(plan=BLOCK)).request.to_dict().items() if k != "lengths"}
     assert RecoveryRequest.from_dict(old).lengths == "fixed"
     with pytest.raises(UserError, match="valid recipes: fixed, gradual"):
-        resolve.recovery(RecoveryRequest(recipe="magic"))[0]
+        resolve.recovery(RecoveryRequest(recipe="magic")).request
     with pytest.raises(UserError, match="steps must be an integer"):
-        resolve.recovery(RecoveryRequest(steps=0))[0]
+        resolve.recovery(RecoveryRequest(steps=0)).request
     with pytest.raises(UserError, match="valid losses: hidden, pooled, hidden\\+pooled"):
-        resolve.recovery(RecoveryRequest(loss="kl"))[0]
+        resolve.recovery(RecoveryRequest(loss="kl")).request
     with pytest.raises(UserError, match="random weights"):
-        resolve.recovery(RecoveryRequest(plan=ModelPlan(model="bert-base-synthetic")))[0]
+        resolve.recovery(RecoveryRequest(plan=ModelPlan(model="bert-base-synthetic"))).request
     with pytest.raises(UserError, match="N:M"):
         _train(RecoveryRequest(plan=BLOCK, recipe="structure-decay", **TINY))
     # knobs a recipe ignores, and the plan's timing fields, do not split the cache
     a = RecoveryRequest(plan=dataclasses.replace(BLOCK, tokens=64, repeat=5), recipe="fixed", beta_schedule="exponential")
-    assert resolve.recovery(a)[0] == resolve.recovery(RecoveryRequest(plan=BLOCK, recipe="fixed"))[0]
-    assert RecoveryRequest.from_dict(json.loads(json.dumps(resolve.recovery(a)[0].to_dict()))) == resolve.recovery(a)[0]
+    assert resolve.recovery(a).request == resolve.recovery(RecoveryRequest(plan=BLOCK, recipe="fixed")).request
+    assert RecoveryRequest.from_dict(json.loads(json.dumps(resolve.recovery(a).request.to_dict()))) == resolve.recovery(a).request
     # ...nor does a change of another recipe's default: ignored knobs take fixed values, so a run stored before
     # group-lasso's penalty was tuned (2e-5 -> 2e-6) is still the same fixed-recipe request
-    stored_before = dataclasses.replace(resolve.recovery(RecoveryRequest(plan=BLOCK, recipe="fixed"))[0], group_lasso=2e-5)
-    assert resolve.recovery(RecoveryRequest(plan=BLOCK, recipe="fixed", group_lasso=0.3))[0] == stored_before
-    assert resolve.recovery(RecoveryRequest(plan=BLOCK, recipe="group-lasso"))[0].group_lasso == RecoveryRequest().group_lasso
+    stored_before = dataclasses.replace(resolve.recovery(RecoveryRequest(plan=BLOCK, recipe="fixed")).request, group_lasso=2e-5)
+    assert resolve.recovery(RecoveryRequest(plan=BLOCK, recipe="fixed", group_lasso=0.3)).request == stored_before
+    assert resolve.recovery(RecoveryRequest(plan=BLOCK, recipe="group-lasso")).request.group_lasso == RecoveryRequest().group_lasso
 
 
 def test_recover_scores_stores_and_the_whole_model_runs_on_the_recovered_weights(cli, cache_dir):
@@ -390,14 +390,14 @@ def test_stored_runs_never_mix_code_versions_and_can_be_asked_for_one():
     here = {k: v for k, v in fingerprint().items() if k != "code"}
 
     def result(i, code):
-        return SimpleNamespace(request=resolve.recovery(todo[i])[0], machine={**here, "code": code})
+        return SimpleNamespace(request=resolve.recovery(todo[i]).request, machine={**here, "code": code})
 
-    elsewhere = SimpleNamespace(request=resolve.recovery(todo[3])[0], machine={**here, "cpu": "another CPU", "code": "bbb1"})
+    elsewhere = SimpleNamespace(request=resolve.recovery(todo[3]).request, machine={**here, "cpu": "another CPU", "code": "bbb1"})
     store = SimpleNamespace(recoveries=lambda: iter([result(0, "aaa1"), result(1, "aaa1"), result(2, "bbb1"), elsewhere]))
     runs, code = stored_runs(todo, store)
-    assert code == "aaa1" and [r.request for r in runs] == [resolve.recovery(todo[0])[0], resolve.recovery(todo[1])[0]]
+    assert code == "aaa1" and [r.request for r in runs] == [resolve.recovery(todo[0]).request, resolve.recovery(todo[1]).request]
     runs, code = stored_runs(todo, store, "bbb")
-    assert code == "bbb1" and [r.request for r in runs] == [resolve.recovery(todo[2])[0]]  # never another machine's
+    assert code == "bbb1" and [r.request for r in runs] == [resolve.recovery(todo[2]).request]  # never another machine's
     assert stored_runs(todo, store, "ccc") == ([], None)
     store = SimpleNamespace(recoveries=lambda: iter([result(0, "aaa1"), result(1, "aaa2")]))
     with pytest.raises(UserError, match="ambiguous: aaa1, aaa2"):

@@ -112,7 +112,7 @@ def test_sweep_fans_out_survives_a_lost_server_and_caches_remote_results(cluster
     from sparsity_app.measure.tuner import check_output, families
     from sparsity_app.model.catalog import get_model
     from sparsity_app.model.pruned import mask_of
-    from sparsity_app.prune.formats import sparse_format
+    from sparsity_app.measure.tuner import sparse_format
     from sparsity_app.runs.layer import lookup
     from sparsity_app.runs.sweep import sweep as run_sweep
 

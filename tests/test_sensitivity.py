@@ -86,7 +86,7 @@ def test_a_sensitive_layer_is_spared_and_the_plan_means_the_choices():
     assert ranking(result)[0]["layer"] == LAYERS[2]
     a = allocate(result, target_sparsity=0.5)
     assert a.choices[LAYERS[2]] is None and a.sparsity >= 0.5
-    plan, specs = resolve.plan(a.plan)  # resolves; every layer as chosen, those not measured left dense
+    specs = resolve.plan(a.plan).specs  # every layer as chosen, those not measured left dense
     assert {name: None if s is None else s.sparsity for name, s in specs.items() if name in a.choices} == a.choices
     assert all(specs[name] is None for name in specs if name not in a.choices)
     with pytest.raises(UserError, match="out of reach"):
@@ -104,7 +104,7 @@ def test_plan_of_uses_the_commonest_choice_as_default():
     choices["encoder.layer.2.attention.self.query"] = 0.5
     plan = plan_of(request, choices)
     assert plan.sparsity == 0.9 and len(plan.overrides) == 2
-    _, specs = resolve.plan(plan)
+    specs = resolve.plan(plan).specs
     assert specs["encoder.layer.3.output.dense"] is None
     assert specs["encoder.layer.2.attention.self.query"].sparsity == 0.5
     assert specs["encoder.layer.3.attention.output.dense"].sparsity == 0.9  # output.dense override hits only its layer

@@ -7,7 +7,7 @@ import pytest
 from sparsity_app.core.requests import Spec
 from sparsity_app.core.store import Store
 from sparsity_app.measure import tuner
-from sparsity_app.prune.formats import sparse_format
+from sparsity_app.measure.tuner import sparse_format
 from sparsity_app.prune.methods import prune
 from sparsity_app.runs import resolve
 
@@ -58,11 +58,13 @@ def test_a_kernel_with_a_wrong_answer_never_wins(monkeypatch):
     real = tuner.families()
     fam = real[family]
 
-    class Broken(fam.kernel):
-        def output(self):
-            return super().output() + (1.0 if self.knobs.split == "rows*tokens" else 0.0)
+    def broken_pack(weight, tokens, knobs, n_parts=None):  # one schedule computes with doubled weights
+        packed = fam.pack(weight, tokens, knobs, n_parts)
+        if knobs.split != "rows*tokens":
+            return packed
+        return dataclasses.replace(packed, weights=(packed.weights[0] * 2, *packed.weights[1:]))
 
-    broken = dataclasses.replace(fam, kernel=Broken, candidates=lambda tokens, w: [
+    broken = dataclasses.replace(fam, pack=broken_pack, candidates=lambda tokens, w: [
         dataclasses.replace(fam.default(tokens, w), split="rows*tokens")])  # fast, and wrong
     monkeypatch.setattr(tuner, "families", lambda: {**real, family: broken})
     with pytest.raises(RuntimeError, match="disagrees with NumPy"):

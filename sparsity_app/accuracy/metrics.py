@@ -9,7 +9,9 @@ polarity_probe_acc 0.745, polarity_zero_shot_acc 0.695, wordsim_spearman 0.729,
 simlex_spearman 0.446, and embedding_cosine 1.0 by definition.
 
 The model is only read: a pruned model is a copy (`model.hf.masked_copy`), never an edit of the shared one.
-Adding a metric is one function of `Embeddings` plus one line in `METRICS`.
+Adding a metric is one function of `Embeddings` plus one `Metric` line in METRICS (its label and
+direction with it); evaluations, tables, charts, the pages' selectors and sensitivity's losses read
+the registry.
 """
 from __future__ import annotations
 
@@ -115,13 +117,20 @@ def embedding_cosine(e: Embeddings) -> float:
     return float(np.clip(cos, -1.0, 1.0).mean())
 
 
-METRICS: dict[str, Callable[[Embeddings], float]] = {
-    "lee_pearson": lee_pearson,
-    "polarity_probe_acc": polarity_probe_acc,
-    "polarity_zero_shot_acc": polarity_zero_shot_acc,
-    "wordsim_spearman": wordsim_spearman,
-    "simlex_spearman": simlex_spearman,
-    "embedding_cosine": embedding_cosine,
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    label: str  # what a reader sees (tables, charts, pages)
+    score: Callable[[Embeddings], float]
+    higher_is_better: bool = True
+
+
+METRICS: dict[str, Metric] = {
+    "lee_pearson": Metric("Lee document similarity, Pearson vs human scores", lee_pearson),
+    "polarity_probe_acc": Metric("polarity, logistic-regression probe accuracy (10-fold CV)", polarity_probe_acc),
+    "polarity_zero_shot_acc": Metric("polarity, zero-shot accuracy", polarity_zero_shot_acc),
+    "wordsim_spearman": Metric("WordSim353 Spearman", wordsim_spearman),
+    "simlex_spearman": Metric("SimLex-999 Spearman", simlex_spearman),
+    "embedding_cosine": Metric("embedding cosine vs the dense model", embedding_cosine),
 }
 
 
@@ -156,7 +165,7 @@ def dense_metrics(model_name: str = "minilm-l6") -> dict[str, float]:
     """Every metric of a catalog model's unpruned weights, from its `reference_embeddings` (no second pass)."""
     dense = reference_embeddings(model_name)
     e = Embeddings.split(dense, dense)
-    return {name: fn(e) for name, fn in METRICS.items()}
+    return {name: metric.score(e) for name, metric in METRICS.items()}
 
 
 def evaluate(model, tokenizer, dense_embeddings: np.ndarray | None = None) -> dict[str, float]:
@@ -178,7 +187,7 @@ def evaluate(model, tokenizer, dense_embeddings: np.ndarray | None = None) -> di
     shared = dense_embeddings is None and model is _shared_minilm()[0]
     emb = dense if shared else catalog.hf().embed(model, tokenizer, eval_texts())
     e = Embeddings.split(emb, np.asarray(dense, dtype=np.float32))
-    return {name: fn(e) for name, fn in METRICS.items()}
+    return {name: metric.score(e) for name, metric in METRICS.items()}
 
 
 def fidelity(weights: dict[str, np.ndarray], model_name: str = "minilm-l6") -> float:

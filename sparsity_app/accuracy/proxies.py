@@ -1,10 +1,15 @@
 """Accuracy proxies: how much a keep-mask changes the layer and the model, on real data.
 
-All take the dense weight W float32 [out, in] and the pruned one W * mask.
+A proxy is one `Proxy` in PROXIES: its label, its direction (higher is better) and its score, a
+function of the pruned layer (`Case`: the dense weight W float32 [out, in], the keep-mask, the bias and
+the layer's real calibration inputs). Adding a proxy is one function plus one line in PROXIES; a layer
+run scores every registered proxy, and the pages, charts and tables list them from the registry.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Callable
 
 import numpy as np
 
@@ -77,3 +82,50 @@ def dense_lee_pearson(model_name: str) -> float | None:
     if not isinstance(model, MiniLM):
         return None
     return lee_pearson(_dense_embeddings(model_name)[: len(data.lee_documents())])
+
+
+# ---- the registry ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Case:
+    """One pruned layer, as every proxy reads it; shared computations are done once, on first use."""
+
+    model: str  # catalog name
+    layer: str  # dotted name of the nn.Linear
+    weight: np.ndarray  # float32 [out, in], dense
+    mask: np.ndarray  # bool [out, in], True = kept
+    bias: np.ndarray | None  # float32 [out]
+    x: np.ndarray  # float32 [tokens, in]: the layer's real calibration inputs (every one)
+
+    @property
+    def pruned(self) -> np.ndarray:
+        return self.weight * self.mask
+
+    @functools.cached_property
+    def output_error(self) -> tuple[float, float]:
+        return output_error(self.x, self.weight, self.pruned, self.bias)
+
+    @functools.cached_property
+    def model_level(self) -> dict[str, float | None]:
+        return model_level(self.model, self.layer, self.pruned)
+
+
+@dataclasses.dataclass(frozen=True)
+class Proxy:
+    label: str  # what a reader sees (tables, charts, pages)
+    higher_is_better: bool
+    score: Callable[[Case], float | None]  # None: not defined here (e.g. a model-level proxy of random weights)
+
+
+PROXIES: dict[str, Proxy] = {
+    "output_cosine": Proxy("layer output cosine", True, lambda c: c.output_error[1]),
+    "retained_energy": Proxy("retained weight energy", True, lambda c: retained_energy(c.weight, c.mask)),
+    "lee_pearson": Proxy("Lee similarity Pearson (model)", True, lambda c: c.model_level["lee_pearson"]),
+    "embedding_cosine": Proxy("sentence embedding cosine (model)", True, lambda c: c.model_level["embedding_cosine"]),
+    "output_rel_error": Proxy("layer output relative error", False, lambda c: c.output_error[0]),
+}
+
+
+def score(case: Case) -> dict[str, float | None]:
+    """Every registered proxy of the case, by name."""
+    return {name: proxy.score(case) for name, proxy in PROXIES.items()}

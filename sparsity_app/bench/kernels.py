@@ -24,7 +24,6 @@ from sparsity_app.measure import tuner
 from sparsity_app.measure.locks import measurement_slot
 from sparsity_app.measure.timing import fingerprint, measure
 from sparsity_app.measure.tuner import check_output
-from sparsity_app.prune.formats import sparse_format
 from sparsity_app.prune.methods import prune
 from sparsity_app.runs import resolve
 
@@ -90,7 +89,7 @@ def bench_shape(shape: tuple[int, int], sparsities, tokens: int, threads: int, r
         for name, spec in _patterns(shape, s, sweep=any(abs(s - t) < 1e-9 for t in sparsities)):
             spec = resolve.spec(spec)
             mask = prune(w, spec)
-            family, weight = sparse_format(w, mask, spec)
+            family, weight = tuner.sparse_format(w, mask, spec)
             reference = x.astype(np.float64) @ (w * mask).astype(np.float64).T
             tuning = tuner.best_schedule(family, weight, x, reference, spec, threads, store)
             kernel = tuner.families()[family].kernel(weight, x, tuning.knobs())

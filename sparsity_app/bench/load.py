@@ -287,7 +287,7 @@ def _report(plan: list[list[Spec]], fixed: Spec, outcomes: list[list[dict]], loa
     wanted = sum(len(s) for s in plan)
     distinct = {s for specs in plan for s in specs}
     store = Store()
-    stored = sum(store.get(key_of(resolve.layer(s)[0], fingerprint())) is not None for s in distinct)
+    stored = sum(store.get(key_of(resolve.layer(s).spec, fingerprint())) is not None for s in distinct)
     finished = sum(r["ok"] for r in rows)
     errored = [r for r in rows if r["error"]]
     holds = sorted(locks.holds(), key=lambda h: h["start"])

@@ -57,7 +57,7 @@ def stored_runs(todo: list[RecoveryRequest], store, code: str | None = None) -> 
     Only this machine's results count (same CPU and packages; the code hash aside).
     """
     here = {k: v for k, v in fingerprint().items() if k != "code"}
-    wanted = {resolve.recovery(r)[0]: i for i, r in enumerate(todo)}
+    wanted = {resolve.recovery(r).request: i for i, r in enumerate(todo)}
     by_code: dict[str, dict[int, object]] = {}
     for result in store.recoveries():
         if result.request in wanted and {k: v for k, v in result.machine.items() if k != "code"} == here:
@@ -238,7 +238,7 @@ def main(args) -> int:
             values = [float(v) for v in given.split(",")]
         except ValueError:
             raise UserError(f"--probe-{knob} takes comma-separated numbers, got {given!r}") from None
-        rows, probes = [], [resolve.recovery(r)[0] for r in probe_requests(values, args.probe_steps,
+        rows, probes = [], [resolve.recovery(r).request for r in probe_requests(values, args.probe_steps,
                                                                               args.probe_loss, knob, args.lengths)]
         for request in probes:  # every bad value said before anything trains
             say(f"[probe] {request.label()}, {knob} {getattr(request, field):g}, "
@@ -254,7 +254,7 @@ def main(args) -> int:
         else:
             print(pd.DataFrame(rows).to_string(index=False))
         return 0
-    todo = [resolve.recovery(r)[0] for r in requests(args.steps, args.only, args.lengths,  # a bad flag: one line
+    todo = [resolve.recovery(r).request for r in requests(args.steps, args.only, args.lengths,  # a bad flag: one line
                                                          args.train_seed)]
     if args.stored:
         results, code = stored_runs(todo, store, args.code)
@@ -302,7 +302,7 @@ def _main_across_seeds(args, store) -> int:
         raise UserError("--across-seeds names the seeds itself: leave out --train-seed")
     by_seed, code = {}, args.code
     for seed in args.across_seeds:
-        todo = [resolve.recovery(r)[0] for r in requests(args.steps, args.only, args.lengths, seed)]
+        todo = [resolve.recovery(r).request for r in requests(args.steps, args.only, args.lengths, seed)]
         by_seed[seed], found = stored_runs(todo, store, code)
         code = code or found  # the first seed with runs fixes the code version: seeds are never mixed across versions
         say(f"training seed {seed}: {len(by_seed[seed])} of {len(todo)} target runs stored"

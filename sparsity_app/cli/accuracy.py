@@ -11,9 +11,10 @@ from sparsity_app.core.errors import UserError
 from sparsity_app.core.requests import NORMS, parse_block, parse_floats, parse_nm, plan_to_command
 from sparsity_app.core.results import SPARSE
 from sparsity_app.core.store import Store
+from sparsity_app.prune.methods import METHODS
 from sparsity_app.runs import resolve
 from sparsity_app.runs.model import STEPS as MODEL_STEPS, run_model
-from sparsity_app.runs.sensitivity import (LOSS_METRICS, SensitivityRequest, allocate, ranking, remainder_from_store,
+from sparsity_app.runs.sensitivity import (SensitivityRequest, allocate, loss_metrics, ranking, remainder_from_store,
                                            run_sensitivity)
 from sparsity_app.serve.report import open_store, say, steps_to_stderr
 
@@ -42,14 +43,14 @@ def add_parsers(sub) -> None:
 def _add_request_args(p: argparse.ArgumentParser) -> None:
     d = SensitivityRequest()
     p.add_argument("--model", default=d.model, help="model name (default %(default)s)")
-    p.add_argument("--method", default=d.method, help="magnitude | block | nm | random | wanda (default %(default)s)")
+    p.add_argument("--method", default=d.method, choices=list(METHODS), help="pruning method (default %(default)s)")
     p.add_argument("--block", default="32x1", help="bs_r x bs_c, e.g. 32x1")
     p.add_argument("--nm", default=None, help="N:M pattern (method nm, random or wanda), e.g. 2:4")
     p.add_argument("--norm", default=d.norm, choices=NORMS)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--sparsities", default="0.5,0.7,0.9", help="comma-separated grid (default %(default)s)")
     p.add_argument("--layers", default="", help="comma-separated layer names (default: every prunable linear)")
-    p.add_argument("--metric", default="lee_pearson", choices=LOSS_METRICS, help="loss to rank and allocate by")
+    p.add_argument("--metric", default="lee_pearson", choices=loss_metrics(), help="loss to rank and allocate by")
     p.add_argument("--tokens", type=int, default=d.tokens, help="sequence length (default %(default)s)")
     p.add_argument("--batch", type=int, default=d.batch, help="sequences per call (default %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="threads for every kernel (0 = all cores)")
@@ -133,15 +134,15 @@ def _export(args) -> None:
     from sparsity_app.serve import export
 
     plan = flags.plan(args)
-    resolve.plan(plan)
+    resolved = resolve.plan(plan)  # every bad input before anything loads
     export.check_out_dir(pathlib.Path(args.out), args.force)  # before minutes of training and measuring
     store, weights, result, what = open_store(args.cache_dir), None, None, plan.label()
     if args.recipe is not None:  # the recovered weights, and the whole model measured on them
-        recovered = flags.recovered(flags.recovery_request(args, plan), store, args.time_limit)
+        recovered = flags.recovered(flags.recovery_request(args, plan, resolved), store, args.time_limit)
         weights = store.recovered_weights(recovered.key)[0]
-        result = run_model(plan, store=store, progress=steps_to_stderr(MODEL_STEPS), recovery=recovered)
+        result = run_model(resolved, store=store, progress=steps_to_stderr(MODEL_STEPS), recovery=recovered)
         what += f" recovered by {recovered.request.recipe} ({recovered.steps_done} steps)"
-    out = export.export_model(plan, args.out, weights=weights, store=store, progress=steps_to_stderr(export.STEPS),
+    out = export.export_model(resolved, args.out, weights=weights, store=store, progress=steps_to_stderr(export.STEPS),
                               force=args.force, result=result)
     print(f"exported {what} to {out}: hf/ (AutoModel.from_pretrained), sparse_model.so + run_sparse_model.py "
           f"(TVM + NumPy), result.json, layers.csv")

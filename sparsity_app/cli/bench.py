@@ -9,6 +9,7 @@ from __future__ import annotations
 from sparsity_app.bench import model as bench_model, recovery as bench_recovery
 from sparsity_app.cli import flags
 from sparsity_app.core.requests import RecoveryRequest
+from sparsity_app.prune.methods import METHODS
 
 SHAPES = ("768x768", "3072x768", "768x3072", "384x384", "1536x384", "384x1536")  # (out x in)
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
@@ -45,7 +46,7 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("bench-model", help="whole-model benchmark: the targets' configurations, measured afresh")
     p.add_argument("--configs", default="minilm-l6:1x128,minilm-l6:8x128,bert-base-synthetic:1x128",
                    help="comma-separated MODEL:BATCHxTOKENS")
-    p.add_argument("--method", default="block")
+    p.add_argument("--method", default="block", choices=list(METHODS))
     p.add_argument("--block", default="32x1")
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--threads", type=int, default=0)

@@ -8,8 +8,10 @@ import argparse
 
 from sparsity_app.accuracy.recipes import LENGTHS, RECIPES
 from sparsity_app.core.errors import UserError
-from sparsity_app.core.requests import BLOCK_PRESETS, NORMS, ModelPlan, RecoveryRequest, Spec, parse_block, parse_nm
+from sparsity_app.core.requests import (BLOCK_PRESETS, NORMS, ModelPlan, RecoveryRequest, ResolvedPlan,
+                                        ResolvedRecovery, Spec, parse_block, parse_nm)
 from sparsity_app.measure.backend import LOCAL, Backend
+from sparsity_app.prune.methods import METHODS
 from sparsity_app.runs import resolve
 from sparsity_app.runs.recover import STEPS, recover
 from sparsity_app.serve.report import steps_to_stderr
@@ -34,7 +36,7 @@ def add_spec_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     d = Spec()
     p.add_argument("--model", default=d.model, help="model name (default %(default)s)")
     p.add_argument("--layer", default=d.layer, help="dotted layer name (see `layers`)")
-    p.add_argument("--method", default=d.method, help="magnitude | block | nm | random | wanda (default %(default)s)")
+    p.add_argument("--method", default=d.method, choices=list(METHODS), help="pruning method (default %(default)s)")
     if not sweep:
         p.add_argument("--block", default="32x1", help=f"bs_r x bs_c, e.g. {', '.join(BLOCK_PRESETS)}")
         p.add_argument("--sparsity", type=float, default=d.sparsity, help="fraction removed, 0..0.99")
@@ -68,7 +70,7 @@ def backend(args: argparse.Namespace):
 def add_plan_args(p: argparse.ArgumentParser) -> None:
     d = ModelPlan()
     p.add_argument("--model", default=d.model, help="model name (default %(default)s)")
-    p.add_argument("--method", default=d.method, help="magnitude | block | nm | random | wanda (default %(default)s)")
+    p.add_argument("--method", default=d.method, choices=list(METHODS), help="pruning method (default %(default)s)")
     p.add_argument("--block", default="32x1", help="bs_r x bs_c of every layer, e.g. 32x1")
     p.add_argument("--sparsity", type=float, default=d.sparsity, help="fraction removed from each layer")
     p.add_argument("--nm", default=None, help="N:M pattern of every layer (method nm or random), e.g. 2:4")
@@ -89,14 +91,14 @@ def add_recovery_args(p: argparse.ArgumentParser, required: bool) -> None:
     d = RecoveryRequest()
     g = p.add_argument_group("recovery fine-tune" + ("" if required else " (with --recipe: measure the recovered "
                                                                           "weights instead of the one-shot ones)"))
-    g.add_argument("--recipe", default="fixed" if required else None,
-                   help=f"{' | '.join(RECIPES)}" + (" (default %(default)s)" if required else ""))
+    g.add_argument("--recipe", default="fixed" if required else None, choices=list(RECIPES),
+                   help="what the mask does while training" + (" (default %(default)s)" if required else ""))
     g.add_argument("--steps", type=int, default=d.steps, help="optimiser steps (default %(default)s)")
     g.add_argument("--train-batch", type=int, default=d.batch, help="sequences of --seq-len tokens per step: the "
                    "step's tokens, however --lengths cuts them (default %(default)s)")
     g.add_argument("--seq-len", type=int, default=d.seq_len, help="a step reads --train-batch x --seq-len tokens "
                    "(default %(default)s)")
-    g.add_argument("--lengths", default=d.lengths, help=f"{' | '.join(LENGTHS)}: sequences of --seq-len tokens only "
+    g.add_argument("--lengths", default=d.lengths, choices=list(LENGTHS), help="sequences of --seq-len tokens only "
                    "(fixed), or steps cycling through seq-len/8, /4, /2 and seq-len tokens, as many sequences as make "
                    "the same tokens (mixed; default %(default)s)")
     g.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate (default %(default)s)")
@@ -111,11 +113,14 @@ def add_recovery_args(p: argparse.ArgumentParser, required: bool) -> None:
                    help="stop training after this long, keeping a checkpoint that the next run resumes from")
 
 
-def recovery_request(args: argparse.Namespace, plan: ModelPlan):
-    return resolve.recovery(RecoveryRequest(plan=plan, recipe=args.recipe, steps=args.steps, batch=args.train_batch, seq_len=args.seq_len,
-                           lr=args.lr, seed=args.train_seed, beta_schedule=args.beta_schedule, loss=args.loss,
-                           lengths=args.lengths,
-                           decay_fraction=args.decay_fraction, group_lasso=args.group_lasso))[0]
+def recovery_request(args: argparse.Namespace, plan: ModelPlan, resolved_plan: ResolvedPlan | None = None
+                     ) -> ResolvedRecovery:
+    """The recovery the flags ask for, of `plan` (resolved_plan: `plan`, resolved already by the command)."""
+    request = RecoveryRequest(plan=plan, recipe=args.recipe, steps=args.steps, batch=args.train_batch,
+                              seq_len=args.seq_len, lr=args.lr, seed=args.train_seed, beta_schedule=args.beta_schedule,
+                              loss=args.loss, lengths=args.lengths, decay_fraction=args.decay_fraction,
+                              group_lasso=args.group_lasso)
+    return resolve.recovery(request, resolved_plan)
 
 
 def plan(args: argparse.Namespace) -> ModelPlan:
@@ -135,6 +140,6 @@ def spec(args: argparse.Namespace, **over) -> Spec:
     return Spec(**fields)
 
 
-def recovered(request, store, time_limit: float | None):
+def recovered(request: ResolvedRecovery, store, time_limit: float | None):
     """The recovery run of `request` (stored, or trained now with its steps told on stderr)."""
     return recover(request, store=store, progress=steps_to_stderr(STEPS), time_limit_s=time_limit)

@@ -63,17 +63,16 @@ def _sweep(args) -> None:
     backend = flags.backend(args)
     if backend.kind == "rpc":
         return _sweep_remote(args, specs, backend)
-    for s in specs:  # validate the whole grid before measuring any of it
-        resolve.layer(s)
+    grid = [resolve.layer(s) for s in specs]  # the whole grid checked before measuring any of it
     store, rows = open_store(args.cache_dir), []
-    stored = sum(lookup(s, store) is not None for s in specs)  # e.g. left by a sweep that was killed
+    stored = sum(lookup(point, store) is not None for point in grid)  # e.g. left by a sweep that was killed
     if stored:
         say(f"resuming: {stored} of {len(specs)} points already stored (cached); measuring the other "
              f"{len(specs) - stored}")
     try:
-        for i, spec in enumerate(specs):
-            _progress(i, len(specs), spec)
-            rows.append(run(spec, store=store, retune=args.retune).row())
+        for i, point in enumerate(grid):
+            _progress(i, len(grid), point.spec)
+            rows.append(run(point, store=store, retune=args.retune).row())
         _progress(len(specs), len(specs), None)
     finally:  # an error or ^C mid-sweep still shows (and writes) what was measured
         if rows:
@@ -89,8 +88,7 @@ def _sweep_remote(args, specs: list[Spec], backend) -> None:
     from sparsity_app.runs import sweep
 
     cores = sweep.probe(backend).cores
-    for s in specs:  # validate the whole grid (against the device's cores) before measuring any of it
-        resolve.layer(s, cores)
+    grid = [resolve.layer(s, cores) for s in specs]  # the whole grid checked (on the device's cores) first
     finished = []
 
     def on_event(event) -> None:
@@ -99,7 +97,7 @@ def _sweep_remote(args, specs: list[Spec], backend) -> None:
             _progress(len(finished), len(specs), None if len(finished) == len(specs) else event.spec)
 
     say(f"measuring {len(specs)} points on {backend.label()}")
-    report = sweep.sweep(specs, backend, open_store(args.cache_dir), retune=args.retune, on_event=on_event)
+    report = sweep.sweep(grid, backend, open_store(args.cache_dir), retune=args.retune, on_event=on_event)
     rows = [report.results[i].row() for i in sorted(report.results)]
     for line in report.retried:
         say(f"server lost, point retried elsewhere: {line}")

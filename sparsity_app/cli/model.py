@@ -24,11 +24,11 @@ def add_parsers(sub) -> None:
 
 def _model(args) -> None:
     plan = flags.plan(args)
-    resolve.plan(plan)  # every bad input before anything loads
-    request = None if args.recipe is None else flags.recovery_request(args, plan)
+    resolved = resolve.plan(plan)  # every bad input before anything loads
+    request = None if args.recipe is None else flags.recovery_request(args, plan, resolved)
     store = open_store(args.cache_dir)
     recovered = None if request is None else flags.recovered(request, store, args.time_limit)
-    result = run_model(plan, store=store, retune=args.retune, progress=steps_to_stderr(STEPS), recovery=recovered)
+    result = run_model(resolved, store=store, retune=args.retune, progress=steps_to_stderr(STEPS), recovery=recovered)
     print(json.dumps(result.to_dict()) if args.json else format_model(result.to_dict()))
 
 

@@ -77,6 +77,15 @@ class Spec:
     threads: int = 0  # threads for every kernel; 0 = all cores
     repeat: int = 25  # timed samples per implementation (more: a steadier median)
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able: block "32x1", nm "2:4" or None (and `from_dict` reads it back)."""
+        return {**dataclasses.asdict(self), "block": fmt_block(self.block),
+                "nm": None if self.nm is None else f"{self.nm[0]}:{self.nm[1]}"}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Spec":
+        return cls(**{**d, "block": parse_block(d["block"]), "nm": None if d["nm"] is None else parse_nm(d["nm"])})
+
     def check_shape(self, shape: tuple[int, int]) -> None:
         """Raise UserError unless the block (or N:M group) tiles a weight of `shape` (out, in)."""
         out_f, in_f = shape
@@ -148,16 +157,17 @@ class ModelPlan:
         return Spec(model=self.model, layer=layer, tokens=self.batch * self.tokens, threads=self.threads,
                     repeat=self.repeat, **fields)
 
-    def layer_pattern(self, layer: str) -> Spec | None:
-        """The layer's single-layer Spec after the overrides (unresolved), or None for a layer left dense."""
-        fields: dict[str, Any] | None = self._default_fields()
-        for override in self.overrides:
-            target, value = override.split("=", 1)
-            if _matches(target, layer):
-                fields = _apply(fields or self._default_fields(), value)
-        if fields is None or (fields["nm"] is None and fields["method"] != "nm" and fields["sparsity"] == 0):
-            return None
+    def overrides_of(self, layer: str) -> list[str]:
+        """The VALUEs of the overrides whose TARGET matches `layer`, in order (the last wins)."""
+        return [value for target, value in (o.split("=", 1) for o in self.overrides) if _matches(target, layer)]
+
+    def layer_spec(self, layer: str, fields: dict[str, Any]) -> Spec:
+        """The single-layer Spec of `layer` with these pruning fields (method, block, sparsity, nm, norm, seed)."""
         return self._layer_spec(layer, fields)
+
+    def default_fields(self) -> dict[str, Any]:
+        """The default pattern's pruning fields."""
+        return self._default_fields()
 
     def default_pattern(self) -> Spec:
         """The plan's default pattern as a Spec of its first layer (unresolved)."""
@@ -185,24 +195,6 @@ def _matches(target: str, layer: str) -> bool:
     if target in ROLES:  # the sublayer after "encoder.layer.N.", exactly (output.dense is not attention.output.dense)
         return re.sub(r"^encoder\.layer\.\d+\.", "", layer) in ROLES[target]
     return fnmatch.fnmatchcase(layer, target) or fnmatch.fnmatchcase(layer, "*." + target)
-
-
-def _apply(fields: dict[str, Any] | None, value: str) -> dict[str, Any] | None:
-    """The layer's pruning fields after an override VALUE (None = left dense)."""
-    if value == "dense":
-        return None
-    fields = dict(fields)
-    if ":" in value:
-        fields.update(method=fields["method"] if fields["method"] in ("random", "wanda") else "nm", nm=parse_nm(value))
-    elif "@" in value:
-        block, sparsity = value.split("@", 1)
-        fields.update(block=parse_block(block), sparsity=float(sparsity), nm=None,
-                      method=fields["method"] if fields["method"] in ("block", "random", "wanda") else "block")
-    else:
-        fields.update(sparsity=float(value))
-        if fields["nm"] is not None:  # a sparsity, not a pattern: unstructured
-            fields.update(method="wanda" if fields["method"] == "wanda" else "magnitude", nm=None, block=(1, 1))
-    return fields
 
 
 def canonical_override(text: str) -> str:
@@ -294,3 +286,59 @@ class RecoveryRequest:
         whose code is the hash of the training and scoring sources, not the kernels')."""
         blob = json.dumps({"recovery": self.to_dict(), "machine": machine}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# Resolved requests ------------------------------------------------------------------------------
+# What a door hands down after `runs.resolve` checked a request once: everything below takes these and
+# never validates again. Built by runs.resolve only (and read back from their own serialised form).
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedSpec:
+    """A Spec in its canonical form, checked against its layer."""
+
+    spec: Spec  # canonical (fields its method ignores at fixed values)
+    shape: tuple[int, int]  # (out, in) of the layer
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedPlan:
+    """A ModelPlan in its canonical form, with every prunable linear's pattern."""
+
+    plan: ModelPlan  # canonical
+    layers: tuple[tuple[str, Spec | None], ...]  # each prunable linear in model order: its canonical Spec, None = dense
+
+    @property
+    def specs(self) -> dict[str, Spec | None]:
+        return dict(self.layers)
+
+    def with_timing(self, tokens: int, batch: int, threads: int, repeat: int) -> "ResolvedPlan":
+        """The same pruning timed otherwise (valid timing fields; threads resolved, >= 1): nothing to validate again."""
+        layers = tuple((name, None if s is None else dataclasses.replace(s, tokens=batch * tokens, threads=threads,
+                                                                         repeat=repeat)) for name, s in self.layers)
+        return ResolvedPlan(dataclasses.replace(self.plan, tokens=tokens, batch=batch, threads=threads, repeat=repeat),
+                            layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The one serialised form of a resolved plan (jobs carry it; `from_dict` reads it back unvalidated)."""
+        return {"plan": self.plan.to_dict(), "layers": [[name, None if s is None else s.to_dict()]
+                                                        for name, s in self.layers]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ResolvedPlan":
+        return cls(plan=ModelPlan.from_dict(d["plan"]),
+                   layers=tuple((name, None if s is None else Spec.from_dict(s)) for name, s in d["layers"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedRecovery:
+    """A RecoveryRequest in its canonical form (knobs its recipe ignores at fixed values), with its plan's layers."""
+
+    request: RecoveryRequest  # canonical; request.plan == plan.plan
+    plan: ResolvedPlan
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"request": self.request.to_dict(), "plan": self.plan.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ResolvedRecovery":
+        return cls(request=RecoveryRequest.from_dict(d["request"]), plan=ResolvedPlan.from_dict(d["plan"]))

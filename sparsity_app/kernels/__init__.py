@@ -116,23 +116,66 @@ def balanced_parts(indptr: np.ndarray, n_parts: int) -> np.ndarray:
     return np.concatenate([[0], cuts, [len(work)]]).astype(np.int32)
 
 
-class Kernel:
-    """A kernel bound to its arguments: Y = X @ W^T for one weight and one X.
+X_LAYOUTS = ("row-major", "feature-major", "tiles")  # X [tokens, in] | X^T [in, tokens] | [tokens / tile, in, tile]
 
-    Subclasses set `source` (KernelSource: what to compile), `_args` (its tvm tensors on this
-    machine, output last) and `_feature_major` (True when the output is Y^T [out, tokens]). The
-    host compile happens on first use (`compile()`), so a kernel meant for a remote device is never
-    compiled for this one. `run()` reuses the preallocated buffers, for timing; `output()` returns
-    Y float32 [tokens, out] whatever the layout.
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Packed:
+    """A sparse weight ready for its family's kernel: what to compile, and the kernel's arguments.
+
+    The single-layer runner (`Kernel`) and the whole-model graph (model.graph) both build the call from
+    this, so a family's packing and argument order live in its module alone (its `pack` function).
     """
 
-    source: KernelSource
-    _args: tuple = ()
-    _feature_major = False
+    source: KernelSource  # the PrimFunc to compile (once per shape, pattern and knobs)
+    shape: tuple[int, int]  # (out, in) of the weight
+    tokens: int  # rows of X the kernel is specialised for
+    weights: tuple[np.ndarray, ...]  # the kernel's arguments after X and before Y, in order
+    x_layout: str  # X_LAYOUTS: how the kernel reads X
+    tile: int = 1  # the token tile of x_layout "tiles"
+    y_feature_major: bool = True  # writes Y^T float32 [out, tokens] (else Y [tokens, out])
+
+    def x_of(self, x: np.ndarray) -> np.ndarray:
+        """X float32 [tokens, in] row-major laid out as the kernel reads it."""
+        if self.x_layout == "row-major":
+            return x
+        if self.x_layout == "feature-major":
+            return x.T
+        tokens, in_f = x.shape
+        return x.reshape(tokens // self.tile, self.tile, in_f).transpose(0, 2, 1)
+
+
+class Kernel:
+    """A compiled kernel for Y = X @ W^T with one packed weight (`Packed`), callable on any X of its shape.
+
+    `kernel(x, y)` runs on the caller's buffers (tvm or torch tensors in the packing's layouts); the
+    host compile happens on first use, so a kernel meant for a remote device is never compiled for
+    this one. `bind(x)` keeps one X (and an output buffer) for timing: then `run()` reuses the
+    preallocated buffers and `output()` returns Y float32 [tokens, out] whatever the layout.
+    """
+
+    def __init__(self, packed: Packed):
+        self.packed = packed
+        self.source = packed.source
+        self._weights = tuple(tensor(w) for w in packed.weights)
+        self._feature_major = packed.y_feature_major
+        self._args: tuple = ()
 
     @functools.cached_property
     def _fn(self):
         return compile_source(self.source)
+
+    def __call__(self, x, y) -> None:
+        """Y (or Y^T) into `y` from `x` (X in the packing's layout): the caller's buffers."""
+        self._fn(x, *self._weights, y)
+
+    def bind(self, x: np.ndarray) -> "Kernel":
+        """Keep X float32 [tokens, in] (laid out as the kernel reads it) and an output buffer; returns self."""
+        tokens, out_f = self.packed.tokens, self.packed.shape[0]
+        assert x.shape == (tokens, self.packed.shape[1]), f"X {x.shape} for a kernel of {tokens} x {self.packed.shape[1]}"
+        self._args = (tensor(self.packed.x_of(x)), *self._weights,
+                      empty((out_f, tokens) if self._feature_major else (tokens, out_f)))
+        return self
 
     def compile(self) -> "Kernel":
         """Compile for the host now (else on the first run); returns self."""
@@ -140,7 +183,7 @@ class Kernel:
         return self
 
     def arrays(self) -> list[np.ndarray]:
-        """The arguments as NumPy arrays, output buffer last (what a remote device is sent)."""
+        """The bound arguments as NumPy arrays, output buffer last (what a remote device is sent)."""
         return [a.numpy() for a in self._args]
 
     def to_output(self, y: np.ndarray) -> np.ndarray:

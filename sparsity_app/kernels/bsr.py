@@ -27,8 +27,7 @@ import dataclasses
 import numpy as np
 from tvm.script import tirx as T
 
-from sparsity_app.kernels import (Kernel, KernelSource, balanced_parts, empty, largest_divisor, max_threads, tensor,
-                                  tir_builder)
+from sparsity_app.kernels import Kernel, KernelSource, Packed, balanced_parts, largest_divisor, max_threads, tir_builder
 from sparsity_app.prune.formats import BSR
 
 VECS = ("rows", "tokens")
@@ -180,23 +179,36 @@ def variants(knobs: BSRKnobs, weight: BSR) -> list[BSRKnobs]:
     return out
 
 
+def pack(weight: BSR, tokens: int, knobs: BSRKnobs, n_parts: int | None = None) -> Packed:
+    """The kernel's source and arguments (data float32 [nnz_blocks, bs_c, bs_r], blocks transposed;
+    indices; indptr; parts) for one schedule. n_parts: the parallel tasks of split="nnz" (default:
+    one per thread of this process's pool; a remote device or a test may ask for others)."""
+    data, indices = weight.data.transpose(0, 2, 1), weight.indices
+    if weight.nnz_blocks == 0:  # TVM buffers cannot be empty; indptr keeps this block unused
+        data, indices = np.zeros((1,) + data.shape[1:], np.float32), np.zeros(1, np.int32)
+    n_parts = (n_parts or max_threads()) if knobs.split == "nnz" else 1
+    fm = knobs.layout == "feature-major"
+    return Packed(KernelSource("bsr", bsr_prim_func, (tokens, weight.shape, weight.block, data.shape[0], knobs, n_parts)),
+                  weight.shape, tokens, (data, indices, weight.indptr, balanced_parts(weight.indptr, n_parts)),
+                  x_layout="feature-major" if fm else "row-major", y_feature_major=fm)
+
+
+def stack_rows(weights: list[BSR]) -> BSR | None:
+    """One BSR of the weights stacked by rows (Q, K, V as one [3 out, in]), or None if their blocks differ."""
+    if any(w.block != weights[0].block or w.shape[1] != weights[0].shape[1] for w in weights):
+        return None
+    offsets = np.cumsum([0] + [w.nnz_blocks for w in weights[:-1]])
+    indptr = np.concatenate([weights[0].indptr[:1]] + [w.indptr[1:] + o for w, o in zip(weights, offsets)])
+    return BSR(np.concatenate([w.data for w in weights]), np.concatenate([w.indices for w in weights]),
+               indptr.astype(np.int32), (sum(w.shape[0] for w in weights), weights[0].shape[1]))
+
+
 class TVMBSR(Kernel):
-    """Y = X @ W^T for a BSR weight with one schedule. x: float32 [tokens, in] row-major; for a
+    """Y = X @ W^T for a BSR weight with one schedule, bound to x float32 [tokens, in] row-major (for a
     feature-major schedule it is transposed once here, as a feature-major network's previous layer
-    would have produced it."""
+    would have produced it)."""
 
     def __init__(self, weight: BSR, x: np.ndarray, knobs: BSRKnobs | None = None, n_parts: int | None = None):
-        tokens = x.shape[0]
-        self.knobs = knobs or default_knobs(tokens, weight)
-        self._feature_major = self.knobs.layout == "feature-major"
-        data = weight.data.transpose(0, 2, 1)
-        indices = weight.indices
-        if weight.nnz_blocks == 0:  # TVM buffers cannot be empty; indptr keeps this block unused
-            data, indices = np.zeros((1,) + data.shape[1:], np.float32), np.zeros(1, np.int32)
-        # split="nnz" runs one part per thread; n_parts overrides it (tests run several parts on one core)
-        n_parts = (n_parts or max_threads()) if self.knobs.split == "nnz" else 1
-        self.source = KernelSource("bsr", bsr_prim_func,
-                                   (tokens, weight.shape, weight.block, data.shape[0], self.knobs, n_parts))
-        y_shape = (weight.shape[0], tokens) if self._feature_major else (tokens, weight.shape[0])
-        self._args = (tensor(x.T if self._feature_major else x), tensor(data), tensor(indices),
-                      tensor(weight.indptr), tensor(balanced_parts(weight.indptr, n_parts)), empty(y_shape))
+        self.knobs = knobs or default_knobs(x.shape[0], weight)
+        super().__init__(pack(weight, x.shape[0], self.knobs, n_parts))
+        self.bind(x)

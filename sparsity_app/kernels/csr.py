@@ -15,8 +15,7 @@ import dataclasses
 import numpy as np
 from tvm.script import tirx as T
 
-from sparsity_app.kernels import (Kernel, KernelSource, balanced_parts, empty, largest_divisor, max_threads, tensor,
-                                  tir_builder)
+from sparsity_app.kernels import Kernel, KernelSource, Packed, balanced_parts, largest_divisor, max_threads, tir_builder
 from sparsity_app.prune.formats import CSR
 
 SPLITS = ("rows", "nnz")
@@ -100,27 +99,33 @@ def variants(knobs: CSRKnobs, weight: CSR) -> list[CSRKnobs]:
     return [dataclasses.replace(knobs, split=s) for s in SPLITS if s != knobs.split]
 
 
-class TVMCSR(Kernel):
-    """Y = X @ W^T for a CSR weight; x: float32 [tokens, in] row-major, laid out here as the
-    schedule wants it (a feature-major network's previous layer would produce it so)."""
+def pack(weight: CSR, tokens: int, knobs: CSRKnobs, n_parts: int | None = None) -> Packed:
+    """The kernel's source and arguments (values, indices, indptr, parts) for one schedule; X feature-major,
+    or packed in token tiles (knobs.pack). n_parts: as in bsr.pack."""
+    values, indices = weight.values, weight.indices
+    if weight.nnz == 0:
+        values, indices = np.zeros(1, np.float32), np.zeros(1, np.int32)
+    n_parts = (n_parts or max_threads()) if knobs.split == "nnz" else 1
+    return Packed(KernelSource("csr", csr_prim_func, (tokens, weight.shape, values.shape[0], knobs, n_parts)),
+                  weight.shape, tokens, (values, indices, weight.indptr, balanced_parts(weight.indptr, n_parts)),
+                  x_layout="tiles" if knobs.pack else "feature-major", tile=knobs.tile)
 
-    _feature_major = True
+
+def stack_rows(weights: list[CSR]) -> CSR | None:
+    """One CSR of the weights stacked by rows (Q, K, V as one [3 out, in])."""
+    if any(w.shape[1] != weights[0].shape[1] for w in weights):
+        return None
+    offsets = np.cumsum([0] + [w.nnz for w in weights[:-1]])
+    indptr = np.concatenate([weights[0].indptr[:1]] + [w.indptr[1:] + o for w, o in zip(weights, offsets)])
+    return CSR(np.concatenate([w.values for w in weights]), np.concatenate([w.indices for w in weights]),
+               indptr.astype(np.int32), (sum(w.shape[0] for w in weights), weights[0].shape[1]))
+
+
+class TVMCSR(Kernel):
+    """Y = X @ W^T for a CSR weight, bound to x float32 [tokens, in] row-major (laid out here as the
+    schedule wants it, as a feature-major network's previous layer would produce it)."""
 
     def __init__(self, weight: CSR, x: np.ndarray, knobs: CSRKnobs | None = None, n_parts: int | None = None):
-        tokens = x.shape[0]
-        self.knobs = knobs or default_knobs(tokens, weight)
-        values, indices = weight.values, weight.indices
-        if weight.nnz == 0:
-            values, indices = np.zeros(1, np.float32), np.zeros(1, np.int32)
-        # split="nnz" runs one part per thread; n_parts overrides it (tests run several parts on one core)
-        n_parts = (n_parts or max_threads()) if self.knobs.split == "nnz" else 1
-        self.source = KernelSource("csr", csr_prim_func, (tokens, weight.shape, values.shape[0], self.knobs, n_parts))
-        self._args = (tensor(pack_x(x, self.knobs.tile) if self.knobs.pack else x.T), tensor(values),
-                      tensor(indices), tensor(weight.indptr), tensor(balanced_parts(weight.indptr, n_parts)),
-                      empty((weight.shape[0], tokens)))
-
-
-def pack_x(x: np.ndarray, tile: int) -> np.ndarray:
-    """x float32 [tokens, in] -> [tokens / tile, in, tile]: each token tile's X^T contiguous."""
-    tokens, in_f = x.shape
-    return x.reshape(tokens // tile, tile, in_f).transpose(0, 2, 1)
+        self.knobs = knobs or default_knobs(x.shape[0], weight)
+        super().__init__(pack(weight, x.shape[0], self.knobs, n_parts))
+        self.bind(x)

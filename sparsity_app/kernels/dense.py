@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tvm.script import tirx as T
 
-from sparsity_app.kernels import Kernel, KernelSource, empty, largest_divisor, tensor, tir_builder
+from sparsity_app.kernels import Kernel, KernelSource, Packed, largest_divisor, tir_builder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,8 +128,10 @@ class TVMDense(Kernel):
         tokens = x.shape[0]
         self.knobs = knobs or pick_knobs(tokens, out_f)
         vn = self.knobs.vn
-        self.source = KernelSource("dense", dense_prim_func, (tokens, out_f, in_f, self.knobs))
-        self._args = (tensor(x), tensor(weight.reshape(out_f // vn, vn, in_f).transpose(0, 2, 1)), empty((tokens, out_f)))
+        super().__init__(Packed(KernelSource("dense", dense_prim_func, (tokens, out_f, in_f, self.knobs)), weight.shape,
+                                tokens, (weight.reshape(out_f // vn, vn, in_f).transpose(0, 2, 1),),
+                                x_layout="row-major", y_feature_major=False))
+        self.bind(x)
 
 
 class TorchDense:

@@ -14,8 +14,8 @@ import dataclasses
 import numpy as np
 from tvm.script import tirx as T
 
-from sparsity_app.kernels import Kernel, KernelSource, empty, largest_divisor, max_threads, tensor, tir_builder
-from sparsity_app.kernels.csr import SPLITS, pack_x
+from sparsity_app.kernels import Kernel, KernelSource, Packed, largest_divisor, max_threads, tir_builder
+from sparsity_app.kernels.csr import SPLITS
 from sparsity_app.prune.formats import NM
 
 
@@ -113,16 +113,27 @@ def variants(knobs: NMKnobs, weight: NM) -> list[NMKnobs]:
             *[dataclasses.replace(knobs, split=s, chunk=0) for s in SPLITS if s != knobs.split]]
 
 
-class TVMNM(Kernel):
-    """Y = X @ W^T for an N:M weight; x: float32 [tokens, in] row-major, laid out here."""
+def pack(weight: NM, tokens: int, knobs: NMKnobs, n_parts: int | None = None) -> Packed:
+    """The kernel's source and arguments (values, offsets) for one schedule; X feature-major, or packed
+    in token tiles (knobs.pack). n_parts: as in bsr.pack."""
+    n_parts = (n_parts or max_threads()) if knobs.split == "nnz" else 1
+    return Packed(KernelSource("nm", nm_prim_func, (tokens, weight.shape, weight.nm, knobs, n_parts)),
+                  weight.shape, tokens, (weight.values, weight.offsets),
+                  x_layout="tiles" if knobs.pack else "feature-major", tile=knobs.tile)
 
-    _feature_major = True
+
+def stack_rows(weights: list[NM]) -> NM | None:
+    """One N:M weight of the weights stacked by rows (Q, K, V as one [3 out, in]), or None if N:M differs."""
+    if any(w.nm != weights[0].nm or w.shape[1] != weights[0].shape[1] for w in weights):
+        return None
+    return NM(np.concatenate([w.values for w in weights]), np.concatenate([w.offsets for w in weights]),
+              weights[0].nm, (sum(w.shape[0] for w in weights), weights[0].shape[1]))
+
+
+class TVMNM(Kernel):
+    """Y = X @ W^T for an N:M weight, bound to x float32 [tokens, in] row-major (laid out here)."""
 
     def __init__(self, weight: NM, x: np.ndarray, knobs: NMKnobs | None = None, n_parts: int | None = None):
-        tokens = x.shape[0]
-        self.knobs = knobs or default_knobs(tokens, weight)
-        # split="nnz" runs one part per thread; n_parts overrides it (tests run several parts on one core)
-        n_parts = (n_parts or max_threads()) if self.knobs.split == "nnz" else 1
-        self.source = KernelSource("nm", nm_prim_func, (tokens, weight.shape, weight.nm, self.knobs, n_parts))
-        self._args = (tensor(pack_x(x, self.knobs.tile) if self.knobs.pack else x.T), tensor(weight.values),
-                      tensor(weight.offsets), empty((weight.shape[0], tokens)))
+        self.knobs = knobs or default_knobs(x.shape[0], weight)
+        super().__init__(pack(weight, x.shape[0], self.knobs, n_parts))
+        self.bind(x)

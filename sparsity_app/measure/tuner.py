@@ -28,12 +28,23 @@ from sparsity_app.measure.backend import LocalDevice
 BUCKETS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)  # sparsities near one another share a tuned schedule
 
 
-def families() -> dict:
-    """name -> kernels.families.Family, imported on first use: the kernels load TVM (~3 s), which
-    looking up a stored winner never needs."""
-    from sparsity_app.kernels.families import FAMILIES  # lazy: see the docstring
+def _registry():
+    """kernels.families, imported on first use: the kernels load TVM (~3 s), which looking up a stored
+    winner never needs."""
+    from sparsity_app.kernels import families as registry  # lazy: see the docstring
 
-    return FAMILIES
+    return registry
+
+
+def families() -> dict:
+    """name -> kernels.families.Family: the registry."""
+    return _registry().FAMILIES
+
+
+def sparse_format(weight: np.ndarray, mask: np.ndarray, spec: Spec) -> tuple[str, object]:
+    """(family name, the kept weights in its format) for a layer pruned by the resolved spec
+    (kernels.families.sparse_format: the first registered family that serves it)."""
+    return _registry().sparse_format(weight, mask, spec)
 
 
 def bucket(sparsity: float) -> float:

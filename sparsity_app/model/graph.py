@@ -41,13 +41,11 @@ from tvm.relax import transform
 from tvm.script import tirx as T
 
 from sparsity_app.core.errors import UserError
-from sparsity_app.kernels import (balanced_parts, bsr, compile_prim_func, csr, dense, empty, host_target, max_threads,
-                                  nm, ops)
+from sparsity_app.kernels import compile_prim_func, dense, empty, host_target, max_threads, ops
+from sparsity_app.kernels.families import FAMILIES
 from sparsity_app.measure.timing import measure
 from sparsity_app.model.hf import masked_copy
-from sparsity_app.prune import formats
 
-FAMILIES = ("dense", "bsr", "csr", "nm")
 SUBLAYERS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
              "intermediate.dense", "output.dense")
 GROUPS = ("linears", "attention matmuls", "softmax", "layer norm", "GELU", "other")
@@ -60,14 +58,14 @@ _GROUP_OF = {"linear": "linears", "attention": "attention matmuls", "softmax": "
 class LinearPlan:
     """How one nn.Linear (Y = X W^T + b) runs in the graph."""
 
-    family: str  # "dense" | "bsr" | "csr" | "nm"
-    weight: object  # formats.BSR | CSR | NM, or np.ndarray float32 [out, in] for dense
+    family: str  # "dense", or a sparse family (kernels.families.FAMILIES)
+    weight: object  # the family's format (formats.BSR, CSR, NM, ...), or np.ndarray float32 [out, in] for dense
     bias: np.ndarray | None  # float32 [out]; None = no bias
     knobs: object | None = None  # the family's Knobs (tuner winner; DenseFMKnobs for dense); None = default
 
     def __post_init__(self):
-        if self.family not in FAMILIES:
-            raise UserError(f"unknown linear family {self.family!r}; valid families: {', '.join(FAMILIES)}")
+        if self.family != "dense" and self.family not in FAMILIES:
+            raise UserError(f"unknown linear family {self.family!r}; valid families: dense, {', '.join(FAMILIES)}")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -322,71 +320,35 @@ class _Builder:
         """Y^T float32 [out, tokens] = W X^T (no bias: the consumer adds it); x: X^T [in, tokens]."""
         out_f, in_f = plan.shape
         t = self.tokens
-        c = self.const
         if plan.family == "dense":
             k = plan.knobs or dense.pick_fm_knobs(t, out_f, in_f)
             if not isinstance(k, dense.DenseFMKnobs):
                 raise UserError(f"dense linears in the graph take DenseFMKnobs (feature-major), got {k!r}")
-            w = plan.dense_weight()
             return self.call("linear_dense", dense.dense_fm_prim_func(t, out_f, in_f, k),
-                             [x, c(dense.pack_fm(w, k.mr))], (out_f, t))
-        if plan.family == "bsr":
-            w = plan.weight
-            k = plan.knobs or bsr.default_knobs(t, w)
-            data, indices = w.data.transpose(0, 2, 1), w.indices
-            if w.nnz_blocks == 0:
-                data, indices = np.zeros((1,) + data.shape[1:], np.float32), np.zeros(1, np.int32)
-            n_parts = max_threads() if k.split == "nnz" else 1
-            func = bsr.bsr_prim_func(t, w.shape, w.block, data.shape[0], k, n_parts)
-            args = [c(data), c(indices), c(w.indptr), c(balanced_parts(w.indptr, n_parts))]
-            if k.layout == "feature-major":
-                return self.call("linear_bsr", func, [x, *args], (out_f, t))
-            y = self.call("linear_bsr", func, [self.transpose(x, in_f, t), *args], (t, out_f))
-            return self.transpose(y, t, out_f)
-        if plan.family == "csr":
-            w = plan.weight
-            k = plan.knobs or csr.default_knobs(t, w)
-            values, indices = (w.values, w.indices) if w.nnz else (np.zeros(1, np.float32), np.zeros(1, np.int32))
-            n_parts = max_threads() if k.split == "nnz" else 1
-            if k.pack:
-                x = self.call("linear_pack", ops.pack_tiles_prim_func(in_f, t, k.tile), [x], (t // k.tile, in_f, k.tile))
-            return self.call("linear_csr", csr.csr_prim_func(t, w.shape, values.shape[0], k, n_parts),
-                             [x, c(values), c(indices), c(w.indptr), c(balanced_parts(w.indptr, n_parts))], (out_f, t))
-        w = plan.weight  # nm
-        k = plan.knobs or nm.default_knobs(t, w)
-        n_parts = max_threads() if k.split == "nnz" else 1
-        if k.pack:
-            x = self.call("linear_pack", ops.pack_tiles_prim_func(in_f, t, k.tile), [x], (t // k.tile, in_f, k.tile))
-        return self.call("linear_nm", nm.nm_prim_func(t, w.shape, w.nm, k, n_parts),
-                         [x, c(w.values), c(w.offsets)], (out_f, t))
+                             [x, self.const(dense.pack_fm(plan.dense_weight(), k.mr))], (out_f, t))
+        family = FAMILIES[plan.family]
+        packed = family.pack(plan.weight, t, plan.knobs or family.default(t, plan.weight))
+        if packed.x_layout == "row-major":
+            x = self.transpose(x, in_f, t)
+        elif packed.x_layout == "tiles":
+            x = self.call("linear_pack", ops.pack_tiles_prim_func(in_f, t, packed.tile), [x],
+                          (t // packed.tile, in_f, packed.tile))
+        y = self.call(f"linear_{plan.family}", packed.source.prim_func(), [x, *map(self.const, packed.weights)],
+                      (out_f, t) if packed.y_feature_major else (t, out_f))
+        return y if packed.y_feature_major else self.transpose(y, t, out_f)
 
 
 def _stack_rows(plans: list[LinearPlan]) -> LinearPlan | None:
     """One plan computing the plans' outputs stacked by rows (Q, K, V in one call), or None when
-    they differ in family, knobs or pattern. Bias is left to the caller."""
+    they differ in family, knobs or pattern (the family says whether its weights stack). Bias is
+    left to the caller."""
     p0 = plans[0]
     if any(p.family != p0.family or p.knobs != p0.knobs or p.shape[1] != p0.shape[1] for p in plans):
         return None
-    out_f = sum(p.shape[0] for p in plans)
     if p0.family == "dense":
         return LinearPlan("dense", np.concatenate([p.dense_weight() for p in plans]), None, p0.knobs)
-    ws = [p.weight for p in plans]
-    if p0.family == "bsr":
-        if any(w.block != ws[0].block for w in ws):
-            return None
-        offsets = np.cumsum([0] + [w.nnz_blocks for w in ws[:-1]])
-        indptr = np.concatenate([ws[0].indptr[:1]] + [w.indptr[1:] + o for w, o in zip(ws, offsets)]).astype(np.int32)
-        return LinearPlan("bsr", formats.BSR(np.concatenate([w.data for w in ws]), np.concatenate([w.indices for w in ws]),
-                                             indptr, (out_f, p0.shape[1])), None, p0.knobs)
-    if p0.family == "csr":
-        offsets = np.cumsum([0] + [w.nnz for w in ws[:-1]])
-        indptr = np.concatenate([ws[0].indptr[:1]] + [w.indptr[1:] + o for w, o in zip(ws, offsets)]).astype(np.int32)
-        return LinearPlan("csr", formats.CSR(np.concatenate([w.values for w in ws]), np.concatenate([w.indices for w in ws]),
-                                             indptr, (out_f, p0.shape[1])), None, p0.knobs)
-    if any(w.nm != ws[0].nm for w in ws):
-        return None
-    return LinearPlan("nm", formats.NM(np.concatenate([w.values for w in ws]), np.concatenate([w.offsets for w in ws]),
-                                       ws[0].nm, (out_f, p0.shape[1])), None, p0.knobs)
+    stacked = FAMILIES[p0.family].stack_rows([p.weight for p in plans])
+    return None if stacked is None else LinearPlan(p0.family, stacked, None, p0.knobs)
 
 
 def _stride_padding(tokens: int, tiles: list[int]) -> int:

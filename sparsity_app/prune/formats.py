@@ -6,7 +6,7 @@ BSR of a weight W [out, in] with blocks bs_r x bs_c:
 - indptr: int32 [out / bs_r + 1], block row i owns data[indptr[i]:indptr[i + 1]].
 This is exactly `scipy.sparse.bsr_matrix`'s layout. A 1x1 BSR is CSR, which also has its own
 class (`CSR`, no block axes), as does N:M (`NM`: fixed count per group, so no row pointers);
-`sparse_format` picks the one a pattern's kernel reads.
+Which format a pattern's kernel reads is its kernel family's choice (kernels.families).
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import dataclasses
 
 import numpy as np
 
-from sparsity_app.core.requests import Spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,15 +148,3 @@ def to_nm(weight: np.ndarray, mask: np.ndarray, nm: tuple[int, int]) -> NM:
     cols = (np.arange(offsets.shape[1]) // n * m)[None, :] + offsets
     return NM(values=np.ascontiguousarray(np.take_along_axis(weight, cols, axis=1), np.float32),
               offsets=offsets.astype(np.uint8), nm=(n, m), shape=weight.shape)
-
-
-def sparse_format(weight: np.ndarray, mask: np.ndarray, spec: Spec) -> tuple[str, BSR | CSR | NM]:
-    """The format the kernel reads, by pattern: N:M masks -> NM, 1x1 blocks -> CSR, else BSR.
-
-    weight: float32 [out, in]; mask: bool [out, in]; spec: resolved.
-    """
-    if spec.nm is not None:
-        return "nm", to_nm(weight, mask, spec.nm)
-    if spec.block == (1, 1):
-        return "csr", to_csr(weight, mask)
-    return "bsr", to_bsr(weight, mask, spec.block)

@@ -36,6 +36,7 @@ class Method:
     needs_nm: bool = False  # follows an N:M pattern only
     takes_norm: bool = False  # scores a block by its l1 or l2 norm
     takes_seed: bool = False  # draws at random from Spec.seed
+    unstructured: bool = False  # scores single weights (1x1) itself: a plain sparsity keeps this method
     activation_aware: bool = False  # reads the layer's input norms (calibration activations)
 
 
@@ -133,13 +134,13 @@ def wanda(weight: np.ndarray, spec: Spec, input_norms: np.ndarray | None = None)
 
 
 METHODS: dict[str, Method] = {
-    "magnitude": Method(magnitude, "unstructured: the smallest |w| go"),
+    "magnitude": Method(magnitude, "unstructured: the smallest |w| go", unstructured=True),
     "block": Method(block, "whole blocks, ranked by their norm", takes_block=True, takes_norm=True),
     "nm": Method(nm, "N:M: the N largest of every M inputs", needs_nm=True),
     "random": Method(random, "a random pattern of the same shape (the naive baseline)", takes_block=True,
                      takes_nm=True, takes_seed=True),
     "wanda": Method(wanda, "activation-aware: |w| times its input's norm (Sun et al. 2023)", takes_block=True,
-                    takes_nm=True, takes_norm=True, activation_aware=True),
+                    takes_nm=True, takes_norm=True, activation_aware=True, unstructured=True),
 }
 ACTIVATION_AWARE = frozenset(name for name, m in METHODS.items() if m.activation_aware)  # read input_norms
 

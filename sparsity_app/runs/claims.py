@@ -21,7 +21,6 @@ from sparsity_app.measure import tuner
 from sparsity_app.measure.locks import measurement_slot
 from sparsity_app.measure.timing import Timing, fingerprint, measure
 from sparsity_app.model.catalog import get_model
-from sparsity_app.prune.formats import sparse_format
 from sparsity_app.prune.methods import prune
 from sparsity_app.runs import resolve
 from sparsity_app.runs.model import run_model
@@ -64,7 +63,7 @@ def _layer_claims(sparsity: float, tokens: int, threads: int, store, progress) -
         spec = resolve.spec(Spec(model=MODEL, layer=LAYER, method="block", block=block, sparsity=sparsity, tokens=tokens,
                     threads=threads))
         mask = prune(w, spec)
-        family, weight = sparse_format(w, mask, spec)
+        family, weight = tuner.sparse_format(w, mask, spec)
         reference = x.astype(np.float64) @ (w * mask).astype(np.float64).T
         progress(f"tuning and checking the {block[0]}x{block[1]} BSR kernel")
         tuning = tuner.best_schedule(family, weight, x, reference, spec, threads, store)

@@ -12,26 +12,27 @@ import numpy as np
 from sparsity_app.accuracy import proxies
 from sparsity_app.core import limits
 from sparsity_app.core.errors import UserError
-from sparsity_app.core.requests import Spec
+from sparsity_app.core.requests import ResolvedSpec, Spec
 from sparsity_app.core.results import SPARSE, Result
 from sparsity_app.core.store import Store, key_of
 from sparsity_app.measure import tuner
 from sparsity_app.measure.backend import LOCAL, Backend, LocalDevice
 from sparsity_app.model.catalog import get_model
 from sparsity_app.model.pruned import layer_input_norms
-from sparsity_app.prune.formats import sparse_format, to_bsr
+from sparsity_app.prune.formats import to_bsr
 from sparsity_app.prune.methods import prune
 from sparsity_app.runs import resolve
 from sparsity_app.runs.pipeline import Progress, StepClock, cached_or_run, quiet
 
 STEPS = ("prune", "format", "tune", "compile", "verify", "time", "score")  # what `progress` is told, in order
-FORMAT_NAMES = {"bsr": "BSR", "csr": "CSR", "nm": "the N:M format"}
 
 
-def run(spec: Spec, store: Store | None = None, progress: Progress = quiet, retune: bool = False,
+def run(request: Spec | ResolvedSpec, store: Store | None = None, progress: Progress = quiet, retune: bool = False,
         backend: Backend = LOCAL) -> Result:
     """Measure one configuration; with a store, a stored result returns at once (cached=True).
 
+    request: what a door resolved (runs.resolve.layer), or a Spec, which is resolved here (the Python
+    API's door).
     retune=True measures again and re-tunes the schedule even if a result or winner is stored.
     backend: where to measure (backend.Backend; an RPC backend takes one server from its tracker).
     Raises UserError for a request that cannot be measured (unknown model, block that does not
@@ -39,16 +40,20 @@ def run(spec: Spec, store: Store | None = None, progress: Progress = quiet, retu
     measurement's time limit, which stops it between steps, compiles and samples).
     """
     if backend.resolve().kind == "local":
-        return run_on(LocalDevice(), spec, store, progress, retune)
-    if store is not None and not retune and (hit := lookup(spec, store, backend)) is not None:
+        device = LocalDevice()
+        return run_on(device, _resolved(request, device.cores), store, progress, retune)
+    resolved = _resolved(request, _remote().probe(backend).cores)
+    if store is not None and not retune and (hit := lookup(resolved, store, backend)) is not None:
         return hit  # no server is taken for a stored result
     with _remote().open_device(backend) as device:
-        return run_on(device, spec, store, progress, retune)
+        return run_on(device, resolved, store, progress, retune)
 
 
-def run_on(device, spec: Spec, store: Store | None = None, progress: Progress = quiet, retune: bool = False) -> Result:
-    """`run` on a device already at hand (backend.LocalDevice, or remote.RemoteDevice: a sweep's worker)."""
-    spec, shape = resolve.layer(spec, device.cores)
+def run_on(device, resolved: ResolvedSpec, store: Store | None = None, progress: Progress = quiet,
+           retune: bool = False) -> Result:
+    """`run` on a device already at hand (backend.LocalDevice, or remote.RemoteDevice: a sweep's worker),
+    for a request resolved against that device's cores."""
+    spec, shape = resolved.spec, resolved.shape
     key = key_of(spec, device.fingerprint)
     if store is not None and not retune and (hit := store.get(key)) is not None:
         return hit
@@ -69,9 +74,10 @@ def _measure(device, spec: Spec, shape: tuple[int, int], store: Store | None, pr
         mask = prune(weight, spec, layer_input_norms(spec))
         pruned = weight * mask
     with clock.step("format", "storing the kept weights in the kernel's sparse format"):
-        family, sparse = sparse_format(weight, mask, spec)
+        family, sparse = tuner.sparse_format(weight, mask, spec)
         stored = to_bsr(weight, mask, spec.block).nnz_blocks  # blocks of spec.block, whatever the format
-    stored_note = (f"{FORMAT_NAMES[family]} holds {stored} blocks of {spec.block[0]}x{spec.block[1]} "
+    title = tuner.families()[family].title
+    stored_note = (f"{title} holds {stored} blocks of {spec.block[0]}x{spec.block[1]} "
                    f"in {sparse.nbytes / 1024:.0f} KiB; ")
 
     device.set_threads(spec.threads)
@@ -81,7 +87,7 @@ def _measure(device, spec: Spec, shape: tuple[int, int], store: Store | None, pr
                                           "tuning: compiling, checking and timing candidate schedules")):
         tuning = tuner.best_schedule(family, sparse, x, reference, spec, spec.threads, store, retune=retune,
                                      device=device)
-    with clock.step("compile", f"compiling the {FORMAT_NAMES[family]} kernel ({tuning.label}) and the dense peers"):
+    with clock.step("compile", f"compiling the {title} kernel ({tuning.label}) and the dense peers"):
         kernel = tuner.compile_kernel(tuner.families()[family], sparse, x, tuning.knobs(), device)
         peers = device.dense_peers(weight, x)
         prepared = device.prepare({SPARSE: kernel, **peers})
@@ -97,7 +103,7 @@ def _measure(device, spec: Spec, shape: tuple[int, int], store: Store | None, pr
                     sparse_bytes=sparse.nbytes, dense_bytes=weight.nbytes, times_ms=times,
                     tune_s=0.0 if tuning.cached else clock.seconds["tune"], compile_s=clock.seconds["compile"],
                     proxies=scores, scored_tokens=scored, machine={**machine, "threads": spec.threads},
-                    kernel={"format": family, "mcpu": device.mcpu(), "knobs": tuning.winner, "schedule": tuning.label,
+                    kernel={"format": family, "title": title, "mcpu": device.mcpu(), "knobs": tuning.winner, "schedule": tuning.label,
                             "tuning": tuning.to_dict(), "dense": vars(peers["tvm_dense"].knobs)},
                     step_s=dict(clock.seconds), real_weights=model.real_weights,
                     backend={**device.where(times), "max_rel_error": errors})
@@ -117,19 +123,20 @@ def _verify(prepared, peers: dict, x: np.ndarray, weight: np.ndarray, reference:
 def _score(spec: Spec, weight: np.ndarray, mask: np.ndarray, bias: np.ndarray | None) -> tuple[dict, int]:
     """(proxies, scored tokens): layer proxies on every calibration token, whatever spec.tokens is."""
     x_all = get_model(spec.model).calibration_set(spec.layer)
-    pruned = weight * mask
-    rel, cos = proxies.output_error(x_all, weight, pruned, bias)
-    scores = {"retained_energy": proxies.retained_energy(weight, mask), "output_rel_error": rel,
-              "output_cosine": cos, **proxies.model_level(spec.model, spec.layer, pruned)}
+    scores = proxies.score(proxies.Case(spec.model, spec.layer, weight, mask, bias, x_all))
     return scores, len(x_all)
 
 
-def lookup(spec: Spec, store: Store, backend: Backend = LOCAL) -> Result | None:
-    """The stored result of `spec` on the backend's device with this code, or None; never measures
-    (an RPC backend's device is asked what it is once per process: measure.remote.probe)."""
+def lookup(request: Spec | ResolvedSpec, store: Store, backend: Backend = LOCAL) -> Result | None:
+    """The stored result of the request on the backend's device with this code, or None; never
+    measures (an RPC backend's device is asked what it is once per process: measure.remote.probe)."""
     device = LocalDevice() if backend.resolve().kind == "local" else _remote().probe(backend)
-    spec, _ = resolve.layer(spec, device.cores)
-    return store.get(key_of(spec, device.fingerprint))
+    return store.get(key_of(_resolved(request, device.cores).spec, device.fingerprint))
+
+
+def _resolved(request: Spec | ResolvedSpec, cores: int) -> ResolvedSpec:
+    """What a door resolved, as it is; a Spec (the Python API's) resolved here against the device's cores."""
+    return request if isinstance(request, ResolvedSpec) else resolve.layer(request, cores)
 
 
 def _remote():

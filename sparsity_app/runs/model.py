@@ -13,7 +13,7 @@ import numpy as np
 
 from sparsity_app.accuracy import metrics
 from sparsity_app.core.errors import UserError
-from sparsity_app.core.requests import ModelPlan, default_threads
+from sparsity_app.core.requests import ModelPlan, ResolvedPlan, default_threads
 from sparsity_app.core.results import SPARSE, ModelResult
 from sparsity_app.core.store import Store, model_key_of
 from sparsity_app.measure import tuner
@@ -22,37 +22,47 @@ from sparsity_app.measure.locks import measurement_slot
 from sparsity_app.measure.timing import fingerprint, measure
 from sparsity_app.model.catalog import get_model
 from sparsity_app.model.pruned import plan_masks
-from sparsity_app.prune.formats import sparse_format
 from sparsity_app.runs import resolve
 from sparsity_app.runs.pipeline import Progress, StepClock, cached_or_run, quiet
 
 STEPS = ("prune", "tune", "compile", "verify", "time", "breakdown", "evaluate")
 
-def lookup(plan: ModelPlan, store: Store, recovery=None) -> ModelResult | None:
+def lookup(request: ModelPlan | ResolvedPlan, store: Store, recovery=None) -> ModelResult | None:
     """The stored result of the plan (with `recovery`'s weights, a RecoveryResult, if given), or None."""
-    plan, _ = resolve.plan(plan)
-    return store.get_model_result(model_key_of(plan, fingerprint(), None if recovery is None else recovery.key))
+    return store.get_model_result(key_of(_resolved(request).plan, recovery))
 
 
-def run_model(plan: ModelPlan, store: Store | None = None, progress: Progress = quiet,
+def key_of(plan: ModelPlan, recovery=None) -> str:
+    """The store key of a resolved plan's result on this machine (with `recovery`'s weights, if given)."""
+    return model_key_of(plan, fingerprint(), None if recovery is None else recovery.key)
+
+
+def run_model(request: ModelPlan | ResolvedPlan, store: Store | None = None, progress: Progress = quiet,
               retune: bool = False, reuse_result: bool = True, recovery=None) -> ModelResult:
     """Measure a whole pruned model; with a store, a stored result returns at once (cached=True).
 
+    request: what a door resolved (runs.resolve.plan), or a ModelPlan, which is resolved here.
     retune=True re-tunes every layer's schedule; reuse_result=False measures again but keeps the
     stored schedules (what a benchmark wants). recovery: a stored recovery.RecoveryResult of this
     plan; its fine-tuned weights (and masks) replace the one-shot ones, and everything is measured
     on them (they are compiled, verified, timed and scored like any other weights).
     """
-    plan, specs = resolve.plan(plan)
+    resolved = _resolved(request)
+    plan, specs = resolved.plan, resolved.specs
     if recovery is not None and (store is None or not _same_pattern(recovery.request.plan, plan)):
         raise UserError("a recovered model is measured from a store, with the plan it was recovered for")
-    key = model_key_of(plan, fingerprint(), None if recovery is None else recovery.key)
+    key = key_of(plan, recovery)
     reuse = store is not None and reuse_result and not retune
     who = f"model {plan.model} {plan.label()}" + (f" recovered by {recovery.request.recipe}" if recovery else "")
     return cached_or_run(who, (lambda: store.get_model_result(key)) if reuse else None,
                          lambda: _measure(plan, specs, store, progress, retune, recovery), measurement_slot, progress,
                          time_limit="model_timeout_s",  # stops between steps, layer tunings and samples
                          store=None if store is None else lambda r: store.put_model_result(key, r))
+
+
+def _resolved(request: ModelPlan | ResolvedPlan) -> ResolvedPlan:
+    """What a door resolved, as it is; a ModelPlan (the Python API's) resolved here."""
+    return request if isinstance(request, ResolvedPlan) else resolve.plan(request)
 
 
 def _same_pattern(a: ModelPlan, b: ModelPlan) -> bool:
@@ -90,7 +100,7 @@ def _measure(plan: ModelPlan, specs: dict, store: Store | None, progress: Progre
                 plans[name] = graph.LinearPlan("dense", pruned[name], bias)
                 layers.append(_layer_row(name, "dense", "dense", 0.0, None, weight.nbytes, weight.nbytes))
                 continue
-            family, fmt = sparse_format(pruned[name], masks[name], spec)
+            family, fmt = tuner.sparse_format(pruned[name], masks[name], spec)
             x = model.calibration(name, rows)
             reference = x.astype(np.float64) @ pruned[name].astype(np.float64).T
             tuning = tuner.best_schedule(family, fmt, x, reference, spec, threads, store, retune=retune,

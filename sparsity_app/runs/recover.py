@@ -10,7 +10,7 @@ import shutil
 import time
 
 from sparsity_app.core import limits
-from sparsity_app.core.requests import RecoveryRequest, Spec, default_threads
+from sparsity_app.core.requests import RecoveryRequest, ResolvedRecovery, Spec, default_threads
 from sparsity_app.core.results import RecoveryResult
 from sparsity_app.measure.locks import measurement_slot
 from sparsity_app.measure.timing import code_version, fingerprint
@@ -36,22 +36,28 @@ def recovery_machine() -> dict:
     return {**fingerprint(), "code": recovery_code()}
 
 
-def lookup(request: RecoveryRequest, store) -> RecoveryResult | None:
+def lookup(request: RecoveryRequest | ResolvedRecovery, store) -> RecoveryResult | None:
     """The stored result of the request, or None; never trains."""
-    req, _ = resolve.recovery(request)
-    return store.get_recovery(req.key(recovery_machine()))
+    return store.get_recovery(_resolved(request).request.key(recovery_machine()))
 
 
-def recover(request: RecoveryRequest, store=None, progress: Progress = quiet,
+def _resolved(request: RecoveryRequest | ResolvedRecovery) -> ResolvedRecovery:
+    """What a door resolved, as it is; a RecoveryRequest (the Python API's) resolved here."""
+    return request if isinstance(request, ResolvedRecovery) else resolve.recovery(request)
+
+
+def recover(request: RecoveryRequest | ResolvedRecovery, store=None, progress: Progress = quiet,
             time_limit_s: float | None = None) -> RecoveryResult:
     """Fine-tune the plan's pruned model with the request's recipe; score it before and after.
 
+    request: what a door resolved (runs.resolve.recovery), or a RecoveryRequest, resolved here.
     With a store: a stored result returns at once (cached=True), checkpoints and the recovered
     weights (`Store.recovered_weights`) live under it, and a stopped run resumes. The run holds
     the machine's measurement slot: it fills both cores for minutes and would skew any timing.
     Raises RecoveryStopped when `time_limit_s` (of this call's training) runs out.
     """
-    req, specs = resolve.recovery(request)
+    resolved = _resolved(request)
+    req, specs = resolved.request, resolved.plan.specs
     limits.current().check_recovery(req.steps * req.batch * req.seq_len)
     if time_limit_s is None:
         time_limit_s = limits.current().recover_timeout_s or None

@@ -1,7 +1,9 @@
 """The door's one check: a request in, its resolved (validated, canonical) form out.
 
-`layer(spec)` -> (Spec, its layer's (out, in) shape); `plan(plan)` -> (ModelPlan, layer -> Spec or
-None); `recovery(request)` -> RecoveryRequest. Canonical means fields a method ignores take fixed
+`layer(spec)` -> ResolvedSpec (the Spec and its layer's (out, in) shape); `plan(plan)` ->
+ResolvedPlan (the plan and every prunable layer's Spec, or None for a layer left dense);
+`recovery(request)` -> ResolvedRecovery. A door (CLI command, page, job submission, the Python API's
+`run`) calls one of them once; everything below takes the resolved object. Canonical means fields a method ignores take fixed
 values, so two requests that mean the same experiment share one cache entry. Every error is a
 UserError of one line that says what to change. Cheap: no weights are read and nothing compiles,
 so a door can resolve a whole grid before measuring any of it.
@@ -14,7 +16,8 @@ import math
 from sparsity_app.accuracy.recipes import BETA_SCHEDULES, LENGTHS, LOSSES, MAX_STEPS, RECIPES
 from sparsity_app.core.errors import UserError
 from sparsity_app.core.requests import (MAX_BATCH, MAX_REPEAT, MAX_SEQ, MAX_SPARSITY, MAX_TOKENS, NORMS, ModelPlan,
-                                        RecoveryRequest, Spec, canonical_override, default_threads)
+                                        RecoveryRequest, ResolvedPlan, ResolvedRecovery, ResolvedSpec, Spec,
+                                        canonical_override, default_threads, parse_block, parse_nm)
 from sparsity_app.model.catalog import get_model, layer_info
 from sparsity_app.prune.methods import METHODS
 
@@ -31,6 +34,37 @@ def spec(request: Spec, cores: int | None = None) -> Spec:
 
     cores: threads the measuring device has (default: this machine's; a remote device's for RPC).
     """
+    return _spec(request, cores)
+
+
+def layer(request: Spec, cores: int | None = None) -> ResolvedSpec:
+    """The canonical Spec and its layer's (out, in) shape; UserError for anything unmeasurable
+    (unknown model or layer, a block that does not tile the layer, ...).
+
+    cores: as in `spec` (a remote device's, for RPC)."""
+    resolved = _spec(request, cores)
+    shape = layer_info(resolved.model, resolved.layer).shape
+    resolved.check_shape(shape)
+    return ResolvedSpec(resolved, shape)
+
+
+def plan_fields(request: ModelPlan) -> ModelPlan:
+    """The canonical plan, checking everything that needs no model's layers (batch, tokens, the
+    default pattern, each override's syntax)."""
+    return _plan_fields(request)
+
+
+def plan(request: ModelPlan) -> ResolvedPlan:
+    """The canonical plan and each prunable layer's canonical Spec (None: the layer is left dense).
+
+    Raises UserError naming the first layer whose pattern does not fit it.
+    """
+    return _plan(request)
+
+
+# The public functions above are what doors call (a test counts them); those below do the work.
+
+def _spec(request: Spec, cores: int | None) -> Spec:
     s = request
     if s.method not in METHODS:
         raise UserError(f"unknown pruning method {s.method!r}; valid methods: {', '.join(METHODS)}")
@@ -68,50 +102,43 @@ def spec(request: Spec, cores: int | None = None) -> Spec:
                                seed=int(seed), threads=s.threads or cores)
 
 
-def layer(request: Spec, cores: int | None = None) -> tuple[Spec, tuple[int, int]]:
-    """The canonical Spec and its layer's (out, in) shape; UserError for anything unmeasurable
-    (unknown model or layer, a block that does not tile the layer, ...)."""
-    resolved = spec(request, cores)
-    shape = layer_info(resolved.model, resolved.layer).shape
-    resolved.check_shape(shape)
-    return resolved, shape
-
-
-def plan_fields(request: ModelPlan) -> ModelPlan:
-    """The canonical plan, checking everything that needs no model's layers (batch, tokens, the
-    default pattern, each override's syntax)."""
+def _plan_fields(request: ModelPlan) -> ModelPlan:
     p = request
     if not isinstance(p.batch, int) or not 1 <= p.batch <= MAX_BATCH:
         raise UserError(f"batch must be an integer in [1, {MAX_BATCH}], got {p.batch}")
     if not isinstance(p.tokens, int) or not 2 <= p.tokens <= MAX_SEQ:  # [CLS] and [SEP] at least
         raise UserError(f"tokens (the sequence length) must be an integer in [2, {MAX_SEQ}], got {p.tokens}")
-    default = spec(p.default_pattern())
+    default = _spec(p.default_pattern(), None)
     return dataclasses.replace(p, method=default.method, block=default.block, sparsity=default.sparsity,
                                nm=default.nm, norm=default.norm, seed=default.seed,
                                overrides=tuple(canonical_override(o) for o in p.overrides), threads=default.threads)
 
 
-def plan(request: ModelPlan) -> tuple[ModelPlan, dict[str, Spec | None]]:
-    """The canonical plan and each prunable layer's canonical Spec (None: the layer is left dense).
-
-    Raises UserError naming the first layer whose pattern does not fit it.
-    """
-    resolved = plan_fields(request)
-    specs: dict[str, Spec | None] = {}
+def _plan(request: ModelPlan) -> ResolvedPlan:
+    resolved = _plan_fields(request)
+    layers = []
     for info in get_model(resolved.model).layers():
-        pattern = resolved.layer_pattern(info.name)
+        pattern = _layer_pattern(resolved, info.name)
         if pattern is not None:
-            pattern = spec(pattern)
+            pattern = _spec(pattern, None)
             pattern.check_shape(info.shape)
-        specs[info.name] = pattern
-    return resolved, specs
+        layers.append((info.name, pattern))
+    return ResolvedPlan(resolved, tuple(layers))
 
 
-def recovery(request: RecoveryRequest) -> tuple[RecoveryRequest, dict[str, Spec | None]]:
+def recovery(request: RecoveryRequest, resolved_plan: ResolvedPlan | None = None) -> ResolvedRecovery:
     """The canonical recovery request (knobs its recipe ignores take fixed values: one cache entry)
-    and its plan's layer specs (as `plan`)."""
+    with its plan resolved (as `plan`, timing fields at fixed values: they do not change the weights).
+
+    resolved_plan: `plan(request.plan)` when the door has it already (the plan a recovered model is
+    then measured with), so the plan is not validated twice.
+    """
     r = request
-    resolved_plan, specs = plan(r.plan)
+    t = _TIMING_DEFAULTS  # the plan's timing fields do not change the weights: one entry whatever they are
+    if resolved_plan is not None:
+        weights_plan = resolved_plan.with_timing(tokens=t.tokens, batch=t.batch, repeat=t.repeat, threads=default_threads())
+    else:
+        weights_plan = _plan(dataclasses.replace(r.plan, tokens=t.tokens, batch=t.batch, repeat=t.repeat, threads=0))
     if r.recipe not in RECIPES:
         raise UserError(f"unknown recipe {r.recipe!r}; valid recipes: {', '.join(RECIPES)}")
     for name, value, low, high in (("steps", r.steps, 1, MAX_STEPS), ("batch", r.batch, 1, 64),
@@ -130,14 +157,12 @@ def recovery(request: RecoveryRequest) -> tuple[RecoveryRequest, dict[str, Spec 
         raise UserError(f"unknown lengths {r.lengths!r}; valid: {', '.join(LENGTHS)}")
     if r.beta_schedule not in BETA_SCHEDULES:
         raise UserError(f"unknown beta schedule {r.beta_schedule!r}; valid: {', '.join(BETA_SCHEDULES)}")
-    if not get_model(resolved_plan.model).real_weights:
-        raise UserError(f"{resolved_plan.model} has random weights: there is no accuracy to recover (use minilm-l6)")
+    if not get_model(weights_plan.plan.model).real_weights:
+        raise UserError(f"{weights_plan.plan.model} has random weights: there is no accuracy to recover (use minilm-l6)")
     d, name = _IGNORED_KNOBS, r.recipe
     knobs = RECIPES[name].knobs
-    t = _TIMING_DEFAULTS
     resolved = dataclasses.replace(
-        # the timing fields of the plan do not change the weights: one entry whatever they are
-        r, plan=dataclasses.replace(resolved_plan, tokens=t.tokens, batch=t.batch, repeat=t.repeat, threads=0),
+        r, plan=weights_plan.plan,
         lr=float(r.lr),
         decay_fraction=float(r.decay_fraction) if "decay_fraction" in knobs else d["decay_fraction"],
         mask_interval=r.mask_interval if "mask_interval" in knobs else d["mask_interval"],
@@ -145,5 +170,34 @@ def recovery(request: RecoveryRequest) -> tuple[RecoveryRequest, dict[str, Spec 
         sr_ste_decay=float(r.sr_ste_decay) if "sr_ste_decay" in knobs else d["sr_ste_decay"],
         group_lasso=float(r.group_lasso) if "group_lasso" in knobs else d["group_lasso"],
         checkpoint_every=d["checkpoint_every"])  # where checkpoints fall does not change the result
-    RECIPES[name].phase(resolved, specs, 0)  # a recipe that does not fit the plan says so now
-    return resolved, specs
+    RECIPES[name].phase(resolved, weights_plan.specs, 0)  # a recipe that does not fit the plan says so now
+    return ResolvedRecovery(resolved, weights_plan)
+
+
+def _layer_pattern(plan: ModelPlan, layer: str) -> Spec | None:
+    """The layer's Spec after the plan's overrides (not yet canonical), or None for a layer left dense."""
+    fields: dict | None = plan.default_fields()
+    for value in plan.overrides_of(layer):
+        fields = _apply(fields or plan.default_fields(), value)
+    if fields is None or (fields["nm"] is None and not METHODS[fields["method"]].needs_nm and fields["sparsity"] == 0):
+        return None
+    return plan.layer_spec(layer, fields)
+
+
+def _apply(fields: dict, value: str) -> dict | None:
+    """A layer's pruning fields after one override VALUE (None: left dense). The method is kept where it
+    can follow the new pattern (the registry says which can), else the plain method of that pattern."""
+    if value == "dense":
+        return None
+    fields, method = dict(fields), METHODS[fields["method"]]
+    if ":" in value:
+        fields.update(method=fields["method"] if method.takes_nm else "nm", nm=parse_nm(value))
+    elif "@" in value:
+        block, sparsity = value.split("@", 1)
+        fields.update(block=parse_block(block), sparsity=float(sparsity), nm=None,
+                      method=fields["method"] if method.takes_block else "block")
+    else:
+        fields.update(sparsity=float(value))
+        if fields["nm"] is not None:  # a sparsity, not a pattern: unstructured
+            fields.update(method=fields["method"] if method.unstructured else "magnitude", nm=None, block=(1, 1))
+    return fields

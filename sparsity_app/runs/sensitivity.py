@@ -30,7 +30,7 @@ import numpy as np
 
 from sparsity_app.accuracy import metrics
 from sparsity_app.core.errors import UserError
-from sparsity_app.core.requests import ModelPlan, Spec, fmt_block, parse_block, parse_nm, plan_to_command
+from sparsity_app.core.requests import ModelPlan, ResolvedSpec, Spec, fmt_block, parse_block, parse_nm, plan_to_command
 from sparsity_app.core.results import DENSE_PEERS, SPARSE
 from sparsity_app.measure.timing import fingerprint
 from sparsity_app.model.catalog import get_model
@@ -39,11 +39,14 @@ from sparsity_app.prune.methods import prune
 from sparsity_app.runs import layer as experiment, resolve
 
 Progress = Callable[[str, str], None]  # ("i/N", one-line detail)
-LOSS_METRICS = ("lee_pearson", "polarity_probe_acc", "polarity_zero_shot_acc", "wordsim_spearman",
-                "simlex_spearman", "embedding_cosine")  # metrics.METRICS, all higher-is-better
 DENSE_COST_PEER = "tvm_dense"  # what a layer left dense costs in the latency model (the graph runs our dense GEMM)
 POINT_FORMAT = 1  # part of every point's key: bump when how a point is computed changes (this file is not hashed)
 MAX_FRONT = 20_000  # Pareto states kept per layer of the allocation (thinned by cost beyond it)
+
+
+def loss_metrics() -> list[str]:
+    """The metrics a layer's loss is measured in (metrics.METRICS, the higher-is-better ones: loss = dense - pruned)."""
+    return [name for name, metric in metrics.METRICS.items() if metric.higher_is_better]
 
 
 def _quiet(step: str, detail: str) -> None:
@@ -222,10 +225,11 @@ def run_sensitivity(request: SensitivityRequest, store=None, progress: Progress 
             point = _evaluate_point(spec, shapes[spec.layer])
         times = point.times_ms
         if request.time_kernels and times is None:
-            cached = store is not None and experiment.lookup(spec, store) is not None
+            resolved = ResolvedSpec(spec, shapes[spec.layer])  # `points()` resolved it
+            cached = store is not None and experiment.lookup(resolved, store) is not None
             progress(step, f"{where}: {'stored' if cached else 'timing'} sparse kernel vs dense peers "
                            f"({spec.tokens} rows)")
-            result = experiment.run(spec, store=store, progress=lambda s, d: None)
+            result = experiment.run(resolved, store=store, progress=lambda s, d: None)
             times = {name: t.median for name, t in result.times_ms.items() if name == SPARSE or name in DENSE_PEERS}
             point = dataclasses.replace(point, times_ms=times)
         if store is not None and (stored is None or point.times_ms != stored.get("times_ms")):
@@ -442,7 +446,7 @@ def plan_of(request: SensitivityRequest, choices: dict[str, float | None]) -> Mo
     overrides = tuple(f"{layer}={_override_value(request, s)}" for layer, s in wanted.items() if s != default)
     plan = request.plan(0.0 if default is None else default, overrides)
 
-    plan, specs = resolve.plan(plan)
+    specs = resolve.plan(plan).specs
     for layer, s in wanted.items():  # the plan must mean exactly the choices
         got = None if specs[layer] is None else specs[layer].sparsity
         assert got == s, f"plan gives {layer} {got}, the allocation chose {s}"
@@ -458,8 +462,8 @@ def _override_value(request: SensitivityRequest, sparsity: float | None) -> str:
 
 
 def _check_metric(result: SensitivityResult, metric: str) -> None:
-    if metric not in LOSS_METRICS:
-        raise UserError(f"unknown metric {metric!r}; valid metrics: {', '.join(LOSS_METRICS)}")
+    if metric not in loss_metrics():
+        raise UserError(f"unknown metric {metric!r}; valid metrics: {', '.join(loss_metrics())}")
     if not result.real_weights:
         raise UserError(f"model {result.request.model} has synthetic weights: no accuracy to rank or allocate by")
 

@@ -14,10 +14,11 @@ import time
 from typing import Callable, Iterator
 
 from sparsity_app.core.errors import UserError
-from sparsity_app.core.requests import Spec
+from sparsity_app.core.requests import ResolvedSpec, Spec
 from sparsity_app.core.results import Result
 from sparsity_app.measure.backend import Backend
 from sparsity_app.measure.remote import DeviceLost, RemoteDevice, probe, request_server, servers, tracker_of
+from sparsity_app.runs import resolve
 from sparsity_app.runs.layer import lookup, run_on
 
 
@@ -42,7 +43,7 @@ class SweepReport:
     workers: int = 0
 
 
-def sweep(specs: list[Spec], backend: Backend, store=None, retune: bool = False,
+def sweep(specs: list[Spec | ResolvedSpec], backend: Backend, store=None, retune: bool = False,
           on_event: Callable[[PointEvent], None] | None = None, max_attempts: int = 3) -> SweepReport:
     """Measure every spec on the backend's servers, one worker per server of the key (each waits
     for the tracker to hand it a free one).
@@ -50,13 +51,14 @@ def sweep(specs: list[Spec], backend: Backend, store=None, retune: bool = False,
     Stored points return at once; each measured point is stored as it finishes; a point whose
     server is lost is put back for another server (at most max_attempts tries); any other failure
     is that point's one-line error. on_event is called from the worker threads (see `stream` for
-    events in the caller's thread).
+    events in the caller's thread). specs: as a door resolved them against the device's cores (a Spec
+    is resolved here, once, by the worker that takes it).
     """
     backend = backend.resolve()
     info = probe(backend)
     todo: queue.Queue = queue.Queue()
-    for i, spec in enumerate(specs):
-        todo.put((i, spec, 0))
+    for i, point in enumerate(specs):
+        todo.put((i, point, 0))
     report, lock = SweepReport(), threading.Lock()
     on_event = on_event or (lambda event: None)
 
@@ -73,22 +75,25 @@ def sweep(specs: list[Spec], backend: Backend, store=None, retune: bool = False,
         try:
             while True:
                 try:
-                    i, spec, attempts = todo.get_nowait()
+                    i, point, attempts = todo.get_nowait()
                 except queue.Empty:
                     return
+                spec = point.spec if isinstance(point, ResolvedSpec) else point
                 try:
-                    if store is not None and not retune and (hit := lookup(spec, store, backend)) is not None:
+                    if not isinstance(point, ResolvedSpec):
+                        point = resolve.layer(point, info.cores)
+                    if store is not None and not retune and (hit := lookup(point, store, backend)) is not None:
                         done(i, spec, hit, None)
                         continue
                     if session is None:
                         session = request_server(backend, tracker)
-                    done(i, spec, run_on(RemoteDevice(session, info), spec, store, retune=retune), None)
+                    done(i, spec, run_on(RemoteDevice(session, info), point, store, retune=retune), None)
                 except DeviceLost as e:
                     session = None  # this server is gone (or going): ask the tracker for another
                     with lock:
                         report.retried.append(f"{spec.label()} at {spec.sparsity:g}: {e}")
                     if attempts + 1 < max_attempts:
-                        todo.put((i, spec, attempts + 1))
+                        todo.put((i, point, attempts + 1))
                         on_event(PointEvent("retried", i, spec, message=str(e)))
                         time.sleep(0.5)  # let the tracker notice the lost server before asking again
                     else:
@@ -111,7 +116,7 @@ def sweep(specs: list[Spec], backend: Backend, store=None, retune: bool = False,
     return report
 
 
-def stream(specs: list[Spec], backend: Backend, store=None, retune: bool = False) -> Iterator[PointEvent]:
+def stream(specs: list[Spec | ResolvedSpec], backend: Backend, store=None, retune: bool = False) -> Iterator[PointEvent]:
     """`sweep` running in the background; its PointEvents yielded in the caller's thread as they
     happen (a UI can only be updated from its own thread). Errors of the sweep itself re-raise here."""
     events: queue.Queue = queue.Queue()

@@ -7,16 +7,9 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
+from sparsity_app.accuracy import metrics
 from sparsity_app.core.results import SPARSE, Result, conditions_label
 from sparsity_app.measure.timing import code_version
-
-PROXIES = {  # column -> (label, higher is better)
-    "output_cosine": ("layer output cosine", True),
-    "retained_energy": ("retained weight energy", True),
-    "lee_pearson": ("Lee similarity Pearson (model)", True),
-    "embedding_cosine": ("sentence embedding cosine (model)", True),
-    "output_rel_error": ("layer output relative error", False),
-}
 
 
 def frame(results: Iterable[Result]) -> pd.DataFrame:
@@ -119,12 +112,10 @@ def fraction_of_ideal(df: pd.DataFrame, min_sparsity: float = 0.8) -> pd.DataFra
             .sort_values("fraction_of_ideal", ascending=False).reset_index(drop=True))
 
 
-FORMAT_TITLES = {"bsr": "TVM BSR", "csr": "TVM CSR", "nm": "TVM N:M"}
-
-
 def kernel_title(result: Result) -> str:
     """'TVM BSR', 'TVM CSR' or 'TVM N:M': the sparse kernel the result timed."""
-    return FORMAT_TITLES.get(result.kernel.get("format"), "TVM sparse")
+    title = result.kernel.get("title")  # the kernel family's, recorded by the run
+    return f"TVM {title}" if title else "TVM sparse"
 
 
 def tuning_frame(result: Result) -> pd.DataFrame:
@@ -138,14 +129,6 @@ def tuning_frame(result: Result) -> pd.DataFrame:
                           "vs_winner": t["median_ms"] / best, "round": t["round"]} for t in trials])
 
 
-MODEL_METRICS = {  # column -> label (higher is better for all)
-    "lee_pearson": "Lee document similarity, Pearson vs human scores",
-    "polarity_probe_acc": "polarity, logistic-regression probe accuracy (10-fold CV)",
-    "polarity_zero_shot_acc": "polarity, zero-shot accuracy",
-    "wordsim_spearman": "WordSim353 Spearman",
-    "simlex_spearman": "SimLex-999 Spearman",
-    "embedding_cosine": "embedding cosine vs the dense model",
-}
 
 
 def model_conditions(result) -> str:
@@ -199,7 +182,7 @@ def recovery_frame(recoveries) -> pd.DataFrame:
                "train_batch": r.request.batch, "seq_len": r.request.seq_len, "lengths": r.request.lengths,
                "loss": r.request.loss, "lr": r.request.lr, "seed": r.request.seed, "code": r.machine.get("code"),
                "wall_s": r.wall_s, "sparsity_achieved": r.sparsity_achieved}
-        for k in MODEL_METRICS:
+        for k in metrics.METRICS:
             row[f"{k}_before"], row[f"{k}_after"] = r.metrics_before.get(k), r.metrics_after.get(k)
             row[f"{k}_dense"] = r.dense_metrics.get(k)
         rows.append(row)

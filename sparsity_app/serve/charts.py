@@ -5,7 +5,9 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-from sparsity_app.serve.analysis import MODEL_METRICS, PROXIES, pareto_mask
+from sparsity_app.accuracy.metrics import METRICS
+from sparsity_app.accuracy.proxies import PROXIES
+from sparsity_app.serve.analysis import pareto_mask
 
 TOOLTIP = ["pattern", "format", "sparsity_target", alt.Tooltip("sparsity_achieved", format=".3f"),
            alt.Tooltip("tvm_sparse_ms", format=".4f"), alt.Tooltip("best_dense_ms", format=".4f"), "best_dense",
@@ -18,7 +20,7 @@ def tradeoff(df: pd.DataFrame, proxy: str = "output_cosine", speedup: str = "spe
              current: dict | None = None) -> alt.Chart:
     """Accuracy proxy against speedup, one point per result, coloured by pattern; the Pareto front
     (best proxy for a given speedup) as a line; `current` (a row) ringed."""
-    label, higher = PROXIES[proxy]
+    label, higher = PROXIES[proxy].label, PROXIES[proxy].higher_is_better
     data = df.dropna(subset=[proxy]).copy()
     data["_y"] = data[proxy] if higher else -data[proxy]
     data["pareto"] = pareto_mask(data[speedup].to_numpy(), data["_y"].to_numpy()) if len(data) else []
@@ -79,7 +81,7 @@ def speedup_heatmap(df: pd.DataFrame, speedup: str = "speedup_vs_best_dense") ->
 
 
 def proxy_vs_sparsity(df: pd.DataFrame, proxy: str = "output_cosine") -> alt.Chart:
-    label, _ = PROXIES[proxy]
+    label = PROXIES[proxy].label
     return alt.Chart(df.dropna(subset=[proxy])).mark_line(point=True).encode(
         x=alt.X("sparsity_achieved:Q", title="sparsity"), y=alt.Y(f"{proxy}:Q", title=label, scale=alt.Scale(zero=False)),
         color="pattern:N", tooltip=TOOLTIP).properties(title=f"{label} vs sparsity", height=340)
@@ -114,7 +116,7 @@ def model_tradeoff(df: pd.DataFrame, metric: str, speedup: str = "speedup_vs_bes
     data = df.dropna(subset=[metric, speedup])
     base = alt.Chart(data).encode(
         x=alt.X(f"{speedup}:Q", title=speedup.replace("_", " ") + " (x, end to end)", scale=alt.Scale(zero=False)),
-        y=alt.Y(f"{metric}:Q", title=MODEL_METRICS[metric], scale=alt.Scale(zero=False)),
+        y=alt.Y(f"{metric}:Q", title=METRICS[metric].label, scale=alt.Scale(zero=False)),
         tooltip=["plan", alt.Tooltip("sparsity_achieved", format=".3f"), alt.Tooltip(speedup, format=".2f"),
                  alt.Tooltip(metric, format=".3f"), "batch", "tokens"])
     points = base.transform_filter("!datum.dense").mark_circle(size=90).encode(color=alt.Color("plan:N", title="plan"))
@@ -126,7 +128,7 @@ def model_tradeoff(df: pd.DataFrame, metric: str, speedup: str = "speedup_vs_bes
         layers.append(alt.Chart(rule).mark_rule(color="red", strokeDash=[5, 3]).encode(x=f"{speedup}:Q"))
         layers.append(alt.Chart(rule).mark_text(align="left", dx=4, dy=-150, color="red").encode(
             x=f"{speedup}:Q", text="text:N"))
-    return alt.layer(*layers).properties(title=f"{MODEL_METRICS[metric]} vs end-to-end speedup (black: dense)",
+    return alt.layer(*layers).properties(title=f"{METRICS[metric].label} vs end-to-end speedup (black: dense)",
                                          height=380)
 
 
@@ -146,14 +148,14 @@ def recovery_arrows(df: pd.DataFrame, metric: str, speedup: str = "speedup_vs_be
     data = df.dropna(subset=[metric, speedup])
     base = alt.Chart(data).encode(
         x=alt.X(f"{speedup}:Q", title=speedup.replace("_", " ") + " (x, end to end)", scale=alt.Scale(zero=False)),
-        y=alt.Y(f"{metric}:Q", title=MODEL_METRICS[metric], scale=alt.Scale(zero=False)),
+        y=alt.Y(f"{metric}:Q", title=METRICS[metric].label, scale=alt.Scale(zero=False)),
         color=alt.Color("recipe:N", title="recipe"),
         tooltip=["plan", "recipe", "steps", "stage", alt.Tooltip(speedup, format=".2f"), alt.Tooltip(metric, format=".3f")])
     lines = base.mark_line(strokeWidth=2).encode(detail="pair:N", order="order:Q")
     start = base.transform_filter("datum.stage == 'one-shot'").mark_point(size=90, filled=False, color="gray")
     end = base.transform_filter("datum.stage == 'recovered'").mark_point(shape="triangle-up", size=140, filled=True)
     return alt.layer(lines, start, end).properties(
-        title=f"{MODEL_METRICS[metric]}: one-shot (hollow) -> recovered (triangle), vs end-to-end speedup", height=380)
+        title=f"{METRICS[metric].label}: one-shot (hollow) -> recovered (triangle), vs end-to-end speedup", height=380)
 
 
 def sensitivity_heatmap(df: pd.DataFrame, metric: str = "lee_pearson") -> alt.Chart:

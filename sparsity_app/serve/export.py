@@ -33,15 +33,13 @@ import numpy as np
 
 from sparsity_app.accuracy import metrics
 from sparsity_app.core.errors import UserError
-from sparsity_app.core.requests import ModelPlan, Spec, default_threads
+from sparsity_app.core.requests import ModelPlan, ResolvedPlan, Spec, default_threads
 from sparsity_app.core.results import ModelResult
 from sparsity_app.kernels import set_threads
 from sparsity_app.measure import tuner
 from sparsity_app.model import baselines, graph
 from sparsity_app.model.catalog import get_model
 from sparsity_app.model.pruned import pruned_weights
-from sparsity_app.prune.formats import sparse_format
-from sparsity_app.runs import resolve
 from sparsity_app.runs.model import run_model
 from sparsity_app.runs.pipeline import StepClock
 
@@ -54,10 +52,10 @@ def _quiet(step: str, detail: str) -> None:
     pass
 
 
-def export_model(plan: ModelPlan, out_dir: str | os.PathLike, weights: dict[str, np.ndarray] | None = None,
+def export_model(resolved: ResolvedPlan, out_dir: str | os.PathLike, weights: dict[str, np.ndarray] | None = None,
                  store=None, progress: Progress = _quiet, force: bool = False,
                  result: ModelResult | None = None) -> pathlib.Path:
-    """Write every export of `plan` into out_dir (see the module docstring); returns its path.
+    """Write every export of the resolved plan into out_dir (see the module docstring); returns its path.
 
     weights: layer -> float32 [out, in], already masked, overriding the one-shot pruned weights.
     result: the plan's ModelResult if the caller has it (else it is measured, or read from the store).
@@ -67,12 +65,12 @@ def export_model(plan: ModelPlan, out_dir: str | os.PathLike, weights: dict[str,
     out = pathlib.Path(out_dir)
     clock = StepClock(progress, STEPS)
     with clock.step("check", f"checking the plan, the weights and {out}"):
-        plan, specs = resolve.plan(plan)
+        plan, specs = resolved.plan, resolved.specs
         check_out_dir(out, force)
         pruned = final_weights(plan, specs, weights)
     if result is None:
         with clock.step("measure", "the plan's whole-model result (stored, or measured now)"):
-            result = run_model(plan, store=store, progress=lambda s, d: progress("measure", f"{s}: {d}"))
+            result = run_model(resolved, store=store, progress=lambda s, d: progress("measure", f"{s}: {d}"))
     out.mkdir(parents=True, exist_ok=True)
     with clock.step("hf", "the pruned model as a Hugging Face folder (safetensors)"):
         model = get_model(plan.model)
@@ -154,7 +152,7 @@ def compile_plan(plan: ModelPlan, specs: dict[str, Spec | None], pruned: dict[st
         if spec is None:
             plans[name] = graph.LinearPlan("dense", pruned[name], bias)
             continue
-        family, fmt = sparse_format(pruned[name], mask_of_weights(pruned[name], spec), spec)
+        family, fmt = tuner.sparse_format(pruned[name], mask_of_weights(pruned[name], spec), spec)
         x = model.calibration(name, plan.batch * plan.tokens)
         reference = x.astype(np.float64) @ pruned[name].astype(np.float64).T
         tuning = tuner.best_schedule(family, fmt, x, reference, spec, threads, store, layouts=("feature-major",))
@@ -286,11 +284,11 @@ def write_results(result: ModelResult, folder: pathlib.Path) -> None:
             w.writerows(rows)
 
 
-def zip_bytes(plan: ModelPlan, weights: dict[str, np.ndarray] | None = None, store=None,
+def zip_bytes(resolved: ResolvedPlan, weights: dict[str, np.ndarray] | None = None, store=None,
               progress: Progress = _quiet, result: ModelResult | None = None) -> bytes:
-    """Every export of `plan` as one zip archive in memory (for a download button; no user path involved)."""
+    """Every export of the resolved plan as one zip archive in memory (for a download button; no user path)."""
     with tempfile.TemporaryDirectory(prefix="sparsity-export-") as tmp:
-        folder = export_model(plan, pathlib.Path(tmp) / "export", weights=weights, store=store, progress=progress,
+        folder = export_model(resolved, pathlib.Path(tmp) / "export", weights=weights, store=store, progress=progress,
                               result=result)
         buffer = io.BytesIO()
         with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as z:

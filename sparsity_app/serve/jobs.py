@@ -1,7 +1,7 @@
 """Long jobs that outlive the page: a queue on disk, one worker process, one job at a time.
 
 A job is a frozen request, `kind` (a name in JOB_KINDS) plus its JSON-able `request` dict (for
-"model", a ModelPlan as `plan_request(plan)`), with an id. Its state is one JSON file,
+"model", a resolved plan as `ResolvedPlan.to_dict()`), with an id. Its state is one JSON file,
 `<cache dir>/jobs/<id>.json`, always replaced whole (temp file + os.replace) under `jobs.lock`:
 
     {"id": 32 hex digits, "kind": str, "request": dict, "key": sha256 of kind + request,
@@ -71,11 +71,9 @@ from filelock import FileLock, Timeout
 
 from sparsity_app.core import limits
 from sparsity_app.core.errors import UserError
-from sparsity_app.core.requests import ModelPlan, RecoveryRequest
-from sparsity_app.core.store import Store, cache_dir, model_key_of
-from sparsity_app.measure.timing import fingerprint
-from sparsity_app.runs import resolve
-from sparsity_app.runs.model import run_model
+from sparsity_app.core.requests import ResolvedPlan, ResolvedRecovery
+from sparsity_app.core.store import Store, cache_dir
+from sparsity_app.runs.model import key_of as model_key, run_model
 from sparsity_app.runs.recover import recover, recovery_machine
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
@@ -145,61 +143,52 @@ class Submitted:
     result_key: str | None  # the stored result's key when it was
 
 
-# ---- the "model" kind: a whole pruned model, model_experiment.run_model
+# ---- the "model" kind: a whole pruned model, runs.model.run_model
+# A request is what the page resolved, in its one serialised form (ResolvedPlan.to_dict): the worker
+# reads it back and never validates it again.
 
-def plan_request(plan) -> dict:
-    """A ModelPlan as a JSON-able request dict (tuples as lists)."""
-    return json.loads(json.dumps(dataclasses.asdict(plan)))
-
-
-def plan_of(request: dict):
-    """The ModelPlan of a request dict; UserError for a dict that is not one."""
+def plan_of(request: dict) -> ResolvedPlan:
+    """The resolved plan of a "model" request dict; UserError for a dict that is not one."""
     try:
-        fields = dict(request)
-        for name in ("block", "nm", "overrides"):
-            if fields.get(name) is not None:
-                fields[name] = tuple(fields[name])
-        return ModelPlan(**fields)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"not a whole-model plan: {e}") from None
-
-
-def _model_key(request: dict) -> str:
-    return model_key_of(resolve.plan(plan_of(request))[0], fingerprint())
+        return ResolvedPlan.from_dict(request)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"not a whole-model plan (a resolved one, as a page submits it): {e}") from None
 
 
 def _model_stored(request: dict, store: Store) -> str | None:
-    key = _model_key(request)
+    key = model_key(plan_of(request).plan)
     return key if store.get_model_result(key) is not None else None
 
 
 def _model_run(request: dict, progress: Progress, store: Store) -> str:
-    run_model(plan_of(request), store=store, progress=progress)
-    return _model_key(request)
+    resolved = plan_of(request)
+    run_model(resolved, store=store, progress=progress)
+    return model_key(resolved.plan)
 
 
-# ---- the "recover" kind: recovery.recover, then the whole model on one-shot and on recovered weights
+# ---- the "recover" kind: runs.recover.recover, then the whole model on one-shot and on recovered weights
 
-def recovery_request(request, plan) -> dict:
-    """A recovery.RecoveryRequest and the ModelPlan to time it with (tokens, batch, ...) as a request dict."""
-    return {"recovery": request.to_dict(), "plan": plan.to_dict()}
+def recovery_request(recovery: ResolvedRecovery, plan: ResolvedPlan) -> dict:
+    """A resolved recovery and the resolved plan to time it with (tokens, batch, ...) as a request dict."""
+    return {"recovery": recovery.to_dict(), "plan": plan.to_dict()}
 
 
-def _recovery_of(request: dict):
+def _recovery_of(request: dict) -> tuple[ResolvedRecovery, ResolvedPlan]:
     try:
-        recovery, plan = resolve.recovery(RecoveryRequest.from_dict(request["recovery"]))[0], ModelPlan.from_dict(request["plan"])
+        recovery, plan = ResolvedRecovery.from_dict(request["recovery"]), ResolvedPlan.from_dict(request["plan"])
     except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"not a recovery request: {e}") from None
-    limits.current().check_recovery(recovery.steps * recovery.batch * recovery.seq_len)  # refused at submit
+        raise UserError(f"not a recovery request (a resolved one, as a page submits it): {e}") from None
+    r = recovery.request
+    limits.current().check_recovery(r.steps * r.batch * r.seq_len)  # refused at submit
     return recovery, plan
 
 
 def _recover_stored(request: dict, store: Store) -> str | None:
     recovery, plan = _recovery_of(request)
-    done = store.get_recovery(recovery.key(recovery_machine()))
+    done = store.get_recovery(recovery.request.key(recovery_machine()))
     if done is None:
         return None
-    key = model_key_of(resolve.plan(plan)[0], fingerprint(), done.key)
+    key = model_key(plan.plan, done)
     return key if store.get_model_result(key) is not None else None
 
 

@@ -15,7 +15,8 @@ from typing import Callable, Iterable, Mapping
 
 from sparsity_app.core import limits
 from sparsity_app.core.errors import UserError, one_line
-from sparsity_app.core.requests import ModelPlan, RecoveryRequest, Spec, fmt_block, parse_block, parse_nm
+from sparsity_app.core.requests import (ModelPlan, RecoveryRequest, ResolvedPlan, ResolvedRecovery, ResolvedSpec, Spec,
+                                        fmt_block, parse_block, parse_nm)
 from sparsity_app.model.catalog import get_model
 from sparsity_app.runs import resolve
 
@@ -37,25 +38,47 @@ MAX_VALUE_CHARS = 2000  # the longest value a link parameter may have (overrides
 def _from_query(query: Mapping[str, str], parsers: dict, default, check, show,
                 also: Iterable[str] = ()) -> tuple[object, list[str]]:
     """Apply each parameter of `query` named in `parsers` to `default` in order; one whose value does not
-    parse or fails `check(candidate)` is skipped with a note (`show(current, name)` says what is kept)."""
-    current, notes = default, unknown_notes(query, [*parsers, *also])  # `also`: read by another part of the page
+    parse or fails `check(candidate)` is skipped with a note (`show(current, name)` says what is kept).
+
+    A link whose every value parses is checked once, whole; only a link that fails that check is checked
+    parameter by parameter, to say which value is wrong.
+    """
+    notes = unknown_notes(query, [*parsers, *also])  # `also`: read by another part of the page
+    values: dict[str, object] = {}
     for name, parse in parsers.items():
         if name not in query:
             continue
         raw = query[name]
         try:
-            if len(raw) > MAX_VALUE_CHARS:  # no parameter needs more; a longer one only costs time to refuse
-                raise UserError(f"longer than {MAX_VALUE_CHARS} characters")
-            value = parse(raw)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise UserError(f"{name} must be a finite number")
-            candidate = check(current, name, dataclasses.replace(current, **{name: value}))
+            values[name] = _parse(name, raw, parse)
         except (UserError, ValueError, OverflowError) as e:
-            notes.append(escape(f"ignored {name}={_quote(raw)} from the link ({one_line(e, 160)}); "
-                                f"using {show(current, name)}"))
-            continue
-        current = candidate
+            notes.append(_ignored(name, raw, e, show(default, name)))
+    if not values:
+        return default, notes
+    try:
+        return check(default, None, dataclasses.replace(default, **values)), notes
+    except (UserError, ValueError, OverflowError, TypeError):
+        pass
+    current = default
+    for name, value in values.items():
+        try:
+            current = check(current, name, dataclasses.replace(current, **{name: value}))
+        except (UserError, ValueError, OverflowError, TypeError) as e:
+            notes.append(_ignored(name, query[name], e, show(current, name)))
     return current, notes
+
+
+def _parse(name: str, raw: str, parse: Callable[[str], object]) -> object:
+    if len(raw) > MAX_VALUE_CHARS:  # no parameter needs more; a longer one only costs time to refuse
+        raise UserError(f"longer than {MAX_VALUE_CHARS} characters")
+    value = parse(raw)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{name} must be a finite number")
+    return value
+
+
+def _ignored(name: str, raw: str, error: Exception, kept: str) -> str:
+    return escape(f"ignored {name}={_quote(raw)} from the link ({one_line(error, 160)}); using {kept}")
 
 
 def unknown_notes(query: Mapping[str, str], known: Iterable[str]) -> list[str]:
@@ -82,13 +105,16 @@ def escape(text: str) -> str:
     return _MARKDOWN.sub(r"\\\1", text)
 
 
-def spec_from_query(query: Mapping[str, str], default: Spec = Spec()) -> tuple[Spec, list[str]]:
-    """(spec, notes): every valid parameter applied, every invalid one replaced by its default."""
-    def check(spec: Spec, name: str, candidate: Spec) -> Spec:
-        if name == "model" and candidate.model != spec.model:  # the default layer may not exist there
+def spec_from_query(query: Mapping[str, str], default: Spec = Spec(),
+                    resolver: Callable[[Spec], ResolvedSpec] = resolve.layer) -> tuple[Spec, list[str]]:
+    """(spec, notes): every valid parameter applied, every invalid one replaced by its default.
 
+    resolver: what checks a candidate (a page passes its memoised resolve.layer)."""
+    def check(spec: Spec, name: str | None, candidate: Spec) -> Spec:
+        if candidate.model != spec.model and (name == "model" or candidate.layer == spec.layer):
+            # another model and no layer of its own: the default layer may not exist there
             candidate = dataclasses.replace(candidate, layer=get_model(candidate.model).layers()[0].name)
-        resolve.layer(candidate)
+        resolver(candidate)
         limits.current().check_tokens(candidate.tokens)
         return candidate
 
@@ -107,11 +133,17 @@ def _show(spec: Spec, name: str) -> str:
 
 
 def spec_to_query(spec: Spec) -> dict[str, str]:
-    q = {"model": spec.model, "layer": spec.layer, "method": spec.method, "block": fmt_block(spec.block),
-         "sparsity": f"{spec.sparsity:g}", "norm": spec.norm, "tokens": str(spec.tokens)}
-    if spec.nm is not None:
-        q["nm"] = f"{spec.nm[0]}:{spec.nm[1]}"
-    return q
+    """The link of a Spec: its one serialised form (`Spec.to_dict`), the parameters `spec_from_query` reads."""
+    return _query_of(spec.to_dict(), _PARSERS)
+
+
+def _query_of(fields: dict, parsers: dict) -> dict[str, str]:
+    """A request's `to_dict` as link parameters: the fields `parsers` reads back, as text; none left out
+    but those without a value (nm None, no overrides)."""
+    def text(value) -> str:
+        return ";".join(value) if isinstance(value, list) else f"{value:g}" if isinstance(value, float) else str(value)
+
+    return {name: text(fields[name]) for name in parsers if fields.get(name) not in (None, [])}
 
 
 _PLAN_PARSERS: dict[str, Callable[[str], object]] = {  # in the order they are applied
@@ -128,27 +160,23 @@ _PLAN_PARSERS: dict[str, Callable[[str], object]] = {  # in the order they are a
 }
 
 
-def plan_from_query(query: Mapping[str, str], default: ModelPlan = ModelPlan(),
-                    also: Iterable[str] = ("job",)) -> tuple[ModelPlan, list[str]]:
+def plan_from_query(query: Mapping[str, str], default: ModelPlan = ModelPlan(), also: Iterable[str] = ("job",),
+                    resolver: Callable[[ModelPlan], ResolvedPlan] = resolve.plan) -> tuple[ModelPlan, list[str]]:
     """(plan, notes): every valid parameter applied, every invalid one replaced by its default.
 
     also: parameters the page reads elsewhere (the job panel's `job`, the recovery's), never "unknown".
+    resolver: what checks a candidate (a page passes its memoised resolve.plan).
     """
-    def check(plan: ModelPlan, name: str, candidate: ModelPlan) -> ModelPlan:
-        resolve.plan(candidate)
+    def check(plan: ModelPlan, name: str | None, candidate: ModelPlan) -> ModelPlan:
+        resolver(candidate)
         return candidate
 
     return _from_query(query, _PLAN_PARSERS, default, check, _show, also)
 
 
 def plan_to_query(plan: ModelPlan) -> dict[str, str]:
-    q = {"model": plan.model, "method": plan.method, "block": fmt_block(plan.block), "sparsity": f"{plan.sparsity:g}",
-         "tokens": str(plan.tokens), "batch": str(plan.batch), "threads": str(plan.threads), "repeat": str(plan.repeat)}
-    if plan.nm is not None:
-        q["nm"] = f"{plan.nm[0]}:{plan.nm[1]}"
-    if plan.overrides:
-        q["overrides"] = ";".join(plan.overrides)
-    return q
+    """The link of a ModelPlan: its one serialised form (`ModelPlan.to_dict`), the parameters `plan_from_query` reads."""
+    return _query_of(plan.to_dict(), _PLAN_PARSERS)
 
 
 _RECOVERY_PARSERS: dict[str, Callable[[str], object]] = {"recipe": str, "steps": int, "batch": int, "seq_len": int,
@@ -157,11 +185,12 @@ _RECOVERY_QUERY = {"recipe": "recipe", "steps": "steps", "batch": "train_batch",
                    "lengths": "lengths"}  # field -> parameter
 
 
-def recovery_from_query(query: Mapping[str, str], plan: ModelPlan):
+def recovery_from_query(query: Mapping[str, str], plan: ModelPlan,
+                        resolver: Callable[[RecoveryRequest], ResolvedRecovery] = resolve.recovery):
     """(recovery.RecoveryRequest of `plan`, notes): the link's recipe and steps, each invalid one replaced
-    by its default with a note."""
-    def check(request, name: str, candidate):
-        r = resolve.recovery(candidate)[0]
+    by its default with a note. resolver: what checks a candidate (a page passes its memoised one)."""
+    def check(request, name: str | None, candidate):
+        r = resolver(candidate).request
         limits.current().check_recovery(r.steps * r.batch * r.seq_len)
         return candidate
 
@@ -169,7 +198,7 @@ def recovery_from_query(query: Mapping[str, str], plan: ModelPlan):
         return f"{name} {getattr(request, name)}"
 
     try:
-        default = resolve.recovery(RecoveryRequest(plan=plan))[0]
+        default = resolver(RecoveryRequest(plan=plan)).request
     except UserError:  # the plan cannot be recovered (e.g. synthetic weights): the page says why
         return RecoveryRequest(plan=plan), []
     renamed = {field: query[param] for field, param in _RECOVERY_QUERY.items() if param in query}
