@@ -1,5 +1,6 @@
 """Faults: a compile failure, a process killed mid-sweep, a corrupt cache, a full disk. Each gives one
 clear message, loses no finished point, leaves the cache readable, and the app and the CLI go on."""
+import dataclasses
 import errno
 import os
 import pathlib
@@ -17,7 +18,7 @@ from sparsity_app import Spec, run
 from sparsity_app.cli.main import main
 from sparsity_app.core.errors import CompileError
 from sparsity_app.core.store import CacheWriteError, Store, _TextDisk
-from sparsity_app.kernels import bsr
+from sparsity_app.kernels import bsr, families
 from sparsity_app.measure import locks
 
 APP = str(pathlib.Path(__file__).resolve().parent.parent / "app.py")
@@ -26,13 +27,15 @@ TVM_ERROR = ("InternalError: Check failed: (lowered.defined()) is false: cannot 
              "Stack trace:\n  0: tvm::tir::transform::LowerIntrin\n  1: tvm::transform::Pass::operator()")
 
 
-class _FailsOn4x4(bsr.TVMBSR):
-    """The real BSR kernel, except that compiling a 4x4-block weight fails as TVM fails (a long message)."""
+def _fails_on_4x4(weight, tokens, knobs, n_parts=None):
+    """The real BSR packing, except that building a 4x4-block kernel fails as TVM fails (a long message)."""
+    if weight.block == (4, 4):
+        raise RuntimeError(TVM_ERROR)
+    return bsr.pack(weight, tokens, knobs, n_parts)
 
-    def __init__(self, weight, x, knobs=None, n_parts=None):
-        if weight.block == (4, 4):
-            raise RuntimeError(TVM_ERROR)
-        super().__init__(weight, x, knobs, n_parts)
+
+def _break_4x4(monkeypatch) -> None:
+    monkeypatch.setitem(families.FAMILIES, "bsr", dataclasses.replace(families.FAMILIES["bsr"], pack=_fails_on_4x4))
 
 
 def _app(page: str) -> AppTest:
@@ -77,7 +80,7 @@ def test_kill_9_mid_sweep_keeps_exactly_the_finished_points_and_the_next_sweep_r
 # A compile failure --------------------------------------------------------------------------------------
 
 def test_compile_failure_is_one_line_stores_nothing_and_frees_the_slot(monkeypatch, cache_dir, capsys):
-    monkeypatch.setattr(bsr, "TVMBSR", _FailsOn4x4)
+    _break_4x4(monkeypatch)
     with pytest.raises(CompileError, match=r"TVM could not compile the kernel with schedule .*: InternalError"):
         run(Spec(model="bert-base-synthetic", block=(4, 4), sparsity=0.9, tokens=8, repeat=3), store=Store())
     assert main(["run", *CHEAP, "--block", "4x4"]) == 1
@@ -87,7 +90,7 @@ def test_compile_failure_is_one_line_stores_nothing_and_frees_the_slot(monkeypat
 
 
 def test_sweep_page_shows_a_compile_failure_and_keeps_the_other_points(monkeypatch, cache_dir):
-    monkeypatch.setattr(bsr, "TVMBSR", _FailsOn4x4)
+    _break_4x4(monkeypatch)
     at = _app("app_pages/sweep.py")
     at.selectbox(key="sweep_model").set_value("bert-base-synthetic").run()
     at.number_input(key="sweep_tokens").set_value(8)

@@ -122,8 +122,8 @@ def probe_spread_lines(results: list, store) -> list[str]:
 
 def one_shot_metrics(plan: ModelPlan) -> dict[str, float]:
     """Real-label metrics of the plan's one-shot pruned MiniLM (no timing, no training)."""
-    model = get_model(plan.model)
-    _, weights = pruned_weights(plan)
+    model, resolved = get_model(plan.model), resolve.plan(plan)
+    _, weights = pruned_weights(resolved.plan.model, resolved.specs)
     return metrics.evaluate(model.pruned_copy(weights), model.tokenizer(), metrics.reference_embeddings(plan.model))
 
 

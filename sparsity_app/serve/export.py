@@ -106,7 +106,7 @@ def final_weights(plan: ModelPlan, specs: dict[str, Spec | None], weights: dict[
     """layer -> float32 [out, in] of every encoder linear: the one-shot pruned weights, with `weights` in
     place of those it names. UserError for an unknown layer, a wrong shape, or a weight that does not
     fit its layer's pattern (a block or N:M group the plan does not allow)."""
-    _, pruned = pruned_weights(plan)
+    _, pruned = pruned_weights(plan.model, specs)
     for name, w in (weights or {}).items():
         if name not in pruned:
             raise UserError(f"weights name unknown layer {name!r}; the plan's layers are {next(iter(pruned))}, ...")

@@ -418,7 +418,8 @@ def cancel(job_id: str, owner_token: str | None, directory: str | os.PathLike | 
 # ---- the worker
 
 def ensure_worker(directory: str | os.PathLike | None = None) -> None:
-    """Start a detached worker unless one holds the worker lock (a spare one started in a race exits at once)."""
+    """Start a detached worker unless one holds the worker lock, or one started by an earlier call is
+    still starting (it takes a few seconds to import; a spare one started in a race exits at once)."""
     d = jobs_dir(directory)
     probe = FileLock(str(d / "worker.lock"), thread_local=False, is_singleton=False)
     try:
@@ -426,10 +427,18 @@ def ensure_worker(directory: str | os.PathLike | None = None) -> None:
     except Timeout:
         return  # a worker lives; it looks at the queue again before it leaves
     probe.release()
+    started = d / "worker.started"  # the pid of the last worker started here
+    try:
+        if _alive(int(started.read_text())):
+            return  # it is starting (or just leaving, after a last look at the queue)
+    except (OSError, ValueError):
+        pass
     log = open(d / "worker.log", "ab")
     try:
-        subprocess.Popen([sys.executable, "-m", "sparsity_app", "worker", "--cache-dir", str(cache_dir(directory))],
-                         cwd=_ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+        worker = subprocess.Popen([sys.executable, "-m", "sparsity_app", "worker", "--cache-dir",
+                                   str(cache_dir(directory))],
+                                  cwd=_ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+        started.write_text(str(worker.pid))
     finally:
         log.close()
 
