@@ -57,8 +57,8 @@ try:
                      threads=start.threads, repeat=start.repeat)
     plan_checked = resolved_plan(plan)  # the page's one check of each request: the job and lookups take them
     resolved = resolved_recovery(RecoveryRequest(plan=plan, recipe=recipe, steps=int(steps), batch=start_request.batch,
-                                                seq_len=start_request.seq_len, lengths=start_request.lengths),
-                                plan_checked)  # the link's training shape (the CLI's flags)
+                                                 seq_len=start_request.seq_len, lengths=start_request.lengths),
+                                 plan_checked)  # the link's training shape (the CLI's flags)
     request = resolved.request
 except UserError as e:
     st.error(escape(one_line(e, 600)))

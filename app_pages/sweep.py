@@ -1,7 +1,7 @@
 """Sweep: a grid of patterns x sparsities on one layer; every point is stored as it finishes."""
 import streamlit as st
 
-from app_pages.common import backend_controls, cache_controls, conditions, query_spec, resolved_on, session_id, store
+from app_pages.common import backend_controls, cache_controls, conditions, query_spec, resolved_spec, session_id, store
 from sparsity_app import Spec, UserError
 from sparsity_app.accuracy.proxies import PROXIES
 from sparsity_app.core.errors import one_line
@@ -58,16 +58,17 @@ else:
     grid = [Spec(**common, block=parse_block(b), sparsity=s) for b in blocks for s in sorted(sparsities)]
 
 # This page's one check of each point (on the measuring device's cores): everything below takes `points`.
-points, invalid = [], []
 try:
-    for spec in grid:
-        try:
-            points.append(resolved_on(spec, backend))
-        except UserError as e:  # e.g. a block that does not divide this layer: skipped with a message
-            invalid.append(f"{spec.label()} at {spec.sparsity:g}: {one_line(e, 600)}")
+    cores = None if backend.kind == "local" else sweep.probe(backend).cores
 except UserError as e:  # an unreachable tracker
     st.error(escape(one_line(e, 600)))
     st.stop()
+points, invalid = [], []
+for spec in grid:
+    try:
+        points.append(resolved_spec(spec, cores))
+    except UserError as e:  # e.g. a block that does not divide this layer: skipped with a message
+        invalid.append(f"{spec.label()} at {spec.sparsity:g}: {one_line(e, 600)}")
 
 
 def _measured(point) -> bool:
@@ -93,7 +94,7 @@ if go and backend.kind == "rpc":  # fanned out over the key's servers; points ar
                 continue
             finished += 1
             bar.progress(finished / len(points), text=f"{finished}/{len(points)}: {event.spec.label()} at "
-                                                    f"{event.spec.sparsity:g}")
+                         f"{event.spec.sparsity:g}")
             if event.kind == "failed":
                 failures.append(f"{event.spec.label()} at {event.spec.sparsity:g}: {event.message}")
     except UserError as e:  # e.g. the tracker cannot be reached

@@ -55,15 +55,15 @@ def test_mixed_sparse_graph_matches_masked_pytorch(small):
     layer = "encoder.layer.{}.{}"
     plans = {
         layer.format(0, "attention.self.query"): _plan(small, layer.format(0, "attention.self.query"), block,
-                                                        BSRKnobs(tile=8, vec="rows", layout="row-major")),
+                                                       BSRKnobs(tile=8, vec="rows", layout="row-major")),
         layer.format(0, "attention.self.key"): _plan(small, layer.format(0, "attention.self.key"), block,
-                                                      BSRKnobs(tile=16, vec="tokens", layout="feature-major", split="nnz")),
+                                                     BSRKnobs(tile=16, vec="tokens", layout="feature-major", split="nnz")),
         layer.format(0, "attention.self.value"): _plan(small, layer.format(0, "attention.self.value"), mag,
-                                                        CSRKnobs(tile=8, pack=True)),
+                                                       CSRKnobs(tile=8, pack=True)),
         layer.format(0, "attention.output.dense"): _plan(small, layer.format(0, "attention.output.dense"), nm24,
-                                                          NMKnobs(tile=16, chunk=16)),
+                                                         NMKnobs(tile=16, chunk=16)),
         layer.format(0, "intermediate.dense"): _plan(small, layer.format(0, "intermediate.dense"), flat,
-                                                      BSRKnobs(tile=16, vec="tokens", layout="feature-major", rows_per_pass=0)),
+                                                     BSRKnobs(tile=16, vec="tokens", layout="feature-major", rows_per_pass=0)),
         layer.format(0, "output.dense"): _plan(small, layer.format(0, "output.dense"), mag),
         # layer 1: Q, K, V with one plan each of the same kind -> fused into one linear
         **{layer.format(1, s): _plan(small, layer.format(1, s), block, BSRKnobs(tile=8, layout="feature-major"))

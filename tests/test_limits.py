@@ -138,8 +138,8 @@ def test_app_rate_limit_counts_new_measurements_only(monkeypatch, cache_dir):
 
     measured = []
 
-    def engine(spec, store, progress, retune, backend=None):  # as experiment.run: a stored result is returned, not measured
-        spec = resolve.spec(spec)
+    def engine(point, store, progress, retune, backend=None):  # as runs.layer.run: a stored result is returned
+        spec = point.spec  # the page resolved it
         if not retune and (hit := store.get(key_of(spec, fingerprint()))) is not None:
             return hit
         measured.append(spec)

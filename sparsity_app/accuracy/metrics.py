@@ -20,7 +20,6 @@ import functools
 from typing import Callable
 
 import numpy as np
-from scipy.stats import spearmanr
 
 from sparsity_app.accuracy.recipes import training_sequences
 from sparsity_app.core.errors import UserError
@@ -141,10 +140,12 @@ def _polarity_labels() -> np.ndarray:
 
 
 def _word_spearman(e: Embeddings, pairs: tuple[tuple[str, str, float], ...]) -> float:
+    from scipy import stats  # lazy: scipy.stats takes ~1 s to import, for the two word-similarity figures alone
+
     idx = word_index()
     a = e.words[[idx[w] for w, _, _ in pairs]].astype(np.float64)
     b = e.words[[idx[w] for _, w, _ in pairs]].astype(np.float64)
-    return float(spearmanr((a * b).sum(axis=1), [s for _, _, s in pairs]).statistic)
+    return float(stats.spearmanr((a * b).sum(axis=1), [s for _, _, s in pairs]).statistic)
 
 
 # ---- embedding, evaluation, pruned copies ---------------------------------------------------------

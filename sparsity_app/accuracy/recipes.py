@@ -3,13 +3,13 @@
 The training loop that carries them out is accuracy.recovery; this module is what resolving a
 request and listing the choices read.
 
-The student is a copy of the dense model whose encoder linears (`models.Model.layers()`) train;
+The student is a copy of the dense model whose encoder linears (`model.catalog.Model.layers()`) train;
 everything else (embeddings, biases, layer norms) stays frozen, so a recovered model is exactly
 "the same model with other linear weights": layer -> float32 [out, in], zero where its mask drops
 a weight. It learns to reproduce the dense model (`LOSSES`: by default every layer's hidden states,
 mean squared error; or also the sentence embedding, by cosine) on unlabelled text that no metric
 evaluates on: gensim's `lee_background.cor` and
-`head500.noblanks.cor`. Never `lee.cor` or the polarity sentences (metrics.py scores on those).
+`head500.noblanks.cor`. Never `lee.cor` or the polarity sentences (accuracy/metrics.py scores on those).
 Each step reads `batch` x `seq_len` tokens; `LENGTHS` says how they are cut into sequences. By
 default ("mixed") the steps cycle through sequences of seq_len, seq_len/2, seq_len/4 and seq_len/8
 tokens: a student that only ever saw 128-token windows matched the dense model far less on short

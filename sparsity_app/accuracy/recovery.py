@@ -89,7 +89,7 @@ def _load_checkpoint(checkpoint: pathlib.Path | None, progress: Progress) -> dic
 
 
 def train(req: RecoveryRequest, specs: dict, checkpoint: pathlib.Path | None, progress: Progress,
-           time_limit_s: float | None):
+          time_limit_s: float | None):
     """The shared loop: (weights, masks, steps done, wall s, losses, resumed from).
 
     weights: layer -> float32 [out, in] numpy, zero where masks (bool [out, in]) drop a weight.

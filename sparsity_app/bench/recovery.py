@@ -11,11 +11,10 @@ import json
 from types import SimpleNamespace
 
 import numpy as np
-import pandas as pd
 
 from sparsity_app.accuracy import metrics
 from sparsity_app.core.errors import UserError
-from sparsity_app.core.requests import ModelPlan, RecoveryRequest
+from sparsity_app.core.requests import ModelPlan, RecoveryRequest, ResolvedRecovery
 from sparsity_app.core.store import Store
 from sparsity_app.measure.timing import fingerprint
 from sparsity_app.model import catalog
@@ -23,7 +22,7 @@ from sparsity_app.model.catalog import get_model
 from sparsity_app.model.pruned import pruned_weights
 from sparsity_app.runs import resolve
 from sparsity_app.runs.recover import STEPS, recover
-from sparsity_app.serve.report import format_recovery, say, steps_to_stderr
+from sparsity_app.serve.report import format_recovery, rows_text, say, steps_to_stderr
 
 BLOCK_50 = ModelPlan(method="block", block=(32, 1), sparsity=0.5)
 BLOCK_90 = ModelPlan(method="block", block=(32, 1), sparsity=0.9)
@@ -49,7 +48,8 @@ def requests(steps: int, only: str | None = None, lengths: str = RecoveryRequest
     return [r for r in out if only is None or only in r.plan.label() or only == r.recipe]
 
 
-def stored_runs(todo: list[RecoveryRequest], store, code: str | None = None) -> tuple[list, str | None]:
+def stored_runs(todo: list[RecoveryRequest | ResolvedRecovery], store, code: str | None = None
+                ) -> tuple[list, str | None]:
     """(the stored RecoveryResults of `todo` made by one recovery code version, that version).
 
     The version `code` (a prefix of it), or else the one with the most of them; results of different code
@@ -57,7 +57,7 @@ def stored_runs(todo: list[RecoveryRequest], store, code: str | None = None) -> 
     Only this machine's results count (same CPU and packages; the code hash aside).
     """
     here = {k: v for k, v in fingerprint().items() if k != "code"}
-    wanted = {resolve.recovery(r).request: i for i, r in enumerate(todo)}
+    wanted = {(r if isinstance(r, ResolvedRecovery) else resolve.recovery(r)).request: i for i, r in enumerate(todo)}
     by_code: dict[str, dict[int, object]] = {}
     for result in store.recoveries():
         if result.request in wanted and {k: v for k, v in result.machine.items() if k != "code"} == here:
@@ -185,7 +185,7 @@ def target_verdicts(results: list, each: str = "one seed each") -> list[str]:
         verdict = None if v is None or ste is None else f"ties with sr-ste (within 0.01, {each})" \
             if abs(v - ste) < 0.01 else "beats sr-ste" if v > ste else "does not beat sr-ste"
         lines.append(f"2:4: {recipe} Lee " + ("not run" if verdict is None else
-                                               f"{v:.3f} vs sr-ste {ste:.3f}: {v - ste:+.3f} ({verdict})"))
+                                              f"{v:.3f} vs sr-ste {ste:.3f}: {v - ste:+.3f} ({verdict})"))
     return lines
 
 
@@ -215,8 +215,8 @@ def across_seeds(by_seed: dict[int, list]) -> tuple[list[dict], list[str]]:
     return rows, target_verdicts(means, f"means of {len(seeds)} seeds each")
 
 
-def _recovered(request: RecoveryRequest, store):
-    return recover(request, store=store, progress=steps_to_stderr(STEPS))
+def _recovered(resolved: ResolvedRecovery, store):
+    return recover(resolved, store=store, progress=steps_to_stderr(STEPS))
 
 
 def main(args) -> int:
@@ -238,12 +238,15 @@ def main(args) -> int:
             values = [float(v) for v in given.split(",")]
         except ValueError:
             raise UserError(f"--probe-{knob} takes comma-separated numbers, got {given!r}") from None
-        rows, probes = [], [resolve.recovery(r).request for r in probe_requests(values, args.probe_steps,
-                                                                              args.probe_loss, knob, args.lengths)]
-        for request in probes:  # every bad value said before anything trains
+        # every bad value said before anything trains
+        probes = [resolve.recovery(r) for r in probe_requests(values, args.probe_steps, args.probe_loss, knob,
+                                                              args.lengths)]
+        rows = []
+        for resolved in probes:
+            request = resolved.request
             say(f"[probe] {request.label()}, {knob} {getattr(request, field):g}, "
-                 f"lr {request.lr:g}, loss {request.loss}")
-            r = _recovered(request, store)
+                f"lr {request.lr:g}, loss {request.loss}")
+            r = _recovered(resolved, store)
             rows.append({knob: getattr(request, field), "recipe": request.recipe,
                          "loss": request.loss, "steps": r.steps_done, "train_s": round(r.wall_s),
                          "last_loss": r.loss[-1][1], "fidelity": round(metrics.fidelity(
@@ -252,19 +255,19 @@ def main(args) -> int:
         if args.json:
             print(json.dumps(rows))
         else:
-            print(pd.DataFrame(rows).to_string(index=False))
+            print(rows_text(rows))
         return 0
-    todo = [resolve.recovery(r).request for r in requests(args.steps, args.only, args.lengths,  # a bad flag: one line
-                                                         args.train_seed)]
+    todo = [resolve.recovery(r) for r in requests(args.steps, args.only, args.lengths,  # a bad flag: one line
+                                                  args.train_seed)]
     if args.stored:
         results, code = stored_runs(todo, store, args.code)
         say(f"{len(results)} of {len(todo)} target runs stored by code version {code}" if results else
-             "no target run is stored on this machine" + (f" by code version {args.code}" if args.code else ""))
+            "no target run is stored on this machine" + (f" by code version {args.code}" if args.code else ""))
         todo = []
-    for i, request in enumerate(todo, 1):
-        say(f"[run {i}/{len(todo)}] {request.label()}")
+    for i, resolved in enumerate(todo, 1):
+        say(f"[run {i}/{len(todo)}] {resolved.request.label()}")
         try:
-            results.append(_recovered(request, store))  # resolved above
+            results.append(_recovered(resolved, store))
         except UserError as e:  # one run that cannot go (e.g. stopped): say so, keep the others
             say(f"  {e}")
             continue
@@ -285,11 +288,11 @@ def main(args) -> int:
         print(json.dumps({"runs": [r.to_dict() for r in results], "one_shot": one_shot, "verdicts": lines,
                           "probe_spread": spread}))
     else:
-        print("\n".join([pd.DataFrame([{"plan": r.request.plan.label(), "recipe": r.request.recipe, "steps": r.steps_done,
-                                        "wall_min": round(r.wall_s / 60, 1),
-                                        **{f"{k}_{when}": round(getattr(r, f"metrics_{when}")[k], 3)
-                                           for k in ("lee_pearson", "polarity_probe_acc") for when in ("before", "after")}}
-                                       for r in results]).to_string(index=False), *lines, *spread]))
+        print("\n".join([rows_text([{"plan": r.request.plan.label(), "recipe": r.request.recipe, "steps": r.steps_done,
+                                     "wall_min": round(r.wall_s / 60, 1),
+                                     **{f"{k}_{when}": round(getattr(r, f"metrics_{when}")[k], 3)
+                                         for k in ("lee_pearson", "polarity_probe_acc") for when in ("before", "after")}}
+                                    for r in results]), *lines, *spread]))
     return 0
 
 
@@ -302,11 +305,11 @@ def _main_across_seeds(args, store) -> int:
         raise UserError("--across-seeds names the seeds itself: leave out --train-seed")
     by_seed, code = {}, args.code
     for seed in args.across_seeds:
-        todo = [resolve.recovery(r).request for r in requests(args.steps, args.only, args.lengths, seed)]
+        todo = [resolve.recovery(r) for r in requests(args.steps, args.only, args.lengths, seed)]
         by_seed[seed], found = stored_runs(todo, store, code)
         code = code or found  # the first seed with runs fixes the code version: seeds are never mixed across versions
         say(f"training seed {seed}: {len(by_seed[seed])} of {len(todo)} target runs stored"
-             + (f" by code version {found}" if found else ""))
+            + (f" by code version {found}" if found else ""))
     rows, mean_lines = across_seeds(by_seed)
     seeds = ", ".join(map(str, args.across_seeds))
     lines = [f"training seed {seed}: {line}" for seed, runs in by_seed.items()
@@ -315,7 +318,7 @@ def _main_across_seeds(args, store) -> int:
     if args.json:
         print(json.dumps({"seeds": list(args.across_seeds), "code": code, "rows": rows, "verdicts": lines}))
     else:
-        table = pd.DataFrame(rows).to_string(index=False) if rows else f"no target run is stored at every seed ({seeds})"
+        table = rows_text(rows) if rows else f"no target run is stored at every seed ({seeds})"
         print("\n".join([table, *lines]))
     return 0
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import pathlib
 
+from sparsity_app.accuracy import metrics
 from sparsity_app.cli import flags
 from sparsity_app.core.errors import UserError
 from sparsity_app.core.requests import NORMS, parse_block, parse_floats, parse_nm, plan_to_command
@@ -14,8 +15,7 @@ from sparsity_app.core.store import Store
 from sparsity_app.prune.methods import METHODS
 from sparsity_app.runs import resolve
 from sparsity_app.runs.model import STEPS as MODEL_STEPS, run_model
-from sparsity_app.runs.sensitivity import (SensitivityRequest, allocate, loss_metrics, ranking, remainder_from_store,
-                                           run_sensitivity)
+from sparsity_app.runs.sensitivity import SensitivityRequest, allocate, ranking, remainder_from_store, run_sensitivity
 from sparsity_app.serve.report import open_store, say, steps_to_stderr
 
 
@@ -43,14 +43,16 @@ def add_parsers(sub) -> None:
 def _add_request_args(p: argparse.ArgumentParser) -> None:
     d = SensitivityRequest()
     p.add_argument("--model", default=d.model, help="model name (default %(default)s)")
-    p.add_argument("--method", default=d.method, choices=list(METHODS), help="pruning method (default %(default)s)")
+    p.add_argument("--method", default=d.method, type=flags.one_of(METHODS, "pruning method", "methods"),
+                   metavar=flags.names(METHODS), help="pruning method (default %(default)s)")
     p.add_argument("--block", default="32x1", help="bs_r x bs_c, e.g. 32x1")
     p.add_argument("--nm", default=None, help="N:M pattern (method nm, random or wanda), e.g. 2:4")
     p.add_argument("--norm", default=d.norm, choices=NORMS)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--sparsities", default="0.5,0.7,0.9", help="comma-separated grid (default %(default)s)")
     p.add_argument("--layers", default="", help="comma-separated layer names (default: every prunable linear)")
-    p.add_argument("--metric", default="lee_pearson", choices=loss_metrics(), help="loss to rank and allocate by")
+    p.add_argument("--metric", default="lee_pearson", type=flags.one_of(metrics.METRICS, "metric", "metrics"),
+                   metavar=flags.names(metrics.METRICS), help="loss to rank and allocate by")
     p.add_argument("--tokens", type=int, default=d.tokens, help="sequence length (default %(default)s)")
     p.add_argument("--batch", type=int, default=d.batch, help="sequences per call (default %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="threads for every kernel (0 = all cores)")
@@ -71,7 +73,7 @@ def _measure(args):
     request = _request(args).resolve()  # every bad input before anything loads
     n = len(request.points())
     say(f"sensitivity of {request.model}, {request.label()}: {len(request.layers)} layers x "
-         f"{len(request.sparsities)} sparsities = {n} points (stored points are read back)")
+        f"{len(request.sparsities)} sparsities = {n} points (stored points are read back)")
     return run_sensitivity(request, store=Store(args.cache_dir), progress=lambda step, detail: say(f"[{step}] {detail}"))
 
 

@@ -46,7 +46,8 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("bench-model", help="whole-model benchmark: the targets' configurations, measured afresh")
     p.add_argument("--configs", default="minilm-l6:1x128,minilm-l6:8x128,bert-base-synthetic:1x128",
                    help="comma-separated MODEL:BATCHxTOKENS")
-    p.add_argument("--method", default="block", choices=list(METHODS))
+    p.add_argument("--method", default="block", type=flags.one_of(METHODS, "pruning method", "methods"),
+                   metavar=flags.names(METHODS))
     p.add_argument("--block", default="32x1")
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--threads", type=int, default=0)

@@ -17,6 +17,20 @@ from sparsity_app.runs.recover import STEPS, recover
 from sparsity_app.serve.report import steps_to_stderr
 
 
+def one_of(registry: dict, what: str, plural: str):
+    """An argparse type: a name in `registry`, read when the flag is parsed (a registered item is a choice)."""
+    def name(text: str) -> str:
+        if text not in registry:
+            raise argparse.ArgumentTypeError(f"unknown {what} {text!r}; valid {plural}: {', '.join(registry)}")
+        return text
+    return name
+
+
+def names(registry: dict) -> str:
+    """The registry's names for a flag's usage line."""
+    return "{" + ",".join(registry) + "}"
+
+
 def seed(text: str) -> int:
     """A training seed: NumPy seeds the data order with it, so a non-negative integer."""
     if not text.strip().isdecimal():  # no sign, no fraction
@@ -36,7 +50,8 @@ def add_spec_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     d = Spec()
     p.add_argument("--model", default=d.model, help="model name (default %(default)s)")
     p.add_argument("--layer", default=d.layer, help="dotted layer name (see `layers`)")
-    p.add_argument("--method", default=d.method, choices=list(METHODS), help="pruning method (default %(default)s)")
+    p.add_argument("--method", default=d.method, type=one_of(METHODS, "pruning method", "methods"),
+                   metavar=names(METHODS), help="pruning method (default %(default)s)")
     if not sweep:
         p.add_argument("--block", default="32x1", help=f"bs_r x bs_c, e.g. {', '.join(BLOCK_PRESETS)}")
         p.add_argument("--sparsity", type=float, default=d.sparsity, help="fraction removed, 0..0.99")
@@ -70,7 +85,8 @@ def backend(args: argparse.Namespace):
 def add_plan_args(p: argparse.ArgumentParser) -> None:
     d = ModelPlan()
     p.add_argument("--model", default=d.model, help="model name (default %(default)s)")
-    p.add_argument("--method", default=d.method, choices=list(METHODS), help="pruning method (default %(default)s)")
+    p.add_argument("--method", default=d.method, type=one_of(METHODS, "pruning method", "methods"),
+                   metavar=names(METHODS), help="pruning method (default %(default)s)")
     p.add_argument("--block", default="32x1", help="bs_r x bs_c of every layer, e.g. 32x1")
     p.add_argument("--sparsity", type=float, default=d.sparsity, help="fraction removed from each layer")
     p.add_argument("--nm", default=None, help="N:M pattern of every layer (method nm or random), e.g. 2:4")
@@ -90,15 +106,16 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
 def add_recovery_args(p: argparse.ArgumentParser, required: bool) -> None:
     d = RecoveryRequest()
     g = p.add_argument_group("recovery fine-tune" + ("" if required else " (with --recipe: measure the recovered "
-                                                                          "weights instead of the one-shot ones)"))
-    g.add_argument("--recipe", default="fixed" if required else None, choices=list(RECIPES),
+                                                     "weights instead of the one-shot ones)"))
+    g.add_argument("--recipe", default="fixed" if required else None, type=one_of(RECIPES, "recipe", "recipes"),
+                   metavar=names(RECIPES),
                    help="what the mask does while training" + (" (default %(default)s)" if required else ""))
     g.add_argument("--steps", type=int, default=d.steps, help="optimiser steps (default %(default)s)")
     g.add_argument("--train-batch", type=int, default=d.batch, help="sequences of --seq-len tokens per step: the "
                    "step's tokens, however --lengths cuts them (default %(default)s)")
     g.add_argument("--seq-len", type=int, default=d.seq_len, help="a step reads --train-batch x --seq-len tokens "
                    "(default %(default)s)")
-    g.add_argument("--lengths", default=d.lengths, choices=list(LENGTHS), help="sequences of --seq-len tokens only "
+    g.add_argument("--lengths", default=d.lengths, metavar=names(LENGTHS), help="sequences of --seq-len tokens only "
                    "(fixed), or steps cycling through seq-len/8, /4, /2 and seq-len tokens, as many sequences as make "
                    "the same tokens (mixed; default %(default)s)")
     g.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate (default %(default)s)")

@@ -68,7 +68,7 @@ def _sweep(args) -> None:
     stored = sum(lookup(point, store) is not None for point in grid)  # e.g. left by a sweep that was killed
     if stored:
         say(f"resuming: {stored} of {len(specs)} points already stored (cached); measuring the other "
-             f"{len(specs) - stored}")
+            f"{len(specs) - stored}")
     try:
         for i, point in enumerate(grid):
             _progress(i, len(grid), point.spec)

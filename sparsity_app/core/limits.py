@@ -6,8 +6,8 @@ any of them through environment variables named after the field, e.g.
 `SPARSITY_APP_MAX_SWEEP_POINTS=100`. Every limit that stops a request says which limit, its value
 and the variable that sets it (`LimitExceeded`, a UserError: the CLI exits 2, the app shows it).
 
-Where each applies: `max_tokens` and the time limits in the engine (`experiment.run`,
-`model_experiment.run_model`), so every door gets them; `max_sweep_points` at the two sweep doors
+Where each applies: `max_tokens` and the time limits in the engine (`runs.layer.run`,
+`runs.model.run_model`), so every door gets them; `max_sweep_points` at the two sweep doors
 (the Sweep page, `python -m sparsity_app sweep`); the rate limit in the app, per session
 (`RATE_LIMITER.take(session_id, n)`: the CLI has no sessions); `cache_mb` and `weights_mb` in `store.Store`.
 

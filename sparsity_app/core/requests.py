@@ -65,9 +65,9 @@ def default_threads() -> int:
 class Spec:
     """One experiment. Frozen and hashable: once resolved it is the cache key (with the machine)."""
 
-    model: str = "minilm-l6"  # catalog name, see models.MODEL_NAMES
+    model: str = "minilm-l6"  # catalog name, see model.catalog.MODEL_NAMES
     layer: str = "encoder.layer.0.attention.self.query"  # dotted name of an nn.Linear
-    method: str = "block"  # pruning.METHODS: magnitude | block | nm | random | wanda
+    method: str = "block"  # prune.methods.METHODS: magnitude | block | nm | random | wanda
     block: tuple[int, int] = (32, 1)  # (bs_r, bs_c): rows of W (outputs) x columns (inputs)
     sparsity: float = 0.9  # target fraction of weights removed, in [0, 0.99]
     nm: tuple[int, int] | None = None  # (N, M): keep N of every M inputs; method nm, or random
@@ -136,8 +136,8 @@ class ModelPlan:
     N:M pattern (`2:4`). Overrides apply in order; the last that matches a layer wins.
     """
 
-    model: str = "minilm-l6"  # catalog name, see models.MODEL_NAMES
-    method: str = "block"  # default pattern's pruning method (pruning.METHODS)
+    model: str = "minilm-l6"  # catalog name, see model.catalog.MODEL_NAMES
+    method: str = "block"  # default pattern's pruning method (prune.methods.METHODS)
     block: tuple[int, int] = (32, 1)  # default (bs_r, bs_c)
     sparsity: float = 0.9  # default fraction of each layer's weights removed
     nm: tuple[int, int] | None = None  # default N:M (method nm, or random N:M)
@@ -224,7 +224,6 @@ def canonical_override(text: str) -> str:
 def check_sparsity(s: float) -> None:
     if not 0.0 <= s <= MAX_SPARSITY:
         raise UserError(f"sparsity must be in [0, {MAX_SPARSITY}], got {s}")
-
 
 
 def plan_to_command(plan: ModelPlan, command: str = "model") -> str:

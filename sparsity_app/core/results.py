@@ -52,7 +52,7 @@ class Result:
     step_s: dict[str, float] = dataclasses.field(default_factory=dict)  # wall seconds of each pipeline step
     cached: bool = False
     real_weights: bool = True
-    # where it was measured (backend.py): kind, device, measured_on {name: where}, not_measured
+    # where it was measured (measure/backend.py): kind, device, measured_on {name: where}, not_measured
     # {name: why}, tuned_on; empty for results from before remote devices (all on this machine)
     backend: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -217,7 +217,7 @@ class ModelResult:
     step_s: dict[str, float] = dataclasses.field(default_factory=dict)
     cached: bool = False
     real_weights: bool = True
-    recovery: dict[str, Any] | None = None  # None: one-shot weights; else recovery.RecoveryResult.summary()
+    recovery: dict[str, Any] | None = None  # None: one-shot weights; else RecoveryResult.summary()
 
     @property
     def best_dense(self) -> str:

@@ -73,7 +73,7 @@ class KernelSource:
     """What a kernel is compiled from: `builder(*args)` -> PrimFunc, exported as `symbol`.
 
     Hashable, so one compile per (builder, args, target) is kept; the same source compiles for the
-    host here or for a remote device's target (remote.py).
+    host here or for a remote device's target (measure/remote.py).
     """
 
     symbol: str  # the function's name in the compiled module

@@ -142,7 +142,7 @@ def embed_layer_norm_prim_func(batch: int, seq: int, vocab: int, positions: int,
     ids: int64 [batch, seq]; word: float32 [vocab, features]; pos: float32 [positions, features]
     (token s gets position s); type0: float32 [features] (token type 0); gamma, beta: float32
     [features]; X: float32 [features, ld] = LayerNorm(word[ids] + pos + type0)^T, columns past
-    batch * seq (padding of the row stride, see graph.py) set to zero.
+    batch * seq (padding of the row stride, see model/graph.py) set to zero.
     Scheduled as add_layer_norm, a tile of 16 tokens per task (rows of `word` gathered per lane).
     """
     tokens = batch * seq
@@ -278,7 +278,7 @@ def attention_prim_func(batch: int, seq: int, heads: int, head_dim: int, q_rows:
     rows offsets[0] + h * head_dim ... (so one fused QKV output [3 * hidden, tokens] can be passed
     three times with offsets 0, hidden, 2 * hidden); bq, bk, bv: float32 [hidden];
     mask: int64 [batch, seq], 0 = padding key; O: float32 [hidden, tokens] (context, feature-major).
-    Every [*, tokens] buffer may have ld >= tokens columns (see graph.py); O's extra ones are zeroed.
+    Every [*, tokens] buffer may have ld >= tokens columns (see model/graph.py); O's extra ones are zeroed.
     Per task: S^T [keys, queries] = (K + bk)^T (Q + bq) * scale + mask, a softmax down each column
     (vectorised over queries), then O^T = (V + bv) P^T, each column scaled by 1 / its sum.
     """

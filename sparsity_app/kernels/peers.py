@@ -33,7 +33,7 @@ class TorchDenseFeatureMajor:
 
 
 def dense_peers(weight: np.ndarray, x: np.ndarray) -> dict:
-    """name (spec.DENSE_PEERS) -> peer with run() and output() -> Y float32 [tokens, out].
+    """name (core.results.DENSE_PEERS) -> peer with run() and output() -> Y float32 [tokens, out].
 
     weight: float32 [out, in] (the unpruned weight: dense pays for every entry); x: float32 [tokens, in].
     """

@@ -1,7 +1,7 @@
 """Where kernels are measured: in this process (`local`), or on devices behind TVM's RPC tracker (`rpc`).
 
 `Backend` is the request (frozen; from `--rpc-tracker/--rpc-key/--rpc-target` or the app's
-sidebar). The pipeline (experiment.py, tuner.py) measures through a *device*, the one seam
+sidebar). The runs (runs/layer.py, measure/tuner.py) measure through a *device*, the one seam
 between "what to measure" and "where"; `LocalDevice` here, `remote.RemoteDevice` for RPC. A device has:
 
   fingerprint         the machine part of cache keys: a remote result describes the remote device

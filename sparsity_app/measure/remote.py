@@ -249,7 +249,7 @@ class RemotePrepared:
 
 
 class RemoteDevice:
-    """One RPC session on one server of a key: the device a point is measured on (see backend.py)."""
+    """One RPC session on one server of a key: the device a point is measured on (see measure/backend.py)."""
 
     def __init__(self, session, info: DeviceInfo):
         self.session, self.info = session, info

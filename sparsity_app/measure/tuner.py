@@ -93,7 +93,7 @@ def tune(family: str, weight, x: np.ndarray, reference: np.ndarray, layouts: tup
 
     weight: the family's format; x: float32 [tokens, in]; reference: float64 [tokens, out] = X W^T.
     layouts: only schedules with one of these activation layouts may win (knobs without a `layout`
-    are feature-major); None = any. device: where candidates are timed (backend.LocalDevice when
+    are feature-major); None = any. device: where candidates are timed (measure.backend.LocalDevice when
     None; a remote.RemoteDevice tunes on the remote device); uses the threads set on it.
     """
     fam, device = families()[family], device or LocalDevice()

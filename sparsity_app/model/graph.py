@@ -41,9 +41,11 @@ from tvm.relax import transform
 from tvm.script import tirx as T
 
 from sparsity_app.core.errors import UserError
-from sparsity_app.kernels import compile_prim_func, dense, empty, host_target, max_threads, ops
-from sparsity_app.kernels.families import FAMILIES
+from sparsity_app.core.requests import Spec
+from sparsity_app.kernels import compile_prim_func, dense, empty, families, host_target, max_threads, ops
+from sparsity_app.measure import tuner
 from sparsity_app.measure.timing import measure
+from sparsity_app.model.catalog import get_model
 from sparsity_app.model.hf import masked_copy
 
 SUBLAYERS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
@@ -64,8 +66,8 @@ class LinearPlan:
     knobs: object | None = None  # the family's Knobs (tuner winner; DenseFMKnobs for dense); None = default
 
     def __post_init__(self):
-        if self.family != "dense" and self.family not in FAMILIES:
-            raise UserError(f"unknown linear family {self.family!r}; valid families: dense, {', '.join(FAMILIES)}")
+        if self.family != "dense" and self.family not in families.FAMILIES:
+            raise UserError(f"unknown linear family {self.family!r}; valid families: dense, {', '.join(families.FAMILIES)}")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -233,7 +235,7 @@ class Encoder:
         finally:
             self._vm.set_instrument(None)
         cheapest = builtin_windows.get("vm.builtin.null_value") or min(builtin_windows.values(), key=np.median,
-                                                                        default=[0.0])
+                                                                       default=[0.0])
         floor = float(np.median(cheapest))
 
         def net(samples: list[float], calls: int) -> float:  # median ms per pass, less the instrument's floor
@@ -326,7 +328,7 @@ class _Builder:
                 raise UserError(f"dense linears in the graph take DenseFMKnobs (feature-major), got {k!r}")
             return self.call("linear_dense", dense.dense_fm_prim_func(t, out_f, in_f, k),
                              [x, self.const(dense.pack_fm(plan.dense_weight(), k.mr))], (out_f, t))
-        family = FAMILIES[plan.family]
+        family = families.FAMILIES[plan.family]
         packed = family.pack(plan.weight, t, plan.knobs or family.default(t, plan.weight))
         if packed.x_layout == "row-major":
             x = self.transpose(x, in_f, t)
@@ -347,7 +349,7 @@ def _stack_rows(plans: list[LinearPlan]) -> LinearPlan | None:
         return None
     if p0.family == "dense":
         return LinearPlan("dense", np.concatenate([p.dense_weight() for p in plans]), None, p0.knobs)
-    stacked = FAMILIES[p0.family].stack_rows([p.weight for p in plans])
+    stacked = families.FAMILIES[p0.family].stack_rows([p.weight for p in plans])
     return None if stacked is None else LinearPlan(p0.family, stacked, None, p0.knobs)
 
 
@@ -479,6 +481,31 @@ def compile_encoder(config, params, linears: Mapping[str, LinearPlan], batch: in
 
 # ---------------------------------------------------------------------------------------------
 # the PyTorch reference and the check
+
+
+def plan_linears(model_name: str, specs: Mapping[str, Spec | None], pruned: Mapping[str, np.ndarray],
+                 masks: Mapping[str, np.ndarray], rows: int, threads: int, store=None, retune: bool = False
+                 ) -> dict[str, tuple[LinearPlan, object | None]]:
+    """layer -> (how it runs in the graph, its tuner.Tuning or None for a layer left dense).
+
+    specs: layer -> resolved Spec or None; pruned: layer -> float32 [out, in], W * mask; masks: layer ->
+    bool [out, in]. Each pruned layer is stored in its kernel family's format, and its schedule is the
+    stored winner for its case (layers of one shape and pattern share one), else tuned now on `rows`
+    real calibration tokens, feature-major (the graph's layout).
+    """
+    model, out = get_model(model_name), {}
+    for name, spec in specs.items():
+        _, bias = model.weight(name)
+        if spec is None:
+            out[name] = (LinearPlan("dense", pruned[name], bias), None)
+            continue
+        family, fmt = tuner.sparse_format(pruned[name], masks[name], spec)
+        x = model.calibration(name, rows)
+        reference = x.astype(np.float64) @ pruned[name].astype(np.float64).T
+        tuning = tuner.best_schedule(family, fmt, x, reference, spec, threads, store, retune=retune,
+                                     layouts=("feature-major",))
+        out[name] = (LinearPlan(family, fmt, bias, tuning.knobs()), tuning)
+    return out
 
 
 def reference_model(model, linears: Mapping[str, LinearPlan]):

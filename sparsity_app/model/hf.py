@@ -23,8 +23,6 @@ _BATCH_TOKENS = 1024  # padded tokens per forward pass; bigger batches ran slowe
 _BATCH_MAX = 64  # ... and at most this many texts (single words: 64 x ~3 tokens)
 
 
-
-
 def load_pretrained(path: str):
     """(model in eval mode, tokenizer) of a Hugging Face folder (config, safetensors weights, tokenizer)."""
     hf_logging.disable_progress_bar()

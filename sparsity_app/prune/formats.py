@@ -15,7 +15,6 @@ import dataclasses
 import numpy as np
 
 
-
 @dataclasses.dataclass(frozen=True)
 class BSR:
     data: np.ndarray  # float32 [nnz_blocks, bs_r, bs_c]

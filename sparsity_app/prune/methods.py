@@ -124,7 +124,7 @@ def wanda(weight: np.ndarray, spec: Spec, input_norms: np.ndarray | None = None)
     output row; bs_r x bs_c blocks: the block's L1/L2 norm of scores, compared within each block row;
     N:M: within each group of M."""
     if input_norms is None:
-        raise ValueError("wanda needs the layer's input norms (pruning.input_norms of its calibration inputs)")
+        raise ValueError("wanda needs the layer's input norms (methods.input_norms of its calibration inputs)")
     scores = np.abs(weight.astype(np.float64)) * np.asarray(input_norms, np.float64)[None, :]
     if spec.nm is not None:
         return _nm_mask(scores, *spec.nm)

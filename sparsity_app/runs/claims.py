@@ -61,7 +61,7 @@ def _layer_claims(sparsity: float, tokens: int, threads: int, store, progress) -
     fns = {}
     for name, block in BLOCKS.items():
         spec = resolve.spec(Spec(model=MODEL, layer=LAYER, method="block", block=block, sparsity=sparsity, tokens=tokens,
-                    threads=threads))
+                                 threads=threads))
         mask = prune(w, spec)
         family, weight = tuner.sparse_format(w, mask, spec)
         reference = x.astype(np.float64) @ (w * mask).astype(np.float64).T

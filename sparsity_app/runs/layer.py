@@ -34,7 +34,7 @@ def run(request: Spec | ResolvedSpec, store: Store | None = None, progress: Prog
     request: what a door resolved (runs.resolve.layer), or a Spec, which is resolved here (the Python
     API's door).
     retune=True measures again and re-tunes the schedule even if a result or winner is stored.
-    backend: where to measure (backend.Backend; an RPC backend takes one server from its tracker).
+    backend: where to measure (measure.backend.Backend; an RPC backend takes one server from its tracker).
     Raises UserError for a request that cannot be measured (unknown model, block that does not
     divide the layer, ...) or is beyond this server's limits (limits.LimitExceeded: tokens; the
     measurement's time limit, which stops it between steps, compiles and samples).
@@ -51,7 +51,7 @@ def run(request: Spec | ResolvedSpec, store: Store | None = None, progress: Prog
 
 def run_on(device, resolved: ResolvedSpec, store: Store | None = None, progress: Progress = quiet,
            retune: bool = False) -> Result:
-    """`run` on a device already at hand (backend.LocalDevice, or remote.RemoteDevice: a sweep's worker),
+    """`run` on a device already at hand (measure.backend.LocalDevice, or measure.remote.RemoteDevice: a sweep's worker),
     for a request resolved against that device's cores."""
     spec, shape = resolved.spec, resolved.shape
     key = key_of(spec, device.fingerprint)
@@ -84,7 +84,7 @@ def _measure(device, spec: Spec, shape: tuple[int, int], store: Store | None, pr
     reference = x.astype(np.float64) @ pruned.astype(np.float64).T
     tuned = store is not None and not retune and tuner.is_tuned(family, sparse, x, spec, spec.threads, store, device)
     with clock.step("tune", stored_note + ("reusing the stored winning schedule" if tuned else
-                                          "tuning: compiling, checking and timing candidate schedules")):
+                                           "tuning: compiling, checking and timing candidate schedules")):
         tuning = tuner.best_schedule(family, sparse, x, reference, spec, spec.threads, store, retune=retune,
                                      device=device)
     with clock.step("compile", f"compiling the {title} kernel ({tuning.label}) and the dense peers"):

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
-
 from sparsity_app.accuracy import metrics
 from sparsity_app.core.errors import UserError
 from sparsity_app.core.requests import ModelPlan, ResolvedPlan, default_threads
 from sparsity_app.core.results import SPARSE, ModelResult
 from sparsity_app.core.store import Store, model_key_of
-from sparsity_app.measure import tuner
 from sparsity_app.measure.backend import LocalDevice
 from sparsity_app.measure.locks import measurement_slot
 from sparsity_app.measure.timing import fingerprint, measure
@@ -26,6 +23,7 @@ from sparsity_app.runs import resolve
 from sparsity_app.runs.pipeline import Progress, StepClock, cached_or_run, quiet
 
 STEPS = ("prune", "tune", "compile", "verify", "time", "breakdown", "evaluate")
+
 
 def lookup(request: ModelPlan | ResolvedPlan, store: Store, recovery=None) -> ModelResult | None:
     """The stored result of the plan (with `recovery`'s weights, a RecoveryResult, if given), or None."""
@@ -43,7 +41,7 @@ def run_model(request: ModelPlan | ResolvedPlan, store: Store | None = None, pro
 
     request: what a door resolved (runs.resolve.plan), or a ModelPlan, which is resolved here.
     retune=True re-tunes every layer's schedule; reuse_result=False measures again but keeps the
-    stored schedules (what a benchmark wants). recovery: a stored recovery.RecoveryResult of this
+    stored schedules (what a benchmark wants). recovery: a stored RecoveryResult of this
     plan; its fine-tuned weights (and masks) replace the one-shot ones, and everything is measured
     on them (they are compiled, verified, timed and scored like any other weights).
     """
@@ -90,25 +88,16 @@ def _measure(plan: ModelPlan, specs: dict, store: Store | None, progress: Progre
             pruned = {name: weights[name][0] * masks[name] for name in specs}  # float32 [out, in], W * mask
         else:
             pruned, masks = store.recovered_weights(recovery.key)
-    tuned_now = 0
     with clock.step("tune", "sparse formats and each layer's schedule (layers of one shape and pattern share a "
                     "tuning)"):
-        plans, layers = {}, []
-        for name, spec in specs.items():
-            weight, bias = weights[name]
-            if spec is None:
-                plans[name] = graph.LinearPlan("dense", pruned[name], bias)
-                layers.append(_layer_row(name, "dense", "dense", 0.0, None, weight.nbytes, weight.nbytes))
-                continue
-            family, fmt = tuner.sparse_format(pruned[name], masks[name], spec)
-            x = model.calibration(name, rows)
-            reference = x.astype(np.float64) @ pruned[name].astype(np.float64).T
-            tuning = tuner.best_schedule(family, fmt, x, reference, spec, threads, store, retune=retune,
-                                         layouts=("feature-major",))
-            tuned_now += not tuning.cached
-            plans[name] = graph.LinearPlan(family, fmt, bias, tuning.knobs())
-            layers.append(_layer_row(name, spec.label(), family, 1.0 - float(masks[name].mean()), tuning.label,
-                                     fmt.nbytes, weight.nbytes))
+        linears = graph.plan_linears(plan.model, specs, pruned, masks, rows, threads, store, retune)
+        plans = {name: linear for name, (linear, _) in linears.items()}
+        tuned_now = sum(t is not None and not t.cached for _, t in linears.values())
+        layers = [_layer_row(name, "dense", "dense", 0.0, None, weights[name][0].nbytes, weights[name][0].nbytes)
+                  if tuning is None else
+                  _layer_row(name, specs[name].label(), linear.family, 1.0 - float(masks[name].mean()), tuning.label,
+                             linear.weight.nbytes, weights[name][0].nbytes)
+                  for name, (linear, tuning) in linears.items()]
     with clock.step("compile", "compiling the sparse and the dense encoders for this CPU"):
         sparse = graph.compile_encoder(hf, hf, plans, plan.batch, plan.tokens)
         dense = graph.compile_encoder(hf, hf, {}, plan.batch, plan.tokens)

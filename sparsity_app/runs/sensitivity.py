@@ -3,9 +3,9 @@
 run_sensitivity(request) -> SensitivityResult: for every (layer, sparsity) of the request's grid,
 the model with that one layer pruned (a copy; every other layer dense) is scored on the real-label
 metrics (metrics.evaluate: Lee Pearson, polarity probe, WordSim, SimLex, embedding cosine vs
-dense), and the layer's sparse kernel is timed against its dense peers (experiment.run, at
+dense), and the layer's sparse kernel is timed against its dense peers (runs.layer.run, at
 batch * tokens rows). Each point lands in the Store as soon as it is measured (namespace
-`sensitivity` for the metrics; the layer results and tuned schedules where experiment.run keeps
+`sensitivity` for the metrics; the layer results and tuned schedules where runs.layer.run keeps
 them), so a killed run resumes where it stopped and a repeated run is instant.
 
 allocate(result, ...) -> Allocation: per-layer sparsities, chosen from the measured grid (or dense),
@@ -24,7 +24,7 @@ import collections
 import dataclasses
 import hashlib
 import json
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -36,9 +36,10 @@ from sparsity_app.measure.timing import fingerprint
 from sparsity_app.model.catalog import get_model
 from sparsity_app.model.pruned import layer_input_norms
 from sparsity_app.prune.methods import prune
-from sparsity_app.runs import layer as experiment, resolve
+from sparsity_app.runs import resolve
+from sparsity_app.runs.layer import lookup as lookup_layer, run as run_layer
+from sparsity_app.runs.pipeline import Progress, quiet
 
-Progress = Callable[[str, str], None]  # ("i/N", one-line detail)
 DENSE_COST_PEER = "tvm_dense"  # what a layer left dense costs in the latency model (the graph runs our dense GEMM)
 POINT_FORMAT = 1  # part of every point's key: bump when how a point is computed changes (this file is not hashed)
 MAX_FRONT = 20_000  # Pareto states kept per layer of the allocation (thinned by cost beyond it)
@@ -49,16 +50,12 @@ def loss_metrics() -> list[str]:
     return [name for name, metric in metrics.METRICS.items() if metric.higher_is_better]
 
 
-def _quiet(step: str, detail: str) -> None:
-    pass
-
-
 @dataclasses.dataclass(frozen=True)
 class SensitivityRequest:
     """Prune each layer alone at each sparsity of a grid. Frozen; resolved, its points are cache keys."""
 
-    model: str = "minilm-l6"  # catalog name, see models.MODEL_NAMES
-    method: str = "block"  # pruning method of every point (pruning.METHODS)
+    model: str = "minilm-l6"  # catalog name, see model.catalog.MODEL_NAMES
+    method: str = "block"  # pruning method of every point (prune.methods.METHODS)
     block: tuple[int, int] = (32, 1)  # (bs_r, bs_c)
     sparsities: tuple[float, ...] = (0.5, 0.7, 0.9)  # the grid; an N:M pattern has one sparsity, 1 - N/M
     nm: tuple[int, int] | None = None  # (N, M) for method nm (or random / wanda N:M)
@@ -84,9 +81,9 @@ class SensitivityRequest:
             raise UserError("each layer may be named once")
         if not self.sparsities and self.nm is None:
             raise UserError("give at least one sparsity, e.g. --sparsities 0.5,0.7,0.9")
-        plan = resolve.plan_fields(ModelPlan(model=self.model, method=self.method, block=self.block, sparsity=0.5, nm=self.nm,
-                         norm=self.norm, seed=self.seed, tokens=self.tokens, batch=self.batch, threads=self.threads,
-                         repeat=self.repeat))  # batch, tokens, threads and the pattern checked once
+        plan = resolve.plan_fields(ModelPlan(  # batch, tokens, threads and the pattern checked once
+            model=self.model, method=self.method, block=self.block, sparsity=0.5, nm=self.nm, norm=self.norm,
+            seed=self.seed, tokens=self.tokens, batch=self.batch, threads=self.threads, repeat=self.repeat))
         specs = [self._spec(plan, layers[0], s) for s in (self.sparsities or (0.5,))]
         sparsities = tuple(sorted({s.sparsity for s in specs}))
         if any(s == 0 for s in sparsities):
@@ -96,8 +93,8 @@ class SensitivityRequest:
 
     def _spec(self, plan: ModelPlan, layer: str, sparsity: float) -> Spec:
         spec = resolve.spec(Spec(model=self.model, layer=layer, method=plan.method, block=plan.block, sparsity=sparsity,
-                    nm=plan.nm, norm=plan.norm, seed=plan.seed, tokens=self.batch * self.tokens,
-                    threads=plan.threads, repeat=self.repeat))
+                                 nm=plan.nm, norm=plan.norm, seed=plan.seed, tokens=self.batch * self.tokens,
+                                 threads=plan.threads, repeat=self.repeat))
         spec.check_shape(dict((i.name, i.shape) for i in get_model(self.model).layers())[layer])
         return spec
 
@@ -203,7 +200,7 @@ def point_key(spec: Spec, machine: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def run_sensitivity(request: SensitivityRequest, store=None, progress: Progress = _quiet) -> SensitivityResult:
+def run_sensitivity(request: SensitivityRequest, store=None, progress: Progress = quiet) -> SensitivityResult:
     """Measure every point of the request; stored points are read back, new ones stored as they finish.
 
     progress is told ("i/N", detail) before each point's evaluation and timing.
@@ -226,10 +223,10 @@ def run_sensitivity(request: SensitivityRequest, store=None, progress: Progress 
         times = point.times_ms
         if request.time_kernels and times is None:
             resolved = ResolvedSpec(spec, shapes[spec.layer])  # `points()` resolved it
-            cached = store is not None and experiment.lookup(resolved, store) is not None
+            cached = store is not None and lookup_layer(resolved, store) is not None
             progress(step, f"{where}: {'stored' if cached else 'timing'} sparse kernel vs dense peers "
                            f"({spec.tokens} rows)")
-            result = experiment.run(resolved, store=store, progress=lambda s, d: None)
+            result = run_layer(resolved, store=store, progress=lambda s, d: None)
             times = {name: t.median for name, t in result.times_ms.items() if name == SPARSE or name in DENSE_PEERS}
             point = dataclasses.replace(point, times_ms=times)
         if store is not None and (stored is None or point.times_ms != stored.get("times_ms")):
@@ -318,7 +315,7 @@ class Allocation:
     predicted_loss: float  # sum of the chosen points' losses (the additive model)
     predicted_ms: float | None  # sum of the layers' kernel medians + remainder_ms; None if untimed
     remainder_ms: float | None  # everything but the linears, per pass (None: unknown, not counted)
-    plan: ModelPlan  # resolved; run it with model_experiment.run_model
+    plan: ModelPlan  # resolved; run it with runs.model.run_model
     note: str = ""  # what the prediction leaves out
 
     def to_dict(self) -> dict[str, Any]:

@@ -129,8 +129,6 @@ def tuning_frame(result: Result) -> pd.DataFrame:
                           "vs_winner": t["median_ms"] / best, "round": t["round"]} for t in trials])
 
 
-
-
 def model_conditions(result) -> str:
     """Measurement conditions of a whole-model result, as one line (results compare only within one)."""
     m, p = result.machine, result.plan
@@ -174,7 +172,7 @@ def layer_frame(result) -> pd.DataFrame:
 
 
 def recovery_frame(recoveries) -> pd.DataFrame:
-    """One row per recovery run (recovery.RecoveryResult): plan, recipe, steps, wall time, and each
+    """One row per recovery run (core.results.RecoveryResult): plan, recipe, steps, wall time, and each
     real-label metric before (one-shot), after, and of the dense model."""
     rows = []
     for r in recoveries:
@@ -190,7 +188,7 @@ def recovery_frame(recoveries) -> pd.DataFrame:
 
 
 def recipes_side_by_side(df: pd.DataFrame, request, code: str) -> pd.DataFrame:
-    """The recipes run like `request` (a recovery.RecoveryRequest: same plan, steps, batch, sequence
+    """The recipes run like `request` (a RecoveryRequest: same plan, steps, batch, sequence
     length and lengths, loss, learning rate and seed) by the recovery code `code` (recovery.recovery_code()),
     in a `recovery_frame`: one row each, the metrics after recovery, their gain over one-shot, the wall time."""
     if df.empty:

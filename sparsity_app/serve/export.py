@@ -27,7 +27,6 @@ import pathlib
 import sys
 import tempfile
 import zipfile
-from typing import Callable
 
 import numpy as np
 
@@ -36,24 +35,18 @@ from sparsity_app.core.errors import UserError
 from sparsity_app.core.requests import ModelPlan, ResolvedPlan, Spec, default_threads
 from sparsity_app.core.results import ModelResult
 from sparsity_app.kernels import set_threads
-from sparsity_app.measure import tuner
 from sparsity_app.model import baselines, graph
 from sparsity_app.model.catalog import get_model
 from sparsity_app.model.pruned import pruned_weights
 from sparsity_app.runs.model import run_model
-from sparsity_app.runs.pipeline import StepClock
+from sparsity_app.runs.pipeline import Progress, StepClock, quiet
 
-Progress = Callable[[str, str], None]
 STEPS = ("check", "measure", "hf", "evaluate", "compile", "library", "results")
 LIBRARY, META, LOADER = "sparse_model.so", "sparse_model.json", "run_sparse_model.py"
 
 
-def _quiet(step: str, detail: str) -> None:
-    pass
-
-
 def export_model(resolved: ResolvedPlan, out_dir: str | os.PathLike, weights: dict[str, np.ndarray] | None = None,
-                 store=None, progress: Progress = _quiet, force: bool = False,
+                 store=None, progress: Progress = quiet, force: bool = False,
                  result: ModelResult | None = None) -> pathlib.Path:
     """Write every export of the resolved plan into out_dir (see the module docstring); returns its path.
 
@@ -146,17 +139,10 @@ def compile_plan(plan: ModelPlan, specs: dict[str, Spec | None], pruned: dict[st
     threads = plan.threads or default_threads()
     set_threads(threads)
     hf = model.torch_model()
-    plans = {}
-    for name, spec in specs.items():
-        _, bias = model.weight(name)
-        if spec is None:
-            plans[name] = graph.LinearPlan("dense", pruned[name], bias)
-            continue
-        family, fmt = tuner.sparse_format(pruned[name], mask_of_weights(pruned[name], spec), spec)
-        x = model.calibration(name, plan.batch * plan.tokens)
-        reference = x.astype(np.float64) @ pruned[name].astype(np.float64).T
-        tuning = tuner.best_schedule(family, fmt, x, reference, spec, threads, store, layouts=("feature-major",))
-        plans[name] = graph.LinearPlan(family, fmt, bias, tuning.knobs())
+    masks = {name: np.ones(pruned[name].shape, bool) if spec is None else mask_of_weights(pruned[name], spec)
+             for name, spec in specs.items()}
+    linears = graph.plan_linears(plan.model, specs, pruned, masks, plan.batch * plan.tokens, threads, store)
+    plans = {name: linear for name, (linear, _) in linears.items()}
     encoder = graph.compile_encoder(hf, hf, plans, plan.batch, plan.tokens)
     ids, attention = baselines.example_inputs(model.tokenizer(), plan.batch, plan.tokens)
     graph.verify(encoder, model.pruned_copy(pruned), ids, attention)
@@ -285,7 +271,7 @@ def write_results(result: ModelResult, folder: pathlib.Path) -> None:
 
 
 def zip_bytes(resolved: ResolvedPlan, weights: dict[str, np.ndarray] | None = None, store=None,
-              progress: Progress = _quiet, result: ModelResult | None = None) -> bytes:
+              progress: Progress = quiet, result: ModelResult | None = None) -> bytes:
     """Every export of the resolved plan as one zip archive in memory (for a download button; no user path)."""
     with tempfile.TemporaryDirectory(prefix="sparsity-export-") as tmp:
         folder = export_model(resolved, pathlib.Path(tmp) / "export", weights=weights, store=store, progress=progress,

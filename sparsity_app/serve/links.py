@@ -187,7 +187,7 @@ _RECOVERY_QUERY = {"recipe": "recipe", "steps": "steps", "batch": "train_batch",
 
 def recovery_from_query(query: Mapping[str, str], plan: ModelPlan,
                         resolver: Callable[[RecoveryRequest], ResolvedRecovery] = resolve.recovery):
-    """(recovery.RecoveryRequest of `plan`, notes): the link's recipe and steps, each invalid one replaced
+    """(RecoveryRequest of `plan`, notes): the link's recipe and steps, each invalid one replaced
     by its default with a note. resolver: what checks a candidate (a page passes its memoised one)."""
     def check(request, name: str | None, candidate):
         r = resolver(candidate).request

@@ -19,6 +19,13 @@ TABLE_COLUMNS = (("pattern", "pattern", "{}"), ("format", "format", "{}"), ("spa
                  ("cached", "cached", "{}"))
 
 
+def rows_text(rows: list[dict]) -> str:
+    """Rows of one shape as a plain text table (pandas' layout)."""
+    import pandas as pd  # lazy: pandas takes ~0.5 s to import, and only the benchmarks' tables need it
+
+    return pd.DataFrame(rows).to_string(index=False)
+
+
 def format_table(rows: list[dict]) -> str:
     head = [title for _, title, _ in TABLE_COLUMNS]
     body = [[("-" if r.get(k) is None else fmt.format(r[k])) for k, _, fmt in TABLE_COLUMNS] for r in rows]
@@ -71,7 +78,7 @@ def format_recovery(d: dict) -> str:
         lines.append(f"  {k:22s} {before:9.3f} {d['metrics_after'][k]:10.3f} {d['dense_metrics'][k]:6.3f}")
     if d["loss"]:
         lines.append("  distillation loss: " + ", ".join(f"{loss:.4g} @ {step}" for step, loss in
-                                                          d["loss"][:: max(1, len(d["loss"]) // 6)]))
+                                                         d["loss"][:: max(1, len(d["loss"]) // 6)]))
     return "\n".join(lines)
 
 
