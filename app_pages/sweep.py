@@ -50,9 +50,10 @@ with st.form("sweep"):
 
 common = dict(model=model_name, layer=layer, method=method, tokens=int(tokens), threads=int(threads), norm=norm,
               seed=int(seed))
-if method == "nm" or (method == "random" and nms):
+chosen = METHODS[method]  # what the method reads decides the grid: N:M patterns, single weights, or blocks
+if chosen.needs_nm or (chosen.takes_seed and chosen.takes_nm and nms):  # the random baseline draws N:M if asked
     grid = [Spec(**common, nm=parse_nm(v)) for v in nms]
-elif method == "magnitude":
+elif not chosen.takes_block:
     grid = [Spec(**common, block=(1, 1), sparsity=s) for s in sorted(sparsities)]
 else:
     grid = [Spec(**common, block=parse_block(b), sparsity=s) for b in blocks for s in sorted(sparsities)]

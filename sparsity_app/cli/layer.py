@@ -9,6 +9,7 @@ from sparsity_app.core.errors import UserError
 from sparsity_app.core.limits import current as current_limits
 from sparsity_app.core.requests import Spec, parse_block, parse_floats, parse_nm
 from sparsity_app.model.catalog import get_model
+from sparsity_app.prune.methods import METHODS
 from sparsity_app.runs import resolve
 from sparsity_app.runs.layer import STEPS, lookup, run
 from sparsity_app.serve.report import format_table, open_store, say, steps_to_stderr, write_csv
@@ -54,7 +55,7 @@ def _run(args) -> None:
 
 
 def _sweep(args) -> None:
-    if args.method == "nm":
+    if METHODS[args.method].needs_nm:
         specs = [flags.spec(args, nm=parse_nm(v)) for v in args.nms.split(",") if v.strip()]
     else:
         blocks = [parse_block(b) for b in args.blocks.split(",") if b.strip()]
