@@ -51,12 +51,12 @@ def run(request: Spec | ResolvedSpec, store: Store | None = None, progress: Prog
 
 def run_on(device, resolved: ResolvedSpec, store: Store | None = None, progress: Progress = quiet,
            retune: bool = False) -> Result:
-    """`run` on a device already at hand (measure.backend.LocalDevice, or measure.remote.RemoteDevice: a sweep's worker),
-    for a request resolved against that device's cores."""
+    """`run` on a device already at hand (measure.backend.LocalDevice, or measure.remote.RemoteDevice: a
+    sweep's worker), for a request resolved against that device's cores."""
     spec, shape = resolved.spec, resolved.shape
     key = key_of(spec, device.fingerprint)
     if store is not None and not retune and (hit := store.get(key)) is not None:
-        return hit
+        return hit  # a stored result is served whatever this server's limits (checked next) allow
     limits.current().check_tokens(spec.tokens)
     return cached_or_run(f"run {spec.label()} {spec.layer}",
                          None if store is None or retune else lambda: store.get(key),
