@@ -53,10 +53,7 @@ def _add_request_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", default="", help="comma-separated layer names (default: every prunable linear)")
     p.add_argument("--metric", default="lee_pearson", type=flags.one_of(metrics.METRICS, "metric", "metrics"),
                    metavar=flags.names(metrics.METRICS), help="loss to rank and allocate by")
-    p.add_argument("--tokens", type=int, default=d.tokens, help="sequence length (default %(default)s)")
-    p.add_argument("--batch", type=int, default=d.batch, help="sequences per call (default %(default)s)")
-    p.add_argument("--threads", type=int, default=0, help="threads for every kernel (0 = all cores)")
-    p.add_argument("--repeat", type=int, default=d.repeat, help="timed samples per implementation")
+    flags.add_model_timing_args(p)
     p.add_argument("--no-time", action="store_true", help="metrics only: skip timing each layer's kernel")
     p.add_argument("--cache-dir", default=None, help="result cache (default cache/ or $SPARSITY_APP_CACHE_DIR)")
 

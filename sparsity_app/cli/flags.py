@@ -95,12 +95,18 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--override", action="append", default=[], metavar="TARGET=VALUE",
                    help="per-layer pattern, repeatable: TARGET a role (q, k, v, qkv, attention-output, ffn-in, "
                         "ffn-out) or a layer-name glob; VALUE a sparsity, 'dense', BxC@sparsity or N:M")
+    add_model_timing_args(p)
+    p.add_argument("--retune", action="store_true", help="measure again and re-tune every layer's schedule")
+    p.add_argument("--cache-dir", default=None, help="result cache (default cache/ or $SPARSITY_APP_CACHE_DIR)")
+
+
+def add_model_timing_args(p: argparse.ArgumentParser) -> None:
+    """How a whole model is timed: sequence length, batch, threads, samples (ModelPlan's defaults)."""
+    d = ModelPlan()
     p.add_argument("--tokens", type=int, default=d.tokens, help="sequence length (default %(default)s)")
     p.add_argument("--batch", type=int, default=d.batch, help="sequences per call (default %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="threads for every implementation (0 = all cores)")
     p.add_argument("--repeat", type=int, default=d.repeat, help="timed samples per implementation")
-    p.add_argument("--retune", action="store_true", help="measure again and re-tune every layer's schedule")
-    p.add_argument("--cache-dir", default=None, help="result cache (default cache/ or $SPARSITY_APP_CACHE_DIR)")
 
 
 def add_recovery_args(p: argparse.ArgumentParser, required: bool) -> None:

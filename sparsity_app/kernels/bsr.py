@@ -28,7 +28,7 @@ import numpy as np
 from tvm.script import tirx as T
 
 from sparsity_app.kernels import Kernel, KernelSource, Packed, balanced_parts, largest_divisor, max_threads, tir_builder
-from sparsity_app.prune.formats import BSR
+from sparsity_app.prune.formats import BSR, stacked_indptr
 
 VECS = ("rows", "tokens")
 LAYOUTS = ("row-major", "feature-major")
@@ -197,10 +197,9 @@ def stack_rows(weights: list[BSR]) -> BSR | None:
     """One BSR of the weights stacked by rows (Q, K, V as one [3 out, in]), or None if their blocks differ."""
     if any(w.block != weights[0].block or w.shape[1] != weights[0].shape[1] for w in weights):
         return None
-    offsets = np.cumsum([0] + [w.nnz_blocks for w in weights[:-1]])
-    indptr = np.concatenate([weights[0].indptr[:1]] + [w.indptr[1:] + o for w, o in zip(weights, offsets)])
     return BSR(np.concatenate([w.data for w in weights]), np.concatenate([w.indices for w in weights]),
-               indptr.astype(np.int32), (sum(w.shape[0] for w in weights), weights[0].shape[1]))
+               stacked_indptr([w.indptr for w in weights], [w.nnz_blocks for w in weights]),
+               (sum(w.shape[0] for w in weights), weights[0].shape[1]))
 
 
 class TVMBSR(Kernel):

@@ -16,7 +16,7 @@ import numpy as np
 from tvm.script import tirx as T
 
 from sparsity_app.kernels import Kernel, KernelSource, Packed, balanced_parts, largest_divisor, max_threads, tir_builder
-from sparsity_app.prune.formats import CSR
+from sparsity_app.prune.formats import CSR, stacked_indptr
 
 SPLITS = ("rows", "nnz")
 
@@ -115,10 +115,9 @@ def stack_rows(weights: list[CSR]) -> CSR | None:
     """One CSR of the weights stacked by rows (Q, K, V as one [3 out, in])."""
     if any(w.shape[1] != weights[0].shape[1] for w in weights):
         return None
-    offsets = np.cumsum([0] + [w.nnz for w in weights[:-1]])
-    indptr = np.concatenate([weights[0].indptr[:1]] + [w.indptr[1:] + o for w, o in zip(weights, offsets)])
     return CSR(np.concatenate([w.values for w in weights]), np.concatenate([w.indices for w in weights]),
-               indptr.astype(np.int32), (sum(w.shape[0] for w in weights), weights[0].shape[1]))
+               stacked_indptr([w.indptr for w in weights], [w.nnz for w in weights]),
+               (sum(w.shape[0] for w in weights), weights[0].shape[1]))
 
 
 class TVMCSR(Kernel):

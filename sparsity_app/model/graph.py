@@ -484,18 +484,18 @@ def compile_encoder(config, params, linears: Mapping[str, LinearPlan], batch: in
 
 
 def plan_linears(model_name: str, specs: Mapping[str, Spec | None], pruned: Mapping[str, np.ndarray],
-                 masks: Mapping[str, np.ndarray], rows: int, threads: int, store=None, retune: bool = False
-                 ) -> dict[str, tuple[LinearPlan, object | None]]:
+                 masks: Mapping[str, np.ndarray], biases: Mapping[str, np.ndarray | None], rows: int, threads: int,
+                 store=None, retune: bool = False) -> dict[str, tuple[LinearPlan, object | None]]:
     """layer -> (how it runs in the graph, its tuner.Tuning or None for a layer left dense).
 
     specs: layer -> resolved Spec or None; pruned: layer -> float32 [out, in], W * mask; masks: layer ->
-    bool [out, in]. Each pruned layer is stored in its kernel family's format, and its schedule is the
+    bool [out, in]; biases: layer -> float32 [out] or None. Each pruned layer is stored in its kernel family's format, and its schedule is the
     stored winner for its case (layers of one shape and pattern share one), else tuned now on `rows`
     real calibration tokens, feature-major (the graph's layout).
     """
     model, out = get_model(model_name), {}
     for name, spec in specs.items():
-        _, bias = model.weight(name)
+        bias = biases[name]
         if spec is None:
             out[name] = (LinearPlan("dense", pruned[name], bias), None)
             continue

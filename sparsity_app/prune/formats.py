@@ -147,3 +147,10 @@ def to_nm(weight: np.ndarray, mask: np.ndarray, nm: tuple[int, int]) -> NM:
     cols = (np.arange(offsets.shape[1]) // n * m)[None, :] + offsets
     return NM(values=np.ascontiguousarray(np.take_along_axis(weight, cols, axis=1), np.float32),
               offsets=offsets.astype(np.uint8), nm=(n, m), shape=weight.shape)
+
+
+def stacked_indptr(indptrs: list[np.ndarray], counts: list[int]) -> np.ndarray:
+    """Row pointers int32 of compressed-row weights stacked by rows, given each one's indptr and stored
+    entries (blocks for BSR): each next weight's pointers are offset by the entries stored before it."""
+    offsets = np.cumsum([0] + counts[:-1])
+    return np.concatenate([indptrs[0][:1]] + [p[1:] + o for p, o in zip(indptrs, offsets)]).astype(np.int32)

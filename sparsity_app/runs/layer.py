@@ -55,13 +55,11 @@ def run_on(device, resolved: ResolvedSpec, store: Store | None = None, progress:
     sweep's worker), for a request resolved against that device's cores."""
     spec, shape = resolved.spec, resolved.shape
     key = key_of(spec, device.fingerprint)
-    if store is not None and not retune and (hit := store.get(key)) is not None:
-        return hit  # a stored result is served whatever this server's limits (checked next) allow
-    limits.current().check_tokens(spec.tokens)
     return cached_or_run(f"run {spec.label()} {spec.layer}",
                          None if store is None or retune else lambda: store.get(key),
                          lambda: _measure(device, spec, shape, store, progress, retune), device.slot, progress,
-                         time_limit="measure_timeout_s", store=None if store is None else lambda r: store.put(key, r))
+                         time_limit="measure_timeout_s", store=None if store is None else lambda r: store.put(key, r),
+                         admit=lambda: limits.current().check_tokens(spec.tokens))
 
 
 def _measure(device, spec: Spec, shape: tuple[int, int], store: Store | None, progress: Progress,

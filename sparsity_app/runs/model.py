@@ -90,7 +90,8 @@ def _measure(plan: ModelPlan, specs: dict, store: Store | None, progress: Progre
             pruned, masks = store.recovered_weights(recovery.key)
     with clock.step("tune", "sparse formats and each layer's schedule (layers of one shape and pattern share a "
                     "tuning)"):
-        linears = graph.plan_linears(plan.model, specs, pruned, masks, rows, threads, store, retune)
+        linears = graph.plan_linears(plan.model, specs, pruned, masks, {name: weights[name][1] for name in specs}, rows,
+                                     threads, store, retune)
         plans = {name: linear for name, (linear, _) in linears.items()}
         tuned_now = sum(t is not None and not t.cached for _, t in linears.values())
         layers = [_layer_row(name, "dense", "dense", 0.0, None, weights[name][0].nbytes, weights[name][0].nbytes)

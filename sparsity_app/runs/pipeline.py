@@ -44,15 +44,18 @@ class StepClock:
 def cached_or_run(who: str, lookup: Callable[[], R | None] | None, run: Callable[[], R],
                   slot: Callable[..., ContextManager], progress: Progress = quiet,
                   time_limit: str | None = None, store: Callable[[R], None] | None = None,
-                  waiting: str = "measurement(s)") -> R:
+                  waiting: str = "measurement(s)", admit: Callable[[], None] | None = None) -> R:
     """The stored result, else `run()` inside the measurement slot (and `store`d).
 
     who: names the run in the slot's queue. lookup: the stored result or None (None: never reuse).
     slot: (who, waiting=callback(ahead)) -> context manager (locks.measurement_slot, or a device's).
     time_limit: the Limits field that bounds the run from its first step, not while queued.
+    admit: raises if this server will not measure the request (a stored result is served all the same).
     """
     if lookup is not None and (hit := lookup()) is not None:
         return hit
+    if admit is not None:
+        admit()
     with slot(who, waiting=lambda ahead: progress("queue", f"waiting: {ahead} {waiting} ahead of this one")):
         if lookup is not None and (hit := lookup()) is not None:
             return hit  # measured by the one we waited for

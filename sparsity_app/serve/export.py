@@ -141,7 +141,8 @@ def compile_plan(plan: ModelPlan, specs: dict[str, Spec | None], pruned: dict[st
     hf = model.torch_model()
     masks = {name: np.ones(pruned[name].shape, bool) if spec is None else mask_of_weights(pruned[name], spec)
              for name, spec in specs.items()}
-    linears = graph.plan_linears(plan.model, specs, pruned, masks, plan.batch * plan.tokens, threads, store)
+    biases = {name: model.weight(name)[1] for name in specs}
+    linears = graph.plan_linears(plan.model, specs, pruned, masks, biases, plan.batch * plan.tokens, threads, store)
     plans = {name: linear for name, (linear, _) in linears.items()}
     encoder = graph.compile_encoder(hf, hf, plans, plan.batch, plan.tokens)
     ids, attention = baselines.example_inputs(model.tokenizer(), plan.batch, plan.tokens)
