@@ -7,6 +7,11 @@ from hypothesis import settings
 
 from sparsity_app.core import env
 
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    # Several workers share the cores, and no test asserts a speed: a thread pool that spins while it
+    # waits (PyTorch's OpenMP, TVM's) burns the core another worker needs. Set before torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 env.configure()  # as every entry point does (threads, TVM pool, offline Hugging Face)
 
 # Numeric properties: no deadline (a TVM compile takes ~0.1 s), few examples (each compiles).

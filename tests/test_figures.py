@@ -108,7 +108,8 @@ def test_claims_time_every_kernel_in_one_measurement(cache_dir, monkeypatch):
     assert len(report.claims) == 3 and all(isinstance(c.holds, bool) for c in report.claims)
     assert "one 768x768 layer" in report.claims[0].measured and "whole BERT-base" in report.claims[0].paper
     assert "default-scheduled" in report.claims[1].measured
-    assert report.times_ms["tvm_default_dense"].median > report.times_ms["tvm_dense"].median
+    # Which is faster is the claim's verdict (Learn shows it), a figure of the machine, not of this test.
+    assert all(t.runs == 3 and t.median > 0 for t in report.times_ms.values())
 
 
 # 6. Accuracy proxies do not depend on the timed token count ------------------------------------------
@@ -223,7 +224,11 @@ def test_sweep_offers_every_method_and_shows_an_engine_failure(cache_dir, monkey
     def broken(*a, **kw):
         raise RuntimeError("compiler exploded")
 
-    monkeypatch.setattr(experiment, "run", broken)
+    # The pages' shared module binds `run` when first imported and outlives this test: import it first
+    # (so a later test on this worker never gets the broken run) and patch its name as well.
+    from app_pages import common
+    for module in (experiment, common):
+        monkeypatch.setattr(module, "run", broken)
     at = AppTest.from_file("../app.py", default_timeout=120).run()
     at.switch_page("app_pages/sweep.py").run()
     assert at.selectbox(key="sweep_method").options == list(METHODS)
