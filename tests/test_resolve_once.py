@@ -89,3 +89,19 @@ def test_a_sweep_point_is_checked_once(spy, monkeypatch):
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert spy()[before:] == ["layer", "layer"], "each of the two points is checked once: the rate limit, " \
         "the measurement and the charts take the checked point"
+
+
+def test_a_sensitivity_run_checks_its_request_once_and_each_point_once(spy, monkeypatch):
+    from sparsity_app.core.store import Store
+    from sparsity_app.runs import sensitivity
+
+    monkeypatch.setattr(sensitivity, "_evaluate_point", lambda spec, shape: sensitivity.SensitivityPoint(
+        spec.layer, shape, spec.sparsity, spec.sparsity, {"lee_pearson": 0.5}, None))  # no model pass
+    monkeypatch.setattr(sensitivity, "_dense_metrics", lambda model, store: {"lee_pearson": 0.6})
+    request = sensitivity.SensitivityRequest(layers=("encoder.layer.0.attention.self.query",), sparsities=(0.5, 0.9),
+                                             time_kernels=False).resolve()  # the door
+    assert spy() == ["plan_fields", "spec", "spec"]  # the pattern once, each sparsity on the first layer
+    store = Store()
+    result = sensitivity.run_sensitivity(request, store=store)
+    assert sensitivity.lookup(request, store).points == [dataclasses.replace(p, cached=True) for p in result.points]
+    assert spy()[3:] == ["spec", "spec"] * 2  # below the door: each point's Spec made once per pass, no request check

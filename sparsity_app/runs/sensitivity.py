@@ -67,9 +67,15 @@ class SensitivityRequest:
     threads: int = 0  # threads for every kernel; 0 = all cores
     repeat: int = 25  # timed samples per implementation
     time_kernels: bool = True  # False: metrics only (no latency allocation possible)
+    resolved: bool = dataclasses.field(default=False, compare=False)  # set by `resolve()` alone
 
     def resolve(self) -> "SensitivityRequest":
-        """Validate every point (cheap: no weights); canonical sparsities and layers. UserError says what to fix."""
+        """Validate every point (cheap: no weights); canonical sparsities and layers. UserError says what to fix.
+
+        The door (CLI, page) resolves; a resolved request returns itself, so the runs below it never check again.
+        """
+        if self.resolved:
+            return self
         model = get_model(self.model)
         known = [info.name for info in model.layers()]
         layers = tuple(self.layers) or tuple(known)
@@ -89,7 +95,8 @@ class SensitivityRequest:
         if any(s == 0 for s in sparsities):
             raise UserError("sparsity 0 is the dense model itself; give sparsities above 0")
         return dataclasses.replace(self, method=plan.method, block=plan.block, nm=plan.nm, norm=plan.norm,
-                                   seed=plan.seed, threads=plan.threads, sparsities=sparsities, layers=layers)
+                                   seed=plan.seed, threads=plan.threads, sparsities=sparsities, layers=layers,
+                                   resolved=True)
 
     def _spec(self, plan: ModelPlan, layer: str, sparsity: float) -> Spec:
         spec = resolve.spec(Spec(model=self.model, layer=layer, method=plan.method, block=plan.block, sparsity=sparsity,
@@ -113,7 +120,8 @@ class SensitivityRequest:
         return self.plan(0.5).label().rsplit(" at ", 1)[0]
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "block": fmt_block(self.block),
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "resolved"}
+        return {**fields, "block": fmt_block(self.block),
                 "nm": None if self.nm is None else f"{self.nm[0]}:{self.nm[1]}", "sparsities": list(self.sparsities),
                 "layers": list(self.layers)}
 
