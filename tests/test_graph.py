@@ -73,7 +73,8 @@ def test_mixed_sparse_graph_matches_masked_pytorch(small):
             DenseFMKnobs(mr=4, nt=16)),
     }
     ref = graph.reference_model(small, plans)
-    for batch, seq, fuse_qkv in [(2, 24, True), (2, 24, False), (2, 256, True)]:  # 512 tokens: padded stride
+    # 27 tokens: every tile (8, 16) overlaps its neighbour at the end; 512 tokens: padded stride
+    for batch, seq, fuse_qkv in [(1, 27, True), (2, 24, False), (2, 256, True)]:
         ids, mask = _inputs(batch, seq, small.config.vocab_size, seed=1)
         enc = graph.compile_encoder(small, small, plans, batch, seq, fuse_qkv=fuse_qkv)
         assert graph.verify(enc, ref, ids, mask) <= 1e-4
@@ -152,9 +153,6 @@ def test_bad_inputs_are_one_line_errors(small):
             "dense", w, None, DenseKnobs())}, 1, 8)
     with pytest.raises(UserError, match="valid families"):
         graph.LinearPlan("coo", w, None)
-    bsr = _plan(small, "encoder.layer.0.output.dense", Spec(method="block", block=(16, 1), sparsity=0.5), BSRKnobs(tile=16))
-    with pytest.raises(UserError, match="token tile 16"):
-        graph.compile_encoder(small, small, {"encoder.layer.0.output.dense": bsr}, 1, 8)
     with pytest.raises(UserError, match="seq"):
         graph.compile_encoder(small, small, {}, 1, 10_000)
 

@@ -6,7 +6,7 @@ import scipy.sparse
 from hypothesis import given, settings, strategies as st
 
 from sparsity_app.core.requests import Spec
-from sparsity_app.kernels import balanced_parts, compile_prim_func, csr, empty, nm, tensor
+from sparsity_app.kernels import balanced_parts, compile_prim_func, csr, empty, nm, tensor, token_tile
 from sparsity_app.kernels.bsr import TVMBSR, BSRKnobs
 from sparsity_app.kernels.dense import (DenseFMKnobs, DenseKnobs, TorchDense, TVMDense, dense_fm_prim_func, pack_fm,
                                         pick_fm_knobs, pick_knobs)
@@ -52,9 +52,10 @@ PATTERNS = [*(Spec(method="block", block=b, sparsity=0.7) for b in BLOCKS),
 
 
 @pytest.mark.parametrize("spec", PATTERNS, ids=lambda s: s.label())
-@pytest.mark.parametrize("tokens", [48, 5])
+@pytest.mark.parametrize("tokens", [48, 27, 5])
 def test_every_schedule_the_tuner_may_pick_matches_dense(spec, tokens):
-    """Both tuner rounds' knobs (the variants of every first-round candidate), per format."""
+    """Both tuner rounds' knobs (the variants of every first-round candidate), per format; at 27 and 5
+    tokens every tile wider than 1 overlaps its neighbour at the end, or is clipped to the tokens."""
     spec = resolve.spec(spec)
     bs_r, bs_c = spec.block
     w, _, x = _case(bs_r * 6, bs_c * 16, tokens, 1.0, seed=7)
@@ -176,6 +177,28 @@ def test_parallel_splits_with_several_parts_match_dense(n_parts):
     nm_mask = prune(w, resolve.spec(Spec(method="nm", nm=(2, 4))))
     assert_matches_dense(nm.TVMNM(to_nm(w, nm_mask, (2, 4)), x, nm.NMKnobs(tile=16, chunk=16), n_parts=n_parts).output(),
                          x, w * nm_mask)
+
+
+def test_no_schedule_falls_back_to_a_one_token_tile_at_any_token_count():
+    """Every family's default and first-round knobs, and the dense kernels of the layer runner and of
+    the graph, keep a tile of the largest power of two their width allows (never 1 above 1 token)."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 64)).astype(np.float32)
+    weights = {}
+    for spec in PATTERNS:
+        spec = resolve.spec(spec)
+        family, weight = sparse_format(w, prune(w, spec), spec)
+        weights.setdefault(family, weight)
+    assert set(weights) == set(tuner.families())
+    for tokens in range(1, 131):
+        def full(tile, asked):
+            return tile == token_tile(tokens, asked) and (tokens == 1 or tile >= 2) and 2 * tile > min(tokens, asked)
+        for family, weight in weights.items():
+            fam = tuner.families()[family]
+            for knobs in [fam.default(tokens, weight), *fam.candidates(tokens, weight)]:
+                assert full(fam.pack(weight, tokens, knobs).tile, knobs.tile), (family, tokens, knobs)
+        assert pick_knobs(tokens, 384).tile == min(tokens, 8)  # unrolled, not vectorised: any width
+        assert full(token_tile(tokens, pick_fm_knobs(tokens, 384, 384).nt), 32)
 
 
 @pytest.mark.parametrize("tokens", [127, 97, 13, 8])

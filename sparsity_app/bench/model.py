@@ -2,8 +2,10 @@
 and each target's verdict (a command, never a test)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
+from sparsity_app.bench import lengths
 from sparsity_app.core.errors import UserError
 from sparsity_app.core.requests import ModelPlan, parse_block
 from sparsity_app.core.store import Store
@@ -13,6 +15,8 @@ from sparsity_app.serve.report import format_model, say, steps_to_stderr
 
 
 def main(args) -> int:
+    if args.lengths is not None:
+        return _lengths(args)
     plans = []
     for item in args.configs.split(","):
         model, _, shape = item.strip().partition(":")
@@ -35,6 +39,25 @@ def main(args) -> int:
         print(json.dumps(rows))
     else:
         print(model_targets(rows))
+    return 0
+
+
+def _lengths(args) -> int:
+    """--lengths: the first config's model and batch at every length (one plan each, resolved here, the door)."""
+    model, _, shape = args.configs.split(",")[0].strip().partition(":")
+    batch, _ = parse_block(shape or "1x128")
+    plans = [resolve.plan(ModelPlan(model=model, method=args.method, block=parse_block(args.block),
+                                    sparsity=args.sparsity, tokens=tokens, batch=batch, threads=args.threads,
+                                    repeat=args.repeat))
+             for tokens in lengths.parse_lengths(args.lengths)]
+    say(f"timing {model}, {plans[0].plan.label()}, batch {batch}, at {len(plans)} lengths...")
+    rows = lengths.time_lengths(plans, Store(args.cache_dir))
+    if args.json:
+        print(json.dumps([{**row, "times_ms": {k: dataclasses.asdict(t) for k, t in row["times_ms"].items()}}
+                          for row in rows]))
+    else:
+        print(lengths.format_lengths(rows))
+        print(lengths.length_targets(rows))
     return 0
 
 

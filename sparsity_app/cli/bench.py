@@ -52,6 +52,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--repeat", type=int, default=25)
+    p.add_argument("--lengths", default=None, metavar="LENGTHS",
+                   help="time the first config's model and batch at each of these sentence lengths instead (e.g. "
+                        "8..128, 8..128:8, 24,27,31): each implementation's ms per length, and whether the time "
+                        "jumps at an awkward length")
     p.add_argument("--cache-dir", default=None, help="where tuned schedules are kept (default cache/)")
     p.add_argument("--json", action="store_true")
 

@@ -98,6 +98,25 @@ def empty(shape: tuple[int, ...]) -> "tvm.runtime.Tensor":
     return tvm.runtime.empty(shape, "float32", tvm.cpu())
 
 
+def token_tile(tokens: int, at_most: int) -> int:
+    """Tokens per register tile: the largest power of two <= min(tokens, at_most).
+
+    A tile need not divide the token count. A kernel runs ceil(tokens / tile) tiles and moves the last
+    one back to end at the last token (`tile_starts`): it overlaps its neighbour, recomputes a few
+    tokens and writes the same values. So every count (27, 31, 97) keeps full-width vectors instead of
+    falling back to one-token tiles, and a tiled loop does at most the work of the next multiple of
+    the tile.
+    """
+    limit = max(1, min(tokens, at_most))
+    return 1 << (limit.bit_length() - 1)
+
+
+def tile_starts(tokens: int, tile: int) -> list[int]:
+    """First token of each of the ceil(tokens / tile) tiles, the last moved back to end at `tokens`
+    (the kernels compute the same in TIR as T.min(t0 * tile, tokens - tile))."""
+    return [min(t0 * tile, tokens - tile) for t0 in range(-(-tokens // tile))]
+
+
 def largest_divisor(n: int, at_most: int) -> int:
     """Largest d <= at_most with n % d == 0 (tiles must divide their loop; 1 always does)."""
     return next(d for d in range(min(n, at_most), 0, -1) if n % d == 0)
@@ -116,7 +135,8 @@ def balanced_parts(indptr: np.ndarray, n_parts: int) -> np.ndarray:
     return np.concatenate([[0], cuts, [len(work)]]).astype(np.int32)
 
 
-X_LAYOUTS = ("row-major", "feature-major", "tiles")  # X [tokens, in] | X^T [in, tokens] | [tokens / tile, in, tile]
+# X [tokens, in] | X^T [in, tokens] | [ceil(tokens / tile), in, tile], the tiles of `tile_starts`
+X_LAYOUTS = ("row-major", "feature-major", "tiles")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -132,7 +152,7 @@ class Packed:
     tokens: int  # rows of X the kernel is specialised for
     weights: tuple[np.ndarray, ...]  # the kernel's arguments after X and before Y, in order
     x_layout: str  # X_LAYOUTS: how the kernel reads X
-    tile: int = 1  # the token tile of x_layout "tiles"
+    tile: int = 1  # tokens per register tile (`token_tile`), and per tile of x_layout "tiles"
     y_feature_major: bool = True  # writes Y^T float32 [out, tokens] (else Y [tokens, out])
 
     def x_of(self, x: np.ndarray) -> np.ndarray:
@@ -141,8 +161,7 @@ class Packed:
             return x
         if self.x_layout == "feature-major":
             return x.T
-        tokens, in_f = x.shape
-        return x.reshape(tokens // self.tile, self.tile, in_f).transpose(0, 2, 1)
+        return np.stack([x[t:t + self.tile].T for t in tile_starts(x.shape[0], self.tile)])
 
 
 class Kernel:

@@ -27,7 +27,7 @@ import dataclasses
 import numpy as np
 from tvm.script import tirx as T
 
-from sparsity_app.kernels import Kernel, KernelSource, Packed, balanced_parts, largest_divisor, max_threads, tir_builder
+from sparsity_app.kernels import Kernel, KernelSource, Packed, balanced_parts, max_threads, tir_builder, token_tile
 from sparsity_app.prune.formats import BSR, stacked_indptr
 
 VECS = ("rows", "tokens")
@@ -37,7 +37,7 @@ SPLITS = ("rows", "rows*tokens", "nnz")
 
 @dataclasses.dataclass(frozen=True)
 class BSRKnobs:
-    tile: int = 8  # tokens per register tile (each loaded block is reused this many times)
+    tile: int = 8  # at most this many tokens per register tile (each loaded block is reused per token); `token_tile`
     vec: str = "rows"  # vectorised axis: VECS
     layout: str = "row-major"  # X and Y layout: LAYOUTS
     unroll: bool = False  # unroll the loop over a block's bs_c columns
@@ -67,13 +67,13 @@ def bsr_prim_func(tokens: int, shape: tuple[int, int], block: tuple[int, int], n
     (blocks transposed); indices: int32 [nnz_blocks]; indptr: int32 [out / bs_r + 1];
     parts: int32 [n_parts + 1], block-row bounds of the parallel tasks of split="nnz"
     (`balanced_parts`; other splits ignore it); Y: float32 [tokens, out], or [out, tokens] if
-    feature-major. nnz_blocks must be >= 1 (an empty matrix passes one unused zero block);
-    tile divides tokens.
+    feature-major. nnz_blocks must be >= 1 (an empty matrix passes one unused zero block).
+    The token tile is token_tile(tokens, knobs.tile); it need not divide tokens (the last tile overlaps).
     """
     out_f, in_f = shape
     bs_r, bs_c = block
-    tile = knobs.tile
-    n_rows, n_tiles = out_f // bs_r, tokens // tile
+    tile = token_tile(tokens, knobs.tile)
+    n_rows, n_tiles = out_f // bs_r, -(-tokens // tile)
     cols = T.unroll if knobs.unroll else T.serial
     fm = knobs.layout == "feature-major"
     x_shape, y_shape = ((in_f, tokens), (out_f, tokens)) if fm else ((tokens, in_f), (tokens, out_f))
@@ -83,6 +83,7 @@ def bsr_prim_func(tokens: int, shape: tuple[int, int], block: tuple[int, int], n
     @T.macro
     def tile_vec_tokens(X, data, indices, indptr, Y, i, t0):
         """Y^T[i-th block row, t0-th token tile], rp rows at a time as acc[rp, tile], vectorised over tokens."""
+        first = T.min(t0 * tile, tokens - tile)  # the last tile ends at the last token
         for h in range(bs_r // rp):
             acc = T.alloc_buffer((rp, tile), "float32", scope="local")
             for r in T.unroll(rp):
@@ -92,14 +93,15 @@ def bsr_prim_func(tokens: int, shape: tuple[int, int], block: tuple[int, int], n
                 for c in cols(bs_c):
                     for r in T.unroll(rp):
                         for t in T.vectorized(tile):
-                            acc[r, t] = acc[r, t] + data[nb, c, h * rp + r] * X[indices[nb] * bs_c + c, t0 * tile + t]
+                            acc[r, t] = acc[r, t] + data[nb, c, h * rp + r] * X[indices[nb] * bs_c + c, first + t]
             for r in T.unroll(rp):
                 for t in T.vectorized(tile):
-                    Y[i * bs_r + h * rp + r, t0 * tile + t] = acc[r, t]
+                    Y[i * bs_r + h * rp + r, first + t] = acc[r, t]
 
     @T.macro
     def tile_vec_rows(X, data, indices, indptr, Y, i, t0):
         """The same tile as acc[tile, bs_r], vectorised over the block's rows."""
+        first = T.min(t0 * tile, tokens - tile)
         acc = T.alloc_buffer((tile, bs_r), "float32", scope="local")
         for t in T.unroll(tile):
             for r in T.vectorized(bs_r):
@@ -109,15 +111,15 @@ def bsr_prim_func(tokens: int, shape: tuple[int, int], block: tuple[int, int], n
                 for t in T.unroll(tile):
                     for r in T.vectorized(bs_r):
                         if fm:
-                            acc[t, r] = acc[t, r] + data[nb, c, r] * X[indices[nb] * bs_c + c, t0 * tile + t]
+                            acc[t, r] = acc[t, r] + data[nb, c, r] * X[indices[nb] * bs_c + c, first + t]
                         else:
-                            acc[t, r] = acc[t, r] + data[nb, c, r] * X[t0 * tile + t, indices[nb] * bs_c + c]
+                            acc[t, r] = acc[t, r] + data[nb, c, r] * X[first + t, indices[nb] * bs_c + c]
         for t in T.unroll(tile):
             for r in T.vectorized(bs_r):
                 if fm:
-                    Y[i * bs_r + r, t0 * tile + t] = acc[t, r]
+                    Y[i * bs_r + r, first + t] = acc[t, r]
                 else:
-                    Y[t0 * tile + t, i * bs_r + r] = acc[t, r]
+                    Y[first + t, i * bs_r + r] = acc[t, r]
 
     body = tile_vec_tokens if knobs.vec == "tokens" else tile_vec_rows
 
@@ -144,7 +146,7 @@ def bsr_prim_func(tokens: int, shape: tuple[int, int], block: tuple[int, int], n
 
 def default_knobs(tokens: int, weight: BSR) -> BSRKnobs:
     """The untuned schedule: what the kernel does before (or without) the tuner."""
-    return BSRKnobs(tile=largest_divisor(tokens, 8))
+    return BSRKnobs(tile=token_tile(tokens, 8))
 
 
 def candidates(tokens: int, weight: BSR) -> list[BSRKnobs]:
@@ -161,13 +163,13 @@ def candidates(tokens: int, weight: BSR) -> list[BSRKnobs]:
         for tile in (4, 8, 16):
             if tile * lanes <= 24:
                 for layout in LAYOUTS:
-                    out.append(BSRKnobs(largest_divisor(tokens, tile), "rows", layout, bs_c > 1, "nnz"))
+                    out.append(BSRKnobs(token_tile(tokens, tile), "rows", layout, bs_c > 1, "nnz"))
     for tile in (16, 32, 64, 128):
         if bs_r * -(-tile // 16) <= 24:
-            out.append(BSRKnobs(largest_divisor(tokens, tile), "tokens", "feature-major", bs_c > 1, "nnz"))
+            out.append(BSRKnobs(token_tile(tokens, tile), "tokens", "feature-major", bs_c > 1, "nnz"))
     for rp in (16, 8):  # blocks too tall for one pass: split their rows into passes
         if bs_r > rp and bs_r % rp == 0:
-            out.append(BSRKnobs(largest_divisor(tokens, 16 * 16 // rp), "tokens", "feature-major", bs_c > 1, "nnz", rp))
+            out.append(BSRKnobs(token_tile(tokens, 16 * 16 // rp), "tokens", "feature-major", bs_c > 1, "nnz", rp))
     return list(dict.fromkeys(out))
 
 
@@ -190,7 +192,7 @@ def pack(weight: BSR, tokens: int, knobs: BSRKnobs, n_parts: int | None = None) 
     fm = knobs.layout == "feature-major"
     return Packed(KernelSource("bsr", bsr_prim_func, (tokens, weight.shape, weight.block, data.shape[0], knobs, n_parts)),
                   weight.shape, tokens, (data, indices, weight.indptr, balanced_parts(weight.indptr, n_parts)),
-                  x_layout="feature-major" if fm else "row-major", y_feature_major=fm)
+                  x_layout="feature-major" if fm else "row-major", tile=token_tile(tokens, knobs.tile), y_feature_major=fm)
 
 
 def stack_rows(weights: list[BSR]) -> BSR | None:

@@ -15,7 +15,7 @@ import dataclasses
 import numpy as np
 from tvm.script import tirx as T
 
-from sparsity_app.kernels import Kernel, KernelSource, Packed, balanced_parts, largest_divisor, max_threads, tir_builder
+from sparsity_app.kernels import Kernel, KernelSource, Packed, balanced_parts, max_threads, tir_builder, token_tile
 from sparsity_app.prune.formats import CSR, stacked_indptr
 
 SPLITS = ("rows", "nnz")
@@ -23,8 +23,8 @@ SPLITS = ("rows", "nnz")
 
 @dataclasses.dataclass(frozen=True)
 class CSRKnobs:
-    tile: int = 64  # tokens per register accumulator (tile / 16 AVX-512 registers)
-    pack: bool = False  # X packed per token tile [tokens / tile, in, tile] instead of X^T [in, tokens]
+    tile: int = 64  # at most this many tokens per register accumulator (tile / 16 AVX-512 registers)
+    pack: bool = False  # X packed per token tile [ceil(tokens / tile), in, tile] instead of X^T
     split: str = "nnz"  # "rows": a task per row; "nnz": a task per thread, rows balanced by nnz
 
     def __post_init__(self):
@@ -39,18 +39,19 @@ class CSRKnobs:
 def csr_prim_func(tokens: int, shape: tuple[int, int], nnz: int, knobs: CSRKnobs, n_parts: int = 1):
     """PrimFunc(X, values, indices, indptr, parts, Y).
 
-    X: float32 [in, tokens], or [tokens / tile, in, tile] if packed; values: float32 [nnz];
+    X: float32 [in, tokens], or [ceil(tokens / tile), in, tile] if packed (`tile_starts`); values: float32 [nnz];
     indices, int32 [nnz]; indptr: int32 [out + 1]; parts: int32 [n_parts + 1], row bounds of
     split="nnz"; Y: float32 [out, tokens] (Y^T). nnz >= 1 (pass one unused zero if empty).
     """
     out_f, in_f = shape
-    tile = knobs.tile
-    n_tiles = tokens // tile
+    tile = token_tile(tokens, knobs.tile)  # need not divide tokens: the last tile overlaps its neighbour
+    n_tiles = -(-tokens // tile)
     x_shape = (n_tiles, in_f, tile) if knobs.pack else (in_f, tokens)
 
     @T.macro
     def row_tile(X, values, indices, indptr, Y, i, t0):
         """Y^T[i, t0-th tile of tokens] = sum over row i's stored weights of value * X^T[col, tile]."""
+        first = T.min(t0 * tile, tokens - tile)  # the last tile ends at the last token
         acc = T.alloc_buffer((tile,), "float32", scope="local")
         for t in T.vectorized(tile):
             acc[t] = T.float32(0)
@@ -59,9 +60,9 @@ def csr_prim_func(tokens: int, shape: tuple[int, int], nnz: int, knobs: CSRKnobs
                 if knobs.pack:
                     acc[t] = acc[t] + values[k] * X[t0, indices[k], t]
                 else:
-                    acc[t] = acc[t] + values[k] * X[indices[k], t0 * tile + t]
+                    acc[t] = acc[t] + values[k] * X[indices[k], first + t]
         for t in T.vectorized(tile):
-            Y[i, t0 * tile + t] = acc[t]
+            Y[i, first + t] = acc[t]
 
     @T.prim_func
     def csr(X: T.Buffer(x_shape, "float32"), values: T.Buffer((nnz,), "float32"),
@@ -82,7 +83,7 @@ def csr_prim_func(tokens: int, shape: tuple[int, int], nnz: int, knobs: CSRKnobs
 
 
 def default_knobs(tokens: int, weight: CSR) -> CSRKnobs:
-    return CSRKnobs(tile=largest_divisor(tokens, 64))
+    return CSRKnobs(tile=token_tile(tokens, 64))
 
 
 def candidates(tokens: int, weight: CSR) -> list[CSRKnobs]:
@@ -90,7 +91,7 @@ def candidates(tokens: int, weight: CSR) -> list[CSRKnobs]:
     out = [default_knobs(tokens, weight)]
     for tile in (16, 32, 64, 128):
         for pack in (False, True):
-            out.append(CSRKnobs(largest_divisor(tokens, tile), pack, "nnz"))
+            out.append(CSRKnobs(token_tile(tokens, tile), pack, "nnz"))
     return list(dict.fromkeys(out))
 
 
@@ -108,7 +109,7 @@ def pack(weight: CSR, tokens: int, knobs: CSRKnobs, n_parts: int | None = None) 
     n_parts = (n_parts or max_threads()) if knobs.split == "nnz" else 1
     return Packed(KernelSource("csr", csr_prim_func, (tokens, weight.shape, values.shape[0], knobs, n_parts)),
                   weight.shape, tokens, (values, indices, weight.indptr, balanced_parts(weight.indptr, n_parts)),
-                  x_layout="tiles" if knobs.pack else "feature-major", tile=knobs.tile)
+                  x_layout="tiles" if knobs.pack else "feature-major", tile=token_tile(tokens, knobs.tile))
 
 
 def stack_rows(weights: list[CSR]) -> CSR | None:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tvm.script import tirx as T
 
-from sparsity_app.kernels import Kernel, KernelSource, Packed, largest_divisor, tir_builder
+from sparsity_app.kernels import Kernel, KernelSource, Packed, largest_divisor, tir_builder, token_tile
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +65,7 @@ def pick_knobs(tokens: int, out_f: int) -> DenseKnobs:
 @dataclasses.dataclass(frozen=True)
 class DenseFMKnobs:
     mr: int = 8  # output features per panel (broadcast weights per input step)
-    nt: int = 32  # tokens per register tile (vector lanes; clipped to tokens, need not divide them)
+    nt: int = 32  # at most this many tokens per register tile (vector lanes, `token_tile`; need not divide them)
     block: int = 64  # tokens per cache block (X^T [in, block] kept in L2 while weight panels stream)
 
 
@@ -78,7 +78,7 @@ def dense_fm_prim_func(tokens: int, out_f: int, in_f: int, knobs: DenseFMKnobs):
     past, and each panel stays in L1 across the block's tiles. (Panel-major order re-read all of
     X^T per panel: fine at 128 tokens, L3-bound at 1024 x 768.)
     """
-    mr, nt = knobs.mr, min(knobs.nt, tokens)
+    mr, nt = knobs.mr, token_tile(tokens, knobs.nt)  # a power of two: 27 lanes would split into 16+8+2+1
     n_tiles = -(-tokens // nt)
     per_block = max(1, min(knobs.block // nt, n_tiles))  # tiles per token block
     n_blocks = -(-n_tiles // per_block)
@@ -111,7 +111,7 @@ def pick_fm_knobs(tokens: int, out_f: int, in_f: int = 0) -> DenseFMKnobs:
     """8-row panels, 32-token tiles; one token block when X^T fits in half an L2 (512 KB), else
     blocks of 64 tokens (at 1040 tokens x 3072 inputs: 191 vs 143 GFLOP/s)."""
     block = tokens if in_f * tokens * 4 <= 512 * 1024 else 64
-    return DenseFMKnobs(mr=largest_divisor(out_f, 8), nt=min(tokens, 32), block=block)
+    return DenseFMKnobs(mr=largest_divisor(out_f, 8), nt=token_tile(tokens, 32), block=block)
 
 
 def pack_fm(weight: np.ndarray, mr: int) -> np.ndarray:

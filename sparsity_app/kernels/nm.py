@@ -14,16 +14,16 @@ import dataclasses
 import numpy as np
 from tvm.script import tirx as T
 
-from sparsity_app.kernels import Kernel, KernelSource, Packed, largest_divisor, max_threads, tir_builder
+from sparsity_app.kernels import Kernel, KernelSource, Packed, max_threads, tir_builder, token_tile
 from sparsity_app.kernels.csr import SPLITS
 from sparsity_app.prune.formats import NM
 
 
 @dataclasses.dataclass(frozen=True)
 class NMKnobs:
-    tile: int = 64  # tokens per register accumulator
+    tile: int = 64  # at most this many tokens per register accumulator (`token_tile`)
     chunk: int = 0  # inputs per cache block (a multiple of M dividing in); 0 = all inputs at once
-    pack: bool = False  # X packed per token tile [tokens / tile, in, tile] instead of X^T [in, tokens]
+    pack: bool = False  # X packed per token tile [ceil(tokens / tile), in, tile] instead of X^T
     split: str = "nnz"  # "rows": a task per row; "nnz": one run of rows per thread, tiles outside
 
     def __post_init__(self):
@@ -39,7 +39,7 @@ class NMKnobs:
 def nm_prim_func(tokens: int, shape: tuple[int, int], nm: tuple[int, int], knobs: NMKnobs, n_parts: int = 1):
     """PrimFunc(X, values, offsets, Y).
 
-    X: float32 [in, tokens], or [tokens / tile, in, tile] if packed; values: float32 [out, in / M * N];
+    X: float32 [in, tokens], or [ceil(tokens / tile), in, tile] if packed (`tile_starts`); values: float32 [out, in / M * N];
     offsets: uint8 [out, in / M * N]; Y: float32 [out, tokens] (Y^T).
     Every group of M inputs lines up across rows, so the input dimension can be cut into cache
     blocks of `chunk` inputs: a thread sweeps all its rows over one block of X (chunk x tile floats,
@@ -48,8 +48,8 @@ def nm_prim_func(tokens: int, shape: tuple[int, int], nm: tuple[int, int], knobs
     out_f, in_f = shape
     n, m = nm
     kept = in_f // m * n
-    tile = knobs.tile
-    n_tiles = tokens // tile
+    tile = token_tile(tokens, knobs.tile)  # need not divide tokens: the last tile overlaps its neighbour
+    n_tiles = -(-tokens // tile)
     chunk = knobs.chunk if knobs.split == "nnz" and knobs.chunk else in_f
     n_chunks, groups = in_f // chunk, chunk // m  # groups of M per cache block
     x_shape = (n_tiles, in_f, tile) if knobs.pack else (in_f, tokens)
@@ -58,9 +58,12 @@ def nm_prim_func(tokens: int, shape: tuple[int, int], nm: tuple[int, int], knobs
     @T.macro
     def row_tile(X, values, offsets, Y, i, t0, kc):
         """Y^T[i, tile t0] (+)= row i's kept weights in cache block kc times X^T."""
+        # A tile runs all its cache blocks before the next tile, so the overlapping last tile starts
+        # again from kc == 0 and never adds to its finished neighbour's sums.
+        first = T.min(t0 * tile, tokens - tile)  # the last tile ends at the last token
         acc = T.alloc_buffer((tile,), "float32", scope="local")
         for t in T.vectorized(tile):
-            acc[t] = T.if_then_else(kc == 0, T.float32(0), Y[i, t0 * tile + t])
+            acc[t] = T.if_then_else(kc == 0, T.float32(0), Y[i, first + t])
         for g in range(kc * groups, kc * groups + groups):
             for j in T.unroll(n):
                 for t in T.vectorized(tile):
@@ -69,9 +72,9 @@ def nm_prim_func(tokens: int, shape: tuple[int, int], nm: tuple[int, int], knobs
                             t0, g * m + T.Cast("int32", offsets[i, g * n + j]), t]
                     else:
                         acc[t] = acc[t] + values[i, g * n + j] * X[
-                            g * m + T.Cast("int32", offsets[i, g * n + j]), t0 * tile + t]
+                            g * m + T.Cast("int32", offsets[i, g * n + j]), first + t]
         for t in T.vectorized(tile):
-            Y[i, t0 * tile + t] = acc[t]
+            Y[i, first + t] = acc[t]
 
     @T.prim_func
     def nm_kernel(X: T.Buffer(x_shape, "float32"), values: T.Buffer((out_f, kept), "float32"),
@@ -92,7 +95,7 @@ def nm_prim_func(tokens: int, shape: tuple[int, int], nm: tuple[int, int], knobs
 
 
 def default_knobs(tokens: int, weight: NM) -> NMKnobs:
-    return NMKnobs(tile=largest_divisor(tokens, 64))
+    return NMKnobs(tile=token_tile(tokens, 64))
 
 
 def candidates(tokens: int, weight: NM) -> list[NMKnobs]:
@@ -100,7 +103,7 @@ def candidates(tokens: int, weight: NM) -> list[NMKnobs]:
     in_f, m = weight.shape[1], weight.nm[1]
     out = [default_knobs(tokens, weight)]
     for tile in (32, 64, 128):
-        tile = largest_divisor(tokens, tile)
+        tile = token_tile(tokens, tile)
         for chunk in (0, 4096 // tile, 8192 // tile, 16384 // tile):
             if chunk == 0 or (chunk % m == 0 and in_f % chunk == 0 and chunk < in_f):
                 out.append(NMKnobs(tile, chunk, False, "nnz"))
@@ -119,7 +122,7 @@ def pack(weight: NM, tokens: int, knobs: NMKnobs, n_parts: int | None = None) ->
     n_parts = (n_parts or max_threads()) if knobs.split == "nnz" else 1
     return Packed(KernelSource("nm", nm_prim_func, (tokens, weight.shape, weight.nm, knobs, n_parts)),
                   weight.shape, tokens, (weight.values, weight.offsets),
-                  x_layout="tiles" if knobs.pack else "feature-major", tile=knobs.tile)
+                  x_layout="tiles" if knobs.pack else "feature-major", tile=token_tile(tokens, knobs.tile))
 
 
 def stack_rows(weights: list[NM]) -> NM | None:

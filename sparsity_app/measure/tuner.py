@@ -4,7 +4,9 @@ Each kernel family (BSR, CSR, N:M) offers a first round of candidate schedules f
 (`candidates`) and a second round around the first round's winner (`variants`). The tuner times
 each round in one `measure` call on the real weight, after checking every candidate's output
 against NumPy, and keeps the fastest. Winners are stored per (family, shape, pattern, sparsity
-bucket, tokens, threads, machine), so the app never tunes the same case twice. Which knob won,
+bucket, token bucket, threads, machine), so the app never tunes the same case twice, and a token
+count never tuned runs its tuned neighbour's schedule (tiles need not divide the tokens: a
+winner's tile is clipped to the count, never dropped to one token). Which knob won,
 and by how much over the untuned default, is the paper's third finding made visible: the best
 schedule depends on the block shape.
 
@@ -79,10 +81,16 @@ class Tuning:
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
+def token_bucket(tokens: int) -> int:
+    """Token counts that share a tuned schedule: 1-8, then up to each power of two (9-16, 17-32, ...,
+    65-128, ...). The candidates' tiles are powers of two up to 128, so one count's winner suits its bucket."""
+    return max(8, 1 << (tokens - 1).bit_length())
+
+
 def tuning_key(family: str, weight, spec: Spec, tokens: int, threads: int, machine: dict) -> str:
     pattern = list(spec.nm) if spec.nm is not None else list(spec.block)
     blob = json.dumps({"family": family, "shape": list(weight.shape), "pattern": pattern,
-                       "bucket": bucket(1 - weight.density), "tokens": tokens, "threads": threads,
+                       "bucket": bucket(1 - weight.density), "tokens": token_bucket(tokens), "threads": threads,
                        "machine": machine}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 

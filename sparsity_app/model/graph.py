@@ -334,7 +334,7 @@ class _Builder:
             x = self.transpose(x, in_f, t)
         elif packed.x_layout == "tiles":
             x = self.call("linear_pack", ops.pack_tiles_prim_func(in_f, t, packed.tile), [x],
-                          (t // packed.tile, in_f, packed.tile))
+                          (-(-t // packed.tile), in_f, packed.tile))
         y = self.call(f"linear_{plan.family}", packed.source.prim_func(), [x, *map(self.const, packed.weights)],
                       (out_f, t) if packed.y_feature_major else (t, out_f))
         return y if packed.y_feature_major else self.transpose(y, t, out_f)
@@ -353,15 +353,13 @@ def _stack_rows(plans: list[LinearPlan]) -> LinearPlan | None:
     return None if stacked is None else LinearPlan(p0.family, stacked, None, p0.knobs)
 
 
-def _stride_padding(tokens: int, tiles: list[int]) -> int:
+def _stride_padding(tokens: int) -> int:
     """Extra columns for the feature-major activations [features, tokens]: a row stride that is a
     multiple of 2 KB (e.g. 1024 tokens, 4 KB) maps a column strip's rows onto a few cache sets, and
     layer norm, attention and the linears then miss in L1/L2 (layer norm at 1024 tokens ran 1.8x
-    slower than at 1040). The padding is a multiple of every token tile; padded columns start as
-    zeros (embeddings), stay finite through every operator, and no valid column ever reads them."""
-    if tokens < 256 or (tokens * 4) % 2048:
-        return 0
-    return math.lcm(16, *tiles)
+    slower than at 1040). Padded columns start as zeros (embeddings), stay finite through every
+    operator, and no valid column ever reads them."""
+    return 0 if tokens < 256 or (tokens * 4) % 2048 else 16
 
 
 def _lowering():
@@ -404,11 +402,7 @@ def compile_encoder(config, params, linears: Mapping[str, LinearPlan], batch: in
         plans[n] = plan
     h, t, f = shape.hidden, batch * seq, shape.intermediate
     hd = h // shape.heads
-    for n, plan in plans.items():
-        if plan.family != "dense" and plan.knobs is not None and t % plan.knobs.tile:
-            raise UserError(f"{n}: {plan.family} knobs with token tile {plan.knobs.tile} do not fit {t} tokens "
-                            f"(batch x seq); the sparse kernels need a tile that divides the tokens")
-    ld = t + _stride_padding(t, [pl.knobs.tile for pl in plans.values() if pl.family != "dense" and pl.knobs])
+    ld = t + _stride_padding(t)
     for n, plan in plans.items():
         sub = n.split(".", 3)[3]
         want = {"intermediate.dense": (f, h), "output.dense": (h, f)}.get(sub, (h, h))
