@@ -3,9 +3,10 @@
 Real sentences are not 32 or 128 tokens long. For each length this compiles the sparse and the
 dense encoders (the tuned schedules are shared by the lengths of one token bucket, see
 measure.tuner.token_bucket), checks both against PyTorch, and times them with PyTorch eager and
-ONNX Runtime in one `measure` call per length. The verdict is the issue's: time never jumps at an
-awkward length (each length within 1.15x of the next multiple of 8), and no "vs TVM dense" ratio
-is inflated by a slow dense peer (none above 1.5x the longest length's ratio).
+ONNX Runtime; the lengths up to each multiple of 8 are timed together in one `measure` call.
+The verdict is the issue's: time never jumps at an awkward length (each length within 1.15x of the
+next multiple of 8), and no "vs TVM dense" ratio is inflated by a slow dense peer (none above
+1.5x the longest length's ratio).
 A command, never a test: it prints figures of this machine.
 """
 from __future__ import annotations
@@ -43,8 +44,10 @@ def parse_lengths(text: str) -> list[int]:
 def time_lengths(plans: list[ResolvedPlan], store: Store | None) -> list[dict]:
     """One row per plan (the same pattern at different lengths): {"tokens", "batch", "times_ms": {name: Timing}}.
 
-    The weights are pruned once; every length's executables are checked against PyTorch (relative
-    error <= 1e-4) before they are timed, inside the measurement slot (tuning measures too).
+    The weights are pruned once. Lengths are timed in groups that end at a multiple of 8 (25..32,
+    33..40, ...): a group's executables are all compiled, checked against PyTorch (relative error
+    <= 1e-4), then timed in one `measure` call, so a length and its multiple of 8 are compared under
+    the same machine state (the host drifts between calls minutes apart).
     """
     first = plans[0]
     model, specs = get_model(first.plan.model), first.specs
@@ -54,16 +57,28 @@ def time_lengths(plans: list[ResolvedPlan], store: Store | None) -> list[dict]:
     pruned = {name: weights[name][0] * masks[name] for name in specs}
     biases = {name: weights[name][1] for name in specs}
     reference = model.pruned_copy(pruned)
-    rows = []
+    groups: dict[int, list[ResolvedPlan]] = {}
     for resolved in plans:
-        plan = resolved.plan
-        say(f"  {plan.batch}x{plan.tokens} tokens: tune (once per token bucket), compile, verify, time")
-        with measurement_slot(f"bench-model length {plan.tokens}"):
-            rows.append(_time_length(plan, model, specs, pruned, masks, biases, threads, store, reference))
+        groups.setdefault(-(-resolved.plan.tokens // 8) * 8, []).append(resolved)
+    rows = []
+    for group in groups.values():
+        tokens = [resolved.plan.tokens for resolved in group]
+        say(f"  {tokens[0]}..{tokens[-1]} tokens: tune (once per token bucket), compile, verify, then time in one call")
+        with measurement_slot(f"bench-model lengths {tokens[0]}..{tokens[-1]}"):  # tuning measures too
+            fns = {}
+            for resolved in group:
+                fns.update({f"{name}@{resolved.plan.tokens}": fn for name, fn in
+                            _implementations(resolved.plan, model, specs, pruned, masks, biases, threads, store,
+                                             reference).items()})
+            LocalDevice().set_threads(threads)
+            times = measure(fns, repeat=first.plan.repeat, per_round=3, settle_s=0.2)
+        rows += [{"tokens": t, "batch": first.plan.batch, "times_ms": {name: times[f"{name}@{t}"] for name in IMPLEMENTATIONS}}
+                 for t in tokens]
     return rows
 
 
-def _time_length(plan, model, specs, pruned, masks, biases, threads, store, reference) -> dict:
+def _implementations(plan, model, specs, pruned, masks, biases, threads, store, reference) -> dict:
+    """IMPLEMENTATIONS' callables at the plan's length, the TVM executables checked against PyTorch."""
     # lazy: the graph and the peers load TVM, PyTorch and ONNX Runtime; the CLI's parser needs none of them
     from sparsity_app.model import baselines, graph
 
@@ -78,28 +93,27 @@ def _time_length(plan, model, specs, pruned, masks, biases, threads, store, refe
     graph.verify(dense, hf, ids, attention)
     sparse.set_inputs(ids, attention)
     dense.set_inputs(ids, attention)
-    fns = {SPARSE: sparse.run, "tvm_dense": dense.run,
-           "torch_eager": baselines.torch_eager(hf, plan.batch, plan.tokens, tokenizer),
-           "onnxruntime": baselines.onnxruntime_session(hf, plan.batch, plan.tokens, threads, tokenizer)}
-    return {"tokens": plan.tokens, "batch": plan.batch,
-            "times_ms": measure(fns, repeat=plan.repeat, per_round=3, settle_s=0.2)}
+    return {SPARSE: sparse.run, "tvm_dense": dense.run,
+            "torch_eager": baselines.torch_eager(hf, plan.batch, plan.tokens, tokenizer),
+            "onnxruntime": baselines.onnxruntime_session(hf, plan.batch, plan.tokens, threads, tokenizer)}
 
 
 def format_lengths(rows: list[dict]) -> str:
-    """The table: one line per length, each implementation's median ms, and the sparse speedup over TVM dense."""
-    head = f"{'tokens':>6}  " + "  ".join(f"{label:>14}" for label in IMPLEMENTATIONS.values()) + "  vs TVM dense"
+    """The table: one line per length, each implementation's median ms (and spread, the IQR), and the
+    sparse speedup over TVM dense."""
+    head = f"{'tokens':>6}  " + "  ".join(f"{label + ' ms':>19}" for label in IMPLEMENTATIONS.values()) + "  vs TVM dense"
     lines = [head]
     for row in rows:
         t = row["times_ms"]
-        cells = "  ".join(f"{t[name].median:11.3f} ms" for name in IMPLEMENTATIONS)
-        lines.append(f"{row['tokens']:>6}  {cells}  {t['tvm_dense'].median / t[SPARSE].median:10.2f}x")
+        cells = "  ".join(f"{t[name].median:10.3f} ±{t[name].spread:6.3f}" for name in IMPLEMENTATIONS)
+        lines.append(f"{row['tokens']:>6}  {cells}  {t['tvm_dense'].median / t[SPARSE].median:11.2f}x")
     return "\n".join(lines)
 
 
 def length_targets(rows: list[dict]) -> str:
     """The verdicts on this run's rows: steady time per length, and no inflated ratio."""
     by_tokens = {row["tokens"]: row["times_ms"] for row in rows}
-    out = ["", "== targets (one run; each length's implementations in one measure call)"]
+    out = ["", "== targets (one run; each group of lengths up to a multiple of 8 in one measure call)"]
     for name in (SPARSE, "tvm_dense"):
         worst = None
         for tokens, times in by_tokens.items():

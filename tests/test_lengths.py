@@ -1,0 +1,34 @@
+"""bench-model --lengths: its flag and its verdicts (the timing itself is a command's figure, not a test's)."""
+import pytest
+
+from sparsity_app import UserError
+from sparsity_app.bench.lengths import format_lengths, length_targets, parse_lengths
+from sparsity_app.core.results import Timing
+
+
+def test_lengths_flag():
+    assert parse_lengths("8..12") == [8, 9, 10, 11, 12]
+    assert parse_lengths("8..128:40") == [8, 48, 88, 128]
+    assert parse_lengths("31, 24,27,24") == [24, 27, 31]
+    for bad in ("0..8", "12..8", "8..x", "8..16:0", ""):
+        with pytest.raises(UserError, match="--lengths must look like"):
+            parse_lengths(bad)
+
+
+def _rows(ms: dict[int, tuple[float, float]]) -> list[dict]:
+    """Made-up rows: tokens -> (TVM sparse ms, TVM dense ms)."""
+    return [{"tokens": t, "batch": 1, "times_ms": {"tvm_sparse": Timing(s, 0.01, s, s, 3), "tvm_dense": Timing(d, 0.01, d, d, 3),
+                                                   "torch_eager": Timing(9.0, 0.1, 9, 9, 3),
+                                                   "onnxruntime": Timing(7.0, 0.1, 7, 7, 3)}}
+            for t, (s, d) in ms.items()]
+
+
+def test_a_jump_at_an_awkward_length_and_an_inflated_ratio_are_missed():
+    steady = length_targets(_rows({27: (1.0, 6.0), 31: (1.1, 6.1), 32: (1.0, 6.2)}))
+    assert steady.count(" ok") == 3 and "MISSED" not in steady
+    jumps = length_targets(_rows({27: (2.0, 30.0), 32: (1.0, 6.0)}))  # the issue's table: dense 5x slower at 27
+    assert "TVM sparse: worst length 27 at 2.00x the time of 32 (<= 1.15) MISSED" in jumps
+    assert "TVM dense: worst length 27 at 5.00x" in jumps and "15.00x at 27 tokens, 2.50x the 32-token" in jumps
+    alone = length_targets(_rows({30: (1.0, 6.0)}))
+    assert "not judged" in alone
+    assert "27       2.000 ±" in format_lengths(_rows({27: (2.0, 30.0)}))
