@@ -172,3 +172,23 @@ def test_tuner_can_be_held_to_feature_major_schedules():
     assert any(r["knobs"]["layout"] == "row-major" for r in t.trials)  # the default was timed, not allowed to win
     with pytest.raises(ValueError, match="no bsr schedule"):
         tuner.tune("bsr", to_bsr(w, mask, (32, 1)), x, ref, layouts=("column-major",))
+
+
+def test_one_bucketed_encoder_serves_every_length_exactly():
+    """Executables at a few lengths, each input padded inside to the next: the real tokens' outputs are
+    PyTorch's on the unpadded input, at every length up to the largest bucket (and not beyond)."""
+    from sparsity_app.model.buckets import BucketedEncoder, default_buckets
+
+    assert default_buckets(1) == [8] and default_buckets(100) == [8, 12, 16, 24, 32, 48, 64, 96, 128]
+    model = graph.synthetic_bert(layers=1, hidden=64, heads=4, intermediate=128, seed=6)
+    compiled = []
+    encoder = BucketedEncoder([8, 12], 2, lambda seq: compiled.append(seq) or graph.compile_encoder(model, model, {}, 2, seq))
+    for seq in (2, 5, 8, 11, 12):
+        ids, mask = _inputs(2, seq, model.config.vocab_size, seed=seq)
+        want = graph.torch_forward(model, ids, mask)
+        np.testing.assert_allclose(encoder(ids, mask), want, rtol=0, atol=1e-4 * np.abs(want).max())
+    assert compiled == [8, 12]  # each bucket compiled once, on first use
+    with pytest.raises(UserError, match="longer than the largest bucket, 12"):
+        encoder(*_inputs(2, 13, model.config.vocab_size))
+    with pytest.raises(UserError, match=r"must be \[2, seq\]"):
+        encoder(*_inputs(1, 8, model.config.vocab_size))

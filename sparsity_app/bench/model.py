@@ -7,7 +7,7 @@ import json
 
 from sparsity_app.bench import lengths
 from sparsity_app.core.errors import UserError
-from sparsity_app.core.requests import ModelPlan, parse_block
+from sparsity_app.core.requests import ModelPlan, parse_block, parse_floats
 from sparsity_app.core.store import Store
 from sparsity_app.runs import resolve
 from sparsity_app.runs.model import STEPS, run_model
@@ -15,8 +15,12 @@ from sparsity_app.serve.report import format_model, say, steps_to_stderr
 
 
 def main(args) -> int:
+    if args.lengths is not None and args.real:
+        raise UserError("give --lengths or --real, not both")
     if args.lengths is not None:
         return _lengths(args)
+    if args.real:
+        return _real(args)
     plans = []
     for item in args.configs.split(","):
         model, _, shape = item.strip().partition(":")
@@ -58,6 +62,25 @@ def _lengths(args) -> int:
     else:
         print(lengths.format_lengths(rows))
         print(lengths.length_targets(rows))
+    return 0
+
+
+def _real(args) -> int:
+    """--real: the first config's model on real text, batch sizes from --real-batches (resolved here, the door)."""
+    model = args.configs.split(",")[0].strip().partition(":")[0]
+    sizes = parse_floats(args.real_batches)
+    if not sizes or any(not 1 <= b <= 64 or b != int(b) for b in sizes):  # NaN fails the range first
+        raise UserError(f"--real-batches must be batch sizes between 1 and 64, like 1,8; got {args.real_batches!r}")
+    plan = resolve.plan(ModelPlan(model=model, method=args.method, block=parse_block(args.block),
+                                  sparsity=args.sparsity, tokens=128, threads=args.threads, repeat=args.repeat))
+    say(f"timing {model}, {plan.plan.label()}, on real text in batches of {args.real_batches}...")
+    rows = lengths.time_real(plan, tuple(int(b) for b in sizes), Store(args.cache_dir))
+    if args.json:
+        print(json.dumps([{**row, "times_ms": {k: dataclasses.asdict(t) for k, t in row["times_ms"].items()}}
+                          for row in rows]))
+    else:
+        print(lengths.format_real(rows))
+        print(lengths.real_targets(rows))
     return 0
 
 

@@ -56,6 +56,10 @@ def add_parsers(sub) -> None:
                    help="time the first config's model and batch at each of these sentence lengths instead (e.g. "
                         "8..128, 8..128:8, 24,27,31): each implementation's ms per length, and whether the time "
                         "jumps at an awkward length")
+    p.add_argument("--real", action="store_true",
+                   help="time real text instead: the 200 polarity sentences and the 50 Lee documents in batches of "
+                        "--real-batches, padded per batch, in sentences per second (the first config's model)")
+    p.add_argument("--real-batches", default="1,8", metavar="SIZES", help="batch sizes of --real (default 1,8)")
     p.add_argument("--cache-dir", default=None, help="where tuned schedules are kept (default cache/)")
     p.add_argument("--json", action="store_true")
 

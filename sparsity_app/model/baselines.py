@@ -99,16 +99,22 @@ def _last_hidden(model):
     return LastHidden(model).eval()
 
 
-def _export(model, ids: np.ndarray, mask: np.ndarray, path: str) -> None:
-    """Write `model` (a private copy) as ONNX to `path`, static shapes [batch, seq], weights inline."""
+def _export(model, ids: np.ndarray, mask: np.ndarray, path: str, dynamic: bool = False) -> None:
+    """Write `model` (a private copy) as ONNX to `path`, weights inline; shapes static [batch, seq] as
+    ids, or with dynamic=True any batch and length (what a user's export for serving would do)."""
+    shapes = None
+    if dynamic:
+        batch, seq = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("seq", min=2, max=ids.shape[1] * 64)
+        shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
     # the exporter warns about torchvision ops it cannot register, the optimizer about every constant
     # it declines to fold, and torch.export about a deprecated pytree check: noise on every export,
     # so silenced for this call only
     with _quiet("torch.onnx", "onnxscript"), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
+        warnings.filterwarnings("ignore", message=r".*axis name: \w+ will not be used")  # the input's two Dims
         torch.onnx.export(_last_hidden(model), (torch.from_numpy(ids), torch.from_numpy(mask)), path,
                           input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"],
-                          dynamo=True, external_data=False, verbose=False)
+                          dynamo=True, external_data=False, verbose=False, dynamic_shapes=shapes)
 
 
 @contextlib.contextmanager
@@ -125,6 +131,41 @@ def _quiet(*names: str):
             lg.setLevel(level)
 
 
+def _ort_options(threads: int) -> "ort.SessionOptions":
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(threads)
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return opts
+
+
+def onnxruntime_dynamic(model, threads: int, tokenizer=None) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """ONNX Runtime running `model` exported once for any batch and length: (input_ids, attention_mask
+    int64 [batch, seq]) -> last_hidden_state float32 [batch, seq, hidden]. Checked against PyTorch eager
+    at two shapes before it is returned (RuntimeError above MAX_REL_ERROR)."""
+    _check(model, 2, 16, threads)
+    ids, mask = example_inputs(tokenizer or _shared_tokenizer(), 2, 16)
+    with tempfile.TemporaryDirectory(prefix="sparsity-onnx-") as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        _export(copy.deepcopy(model).eval(), ids, mask, path, dynamic=True)
+        session = ort.InferenceSession(path, sess_options=_ort_options(threads), providers=["CPUExecutionProvider"])
+
+    def forward(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        return session.run(["last_hidden_state"], {"input_ids": input_ids, "attention_mask": attention_mask})[0]
+
+    for batch, seq in ((1, 7), (3, 40)):
+        ids, mask = example_inputs(tokenizer or _shared_tokenizer(), batch, seq)
+        with torch.inference_mode():
+            want = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state.numpy()
+        got = forward(ids, mask)
+        rel = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)) if got.shape == want.shape else np.inf
+        if not rel <= MAX_REL_ERROR:
+            raise RuntimeError(f"ONNX Runtime (dynamic shapes) differs from PyTorch eager at {batch}x{seq}: relative "
+                               f"error {rel:.2e} > {MAX_REL_ERROR:.0e}")
+    return forward
+
+
 def onnxruntime_session(model, batch: int, seq: int, threads: int, tokenizer=None) -> Callable[[], np.ndarray]:
     """ONNX Runtime (CPU) running `model` exported by torch.onnx.export; returns last_hidden_state.
 
@@ -135,15 +176,10 @@ def onnxruntime_session(model, batch: int, seq: int, threads: int, tokenizer=Non
     """
     _check(model, batch, seq, threads)
     ids, mask = example_inputs(tokenizer or _shared_tokenizer(), batch, seq)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = int(threads)
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     with tempfile.TemporaryDirectory(prefix="sparsity-onnx-") as tmp:
         path = os.path.join(tmp, "model.onnx")
         _export(copy.deepcopy(model).eval(), ids, mask, path)
-        session = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(path, sess_options=_ort_options(threads), providers=["CPUExecutionProvider"])
     feeds = {"input_ids": ids, "attention_mask": mask}
     outputs = ["last_hidden_state"]
 

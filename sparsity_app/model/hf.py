@@ -16,9 +16,8 @@ from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 from transformers.utils import logging as hf_logging
 
 from sparsity_app.core.errors import UserError
-from sparsity_app.model.tokens import TOKENIZER_LOCK
+from sparsity_app.model.tokens import MAX_LENGTH, TOKENIZER_LOCK
 
-MAX_LENGTH = 256  # all-MiniLM-L6-v2's max_seq_length in sentence-transformers
 _BATCH_TOKENS = 1024  # padded tokens per forward pass; bigger batches ran slower (3x at 8192) on 2 cores
 _BATCH_MAX = 64  # ... and at most this many texts (single words: 64 x ~3 tokens)
 
