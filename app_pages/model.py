@@ -116,6 +116,13 @@ st.altair_chart(charts.breakdown_bars(result.breakdown), key="m_breakdown")
 with st.expander("Per-layer table: pattern, achieved sparsity, kernel, schedule"):
     st.dataframe(analysis.layer_frame(result), hide_index=True, key="m_layers")
 
+lengths = analysis.length_frame(store().model_results(model=result.plan.model), result)
+if lengths["tokens"].nunique() >= 2:
+    st.altair_chart(charts.time_per_length(lengths), key="m_lengths")
+else:
+    st.caption("Run this plan at other token counts (the Tokens field) to chart its time per length here; "
+               "`python -m sparsity_app bench-model --lengths 8..128` measures every length in one run.")
+
 st.subheader("Accuracy vs end-to-end speedup, every measured plan")
 groups = {}
 for r in store().model_results(model=result.plan.model):

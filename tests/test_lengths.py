@@ -32,3 +32,46 @@ def test_a_jump_at_an_awkward_length_and_an_inflated_ratio_are_missed():
     alone = length_targets(_rows({30: (1.0, 6.0)}))
     assert "not judged" in alone
     assert "27       2.000 ±" in format_lengths(_rows({27: (2.0, 30.0)}))
+
+
+def test_the_model_page_charts_a_plan_at_every_stored_length(cache_dir):
+    """Stored results of one plan at 16 and 27 tokens (made up) make the Whole model page's time-per-length
+    chart; a result of another pattern or batch is not on it."""
+    import dataclasses
+    import pathlib
+
+    from fake_jobs import fake_result
+    from streamlit.testing.v1 import AppTest
+
+    from sparsity_app.core.requests import ModelPlan
+    from sparsity_app.core.store import Store
+    from sparsity_app.runs import resolve
+    from sparsity_app.runs.model import key_of
+    from sparsity_app.serve.analysis import length_frame
+
+    store, results = Store(), []
+    for plan in (ModelPlan(tokens=16, repeat=3), ModelPlan(tokens=27, repeat=3), ModelPlan(tokens=16, batch=2, repeat=3),
+                 ModelPlan(tokens=16, sparsity=0.5, repeat=3)):
+        resolved = resolve.plan(plan)
+        result = fake_result(resolved.plan, resolved.specs)
+        if plan.tokens == 27:  # slower at 27 tokens
+            result = dataclasses.replace(result, times_ms={k: dataclasses.replace(t, median=2 * t.median)
+                                                           for k, t in result.times_ms.items()})
+        store.put_model_result(key_of(result.plan), result)  # where the page looks
+        results.append(result)
+    frame = length_frame(store.model_results(model="minilm-l6"), results[0])
+    assert sorted(set(frame["tokens"])) == [16, 27] and len(frame) == 8  # 4 implementations x 2 lengths
+    assert frame.set_index(["tokens", "implementation"]).loc[(27, "TVM sparse"), "ms"] == 4.0
+    store.close()
+
+    def page(query):
+        at = AppTest.from_file(str(pathlib.Path(__file__).parents[1] / "app.py"), default_timeout=120)
+        for k, v in query.items():
+            at.query_params[k] = v
+        at.run().switch_page("app_pages/model.py").run()
+        assert not at.exception and not at.error
+        return len(at.get("vega_lite_chart")), any("at other token counts" in c.value for c in at.caption)
+
+    # synthetic weights: no accuracy chart; the breakdown, and time per length where two lengths are stored
+    assert page({"tokens": "27", "repeat": "3"}) == (2, False)
+    assert page({"tokens": "16", "batch": "2", "repeat": "3"}) == (1, True)  # one length: a hint instead

@@ -142,6 +142,15 @@ def breakdown_bars(breakdown: dict[str, dict[str, float]]) -> alt.Chart:
     ).properties(title="where the time goes (each kernel timed inside real passes)", height=200)
 
 
+def time_per_length(df: pd.DataFrame) -> alt.Chart:
+    """ms per forward pass against tokens, one line per implementation (analysis.length_frame)."""
+    return alt.Chart(df).mark_line(point=True).encode(
+        x=alt.X("tokens:Q", title="tokens per sequence"), y=alt.Y("ms:Q", title="ms per forward pass"),
+        color=alt.Color("implementation:N", title=None),
+        tooltip=["implementation", "tokens", alt.Tooltip("ms", format=".2f")],
+    ).properties(title="time per length: this plan at every token count measured", height=260)
+
+
 def recovery_arrows(df: pd.DataFrame, metric: str, speedup: str = "speedup_vs_best_dense") -> alt.Chart:
     """One arrow per recovered plan (analysis.recovery_arrows): from its one-shot point (hollow) to its
     recovered point (triangle), a real-label metric against end-to-end speedup, one colour per recipe."""
