@@ -9,7 +9,7 @@ from app_pages.common import cache_controls, pick_conditions, resolved_plan, sto
 from sparsity_app import UserError
 from sparsity_app.accuracy.metrics import METRICS
 from sparsity_app.core.requests import BLOCK_PRESETS, MAX_BATCH, NM_PRESETS, ROLES, ModelPlan, parse_block, parse_nm
-from sparsity_app.core.results import MODEL_DENSE_PEERS, MODEL_OTHER_PEERS
+from sparsity_app.core.results import MODEL_DENSE_PEERS, MODEL_OTHER_PEERS, REMEASURE
 from sparsity_app.model.catalog import MODEL_NAMES, get_model
 from sparsity_app.prune.methods import METHODS
 from sparsity_app.runs.model import lookup
@@ -95,6 +95,10 @@ d = result.to_dict()
 if not result.real_weights:
     st.warning(d["accuracy_note"])
 st.subheader(f"{result.plan.label()} on {result.plan.model}: achieved sparsity {result.sparsity_achieved:.3f}")
+if result.noisy:
+    st.warning(f"**Not a figure: the machine was busy.** Measured {1 + REMEASURE} times and still {result.noisy}. "
+               "The numbers below are shown as measured, not as evidence; run the plan again on a quiet machine.",
+               icon=":material/warning:")
 c = st.columns(4)
 c[0].metric("Speedup vs best dense", f"{d['speedup_vs_best_dense']:.2f}x", f"best: {d['best_dense']}", delta_color="off")
 c[1].metric("vs PyTorch eager", f"{d['speedup_vs_torch_eager']:.2f}x", "paper: 4x on BERT-base", delta_color="off")
@@ -137,6 +141,10 @@ speedup = c2.radio("Speedup against", ["speedup_vs_best_dense", "speedup_vs_torc
                                        "speedup_vs_onnxruntime"], horizontal=True, key="m_speedup",
                    format_func=lambda s: s.removeprefix("speedup_vs_").replace("_", " "))
 df = analysis.model_frame(groups[chosen])
+noisy = int(df["noisy"].sum())
+df = df[~df["noisy"]]  # noise is never a point of the trade-off
+if noisy:
+    st.caption(f"{noisy} plan{'s' if noisy > 1 else ''} measured on a busy machine left out of the chart.")
 if result.real_weights:
     df = pd.concat([df, pd.DataFrame([analysis.dense_point(groups[chosen][0])])], ignore_index=True)
     st.altair_chart(charts.model_tradeoff(df, metric, speedup), key="m_tradeoff")

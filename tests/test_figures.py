@@ -253,3 +253,61 @@ def test_learn_example_is_blank_where_pruned_and_rounded(cache_dir):
     assert all(len(c.split(".")[-1]) <= 1 for c in cells if c)
     data = [c.value for c in at.code][-1]
     assert "None" not in data and "99999" not in data and "00000" not in data
+
+
+# 13. A whole-model figure above its physical bound, or measured on a busy machine, is re-measured, then marked ---
+
+def _model_times(sparse_ms: float, dense_ms: float = 10.0, spread: float = 0.1) -> dict:
+    return {name: Timing(ms, spread, ms, ms, 3) for name, ms in
+            ((SPARSE, sparse_ms), ("tvm_dense", dense_ms), ("torch_eager", 12.0), ("onnxruntime", 11.0))}
+
+
+BREAKDOWN = {SPARSE: {"linears": 1.0, "other": 1.0}, "tvm_dense": {"linears": 8.0, "other": 2.0}}  # Amdahl bound 5x
+
+
+def test_a_speedup_above_its_amdahl_bound_is_measured_again_then_marked_noisy():
+    from sparsity_app.runs.model import measure_until_sound
+
+    def timer(*sparse_ms):
+        calls = iter(sparse_ms)
+        return lambda: (_model_times(next(calls)), BREAKDOWN)
+
+    times, _, noisy = measure_until_sound(timer(2.5))  # 4x over TVM dense, under the 5x bound
+    assert noisy is None and times[SPARSE].median == 2.5
+    said = []
+    times, _, noisy = measure_until_sound(timer(1.0, 2.5), progress=lambda step, detail: said.append(detail))
+    assert noisy is None and times[SPARSE].median == 2.5  # 10x was impossible: measured again, then sound
+    assert said == ["measuring again (1 of 2): 10.00x vs TVM dense is above its Amdahl bound of 5.00x"]
+    _, _, noisy = measure_until_sound(timer(1.0, 1.0, 1.0))  # three times impossible: a marked result
+    assert noisy == "10.00x vs TVM dense is above its Amdahl bound of 5.00x"
+    busy = {**_model_times(2.5), "onnxruntime": Timing(27.0, 45.0, 5.0, 90.0, 3)}  # the ORT spread
+    _, _, noisy = measure_until_sound(lambda: (busy, BREAKDOWN))
+    assert noisy == "onnxruntime spread 45.00 ms on a 27.00 ms median"
+
+
+def test_a_noisy_model_result_is_stored_marked_and_shown_with_a_warning(cache_dir):
+    from fake_jobs import fake_result
+    from streamlit.testing.v1 import AppTest
+
+    from sparsity_app.core.requests import ModelPlan
+    from sparsity_app.core.results import ModelResult
+    from sparsity_app.runs.model import key_of
+    from sparsity_app.serve.report import format_model
+
+    resolved = resolve.plan(ModelPlan(tokens=16, repeat=3))
+    result = dataclasses.replace(fake_result(resolved.plan, resolved.specs), noisy="3.49x vs TVM dense is above "
+                                 "its Amdahl bound of 2.14x")
+    assert ModelResult.from_dict(json.loads(json.dumps(result.to_dict()))).noisy == result.noisy
+    assert "NOISY, not a figure" in format_model(result.to_dict())
+    store = Store()
+    store.put_model_result(key_of(result.plan), result)
+    store.close()
+    assert analysis.model_frame([result])["noisy"].tolist() == [True]
+
+    at = AppTest.from_file("../app.py", default_timeout=120)
+    for k, v in {"tokens": "16", "repeat": "3"}.items():
+        at.query_params[k] = v
+    at.run().switch_page("app_pages/model.py").run()
+    assert not at.exception
+    assert any("Not a figure: the machine was busy" in w.value and "Amdahl bound of 2.14x" in w.value
+               for w in at.warning)

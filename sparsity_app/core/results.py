@@ -189,6 +189,26 @@ def amdahl_bound(breakdown: dict[str, float]) -> float:
     return total / rest if rest > 0 else float("inf")
 
 
+BOUND_SLACK = 1.1  # a measured speedup may exceed its physical bound by this much before it is noise
+MAX_SPREAD = 0.5  # a timing whose interquartile spread is above this fraction of its median is noise
+REMEASURE = 2  # a measurement that fails its bounds is taken again this many times before it is marked noisy
+
+
+def model_noise(times: dict[str, Timing], breakdown: dict[str, dict[str, float]]) -> str | None:
+    """Why a whole-model measurement is not a figure, or None: TVM sparse faster than TVM dense by more
+    than BOUND_SLACK x the Amdahl bound (a pass cannot beat its own graph with free linears), or a
+    timing whose spread exceeds MAX_SPREAD of its median (the machine was busy)."""
+    problems = []
+    bound = amdahl_bound(breakdown.get("tvm_dense", {}))
+    speedup = times["tvm_dense"].median / times[SPARSE].median
+    if speedup > BOUND_SLACK * bound:
+        problems.append(f"{speedup:.2f}x vs TVM dense is above its Amdahl bound of {bound:.2f}x")
+    for name, t in times.items():
+        if t.spread > MAX_SPREAD * t.median:
+            problems.append(f"{name} spread {t.spread:.2f} ms on a {t.median:.2f} ms median")
+    return "; ".join(problems) or None
+
+
 MODEL_DENSE_PEERS = {  # name -> what it is; the best dense is the fastest of these
     "tvm_dense": "TVM dense: the same compiled graph, every linear the project's scheduled dense kernel",
     "torch_eager": "PyTorch eager, dense",
@@ -218,6 +238,7 @@ class ModelResult:
     cached: bool = False
     real_weights: bool = True
     recovery: dict[str, Any] | None = None  # None: one-shot weights; else RecoveryResult.summary()
+    noisy: str | None = None  # why the figures are noise (`model_noise`, still so after re-measuring), or None
 
     @property
     def best_dense(self) -> str:
@@ -257,6 +278,7 @@ class ModelResult:
             "synthetic random weights: the accuracy figures mean nothing (timing only)",
             "machine": dict(self.machine),
             "recovery": None if self.recovery is None else dict(self.recovery),
+            "noisy": self.noisy,
         }
 
     @classmethod
@@ -265,7 +287,8 @@ class ModelResult:
                    times_ms={k: Timing(**v) for k, v in d["times_ms"].items()}, breakdown=d["breakdown"],
                    max_abs_error=d["max_abs_error"], metrics=d["metrics"], dense_metrics=d["dense_metrics"],
                    tune_s=d["tune_s"], compile_s=d["compile_s"], machine=d["machine"], step_s=d.get("step_s", {}),
-                   cached=d.get("cached", False), real_weights=d.get("real_weights", True), recovery=d.get("recovery"))
+                   cached=d.get("cached", False), real_weights=d.get("real_weights", True), recovery=d.get("recovery"),
+                   noisy=d.get("noisy"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,11 +8,12 @@ Nothing shared is modified: the pruned PyTorch model is a copy.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 from sparsity_app.accuracy import metrics
 from sparsity_app.core.errors import UserError
 from sparsity_app.core.requests import ModelPlan, ResolvedPlan, default_threads
-from sparsity_app.core.results import SPARSE, ModelResult
+from sparsity_app.core.results import REMEASURE, SPARSE, ModelResult, model_noise
 from sparsity_app.core.store import Store, model_key_of
 from sparsity_app.measure.backend import LocalDevice
 from sparsity_app.measure.locks import measurement_slot
@@ -112,18 +113,21 @@ def _measure(plan: ModelPlan, specs: dict, store: Store | None, progress: Progre
         peers = {"torch_eager": baselines.torch_eager(hf, plan.batch, plan.tokens, tokenizer),
                  "torch_eager_pruned": baselines.torch_eager(reference, plan.batch, plan.tokens, tokenizer),
                  "onnxruntime": baselines.onnxruntime_session(hf, plan.batch, plan.tokens, threads, tokenizer)}
-    with clock.step("time", f"timing TVM sparse, TVM dense, PyTorch eager (dense and pruned) and ONNX Runtime on "
-                    f"{threads} threads, {plan.repeat} samples each"):
-        LocalDevice().set_threads(threads)
-        # Each runtime's idle pool spins after a pass (ONNX Runtime's for longer than TVM's): a 0.2 s
-        # settle before each one's samples lets the previous pool go quiet (measured: ORT's spinning
-        # raised the next runtime's median ~10% with the default 0.02 s).
-        times = measure({SPARSE: sparse.run, "tvm_dense": dense.run, **peers}, repeat=plan.repeat, per_round=3,
-                        settle_s=0.2)
-    with clock.step("breakdown", "timing each operator of both executables"):
-        breakdown = {SPARSE: sparse.breakdown(), "tvm_dense": dense.breakdown()}
-        for row, ms in zip(layers, _per_linear_ms(sparse, list(specs))):
-            row["kernel_ms"] = ms
+    def time_once():
+        with clock.step("time", f"timing TVM sparse, TVM dense, PyTorch eager (dense and pruned) and ONNX Runtime "
+                        f"on {threads} threads, {plan.repeat} samples each"):
+            LocalDevice().set_threads(threads)
+            # Each runtime's idle pool spins after a pass (ONNX Runtime's for longer than TVM's): a 0.2 s
+            # settle before each one's samples lets the previous pool go quiet (measured: ORT's spinning
+            # raised the next runtime's median ~10% with the default 0.02 s).
+            times = measure({SPARSE: sparse.run, "tvm_dense": dense.run, **peers}, repeat=plan.repeat, per_round=3,
+                            settle_s=0.2)
+        with clock.step("breakdown", "timing each operator of both executables"):
+            return times, {SPARSE: sparse.breakdown(), "tvm_dense": dense.breakdown()}
+
+    times, breakdown, noisy = measure_until_sound(time_once, progress)
+    for row, ms in zip(layers, _per_linear_ms(sparse, list(specs))):
+        row["kernel_ms"] = ms
     with clock.step("evaluate", "real-label metrics of the pruned model (Lee, polarity, WordSim, SimLex)"):
         metrics, dense_metrics = _evaluate(plan.model, reference)
 
@@ -133,8 +137,23 @@ def _measure(plan: ModelPlan, specs: dict, store: Store | None, progress: Progre
                          dense_metrics=dense_metrics, tune_s=clock.seconds["tune"] if tuned_now else 0.0,
                          compile_s=clock.seconds["compile"], machine={**machine, "threads": threads},
                          step_s=dict(clock.seconds), real_weights=model.real_weights,
-                         recovery=None if recovery is None else recovery.summary())
+                         recovery=None if recovery is None else recovery.summary(), noisy=noisy)
     return result
+
+
+def measure_until_sound(time_once: Callable[[], tuple[dict, dict]], progress: Progress = quiet
+                        ) -> tuple[dict, dict, str | None]:
+    """(times, breakdown, None) from the first of up to 1 + REMEASURE calls of `time_once` whose figures
+    pass `model_noise`'s bounds; else the last call's figures and why they are noise (stored and shown
+    marked, never as a lesson)."""
+    for attempt in range(REMEASURE + 1):
+        times, breakdown = time_once()
+        noisy = model_noise(times, breakdown)
+        if noisy is None:
+            return times, breakdown, None
+        if attempt < REMEASURE:
+            progress("time", f"measuring again ({attempt + 1} of {REMEASURE}): {noisy}")
+    return times, breakdown, noisy
 
 
 def _layer_row(name, pattern, family, achieved, schedule, sparse_bytes, dense_bytes) -> dict:

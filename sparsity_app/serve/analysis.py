@@ -148,7 +148,8 @@ def model_frame(results) -> pd.DataFrame:
                "batch": r.plan.batch, "tokens": r.plan.tokens, "best_dense": d["best_dense"],
                "speedup_vs_best_dense": d["speedup_vs_best_dense"], "speedup_vs_torch_eager": d["speedup_vs_torch_eager"],
                "speedup_vs_tvm_dense": d["speedup_vs_tvm_dense"], "speedup_vs_onnxruntime": d["speedup_vs_onnxruntime"],
-               "tvm_sparse_ms": r.times_ms["tvm_sparse"].median, "conditions": model_conditions(r), "dense": False}
+               "tvm_sparse_ms": r.times_ms["tvm_sparse"].median, "conditions": model_conditions(r), "dense": False,
+               "noisy": bool(r.noisy)}
         row.update(r.metrics)
         rows.append(row)
     return pd.DataFrame(rows)

@@ -8,6 +8,7 @@ import csv
 import sys
 
 from sparsity_app.core.errors import UserError
+from sparsity_app.core.results import REMEASURE
 from sparsity_app.core.store import Store
 
 TABLE_COLUMNS = (("pattern", "pattern", "{}"), ("format", "format", "{}"), ("sparsity_achieved", "sparsity", "{:.3f}"),
@@ -55,6 +56,8 @@ def format_model(d: dict) -> str:
     for name, timing in t.items():
         ratio = "" if name == "tvm_sparse" else f"   sparse is {timing['median'] / t['tvm_sparse']['median']:.2f}x faster"
         lines.append(f"  {name:20s} {timing['median']:9.3f} ms  (spread {timing['spread']:.3f}){ratio}")
+    if d.get("noisy"):
+        lines.append(f"  NOISY, not a figure (the machine was busy; measured {1 + REMEASURE} times): {d['noisy']}")
     lines.append(f"  best dense: {d['best_dense']}; speedup vs best dense {d['speedup_vs_best_dense']:.2f}x; "
                  f"Amdahl bound (linears free) {d['amdahl_bound']:.2f}x over TVM dense")
     for name, groups in d["breakdown"].items():
