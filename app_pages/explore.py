@@ -7,7 +7,7 @@ from sparsity_app import Spec, UserError
 from sparsity_app.accuracy.proxies import PROXIES
 from sparsity_app.core.limits import current as current_limits
 from sparsity_app.core.requests import BLOCK_PRESETS, MAX_TOKENS, NM_PRESETS, NORMS, fmt_block, parse_block, parse_nm
-from sparsity_app.core.results import DENSE_PEERS, SPARSE
+from sparsity_app.core.results import DENSE_PEERS, REMEASURE, SPARSE
 from sparsity_app.model.catalog import MODEL_NAMES, get_model
 from sparsity_app.model.pruned import mask_of
 from sparsity_app.prune.methods import METHODS
@@ -77,6 +77,10 @@ t = r.times_ms
 if not r.real_weights:
     st.warning(d["accuracy_note"])
 st.subheader(f"{r.spec.label()} at sparsity {r.sparsity_achieved:.3f} on {r.spec.layer} ({r.shape[0]}x{r.shape[1]})")
+if r.noisy:
+    st.warning(f"**Not a figure: the machine was busy.** Measured {1 + REMEASURE} times and still {r.noisy}. The "
+               "numbers below are shown as measured; Learn's verdicts and the Pareto front leave this result out. "
+               "Run it again on a quiet machine (tick \"Measure again\" above).", icon=":material/warning:")
 c = st.columns(4)
 c[0].metric("Speedup vs best dense", f"{r.speedup_vs_best_dense:.2f}x", f"ideal {r.ideal_speedup:.2f}x",
             delta_color="off", help="Best dense = the fastest dense peer of the same measurement: "

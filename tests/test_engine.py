@@ -81,7 +81,9 @@ def test_run_then_cache_hit(cache_dir):
     spec = Spec(method="block", block=(16, 1), sparsity=0.8, tokens=32, repeat=3)
     steps = []
     first = run(spec, store=store, progress=lambda step, detail: steps.append(step))
-    assert steps == ["prune", "format", "tune", "compile", "verify", "time", "score"]
+    # in order; "time" more than once when the machine was too busy to give a figure the first time
+    in_order = [s for i, s in enumerate(steps) if i == 0 or s != steps[i - 1]]
+    assert in_order == ["prune", "format", "tune", "compile", "verify", "time", "score"]
     assert set(first.step_s) == set(steps) and all(v >= 0 for v in first.step_s.values())
     assert not first.cached and abs(first.sparsity_achieved - 0.8) <= 16 / (384 * 384) + 1e-9
     assert first.stored_blocks == round(0.2 * 384 * 384 / 16)

@@ -266,23 +266,64 @@ BREAKDOWN = {SPARSE: {"linears": 1.0, "other": 1.0}, "tvm_dense": {"linears": 8.
 
 
 def test_a_speedup_above_its_amdahl_bound_is_measured_again_then_marked_noisy():
-    from sparsity_app.runs.model import measure_until_sound
+    from sparsity_app.core.results import model_noise
+    from sparsity_app.runs.pipeline import measure_until_sound
 
     def timer(*sparse_ms):
         calls = iter(sparse_ms)
         return lambda: (_model_times(next(calls)), BREAKDOWN)
 
-    times, _, noisy = measure_until_sound(timer(2.5))  # 4x over TVM dense, under the 5x bound
+    def judge(figures):
+        return model_noise(*figures)
+
+    (times, _), noisy = measure_until_sound(timer(2.5), judge)  # 4x over TVM dense, under the 5x bound
     assert noisy is None and times[SPARSE].median == 2.5
     said = []
-    times, _, noisy = measure_until_sound(timer(1.0, 2.5), progress=lambda step, detail: said.append(detail))
+    (times, _), noisy = measure_until_sound(timer(1.0, 2.5), judge, lambda step, detail: said.append(detail))
     assert noisy is None and times[SPARSE].median == 2.5  # 10x was impossible: measured again, then sound
     assert said == ["measuring again (1 of 2): 10.00x vs TVM dense is above its Amdahl bound of 5.00x"]
-    _, _, noisy = measure_until_sound(timer(1.0, 1.0, 1.0))  # three times impossible: a marked result
+    _, noisy = measure_until_sound(timer(1.0, 1.0, 1.0), judge)  # three times impossible: a marked result
     assert noisy == "10.00x vs TVM dense is above its Amdahl bound of 5.00x"
     busy = {**_model_times(2.5), "onnxruntime": Timing(27.0, 45.0, 5.0, 90.0, 3)}  # the issue's ORT spread
-    _, _, noisy = measure_until_sound(lambda: (busy, BREAKDOWN))
-    assert noisy == "onnxruntime spread 45.00 ms on a 27.00 ms median"
+    _, noisy = measure_until_sound(lambda: (busy, BREAKDOWN), judge)
+    assert noisy == "onnxruntime spread 45 ms on a 27 ms median"
+
+
+def test_a_noisy_layer_result_is_marked_warned_and_left_out_of_every_verdict(cache_dir, monkeypatch):
+    """A layer run whose timings stay above the ideal 1/(1-s) is measured three times, stored marked, shown
+    with a warning, and neither Learn's fraction of ideal and break-even nor the Pareto front use it."""
+    from streamlit.testing.v1 import AppTest
+
+    from sparsity_app.core.results import layer_noise
+    from sparsity_app.measure import backend
+
+    assert layer_noise(_model_times(0.5), 0.9) == "20.00x vs TVM dense is above its ideal 1/(1-s) of 10.00x"
+    assert layer_noise(_model_times(1.2), 0.9) is None
+    calls = []
+
+    def impossible(self, repeat, **kw):  # the sparse kernel 50x faster than dense at 90%: a busy machine's figure
+        calls.append(repeat)
+        return {name: Timing(0.02 if name == SPARSE else 1.0, 0.001, 0.02, 1.0, repeat) for name in self.kernels}
+
+    monkeypatch.setattr(backend.LocalPrepared, "time", impossible)
+    spec = Spec(model="bert-base-synthetic", block=(32, 1), sparsity=0.9, tokens=8)  # the page's repeat
+    store = Store()
+    noisy = run(spec, store=store)
+    assert calls[-3:] == [spec.repeat] * 3  # the run's timing thrice (after the tuner's rounds)
+    assert noisy.noisy.startswith("50.00x vs TVM dense is above its ideal 1/(1-s) of 10.")
+    assert store.get(key_of(resolve.spec(spec), fingerprint())).noisy == noisy.noisy  # stored marked
+    df = pd.DataFrame([noisy.row(), {**noisy.row(), "noisy": False, "sparsity_achieved": 0.5,
+                                     "speedup_vs_best_dense": 0.8, "fraction_of_ideal": 0.4}])
+    assert analysis.fraction_of_ideal(df, min_sparsity=0.8).empty  # the only high-sparsity point is noise
+    assert analysis.break_even(df)["verdict"].iloc[0].startswith("not determined: one point")
+    store.close()
+
+    at = AppTest.from_file("../app.py", default_timeout=120)
+    for k, v in {"model": "bert-base-synthetic", "block": "32x1", "sparsity": "0.9", "tokens": "8"}.items():
+        at.query_params[k] = v
+    at.run()
+    assert not at.exception
+    assert any("Not a figure: the machine was busy" in w.value for w in at.warning)
 
 
 def test_a_noisy_model_result_is_stored_marked_and_shown_with_a_warning(cache_dir):

@@ -55,6 +55,7 @@ class Result:
     # where it was measured (measure/backend.py): kind, device, measured_on {name: where}, not_measured
     # {name: why}, tuned_on; empty for results from before remote devices (all on this machine)
     backend: dict[str, Any] = dataclasses.field(default_factory=dict)
+    noisy: str | None = None  # why the timings are noise (`layer_noise`, still so after re-measuring), or None
 
     @property
     def device(self) -> str:
@@ -133,6 +134,7 @@ class Result:
             "synthetic random weights: the accuracy figures mean nothing (timing only)",
             "machine": dict(self.machine),
             "backend": dict(self.backend),
+            "noisy": self.noisy,
         }
 
     def row(self) -> dict[str, Any]:
@@ -144,6 +146,7 @@ class Result:
                                  "speedup_vs_torch_dense", "ideal_speedup", "tune_s", "compile_s", "scored_tokens",
                                  "cached")}
         row["fraction_of_ideal"] = self.speedup_vs_best_dense / self.ideal_speedup
+        row["noisy"] = bool(self.noisy)
         row["pattern"] = s.label()
         row["format"], row["schedule"] = self.kernel.get("format"), self.kernel.get("schedule")
         row["shape"] = f"{self.shape[0]}x{self.shape[1]}"
@@ -171,7 +174,7 @@ class Result:
                    proxies=d["proxies"], machine=d["machine"], kernel=d.get("kernel", {}),
                    scored_tokens=d.get("scored_tokens"), step_s=d.get("step_s", {}),
                    cached=d.get("cached", False), real_weights=d.get("real_weights", True),
-                   backend=d.get("backend", {}))
+                   backend=d.get("backend", {}), noisy=d.get("noisy"))
 
 
 def conditions_label(c: dict[str, Any]) -> str:
@@ -194,19 +197,29 @@ MAX_SPREAD = 0.5  # a timing whose interquartile spread is above this fraction o
 REMEASURE = 2  # a measurement that fails its bounds is taken again this many times before it is marked noisy
 
 
-def model_noise(times: dict[str, Timing], breakdown: dict[str, dict[str, float]]) -> str | None:
-    """Why a whole-model measurement is not a figure, or None: TVM sparse faster than TVM dense by more
-    than BOUND_SLACK x the Amdahl bound (a pass cannot beat its own graph with free linears), or a
-    timing whose spread exceeds MAX_SPREAD of its median (the machine was busy)."""
+def _noise(times: dict[str, Timing], bound: float, bound_name: str) -> str | None:
+    """TVM sparse faster than TVM dense by more than BOUND_SLACK x `bound`, and every timing whose
+    interquartile spread exceeds MAX_SPREAD of its median, as one line; None if neither."""
     problems = []
-    bound = amdahl_bound(breakdown.get("tvm_dense", {}))
-    speedup = times["tvm_dense"].median / times[SPARSE].median
+    speedup = times["tvm_dense"].median / times[SPARSE].median if "tvm_dense" in times else 0.0
     if speedup > BOUND_SLACK * bound:
-        problems.append(f"{speedup:.2f}x vs TVM dense is above its Amdahl bound of {bound:.2f}x")
+        problems.append(f"{speedup:.2f}x vs TVM dense is above its {bound_name} of {bound:.2f}x")
     for name, t in times.items():
         if t.spread > MAX_SPREAD * t.median:
-            problems.append(f"{name} spread {t.spread:.2f} ms on a {t.median:.2f} ms median")
+            problems.append(f"{name} spread {t.spread:.3g} ms on a {t.median:.3g} ms median")
     return "; ".join(problems) or None
+
+
+def model_noise(times: dict[str, Timing], breakdown: dict[str, dict[str, float]]) -> str | None:
+    """Why a whole-model measurement is not a figure, or None: a speedup over TVM dense above the Amdahl
+    bound (a pass cannot beat its own graph with free linears), or a timing too spread (a busy machine)."""
+    return _noise(times, amdahl_bound(breakdown.get("tvm_dense", {})), "Amdahl bound")
+
+
+def layer_noise(times: dict[str, Timing], sparsity_achieved: float) -> str | None:
+    """Why a layer measurement is not a figure, or None: a speedup over TVM dense above the ideal
+    1 / (1 - s) (the kernel does (1 - s) of the work), or a timing too spread (a busy machine)."""
+    return _noise(times, 1.0 / max(1.0 - sparsity_achieved, 1e-9), "ideal 1/(1-s)")
 
 
 MODEL_DENSE_PEERS = {  # name -> what it is; the best dense is the fastest of these

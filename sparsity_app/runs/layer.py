@@ -13,7 +13,7 @@ from sparsity_app.accuracy import proxies
 from sparsity_app.core import limits
 from sparsity_app.core.errors import UserError
 from sparsity_app.core.requests import ResolvedSpec, Spec
-from sparsity_app.core.results import SPARSE, Result
+from sparsity_app.core.results import SPARSE, Result, layer_noise
 from sparsity_app.core.store import Store, key_of
 from sparsity_app.measure import tuner
 from sparsity_app.measure.backend import LOCAL, Backend, LocalDevice
@@ -22,7 +22,7 @@ from sparsity_app.model.pruned import layer_input_norms
 from sparsity_app.prune.formats import to_bsr
 from sparsity_app.prune.methods import prune
 from sparsity_app.runs import resolve
-from sparsity_app.runs.pipeline import Progress, StepClock, cached_or_run, quiet
+from sparsity_app.runs.pipeline import Progress, StepClock, cached_or_run, measure_until_sound, quiet
 
 STEPS = ("prune", "format", "tune", "compile", "verify", "time", "score")  # what `progress` is told, in order
 
@@ -91,20 +91,25 @@ def _measure(device, spec: Spec, shape: tuple[int, int], store: Store | None, pr
         prepared = device.prepare({SPARSE: kernel, **peers})
     with clock.step("verify", "checking every kernel against NumPy before timing it"):
         errors = _verify(prepared, peers, x, weight, reference)
-    with clock.step("time", f"timing the sparse kernel and {len(peers)} dense peers on {spec.threads} threads "
-                    f"({spec.repeat} samples each)"):
-        times = prepared.time(repeat=spec.repeat)
+    achieved = 1.0 - float(mask.mean())
+
+    def time_once():
+        with clock.step("time", f"timing the sparse kernel and {len(peers)} dense peers on {spec.threads} threads "
+                        f"({spec.repeat} samples each)"):
+            return prepared.time(repeat=spec.repeat)
+
+    times, noisy = measure_until_sound(time_once, lambda t: layer_noise(t, achieved), progress)
     with clock.step("score", "scoring the accuracy proxies on the full calibration set"):
         scores, scored = _score(spec, weight, mask, bias)
 
-    result = Result(spec=spec, shape=shape, sparsity_achieved=1.0 - float(mask.mean()), stored_blocks=stored,
+    result = Result(spec=spec, shape=shape, sparsity_achieved=achieved, stored_blocks=stored,
                     sparse_bytes=sparse.nbytes, dense_bytes=weight.nbytes, times_ms=times,
                     tune_s=0.0 if tuning.cached else clock.seconds["tune"], compile_s=clock.seconds["compile"],
                     proxies=scores, scored_tokens=scored, machine={**machine, "threads": spec.threads},
                     kernel={"format": family, "title": title, "mcpu": device.mcpu(), "knobs": tuning.winner, "schedule": tuning.label,
                             "tuning": tuning.to_dict(), "dense": vars(peers["tvm_dense"].knobs)},
                     step_s=dict(clock.seconds), real_weights=model.real_weights,
-                    backend={**device.where(times), "max_rel_error": errors})
+                    backend={**device.where(times), "max_rel_error": errors}, noisy=noisy)
     return result
 
 

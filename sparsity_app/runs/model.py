@@ -8,12 +8,11 @@ Nothing shared is modified: the pruned PyTorch model is a copy.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
 
 from sparsity_app.accuracy import metrics
 from sparsity_app.core.errors import UserError
 from sparsity_app.core.requests import ModelPlan, ResolvedPlan, default_threads
-from sparsity_app.core.results import REMEASURE, SPARSE, ModelResult, model_noise
+from sparsity_app.core.results import SPARSE, ModelResult, model_noise
 from sparsity_app.core.store import Store, model_key_of
 from sparsity_app.measure.backend import LocalDevice
 from sparsity_app.measure.locks import measurement_slot
@@ -21,7 +20,7 @@ from sparsity_app.measure.timing import fingerprint, measure
 from sparsity_app.model.catalog import get_model
 from sparsity_app.model.pruned import plan_masks
 from sparsity_app.runs import resolve
-from sparsity_app.runs.pipeline import Progress, StepClock, cached_or_run, quiet
+from sparsity_app.runs.pipeline import Progress, StepClock, cached_or_run, measure_until_sound, quiet
 
 STEPS = ("prune", "tune", "compile", "verify", "time", "breakdown", "evaluate")
 
@@ -125,7 +124,7 @@ def _measure(plan: ModelPlan, specs: dict, store: Store | None, progress: Progre
         with clock.step("breakdown", "timing each operator of both executables"):
             return times, {SPARSE: sparse.breakdown(), "tvm_dense": dense.breakdown()}
 
-    times, breakdown, noisy = measure_until_sound(time_once, progress)
+    (times, breakdown), noisy = measure_until_sound(time_once, lambda figures: model_noise(*figures), progress)
     for row, ms in zip(layers, _per_linear_ms(sparse, list(specs))):
         row["kernel_ms"] = ms
     with clock.step("evaluate", "real-label metrics of the pruned model (Lee, polarity, WordSim, SimLex)"):
@@ -139,21 +138,6 @@ def _measure(plan: ModelPlan, specs: dict, store: Store | None, progress: Progre
                          step_s=dict(clock.seconds), real_weights=model.real_weights,
                          recovery=None if recovery is None else recovery.summary(), noisy=noisy)
     return result
-
-
-def measure_until_sound(time_once: Callable[[], tuple[dict, dict]], progress: Progress = quiet
-                        ) -> tuple[dict, dict, str | None]:
-    """(times, breakdown, None) from the first of up to 1 + REMEASURE calls of `time_once` whose figures
-    pass `model_noise`'s bounds; else the last call's figures and why they are noise (stored and shown
-    marked, never as a lesson)."""
-    for attempt in range(REMEASURE + 1):
-        times, breakdown = time_once()
-        noisy = model_noise(times, breakdown)
-        if noisy is None:
-            return times, breakdown, None
-        if attempt < REMEASURE:
-            progress("time", f"measuring again ({attempt + 1} of {REMEASURE}): {noisy}")
-    return times, breakdown, noisy
 
 
 def _layer_row(name, pattern, family, achieved, schedule, sparse_bytes, dense_bytes) -> dict:

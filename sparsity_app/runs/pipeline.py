@@ -16,6 +16,7 @@ import time
 from typing import Callable, ContextManager, Iterator, TypeVar
 
 from sparsity_app.core import limits
+from sparsity_app.core.results import REMEASURE
 
 Progress = Callable[[str, str], None]  # (step, one-line detail)
 R = TypeVar("R")
@@ -64,3 +65,18 @@ def cached_or_run(who: str, lookup: Callable[[], R | None] | None, run: Callable
         if store is not None:
             store(result)  # inside the slot: whoever waits for it finds it stored
     return result
+
+
+def measure_until_sound(time_once: Callable[[], R], judge: Callable[[R], str | None], progress: Progress = quiet
+                        ) -> tuple[R, str | None]:
+    """(figures, None) from the first of up to 1 + REMEASURE calls of `time_once` whose figures `judge`
+    finds sound; else the last call's figures and why they are noise (stored and shown marked, and
+    kept out of every verdict)."""
+    for attempt in range(REMEASURE + 1):
+        figures = time_once()
+        noisy = judge(figures)
+        if noisy is None:
+            return figures, None
+        if attempt < REMEASURE:
+            progress("time", f"measuring again ({attempt + 1} of {REMEASURE}): {noisy}")
+    return figures, noisy

@@ -68,6 +68,11 @@ def pareto_mask(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return keep
 
 
+def _sound(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows whose timings are figures: results marked noisy (Result.noisy) never make a verdict."""
+    return df[~df["noisy"].fillna(False).astype(bool)] if "noisy" in df else df
+
+
 def break_even(df: pd.DataFrame, speedup: str = "speedup_vs_best_dense") -> pd.DataFrame:
     """Per pattern: the sparsity at which the sparse kernel starts to beat dense (speedup 1x).
 
@@ -80,6 +85,7 @@ def break_even(df: pd.DataFrame, speedup: str = "speedup_vs_best_dense") -> pd.D
     if "conditions" in df and df["conditions"].nunique() > 1:
         raise ValueError("break_even needs results measured under one set of conditions "
                          f"(got {df['conditions'].nunique()})")
+    df = _sound(df)
     rows = []
     for pattern, g in df.groupby("pattern"):
         g = g.sort_values("sparsity_achieved")
@@ -105,6 +111,7 @@ def fraction_of_ideal(df: pd.DataFrame, min_sparsity: float = 0.8) -> pd.DataFra
 
     Columns: pattern, fraction_of_ideal, measured. From measurements, for prose that quotes them.
     """
+    df = _sound(df)
     high = df[df["sparsity_achieved"] >= min_sparsity - 1e-9]
     if high.empty:
         return pd.DataFrame(columns=["pattern", "fraction_of_ideal", "measured"])

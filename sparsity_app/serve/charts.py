@@ -23,7 +23,10 @@ def tradeoff(df: pd.DataFrame, proxy: str = "output_cosine", speedup: str = "spe
     label, higher = PROXIES[proxy].label, PROXIES[proxy].higher_is_better
     data = df.dropna(subset=[proxy]).copy()
     data["_y"] = data[proxy] if higher else -data[proxy]
-    data["pareto"] = pareto_mask(data[speedup].to_numpy(), data["_y"].to_numpy()) if len(data) else []
+    sound = ~data["noisy"].fillna(False).astype(bool) if "noisy" in data else pd.Series(True, index=data.index)
+    data["pareto"] = False  # the front is drawn through sound points only: noise is never a lesson
+    if sound.any():
+        data.loc[sound, "pareto"] = pareto_mask(data.loc[sound, speedup].to_numpy(), data.loc[sound, "_y"].to_numpy())
     base = alt.Chart(data).encode(
         x=alt.X(f"{speedup}:Q", title=speedup.replace("_", " ") + " (x)", scale=alt.Scale(zero=False)),
         y=alt.Y(f"{proxy}:Q", title=label, scale=alt.Scale(zero=False)))

@@ -34,6 +34,9 @@ def format_table(rows: list[dict]) -> str:
     lines = ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in [head, *body]]
     note = "" if all(r.get("lee_pearson") is not None for r in rows) else \
         "\n(synthetic weights: accuracy columns mean nothing)" if any(r["model"].endswith("synthetic") for r in rows) else ""
+    noisy = sum(bool(r.get("noisy")) for r in rows)
+    if noisy:
+        note += f"\n({noisy} row{'s' if noisy > 1 else ''} measured on a busy machine: NOISY, not figures)"
     return "\n".join(lines) + note
 
 
