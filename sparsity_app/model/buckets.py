@@ -38,8 +38,9 @@ class BucketedEncoder:
     """input_ids / attention_mask int64 [batch, seq] for any seq up to the largest bucket ->
     last_hidden_state float32 [batch, seq, hidden].
 
-    encoders: bucket length -> Encoder compiled for (batch, that length), all of one batch size; or
-    a callable (length) -> Encoder, called once per bucket on first use (compiling lazily).
+    buckets: increasing lengths (e.g. `default_buckets(longest)`); batch: the sequences per call;
+    encoder_at: (length) -> graph.Encoder compiled for (batch, length), called once per bucket, on
+    the first input that needs it.
     """
 
     def __init__(self, buckets: list[int], batch: int, encoder_at: Callable[[int], Encoder]):
