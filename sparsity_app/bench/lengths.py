@@ -11,6 +11,7 @@ A command, never a test: it prints figures of this machine.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
@@ -55,13 +56,7 @@ def time_lengths(plans: list[ResolvedPlan], store: Store | None) -> list[dict]:
     the same machine state (the host drifts between calls minutes apart).
     """
     first = plans[0]
-    model, specs = get_model(first.plan.model), first.specs
-    threads = first.plan.threads or default_threads()
-    weights = {name: model.weight(name) for name in specs}  # name -> (W float32 [out, in], bias)
-    masks = plan_masks(first.plan.model, specs)
-    pruned = {name: weights[name][0] * masks[name] for name in specs}
-    biases = {name: weights[name][1] for name in specs}
-    reference = model.pruned_copy(pruned)
+    weights = _Pruned.of(first)
     groups: dict[int, list[ResolvedPlan]] = {}
     for resolved in plans:
         groups.setdefault(-(-resolved.plan.tokens // 8) * 8, []).append(resolved)
@@ -73,34 +68,63 @@ def time_lengths(plans: list[ResolvedPlan], store: Store | None) -> list[dict]:
             fns = {}
             for resolved in group:
                 fns.update({f"{name}@{resolved.plan.tokens}": fn for name, fn in
-                            _implementations(resolved.plan, model, specs, pruned, masks, biases, threads, store,
-                                             reference).items()})
-            LocalDevice().set_threads(threads)
+                            _implementations(resolved.plan, weights, store).items()})
+            LocalDevice().set_threads(weights.threads)
             times = measure(fns, repeat=first.plan.repeat, per_round=3, settle_s=0.2)
         rows += [{"tokens": t, "batch": first.plan.batch, "times_ms": {name: times[f"{name}@{t}"] for name in IMPLEMENTATIONS}}
                  for t in tokens]
     return rows
 
 
-def _implementations(plan, model, specs, pruned, masks, biases, threads, store, reference) -> dict:
+@dataclasses.dataclass(frozen=True)
+class _Pruned:
+    """A resolved plan's weights, pruned once for every length: name -> float32 [out, in] (W * mask),
+    the masks, the biases, and the masked PyTorch copy every executable is checked against."""
+
+    model: object  # the catalog model
+    specs: dict
+    threads: int
+    pruned: dict
+    masks: dict
+    biases: dict
+    reference: object  # torch module: the pruned weights stored dense
+
+    @classmethod
+    def of(cls, resolved: ResolvedPlan) -> "_Pruned":
+        model, specs = get_model(resolved.plan.model), resolved.specs
+        weights = {name: model.weight(name) for name in specs}  # name -> (W float32 [out, in], bias)
+        masks = plan_masks(resolved.plan.model, specs)
+        pruned = {name: weights[name][0] * masks[name] for name in specs}
+        return cls(model, specs, resolved.plan.threads or default_threads(), pruned, masks,
+                   {name: weights[name][1] for name in specs}, model.pruned_copy(pruned))
+
+    def sparse_encoder(self, batch: int, tokens: int, store):
+        """The sparse executable for (batch, tokens), each linear on its token bucket's tuned schedule."""
+        from sparsity_app.model import graph  # lazy: TVM (see _implementations)
+
+        linears = graph.plan_linears(self.model.name, self.specs, self.pruned, self.masks, self.biases,
+                                     batch * tokens, self.threads, store, False)
+        hf = self.model.torch_model()
+        return graph.compile_encoder(hf, hf, {n: linear for n, (linear, _) in linears.items()}, batch, tokens)
+
+
+def _implementations(plan, weights: _Pruned, store) -> dict:
     """IMPLEMENTATIONS' callables at the plan's length, the TVM executables checked against PyTorch."""
     # lazy: the graph and the peers load TVM, PyTorch and ONNX Runtime; the CLI's parser needs none of them
     from sparsity_app.model import baselines, graph
 
-    LocalDevice().set_threads(threads)
-    hf, tokenizer = model.torch_model(), model.tokenizer()
-    linears = graph.plan_linears(plan.model, specs, pruned, masks, biases, plan.batch * plan.tokens, threads, store,
-                                 False)
-    sparse = graph.compile_encoder(hf, hf, {n: linear for n, (linear, _) in linears.items()}, plan.batch, plan.tokens)
+    LocalDevice().set_threads(weights.threads)
+    hf, tokenizer = weights.model.torch_model(), weights.model.tokenizer()
+    sparse = weights.sparse_encoder(plan.batch, plan.tokens, store)
     dense = graph.compile_encoder(hf, hf, {}, plan.batch, plan.tokens)
     ids, attention = baselines.example_inputs(tokenizer, plan.batch, plan.tokens)
-    graph.verify(sparse, reference, ids, attention)
+    graph.verify(sparse, weights.reference, ids, attention)
     graph.verify(dense, hf, ids, attention)
     sparse.set_inputs(ids, attention)
     dense.set_inputs(ids, attention)
     return {SPARSE: sparse.run, "tvm_dense": dense.run,
             "torch_eager": baselines.torch_eager(hf, plan.batch, plan.tokens, tokenizer),
-            "onnxruntime": baselines.onnxruntime_session(hf, plan.batch, plan.tokens, threads, tokenizer)}
+            "onnxruntime": baselines.onnxruntime_session(hf, plan.batch, plan.tokens, weights.threads, tokenizer)}
 
 
 def format_lengths(rows: list[dict]) -> str:
@@ -173,15 +197,10 @@ def time_real(plan: ResolvedPlan, batch_sizes: tuple[int, ...], store: Store | N
     """
     from sparsity_app.model import baselines, graph  # lazy: TVM, PyTorch, ONNX Runtime (see _implementations)
 
-    model, specs = get_model(plan.plan.model), plan.specs
-    threads = plan.plan.threads or default_threads()
+    weights = _Pruned.of(plan)
+    threads = weights.threads
     LocalDevice().set_threads(threads)
-    hf, tokenizer = model.torch_model(), model.tokenizer()
-    weights = {name: model.weight(name) for name in specs}
-    masks = plan_masks(plan.plan.model, specs)
-    pruned = {name: weights[name][0] * masks[name] for name in specs}
-    biases = {name: weights[name][1] for name in specs}
-    reference = model.pruned_copy(pruned)
+    hf, tokenizer = weights.model.torch_model(), weights.model.tokenizer()
     texts = {"polarity sentences": [s for s, _ in data.polarity_sentences()], "Lee documents": list(data.lee_documents())}
     ort_run = baselines.onnxruntime_dynamic(hf, threads)
     rows = []
@@ -190,18 +209,13 @@ def time_real(plan: ResolvedPlan, batch_sizes: tuple[int, ...], store: Store | N
         longest = max(ids.shape[1] for batches in passes.values() for ids, _ in batches)
         say(f"  batch {batch}: compiling the sparse and dense encoders at lengths {default_buckets(longest)}")
         with measurement_slot(f"bench-model --real, batch {batch}"):  # tuning measures too
-
-            def sparse_at(length: int, batch=batch):
-                linears = graph.plan_linears(plan.plan.model, specs, pruned, masks, biases, batch * length, threads,
-                                             store, False)
-                return graph.compile_encoder(hf, hf, {n: lin for n, (lin, _) in linears.items()}, batch, length)
-
-            sparse = BucketedEncoder(default_buckets(longest), batch, sparse_at)
+            sparse = BucketedEncoder(default_buckets(longest), batch,
+                                     lambda length, b=batch: weights.sparse_encoder(b, length, store))
             dense = BucketedEncoder(default_buckets(longest), batch, lambda length, b=batch: graph.compile_encoder(
                 hf, hf, {}, b, length))
             for batches in passes.values():  # every bucket these texts use, compiled and checked before timing
                 for ids, mask in batches:
-                    for encoder, ref in ((sparse, reference), (dense, hf)):
+                    for encoder, ref in ((sparse, weights.reference), (dense, hf)):
                         _check_padded(encoder, ref, ids, mask)
             fns = {}
             for name, batches in passes.items():

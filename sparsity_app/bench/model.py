@@ -55,14 +55,8 @@ def _lengths(args) -> int:
                                     repeat=args.repeat))
              for tokens in lengths.parse_lengths(args.lengths)]
     say(f"timing {model}, {plans[0].plan.label()}, batch {batch}, at {len(plans)} lengths...")
-    rows = lengths.time_lengths(plans, Store(args.cache_dir))
-    if args.json:
-        print(json.dumps([{**row, "times_ms": {k: dataclasses.asdict(t) for k, t in row["times_ms"].items()}}
-                          for row in rows]))
-    else:
-        print(lengths.format_lengths(rows))
-        print(lengths.length_targets(rows))
-    return 0
+    return _print(lengths.time_lengths(plans, Store(args.cache_dir)), args.json, lengths.format_lengths,
+                  lengths.length_targets)
 
 
 def _real(args) -> int:
@@ -74,13 +68,18 @@ def _real(args) -> int:
     plan = resolve.plan(ModelPlan(model=model, method=args.method, block=parse_block(args.block),
                                   sparsity=args.sparsity, tokens=128, threads=args.threads, repeat=args.repeat))
     say(f"timing {model}, {plan.plan.label()}, on real text in batches of {args.real_batches}...")
-    rows = lengths.time_real(plan, tuple(int(b) for b in sizes), Store(args.cache_dir))
-    if args.json:
+    return _print(lengths.time_real(plan, tuple(int(b) for b in sizes), Store(args.cache_dir)), args.json,
+                  lengths.format_real, lengths.real_targets)
+
+
+def _print(rows: list[dict], as_json: bool, table, targets) -> int:
+    """The rows of --lengths or --real: JSON (Timings as dicts), or their table and verdicts."""
+    if as_json:
         print(json.dumps([{**row, "times_ms": {k: dataclasses.asdict(t) for k, t in row["times_ms"].items()}}
                           for row in rows]))
     else:
-        print(lengths.format_real(rows))
-        print(lengths.real_targets(rows))
+        print(table(rows))
+        print(targets(rows))
     return 0
 
 
