@@ -62,6 +62,8 @@ def test_the_model_page_charts_a_plan_at_every_stored_length(cache_dir):
     frame = length_frame(store.model_results(model="minilm-l6"), results[0])
     assert sorted(set(frame["tokens"])) == [16, 27] and len(frame) == 8  # 4 implementations x 2 lengths
     assert frame.set_index(["tokens", "implementation"]).loc[(27, "TVM sparse"), "ms"] == 4.0
+    noisy = dataclasses.replace(results[1], noisy="made up")  # noise is never a point of the lesson
+    assert set(length_frame([results[0], noisy], results[0])["tokens"]) == {16}
     store.close()
 
     def page(query):

@@ -169,15 +169,15 @@ LENGTH_LINES = {"tvm_sparse": "TVM sparse", "tvm_dense": "TVM dense", "torch_eag
 def length_frame(results, result) -> pd.DataFrame:
     """`result`'s plan at every token count stored: one row per (tokens, implementation) with its median
     ms, from the results measured like it (same pattern, batch, threads, machine and code; one-shot or
-    the same recovery). Empty columns tokens / implementation / ms when none is stored."""
+    the same recovery), noisy ones left out. Empty columns tokens / implementation / ms when none is stored."""
     def pattern(r):
         m = {k: v for k, v in r.machine.items() if k != "tokens"}
         return (dataclasses.replace(r.plan, tokens=0, repeat=0), json.dumps(m, sort_keys=True, default=str),
                 None if r.recovery is None else r.recovery.get("key"))
 
     mine = pattern(result)
-    latest = {r.plan.tokens: r for r in results if pattern(r) == mine}  # one result per length
-    latest[result.plan.tokens] = result
+    latest = {r.plan.tokens: r for r in [*results, result] if pattern(r) == mine and not r.noisy}  # one per length
+
     rows = [{"tokens": tokens, "implementation": label, "ms": r.times_ms[name].median}
             for tokens, r in sorted(latest.items()) for name, label in LENGTH_LINES.items() if name in r.times_ms]
     return pd.DataFrame(rows, columns=["tokens", "implementation", "ms"])
