@@ -55,7 +55,7 @@ def test_layers_json(capsys):
     (["run", "--threads", "999"], "threads must be between 1 and"),
     (["run", "--repeat", "1"], "repeat must be an integer in [3, 200]"),
     (["cache", "wipe"], "invalid choice"),
-    (["run", "--method", "prune-it"], "valid methods: magnitude, block, nm, random, wanda"),
+    (["run", "--method", "prune-it"], "valid methods: magnitude, block, nm, random, wanda, sparsegpt"),
     (["sweep", "--blocks", "32x1,5x5"], "must divide"),
     (["sweep", "--sparsities", "0.5,x"], "comma-separated numbers"),
     (["layers", "--model", "gpt9"], "valid models"),

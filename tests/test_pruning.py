@@ -114,7 +114,7 @@ def test_wanda_without_activations_is_an_error_and_norms_come_from_x():
 
 
 @pytest.mark.parametrize("kw, words", [
-    (dict(method="nope"), "valid methods: magnitude, block, nm, random, wanda"),
+    (dict(method="nope"), "valid methods: magnitude, block, nm, random, wanda, sparsegpt"),
     (dict(sparsity=1.0), "sparsity must be in [0, 0.99]"),
     (dict(sparsity=-0.1), "sparsity must be in [0, 0.99]"),
     (dict(method="nm", nm=(4, 4)), "1 <= N < M"),

@@ -12,6 +12,7 @@ from sparsity_app.accuracy.recipes import RECIPES, RecoveryStopped, nm_stages
 from sparsity_app.core.errors import UserError
 from sparsity_app.core.requests import ModelPlan, RecoveryRequest
 from sparsity_app.core.store import Store, model_key_of
+from sparsity_app.model import corpus
 from sparsity_app.runs import resolve
 
 APP = str(pathlib.Path(__file__).resolve().parent.parent / "app.py")
@@ -181,7 +182,7 @@ def test_mixed_lengths_cut_every_step_into_the_same_tokens():
         assert (b != tok.pad_token_id).all()  # whole windows of the training text, never padding
     assert not np.array_equal(batches[0], batches[4])  # the next sequences of that length, not the same again
     np.testing.assert_array_equal(recipes.batch_at(req, 5), batches[5])  # indexed by step alone
-    short = {r.tobytes() for r in recipes.training_sequences(16)}
+    short = {r.tobytes() for r in corpus.training_sequences(16)}
     assert all(r.tobytes() in short for r in batches[0])
     fixed = dataclasses.replace(req, lengths="fixed")
     assert {recipes.batch_at(fixed, step).shape for step in range(4)} == {(16, 128)}

@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from sparsity_app.accuracy.recipes import training_sequences
+from sparsity_app.model.corpus import fidelity_sequences
 from sparsity_app.core.errors import UserError
 from sparsity_app.model import catalog, data
 from sparsity_app.model.catalog import get_model
@@ -194,12 +194,12 @@ def evaluate(model, tokenizer, dense_embeddings: np.ndarray | None = None) -> di
 def fidelity(weights: dict[str, np.ndarray], model_name: str = "minilm-l6") -> float:
     """The label-free figure knobs are chosen by: the mean cosine between the sentence embeddings of
     the model with these linear weights (layer -> float32 [out, in]) and the dense model's, averaged
-    over inputs of 16, 32, 64 and 128 tokens: 256 training sequences (every 18th of
-    `training_sequences(128)`), each also cut to its first 14, 30 and 62 word pieces between [CLS] and
-    [SEP]. Unlabelled training text, so a setting chosen by it never looked at an evaluation text or
+    over inputs of 16, 32, 64 and 128 tokens: 256 training sequences (`corpus.fidelity_sequences`: every
+    18th of `training_sequences(128)`; never in a pruning calibration draw), each also cut to its first
+    14, 30 and 62 word pieces between [CLS] and [SEP]. Unlabelled training text, so a setting chosen by it never looked at an evaluation text or
     label; short inputs count because the metrics embed sentences and single words."""
     model = get_model(model_name)
-    seqs = training_sequences(128)[::18][:256]
+    seqs = fidelity_sequences()
     student, dense = model.pruned_copy(weights), model.torch_model()
     return float(np.mean([catalog.hf().mean_pooled_cosine(
         student, dense, np.concatenate([seqs[:, :length - 1], seqs[:, -1:]], axis=1)) for length in (16, 32, 64, 128)]))

@@ -1,8 +1,9 @@
 """Accuracy proxies: how much a keep-mask changes the layer and the model, on real data.
 
 A proxy is one `Proxy` in PROXIES: its label, its direction (higher is better) and its score, a
-function of the pruned layer (`Case`: the dense weight W float32 [out, in], the keep-mask, the bias and
-the layer's real calibration inputs). Adding a proxy is one function plus one line in PROXIES; a layer
+function of the pruned layer (`Case`: the dense weight W float32 [out, in], the keep-mask, the pruned
+weight (W * mask, or a reconstructing method's new kept weights), the bias and the layer's real
+calibration inputs). Adding a proxy is one function plus one line in PROXIES; a layer
 run scores every registered proxy, and the pages, charts and tables list them from the registry.
 """
 from __future__ import annotations
@@ -18,7 +19,8 @@ from sparsity_app.model.catalog import MiniLM, get_model
 
 
 def retained_energy(weight: np.ndarray, mask: np.ndarray) -> float:
-    """||W * mask||^2 / ||W||^2: the share of squared weight mass kept (needs no data)."""
+    """||W * mask||^2 / ||W||^2: the share of the dense weight's squared mass the mask keeps (needs no
+    data; for a reconstructing method, of the weights before they moved)."""
     w = weight.astype(np.float64)
     total = float((w * w).sum())
     return float((w * w * mask).sum() / total) if total else 1.0
@@ -94,12 +96,9 @@ class Case:
     layer: str  # dotted name of the nn.Linear
     weight: np.ndarray  # float32 [out, in], dense
     mask: np.ndarray  # bool [out, in], True = kept
+    pruned: np.ndarray  # float32 [out, in]: zero where mask drops; W * mask unless the method reconstructs
     bias: np.ndarray | None  # float32 [out]
     x: np.ndarray  # float32 [tokens, in]: the layer's real calibration inputs (every one)
-
-    @property
-    def pruned(self) -> np.ndarray:
-        return self.weight * self.mask
 
     @functools.cached_property
     def output_error(self) -> tuple[float, float]:

@@ -47,7 +47,6 @@ from its last checkpoint with the same result as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Callable
 
@@ -55,9 +54,7 @@ import numpy as np
 
 from sparsity_app.core.errors import UserError
 from sparsity_app.core.requests import RecoveryRequest, Spec
-from sparsity_app.model import data
-from sparsity_app.model.catalog import get_model
-from sparsity_app.model.tokens import TOKENIZER_LOCK
+from sparsity_app.model.corpus import training_sequences
 
 MAX_STEPS = 5000
 
@@ -237,24 +234,6 @@ LENGTHS: dict[str, Callable[[int], tuple[int, ...]]] = {
 
 
 # ---- training text ------------------------------------------------------------------------------
-
-@functools.cache
-def training_sequences(seq_len: int) -> np.ndarray:
-    """int64 [n, seq_len]: [CLS] + seq_len - 2 consecutive word pieces of one document + [SEP].
-
-    Each document is cut into as many full sequences as it holds (a shorter tail is dropped), so no
-    sequence needs padding. ~4.7k sequences of 128 tokens, ~44k of 16.
-    """
-    tok = get_model("minilm-l6").tokenizer()
-    body = seq_len - 2
-    with TOKENIZER_LOCK:
-        ids = tok(list(data.training_documents()), add_special_tokens=False)["input_ids"]
-    rows = [[tok.cls_token_id, *doc[i:i + body], tok.sep_token_id]
-            for doc in ids for i in range(0, len(doc) - body + 1, body)]
-    out = np.asarray(rows, dtype=np.int64)
-    out.setflags(write=False)
-    return out
-
 
 def batch_at(req: RecoveryRequest, step: int) -> np.ndarray:
     """The sequences of one step, int64 [batch * seq_len / L, L]: the step's batch x seq_len tokens as

@@ -24,7 +24,7 @@ from torch.func import functional_call
 from sparsity_app.accuracy.recipes import LOSSES, RECIPES, Phase, RecoveryStopped, batch_at
 from sparsity_app.core.requests import RecoveryRequest, Spec
 from sparsity_app.model.catalog import get_model
-from sparsity_app.model.pruned import layer_input_norms
+from sparsity_app.model.pruned import layer_input_norms, pruned_weights, reconstructs
 from sparsity_app.prune.methods import prune
 
 # ---- training text ------------------------------------------------------------------------------
@@ -89,10 +89,12 @@ def _load_checkpoint(checkpoint: pathlib.Path | None, progress: Progress) -> dic
 
 
 def train(req: RecoveryRequest, specs: dict, checkpoint: pathlib.Path | None, progress: Progress,
-          time_limit_s: float | None):
+          time_limit_s: float | None, one_shot: dict[str, np.ndarray] | None = None):
     """The shared loop: (weights, masks, steps done, wall s, losses, resumed from).
 
     weights: layer -> float32 [out, in] numpy, zero where masks (bool [out, in]) drop a weight.
+    one_shot: the plan's one-shot weights (model.pruned.pruned_weights); a layer whose method
+    reconstructs (sparsegpt) starts from them, every other layer from its dense weight.
     """
     model = get_model(req.plan.model)
     # Both private: asked for hidden states, transformers installs its capture hooks on the model it runs, and
@@ -101,7 +103,10 @@ def train(req: RecoveryRequest, specs: dict, checkpoint: pathlib.Path | None, pr
     student = copy.deepcopy(teacher).eval()  # eval: no dropout, so a run is deterministic
     student.requires_grad_(False)
     recipe = RECIPES[req.recipe].phase
-    w = {n: torch.from_numpy(model.weight(n)[0].copy()).requires_grad_(True) for n in specs}
+    if one_shot is None and any(reconstructs(s) for s in specs.values()):
+        one_shot = pruned_weights(req.plan.model, specs)[1]
+    w = {n: torch.from_numpy((one_shot[n] if reconstructs(s) else model.weight(n)[0]).copy()).requires_grad_(True)
+         for n, s in specs.items()}
     m = {n: torch.ones(t.shape, dtype=torch.bool) for n, t in w.items()}
     opt = torch.optim.AdamW(list(w.values()), lr=req.lr, weight_decay=0.0, foreach=True)
     start, wall_s, losses = 0, 0.0, []

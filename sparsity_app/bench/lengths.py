@@ -26,7 +26,7 @@ from sparsity_app.measure.timing import measure
 from sparsity_app.model import data
 from sparsity_app.model.buckets import BucketedEncoder, default_buckets
 from sparsity_app.model.catalog import get_model
-from sparsity_app.model.pruned import plan_masks
+from sparsity_app.model.pruned import pruned_weights
 from sparsity_app.model.tokens import MAX_LENGTH, TOKENIZER_LOCK
 from sparsity_app.serve.report import say
 
@@ -78,7 +78,7 @@ def time_lengths(plans: list[ResolvedPlan], store: Store | None) -> list[dict]:
 
 @dataclasses.dataclass(frozen=True)
 class _Pruned:
-    """A resolved plan's weights, pruned once for every length: name -> float32 [out, in] (W * mask),
+    """A resolved plan's weights, pruned once for every length: name -> float32 [out, in] (W * mask, or reconstructed),
     the masks, the biases, and the masked PyTorch copy every executable is checked against."""
 
     model: object  # the catalog model
@@ -93,8 +93,7 @@ class _Pruned:
     def of(cls, resolved: ResolvedPlan) -> "_Pruned":
         model, specs = get_model(resolved.plan.model), resolved.specs
         weights = {name: model.weight(name) for name in specs}  # name -> (W float32 [out, in], bias)
-        masks = plan_masks(resolved.plan.model, specs)
-        pruned = {name: weights[name][0] * masks[name] for name in specs}
+        masks, pruned = pruned_weights(resolved.plan.model, specs)
         return cls(model, specs, resolved.plan.threads or default_threads(), pruned, masks,
                    {name: weights[name][1] for name in specs}, model.pruned_copy(pruned))
 

@@ -58,7 +58,7 @@ def add_spec_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
         p.add_argument("--nm", default=None, help="N:M pattern for --method nm (or random), e.g. 2:4")
     p.add_argument("--norm", default=d.norm, choices=NORMS, help="block score norm (default %(default)s)")
     p.add_argument("--tokens", type=int, default=d.tokens, help="rows of X (default %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of random pruning")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of random pruning, or sparsegpt's calibration draw")
     p.add_argument("--threads", type=int, default=0, help="threads for every kernel (0 = all cores)")
     p.add_argument("--repeat", type=int, default=d.repeat, help="timed samples per implementation (default %(default)s)")
     p.add_argument("--retune", action="store_true", help="measure again and re-tune the schedule, "
@@ -91,7 +91,7 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sparsity", type=float, default=d.sparsity, help="fraction removed from each layer")
     p.add_argument("--nm", default=None, help="N:M pattern of every layer (method nm or random), e.g. 2:4")
     p.add_argument("--norm", default=d.norm, choices=NORMS)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of random pruning, or sparsegpt's calibration draw")
     p.add_argument("--override", action="append", default=[], metavar="TARGET=VALUE",
                    help="per-layer pattern, repeatable: TARGET a role (q, k, v, qkv, attention-output, ffn-in, "
                         "ffn-out) or a layer-name glob; VALUE a sparsity, 'dense', BxC@sparsity or N:M")

@@ -67,13 +67,13 @@ class Spec:
 
     model: str = "minilm-l6"  # catalog name, see model.catalog.MODEL_NAMES
     layer: str = "encoder.layer.0.attention.self.query"  # dotted name of an nn.Linear
-    method: str = "block"  # prune.methods.METHODS: magnitude | block | nm | random | wanda
+    method: str = "block"  # prune.methods.METHODS: magnitude | block | nm | random | wanda | sparsegpt
     block: tuple[int, int] = (32, 1)  # (bs_r, bs_c): rows of W (outputs) x columns (inputs)
     sparsity: float = 0.9  # target fraction of weights removed, in [0, 0.99]
     nm: tuple[int, int] | None = None  # (N, M): keep N of every M inputs; method nm, or random
     norm: str = "l2"  # block score: l1 or l2 norm of the tile (method block only)
     tokens: int = 128  # rows of X: real calibration tokens fed to the layer
-    seed: int = 0  # random pruning's seed
+    seed: int = 0  # random pruning's seed; sparsegpt's calibration draw
     threads: int = 0  # threads for every kernel; 0 = all cores
     repeat: int = 25  # timed samples per implementation (more: a steadier median)
 
@@ -103,13 +103,13 @@ class Spec:
     def label(self) -> str:
         """Short name of the pattern, e.g. 'block 32x1', 'nm 2:4', 'magnitude'."""
         if self.nm is not None:
-            seed = f" seed {self.seed}" if self.method == "random" and self.seed else ""
+            seed = f" seed {self.seed}" if self.seed else ""  # canonical: 0 unless the method draws
             return f"{self.method} {self.nm[0]}:{self.nm[1]}{seed}"
         if self.method == "wanda" and self.block == (1, 1):
             return "wanda"
         if self.method == "magnitude":
             return "magnitude"
-        seed = f" seed {self.seed}" if self.method == "random" and self.seed else ""
+        seed = f" seed {self.seed}" if self.seed else ""  # canonical: 0 unless the method draws
         norm = f" {self.norm}" if self.method in ("block", "wanda") and self.norm != "l2" else ""
         return f"{self.method} {fmt_block(self.block)}{norm}{seed}"
 
@@ -142,7 +142,7 @@ class ModelPlan:
     sparsity: float = 0.9  # default fraction of each layer's weights removed
     nm: tuple[int, int] | None = None  # default N:M (method nm, or random N:M)
     norm: str = "l2"  # block score norm
-    seed: int = 0  # random pruning's seed
+    seed: int = 0  # random pruning's seed; sparsegpt's calibration draw
     overrides: tuple[str, ...] = ()  # "TARGET=VALUE" strings, applied in order
     tokens: int = 128  # sequence length (tokens per input)
     batch: int = 1  # inputs per call; the kernels see batch * tokens rows

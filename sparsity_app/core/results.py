@@ -56,6 +56,10 @@ class Result:
     # {name: why}, tuned_on; empty for results from before remote devices (all on this machine)
     backend: dict[str, Any] = dataclasses.field(default_factory=dict)
     noisy: str | None = None  # why the timings are noise (`layer_noise`, still so after re-measuring), or None
+    # a reconstructing method's run only: what the reconstruction buys, on the proxies' calibration tokens. One row
+    # per way of pruning the same pattern to the same density (runs.layer.same_pattern), each {"output_cosine",
+    # "output_rel_error"}; None for other methods and older results
+    same_pattern: dict[str, dict[str, float]] | None = None
 
     @property
     def device(self) -> str:
@@ -135,6 +139,7 @@ class Result:
             "machine": dict(self.machine),
             "backend": dict(self.backend),
             "noisy": self.noisy,
+            "same_pattern": self.same_pattern,
         }
 
     def row(self) -> dict[str, Any]:
@@ -174,7 +179,7 @@ class Result:
                    proxies=d["proxies"], machine=d["machine"], kernel=d.get("kernel", {}),
                    scored_tokens=d.get("scored_tokens"), step_s=d.get("step_s", {}),
                    cached=d.get("cached", False), real_weights=d.get("real_weights", True),
-                   backend=d.get("backend", {}), noisy=d.get("noisy"))
+                   backend=d.get("backend", {}), noisy=d.get("noisy"), same_pattern=d.get("same_pattern"))
 
 
 def conditions_label(c: dict[str, Any]) -> str:

@@ -8,6 +8,7 @@ listing layers, reading weights and resolving requests never import torch (~3 s)
 from __future__ import annotations
 
 import copy
+import re
 from typing import Callable
 
 import numpy as np
@@ -76,6 +77,121 @@ def each_linear_input(shared, tokenizer, layers: list[str], texts: list[str], ba
             model(**enc)
 
 
+class _Seen(Exception):
+    """Raised by the last hook `input_grams` needs: the rest of the forward is not run."""
+
+
+def input_grams(private, layers: list[str], ids: np.ndarray, batch: int = 32) -> dict[str, np.ndarray]:
+    """layer -> X^T X, float64 [in, in], of the inputs each of `layers` (nn.Linear paths) sees on `ids`
+    (int64 [n, seq], no padding), summed over every token.
+
+    `private` is the caller's own copy (hooks go on it for the call; they are removed after). Each
+    forward stops once the last of `layers` (in module order) has seen its input."""
+    grams = {name: 0.0 for name in layers}
+    order = [name for name, _ in private.named_modules() if name in grams]
+
+    def hook(name):
+        def seen(_module, inputs):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
+            grams[name] = grams[name] + (x.T @ x).numpy()
+            if name == order[-1]:
+                raise _Seen
+        return seen
+
+    handles = [private.get_submodule(name).register_forward_pre_hook(hook(name)) for name in layers]
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(ids), batch):
+                try:
+                    private(input_ids=torch.from_numpy(np.ascontiguousarray(ids[start:start + batch])))
+                except _Seen:
+                    pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return grams
+
+
+def prune_in_order(private, stages: list[list[str]], wanted: list[list[str]], ids: np.ndarray,
+                   prune_stage: Callable[[int, dict[str, np.ndarray]], dict[str, np.ndarray]], batch: int = 32) -> None:
+    """Sequential pruning's forwards: for each stage in order, the Gram matrices X^T X (float64 [in, in],
+    summed over every token of `ids`, int64 [n, seq], no padding) of the inputs its `wanted` linears see
+    with every earlier stage's new weights in place; then `prune_stage(stage index, grams)` returns the
+    stage's weights (layer -> float32 [out, in]), which are written into `private` (the caller's copy).
+
+    Stages are runs of linears inside the encoder's blocks (`...layer.N.`). Each block's input is kept
+    (float32 [n, seq, hidden]), so a stage runs only its own block, up to its last wanted linear, and a
+    block runs once more when its stages are done to make the next block's input."""
+    block_of = [re.match(r"^(.*\.layer\.\d+)\.", stage[0]) for stage in stages]
+    if not all(block_of) or any(not name.startswith(b.group(1) + ".") for b, stage in zip(block_of, stages) for name in stage):
+        raise ValueError("sequential pruning needs every linear inside an encoder block (...layer.N.)")
+    blocks = [b.group(1) for b in block_of]
+    first = private.get_submodule(blocks[0])
+    hidden: list[torch.Tensor] = []
+
+    def keep_input(_module, args, kwargs):
+        hidden.append(kwargs.get("hidden_states", args[0] if args else None))
+        raise _Seen
+
+    handle = first.register_forward_pre_hook(keep_input, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(ids), batch):
+                try:
+                    private(input_ids=torch.from_numpy(np.ascontiguousarray(ids[start:start + batch])))
+                except _Seen:
+                    pass
+    finally:
+        handle.remove()
+    for i, (stage, names) in enumerate(zip(stages, wanted)):
+        block = private.get_submodule(blocks[i])
+        grams = _block_grams(block, blocks[i], names, hidden) if names else {}
+        set_linear_weights(private, prune_stage(i, grams))
+        if i + 1 == len(stages) or blocks[i + 1] != blocks[i]:  # the block is done: its output feeds the next
+            with torch.inference_mode():
+                hidden = [_first(block(h)) for h in hidden]
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _block_grams(block, prefix: str, names: list[str], hidden: list) -> dict[str, np.ndarray]:
+    """layer -> X^T X of the inputs `names` (full paths, inside `block` at `prefix`) see on each batch of
+    `hidden`; each pass stops after the last of them."""
+    grams = {name: 0.0 for name in names}
+    order = [f"{prefix}.{sub}" for sub, _ in block.named_modules() if f"{prefix}.{sub}" in grams]
+
+    def hook(name):
+        def seen(_module, inputs):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
+            grams[name] = grams[name] + (x.T @ x).numpy()
+            if name == order[-1]:
+                raise _Seen
+        return seen
+
+    handles = [block.get_submodule(name[len(prefix) + 1:]).register_forward_pre_hook(hook(name)) for name in names]
+    try:
+        with torch.inference_mode():
+            for h in hidden:
+                try:
+                    block(h)
+                except _Seen:
+                    pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return grams
+
+
+def set_linear_weights(private, weights: dict[str, np.ndarray]) -> None:
+    """Write `weights` (layer -> float32 [out, in]) into the named nn.Linear layers of `private`, the
+    caller's own copy (masked_copy's; never a shared model)."""
+    with torch.no_grad():
+        for name, w in weights.items():
+            private.get_submodule(name).weight.copy_(torch.from_numpy(np.asarray(w, dtype=np.float32)))
+
+
 def masked_copy(hf_model, weights: dict[str, np.ndarray]):
     """A deep copy of `hf_model` whose named nn.Linear layers carry the given weights.
 
@@ -94,9 +210,7 @@ def masked_copy(hf_model, weights: dict[str, np.ndarray]):
         if tuple(np.shape(w)) != tuple(module.weight.shape):
             raise UserError(f"weight for {name} must be [out, in] = {list(module.weight.shape)}, got {list(np.shape(w))}")
     pruned = copy.deepcopy(hf_model).eval()
-    with torch.no_grad():
-        for name, w in weights.items():
-            pruned.get_submodule(name).weight.copy_(torch.from_numpy(np.asarray(w, dtype=np.float32)))
+    set_linear_weights(pruned, weights)
     pruned.requires_grad_(False)
     return pruned
 

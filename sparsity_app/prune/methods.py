@@ -10,6 +10,12 @@ the engine measures them on training text, `Model.pruning_input_norms`), for the
 methods (`wanda`); the others ignore it. Adding a method is one function plus one `Method` line in
 `METHODS`, which says which fields of a Spec it reads: resolving a request (runs.resolve), the
 CLI's choices and the app's selectors all read the registry.
+
+A method may also reconstruct: move the weights it keeps to make up for those it drops
+(`Method.reconstructs`, SparseGPT: prune.sparsegpt). Its one-shot result is then new kept weights,
+not W * mask, and comes from model.pruned (which runs the layer's calibration inputs); its `mask`
+function is what training re-masks with (the same pattern by magnitude: starting from the
+reconstructed weights, whose dropped entries are zero, the first masks are its own).
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ class Method:
     takes_seed: bool = False  # draws at random from Spec.seed
     unstructured: bool = False  # scores single weights (1x1) itself: a plain sparsity keeps this method
     activation_aware: bool = False  # reads the layer's input norms (calibration activations)
+    reconstructs: bool = False  # one-shot, it returns new kept weights (model.pruned), not W * mask
 
 
 def _block_scores(weight: np.ndarray, bs_r: int, bs_c: int, norm: str) -> np.ndarray:
@@ -118,6 +125,11 @@ def random(weight: np.ndarray, spec: Spec, input_norms: np.ndarray | None = None
     return _expand(_keep_top(tile_scores, spec.sparsity), bs_r, bs_c)
 
 
+def pattern_magnitude(weight: np.ndarray, spec: Spec, input_norms: np.ndarray | None = None) -> np.ndarray:
+    """The spec's pattern (N:M, or bs_r x bs_c blocks by their L2 norm, 1x1 = unstructured) by |w|."""
+    return nm(weight, spec) if spec.nm is not None else block(weight, spec)
+
+
 def wanda(weight: np.ndarray, spec: Spec, input_norms: np.ndarray | None = None) -> np.ndarray:
     """Activation-aware (Sun et al. 2023, "Wanda"): score |W_ij| * ||X_j||, so a small weight on a
     loud input outranks a large weight on a quiet one. Unstructured (1x1): compared within each
@@ -141,6 +153,9 @@ METHODS: dict[str, Method] = {
                      takes_nm=True, takes_seed=True),
     "wanda": Method(wanda, "activation-aware: |w| times its input's norm (Sun et al. 2023)", takes_block=True,
                     takes_nm=True, takes_norm=True, activation_aware=True, unstructured=True),
+    "sparsegpt": Method(pattern_magnitude, "second-order: drops what the layer's inputs miss least, and "
+                        "updates the kept weights to make up for it (Frantar & Alistarh 2023)", takes_block=True,
+                        takes_nm=True, takes_seed=True, unstructured=True, reconstructs=True),
 }
 ACTIVATION_AWARE = frozenset(name for name, m in METHODS.items() if m.activation_aware)  # read input_norms
 
@@ -148,7 +163,9 @@ ACTIVATION_AWARE = frozenset(name for name, m in METHODS.items() if m.activation
 def prune(weight: np.ndarray, spec: Spec, input_norms: np.ndarray | None = None) -> np.ndarray:
     """Keep-mask, bool [out, in], for `weight` float32 [out, in] under `spec` (already validated).
 
-    input_norms: float64 [in] (see `input_norms`), required by the ACTIVATION_AWARE methods.
+    input_norms: float64 [in] (see `input_norms`), required by the ACTIVATION_AWARE methods. For a
+    method that reconstructs, this is only the mask training re-masks with: its one-shot result
+    (mask and new weights) is model.pruned's.
     """
     try:
         method = METHODS[spec.method]

@@ -7,6 +7,8 @@ device behind TVM's RPC tracker (measure.remote); everything else runs here.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from sparsity_app.accuracy import proxies
@@ -18,9 +20,9 @@ from sparsity_app.core.store import Store, key_of
 from sparsity_app.measure import tuner
 from sparsity_app.measure.backend import LOCAL, Backend, LocalDevice
 from sparsity_app.model.catalog import get_model
-from sparsity_app.model.pruned import layer_input_norms
+from sparsity_app.model.pruned import pruned_layer, reconstructs
+from sparsity_app.prune.methods import METHODS
 from sparsity_app.prune.formats import to_bsr
-from sparsity_app.prune.methods import prune
 from sparsity_app.runs import resolve
 from sparsity_app.runs.pipeline import Progress, StepClock, cached_or_run, measure_until_sound, quiet
 
@@ -69,11 +71,10 @@ def _measure(device, spec: Spec, shape: tuple[int, int], store: Store | None, pr
     x = model.calibration(spec.layer, spec.tokens)
 
     with clock.step("prune", f"{spec.label()} at sparsity {spec.sparsity:.2f} on {shape[0]}x{shape[1]}"):
-        mask = prune(weight, spec, layer_input_norms(spec))
-        pruned = weight * mask
+        mask, pruned = pruned_layer(spec)  # pruned: float32 [out, in], W * mask or reconstructed
     with clock.step("format", "storing the kept weights in the kernel's sparse format"):
-        family, sparse = tuner.sparse_format(weight, mask, spec)
-        stored = to_bsr(weight, mask, spec.block).nnz_blocks  # blocks of spec.block, whatever the format
+        family, sparse = tuner.sparse_format(pruned, mask, spec)
+        stored = to_bsr(pruned, mask, spec.block).nnz_blocks  # blocks of spec.block, whatever the format
     title = tuner.families()[family].title
     stored_note = (f"{title} holds {stored} blocks of {spec.block[0]}x{spec.block[1]} "
                    f"in {sparse.nbytes / 1024:.0f} KiB; ")
@@ -99,8 +100,10 @@ def _measure(device, spec: Spec, shape: tuple[int, int], store: Store | None, pr
             return prepared.time(repeat=spec.repeat)
 
     times, noisy = measure_until_sound(time_once, lambda t: layer_noise(t, achieved), progress)
-    with clock.step("score", "scoring the accuracy proxies on the full calibration set"):
-        scores, scored = _score(spec, weight, mask, bias)
+    with clock.step("score", "scoring the accuracy proxies on the full calibration set" +
+                    (", and the same pattern pruned without reconstruction" if reconstructs(spec) else "")):
+        scores, scored = _score(spec, weight, mask, pruned, bias)
+        compared = same_pattern(spec, weight, mask, pruned, bias) if reconstructs(spec) else None
 
     result = Result(spec=spec, shape=shape, sparsity_achieved=achieved, stored_blocks=stored,
                     sparse_bytes=sparse.nbytes, dense_bytes=weight.nbytes, times_ms=times,
@@ -109,7 +112,7 @@ def _measure(device, spec: Spec, shape: tuple[int, int], store: Store | None, pr
                     kernel={"format": family, "title": title, "mcpu": device.mcpu(), "knobs": tuning.winner, "schedule": tuning.label,
                             "tuning": tuning.to_dict(), "dense": vars(peers["tvm_dense"].knobs)},
                     step_s=dict(clock.seconds), real_weights=model.real_weights,
-                    backend={**device.where(times), "max_rel_error": errors}, noisy=noisy)
+                    backend={**device.where(times), "max_rel_error": errors}, noisy=noisy, same_pattern=compared)
     return result
 
 
@@ -123,11 +126,33 @@ def _verify(prepared, peers: dict, x: np.ndarray, weight: np.ndarray, reference:
     return errors
 
 
-def _score(spec: Spec, weight: np.ndarray, mask: np.ndarray, bias: np.ndarray | None) -> tuple[dict, int]:
+def _score(spec: Spec, weight: np.ndarray, mask: np.ndarray, pruned: np.ndarray, bias: np.ndarray | None
+           ) -> tuple[dict, int]:
     """(proxies, scored tokens): layer proxies on every calibration token, whatever spec.tokens is."""
     x_all = get_model(spec.model).calibration_set(spec.layer)
-    scores = proxies.score(proxies.Case(spec.model, spec.layer, weight, mask, bias, x_all))
+    scores = proxies.score(proxies.Case(spec.model, spec.layer, weight, mask, pruned, bias, x_all))
     return scores, len(x_all)
+
+
+def same_pattern(spec: Spec, weight: np.ndarray, mask: np.ndarray, pruned: np.ndarray, bias: np.ndarray | None
+                 ) -> dict[str, dict[str, float]]:
+    """What a reconstructing method's update buys: the layer output proxies (on every calibration token)
+    of its own weights, of its own mask without the update (W * mask), and of the same pattern at the same
+    density chosen by each mask-only method that can follow it (the plain one: block, nm or magnitude;
+    and wanda). -> {row name: {"output_cosine", "output_rel_error"}}."""
+    x_all = get_model(spec.model).calibration_set(spec.layer)
+
+    def scores(w: np.ndarray) -> dict[str, float]:
+        rel, cos = proxies.output_error(x_all, weight, w, bias)
+        return {"output_cosine": cos, "output_rel_error": rel}
+
+    rows = {spec.label(): scores(pruned), f"{spec.method}'s mask, no update": scores(weight * mask)}
+    plain = "nm" if spec.nm is not None else "block" if spec.block != (1, 1) else "magnitude"
+    for method in (plain, "wanda"):
+        if method in METHODS:
+            other = resolve.spec(dataclasses.replace(spec, method=method))
+            rows[other.label()] = scores(pruned_layer(other)[1])
+    return rows
 
 
 def lookup(request: Spec | ResolvedSpec, store: Store, backend: Backend = LOCAL) -> Result | None:

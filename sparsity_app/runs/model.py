@@ -18,7 +18,7 @@ from sparsity_app.measure.backend import LocalDevice
 from sparsity_app.measure.locks import measurement_slot
 from sparsity_app.measure.timing import fingerprint, measure
 from sparsity_app.model.catalog import get_model
-from sparsity_app.model.pruned import plan_masks
+from sparsity_app.model.pruned import pruned_weights
 from sparsity_app.runs import resolve
 from sparsity_app.runs.pipeline import Progress, StepClock, cached_or_run, measure_until_sound, quiet
 
@@ -84,8 +84,8 @@ def _measure(plan: ModelPlan, specs: dict, store: Store | None, progress: Progre
                     f"{plan.label()}: the weights recovered by {recovery.request.recipe} ({recovery.steps_done} steps)"):
         weights = {name: model.weight(name) for name in specs}  # name -> (W float32 [out, in], bias)
         if recovery is None:
-            masks = plan_masks(plan.model, specs)
-            pruned = {name: weights[name][0] * masks[name] for name in specs}  # float32 [out, in], W * mask
+            # float32 [out, in]: W * mask, or a reconstructing method's new kept weights
+            masks, pruned = pruned_weights(plan.model, specs, lambda line: progress("prune", line))
         else:
             pruned, masks = store.recovered_weights(recovery.key)
     with clock.step("tune", "sparse formats and each layer's schedule (layers of one shape and pattern share a "

@@ -79,13 +79,14 @@ def _recover(req: RecoveryRequest, specs: dict[str, Spec | None], key: str, mach
     model = get_model(req.plan.model)
     progress("prune", f"{req.plan.label()}: one-shot masks of {len(specs)} linears, and their score before recovery")
     start_eval = time.perf_counter()
-    _, one_shot = pruned_weights(req.plan.model, specs)
+    _, one_shot = pruned_weights(req.plan.model, specs, lambda line: progress("prune", line))
     dense_embeddings = metrics.reference_embeddings(req.plan.model)
     before = metrics.evaluate(model.pruned_copy(one_shot), model.tokenizer(), dense_embeddings)
     eval_s = time.perf_counter() - start_eval
 
     checkpoint = None if store is None else store.recovery_checkpoint(key)
-    weights, masks, steps_done, wall_s, losses, resumed_from = recovery.train(req, specs, checkpoint, progress, time_limit_s)
+    weights, masks, steps_done, wall_s, losses, resumed_from = recovery.train(
+        req, specs, checkpoint, progress, time_limit_s, one_shot)
 
     progress("evaluate", "real-label metrics of the recovered model")
     start_eval = time.perf_counter()

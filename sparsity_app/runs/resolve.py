@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
+
 from sparsity_app.accuracy.recipes import BETA_SCHEDULES, LENGTHS, LOSSES, MAX_STEPS, RECIPES
 from sparsity_app.core.errors import UserError
 from sparsity_app.core.requests import (MAX_BATCH, MAX_REPEAT, MAX_SEQ, MAX_SPARSITY, MAX_TOKENS, NORMS, ModelPlan,
@@ -98,6 +100,8 @@ def _spec(request: Spec, cores: int | None) -> Spec:
             block = (1, 1)
     norm = s.norm if method.takes_norm and block != (1, 1) else "l2"
     seed = s.seed if method.takes_seed else 0
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise UserError(f"seed must be a non-negative integer (below 2**32), got {s.seed!r}")
     return dataclasses.replace(s, block=block, nm=nm, sparsity=round(sparsity, 6), norm=norm,
                                seed=int(seed), threads=s.threads or cores)
 

@@ -34,8 +34,7 @@ from sparsity_app.core.requests import ModelPlan, ResolvedSpec, Spec, fmt_block,
 from sparsity_app.core.results import DENSE_PEERS, SPARSE
 from sparsity_app.measure.timing import fingerprint
 from sparsity_app.model.catalog import get_model
-from sparsity_app.model.pruned import layer_input_norms
-from sparsity_app.prune.methods import prune
+from sparsity_app.model.pruned import pruned_layer
 from sparsity_app.runs import resolve
 from sparsity_app.runs.layer import lookup as lookup_layer, run as run_layer
 from sparsity_app.runs.pipeline import Progress, quiet
@@ -275,10 +274,9 @@ def _dense_metrics(model_name: str, store=None) -> dict[str, float | None]:
 def _evaluate_point(spec: Spec, shape: tuple[int, int]) -> SensitivityPoint:
     """The model with spec.layer pruned alone (a copy), scored on every real-label metric."""
     model = get_model(spec.model)
-    weight, _ = model.weight(spec.layer)
-    mask = prune(weight, spec, layer_input_norms(spec))
+    mask, kept = pruned_layer(spec)  # kept: float32 [out, in], W * mask or reconstructed
     if model.real_weights:
-        pruned = model.pruned_copy({spec.layer: weight * mask})
+        pruned = model.pruned_copy({spec.layer: kept})
         scores = metrics.evaluate(pruned, model.tokenizer(), metrics.reference_embeddings(spec.model))
     else:
         scores = {name: None for name in metrics.METRICS}
