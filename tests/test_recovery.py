@@ -287,17 +287,28 @@ def test_bench_recovery_at_another_seed_says_so_in_every_verdict(cli):
     assert out.returncode == 0, out.stderr
     assert "no target run is stored" in out.stderr  # a private, empty cache
     verdicts = [line for line in out.stdout.splitlines() if "not run" in line]
-    assert verdicts and all(line.startswith("training seed 1: ") for line in verdicts), out.stdout
+    assert verdicts and all(line.startswith("training seed 1 (one seed: reported, not judged): ")
+                            for line in verdicts), out.stdout
 
 
 def test_bench_recovery_across_seeds_on_an_empty_cache_prefixes_each_seed_and_the_mean(cli):
     out = cli(["bench-recovery", "--stored", "--across-seeds", "0,2", "--only", "0.9", "--json"])
     assert out.returncode == 0, out.stderr
-    assert "training seed 2: 0 of 4 target runs stored" in out.stderr
+    assert "training seed 2: 0 of 6 target runs stored" in out.stderr
     d = json.loads(out.stdout)
     assert d["seeds"] == [0, 2] and d["rows"] == [] and d["code"] is None
-    assert "training seed 2: 32x1 at 90%: fixed or every other recipe not run" in d["verdicts"]
-    assert "mean over training seeds 0, 2: 32x1 at 90%: fixed or every other recipe not run" in d["verdicts"]
+    assert "training seed 2 (reported): 32x1 at 90%: fixed or every other recipe not run" in d["verdicts"]
+    assert "mean over training seeds 0, 2 (judged): 32x1 at 90%: fixed or every other recipe not run" in d["verdicts"]
+    assert "mean over training seeds 0, 2 (judged): 32x1 at 90% from sparsegpt: not run" in d["verdicts"]
+
+
+def test_bench_recovery_judges_on_three_seeds_unless_told_one(cli):
+    """The fixed protocol is the default: every target run at training seeds 0, 1 and 2, judged on the means."""
+    out = cli(["bench-recovery", "--stored", "--only", "sparsegpt", "--json"])
+    assert out.returncode == 0, out.stderr
+    d = json.loads(out.stdout)
+    assert d["seeds"] == [0, 1, 2] and "training seed 1: 0 of 2 target runs stored" in out.stderr
+    assert "mean over training seeds 0, 1, 2 (judged): 32x1 at 90% from sparsegpt: not run" in d["verdicts"]
 
 
 def test_across_seeds_judges_the_means_of_runs_stored_at_every_seed():
@@ -340,7 +351,7 @@ def test_bad_recover_input_is_one_line(cli):
                            (["--stored", "--probe-lr", "1e-3"], "one or the other"),
                            (["--lengths", "short"], "valid: mixed, fixed"),
                            (["--train-seed", "x"], "non-negative integer"),
-                           (["--across-seeds", "0,1"], "add --stored"),
+                           (["--across-seeds", "0,1", "--probe-lr", "1e-3"], "leave out --across-seeds"),
                            (["--stored", "--across-seeds", "0"], "two or more distinct"),
                            (["--stored", "--across-seeds", "1,1"], "two or more distinct"),
                            (["--stored", "--across-seeds", "0,-1"], "non-negative integer"),
@@ -366,7 +377,8 @@ def test_bench_verdicts_name_a_recipe_that_meets_both_targets_and_call_small_gap
     assert "fixed: Lee 0.690, probe 0.680" in lines[0]  # the best Lee, which misses the probe, is still shown
     assert "best recipe gradual Lee 0.360 vs fixed 0.300: +0.060" in lines[1] and lines[1].endswith("met")
     assert "ties with sr-ste" in lines[2] and "structure-decay Lee not run" in lines[3]
-    assert "wanda Lee 0.650 vs magnitude 0.580: +0.070" in lines[4]
+    assert lines[4] == "32x1 at 90% from sparsegpt: not run"
+    assert "wanda Lee 0.650 vs magnitude 0.580: +0.070" in lines[5]
     assert "met by 6 of 6" in lines[-1]  # 410 s each
     missed = b.verdicts([run(b.BLOCK_50, "fixed", 0.69, 0.68)], [])
     assert missed[0].endswith("MISSED") and "not run" in missed[1]

@@ -27,11 +27,14 @@ from sparsity_app.serve.report import format_recovery, rows_text, say, steps_to_
 BLOCK_50 = ModelPlan(method="block", block=(32, 1), sparsity=0.5)
 BLOCK_90 = ModelPlan(method="block", block=(32, 1), sparsity=0.9)
 NM_24 = ModelPlan(method="nm", nm=(2, 4))
+SPARSEGPT_90 = ModelPlan(method="sparsegpt", block=(32, 1), sparsity=0.9)  # recovery from reconstructed weights
 RUNS = (  # in priority order: each target's deciding runs first
     (BLOCK_50, "fixed"), (BLOCK_50, "mask-decay"), (BLOCK_90, "fixed"), (BLOCK_90, "gradual"),
+    (SPARSEGPT_90, "fixed"), (SPARSEGPT_90, "gradual"),
     (BLOCK_90, "mask-decay"), (BLOCK_90, "group-lasso"), (NM_24, "sr-ste"), (NM_24, "mask-decay"),
     (NM_24, "structure-decay"), (NM_24, "fixed"), (BLOCK_50, "gradual"), (BLOCK_50, "group-lasso"),
 )
+DRAWS = (0, 1, 2)  # the fixed protocol: every target is judged on the mean over these training seeds
 ONE_SHOT = (  # wanda against magnitude, one-shot (no training)
     (ModelPlan(method="magnitude", block=(1, 1), sparsity=0.5), ModelPlan(method="wanda", block=(1, 1), sparsity=0.5)),
     (ModelPlan(method="nm", nm=(2, 4)), ModelPlan(method="wanda", nm=(2, 4))),
@@ -186,6 +189,16 @@ def target_verdicts(results: list, each: str = "one seed each") -> list[str]:
             if abs(v - ste) < 0.01 else "beats sr-ste" if v > ste else "does not beat sr-ste"
         lines.append(f"2:4: {recipe} Lee " + ("not run" if verdict is None else
                                               f"{v:.3f} vs sr-ste {ste:.3f}: {v - ste:+.3f} ({verdict})"))
+    from_sparsegpt = [(recipe, v) for recipe in ("fixed", "gradual") if (v := lee(SPARSEGPT_90, recipe)) is not None]
+    if not from_sparsegpt:
+        lines.append("32x1 at 90% from sparsegpt: not run")
+    else:
+        recipe, value = max(from_sparsegpt, key=lambda rv: rv[1])
+        mask_only = max((v for r in ("fixed", "gradual", "mask-decay", "group-lasso") if (v := lee(BLOCK_90, r)) is not None),
+                        default=None)
+        versus = "" if mask_only is None else f"; the best from block's masks: {mask_only:.3f} ({value - mask_only:+.3f})"
+        lines.append(f"32x1 at 90% from sparsegpt: best recipe {recipe} Lee {value:.3f} (target >= 0.57){versus}: "
+                     f"{'met' if value >= 0.57 else 'MISSED'}")
     return lines
 
 
@@ -229,8 +242,12 @@ def main(args) -> int:
                         "--stored")
     if args.stored and asked:
         raise UserError("--stored trains nothing, a probe trains: use one or the other")
-    if args.across_seeds is not None:
-        return _main_across_seeds(args, store)
+    if args.across_seeds is not None and args.train_seed is not None:
+        raise UserError("--across-seeds names the seeds itself: leave out --train-seed")
+    if asked and args.across_seeds is not None:
+        raise UserError("a probe trains at one seed (the default order): leave out --across-seeds")
+    if not asked and args.train_seed is None:  # the fixed protocol: every target run at seeds 0, 1, 2, judged on the means
+        return _main_across_seeds(args, store, args.across_seeds or DRAWS)
     knob, given = asked[0] if asked else ("lr", None)
     field = PROBES[knob][1]  # the RecoveryRequest field the probe varies
     if given is not None:
@@ -257,21 +274,14 @@ def main(args) -> int:
         else:
             print(rows_text(rows))
         return 0
-    todo = [resolve.recovery(r) for r in requests(args.steps, args.only, args.lengths,  # a bad flag: one line
-                                                  args.train_seed)]
+    seed = RecoveryRequest.seed if args.train_seed is None else args.train_seed
+    todo = [resolve.recovery(r) for r in requests(args.steps, args.only, args.lengths, seed)]  # a bad flag: one line
     if args.stored:
         results, code = stored_runs(todo, store, args.code)
         say(f"{len(results)} of {len(todo)} target runs stored by code version {code}" if results else
             "no target run is stored on this machine" + (f" by code version {args.code}" if args.code else ""))
         todo = []
-    for i, resolved in enumerate(todo, 1):
-        say(f"[run {i}/{len(todo)}] {resolved.request.label()}")
-        try:
-            results.append(_recovered(resolved, store))
-        except UserError as e:  # one run that cannot go (e.g. stopped): say so, keep the others
-            say(f"  {e}")
-            continue
-        say(format_recovery(results[-1].to_dict()))
+    results += _train(todo, store)
     one_shot = []
     if not args.skip_one_shot:
         for magnitude, wanda in ONE_SHOT:
@@ -279,8 +289,7 @@ def main(args) -> int:
             one_shot.append((magnitude.label(), one_shot_metrics(magnitude)["lee_pearson"],
                              one_shot_metrics(wanda)["lee_pearson"]))
     lines, spread = verdicts(results, one_shot), []
-    if args.train_seed != RecoveryRequest.seed:
-        lines = [f"training seed {args.train_seed}: {line}" for line in lines]
+    lines = [f"training seed {seed} (one seed: reported, not judged): {line}" for line in lines]
     if not args.skip_probe_spread:
         say("[probe spread] the polarity probe of the dense model and each 32x1-at-50% run, 20 draws of its folds")
         spread = probe_spread_lines(results, store)
@@ -296,32 +305,47 @@ def main(args) -> int:
     return 0
 
 
-def _main_across_seeds(args, store) -> int:
-    """bench-recovery --stored --across-seeds 0,1,2: trains nothing; every seed's runs of one code version."""
-    if not args.stored:
-        raise UserError("--across-seeds reads stored runs and trains nothing: add --stored (a seed's runs are "
-                        "trained by bench-recovery --train-seed N)")
-    if args.train_seed != RecoveryRequest.seed:
-        raise UserError("--across-seeds names the seeds itself: leave out --train-seed")
+def _train(todo: list[ResolvedRecovery], store) -> list:
+    """The runs of `todo`, one after another (each cached); one that cannot go says why, the others go on."""
+    results = []
+    for i, resolved in enumerate(todo, 1):
+        say(f"[run {i}/{len(todo)}] {resolved.request.label()}")
+        try:
+            results.append(_recovered(resolved, store))
+        except UserError as e:  # one run that cannot go (e.g. stopped): say so, keep the others
+            say(f"  {e}")
+            continue
+        say(format_recovery(results[-1].to_dict()))
+    return results
+
+
+def _main_across_seeds(args, store, seed_list: tuple[int, ...]) -> int:
+    """The fixed protocol: every target run at each training seed (trained now, or with --stored only read:
+    one code version), side by side, verdicts on the means."""
+    todo = {seed: [resolve.recovery(r) for r in requests(args.steps, args.only, args.lengths, seed)]
+            for seed in seed_list}  # every bad flag said before anything trains
     by_seed, code = {}, args.code
-    for seed in args.across_seeds:
-        todo = [resolve.recovery(r) for r in requests(args.steps, args.only, args.lengths, seed)]
-        by_seed[seed], found = stored_runs(todo, store, code)
-        code = code or found  # the first seed with runs fixes the code version: seeds are never mixed across versions
-        say(f"training seed {seed}: {len(by_seed[seed])} of {len(todo)} target runs stored"
-            + (f" by code version {found}" if found else ""))
+    for seed in seed_list:
+        if args.stored:
+            by_seed[seed], found = stored_runs(todo[seed], store, code)
+            code = code or found  # the first seed with runs fixes the code version: never mixed across versions
+            say(f"training seed {seed}: {len(by_seed[seed])} of {len(todo[seed])} target runs stored"
+                + (f" by code version {found}" if found else ""))
+        else:
+            say(f"training seed {seed}: {len(todo[seed])} target runs")
+            by_seed[seed] = _train(todo[seed], store)
     rows, mean_lines = across_seeds(by_seed)
-    seeds = ", ".join(map(str, args.across_seeds))
-    lines = [f"training seed {seed}: {line}" for seed, runs in by_seed.items()
+    seeds = ", ".join(map(str, seed_list))
+    lines = [f"training seed {seed} (reported): {line}" for seed, runs in by_seed.items()
              for line in target_verdicts(runs)]
-    lines += [f"mean over training seeds {seeds}: {line}" for line in mean_lines]
+    lines += [f"mean over training seeds {seeds} (judged): {line}" for line in mean_lines]
     if args.json:
-        print(json.dumps({"seeds": list(args.across_seeds), "code": code, "rows": rows, "verdicts": lines}))
+        print(json.dumps({"seeds": list(seed_list), "code": code, "rows": rows, "verdicts": lines}))
     else:
         table = rows_text(rows) if rows else f"no target run is stored at every seed ({seeds})"
         print("\n".join([table, *lines]))
     return 0
 
 
-__all__ = ["RUNS", "ONE_SHOT", "PROBES", "requests", "probe_requests", "probe_spread", "probe_spread_lines",
+__all__ = ["RUNS", "DRAWS", "ONE_SHOT", "PROBES", "requests", "probe_requests", "probe_spread", "probe_spread_lines",
            "one_shot_metrics", "verdicts", "target_verdicts", "across_seeds", "main"]

@@ -1,4 +1,4 @@
-"""The benchmark commands' flags: `bench` (kernels), `bench-model`, `bench-recovery`, `loadtest`.
+"""The benchmark commands' flags: `bench` (kernels), `bench-model`, `bench-recovery`, `bench-oneshot`, `loadtest`.
 
 Benchmarks are commands, never tests: their bodies live in sparsity_app/bench/, this module only
 says what they take. The kernel benchmark and the load test load TVM or a browser protocol, so
@@ -6,7 +6,7 @@ they are imported when chosen; every other command starts without them.
 """
 from __future__ import annotations
 
-from sparsity_app.bench import model as bench_model, recovery as bench_recovery
+from sparsity_app.bench import model as bench_model, oneshot as bench_oneshot, recovery as bench_recovery
 from sparsity_app.cli import flags
 from sparsity_app.core.requests import RecoveryRequest
 from sparsity_app.prune.methods import METHODS
@@ -35,12 +35,24 @@ def add_parsers(sub) -> None:
     p.add_argument("--probe-loss", default="hidden", help="the probe's loss (see recover --loss)")
     p.add_argument("--lengths", default=RecoveryRequest.lengths, help="the training sequences' lengths of every run "
                    "(see recover --lengths; fixed: the table stored before mixed lengths existed, with --stored --code)")
-    p.add_argument("--train-seed", type=flags.seed, default=RecoveryRequest.seed, help="the training data order of every "
-                   "target run (default %(default)s, the one the targets are judged at; another seed shows the draw's share)")
-    p.add_argument("--across-seeds", type=flags.seeds, default=None, metavar="SEEDS", help="with --stored: the stored "
-                   "target runs of each of these training seeds (e.g. 0,1,2; a seed's runs are trained by --train-seed "
-                   "N) side by side, with each seed's verdicts and the verdicts on the means over the seeds")
+    p.add_argument("--train-seed", type=flags.seed, default=None, help="instead of the protocol: the target runs at "
+                   "this one training seed only (reported, never judged)")
+    p.add_argument("--across-seeds", type=flags.seeds, default=None, metavar="SEEDS", help="the training seeds every "
+                   "target run is trained at (default 0,1,2: the fixed protocol); rows side by side, verdicts on the "
+                   "means (with --stored: the runs stored by one code version, nothing trained)")
     p.add_argument("--cache-dir", default=None)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("bench-oneshot", help="one-shot pruning of every MiniLM linear: magnitude, wanda and sparsegpt "
+                       "(on calibration draws 0, 1, 2) per target pattern, the real-label metrics, and the verdicts")
+    p.add_argument("--only", default=None, help="only the patterns whose name contains this (e.g. 2:4, 90%%)")
+    p.add_argument("--seeds", type=flags.seeds, default=bench_oneshot.DRAWS, metavar="SEEDS",
+                   help="sparsegpt's calibration draws (default 0,1,2: what a verdict is judged on)")
+    p.add_argument("--probe-samples", default=None, metavar="VALUES", help="instead: sparsegpt on the first pattern "
+                   "(draw 0) at each of these numbers of calibration sequences, scored by fidelity (what the "
+                   "default is chosen by) and the metrics (reported)")
+    p.add_argument("--probe-damp", default=None, metavar="VALUES", help="instead: as --probe-samples, at each of these "
+                   "dampenings (lambda, a fraction of the Hessian's mean diagonal); with --probe-samples, every pair")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("bench-model", help="whole-model benchmark: the targets' configurations, measured afresh")
@@ -101,5 +113,6 @@ def _loadtest(args) -> int:
     return load.main(args)
 
 
-COMMANDS = {"bench-recovery": bench_recovery.main, "bench-model": bench_model.main, "bench": _bench,
+COMMANDS = {"bench-recovery": bench_recovery.main, "bench-oneshot": bench_oneshot.main, "bench-model": bench_model.main,
+            "bench": _bench,
             "loadtest": _loadtest}
