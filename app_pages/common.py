@@ -15,9 +15,18 @@ from sparsity_app.core.requests import ModelPlan, RecoveryRequest, ResolvedPlan,
 from sparsity_app.core.results import DENSE_PEERS
 from sparsity_app.core.store import Store, cache_dir
 from sparsity_app.measure.backend import LOCAL, Backend
+from sparsity_app.prune.methods import METHODS
 from sparsity_app.runs import resolve, sweep
 from sparsity_app.runs.layer import lookup, run
 from sparsity_app.serve.links import escape, spec_from_query
+
+# What the method selectors and the seed inputs say, from the method registry
+METHOD_HELP = "  \n".join(f"**{name}**: {method.label}" for name, method in METHODS.items())
+NM_METHODS = ", ".join(name for name, m in METHODS.items() if m.needs_nm or m.takes_nm)  # those that follow N:M
+SEED_LABEL = "Seed"
+SEED_HELP = ("what a method that draws reads: " +
+             "; ".join(f"{name}'s {'calibration draw' if m.reconstructs else 'random pattern'}"
+                       for name, m in METHODS.items() if m.takes_seed) + ". Other methods ignore it.")
 
 
 @functools.lru_cache(maxsize=512)

@@ -1,8 +1,8 @@
 """Explore a layer: configure one experiment, run it, see its cost and its place among the others."""
 import streamlit as st
 
-from app_pages.common import (backend_controls, cache_controls, conditions, pick_conditions, query_spec, resolved_on,
-                              run_with_status, store)
+from app_pages.common import (METHOD_HELP, NM_METHODS, SEED_HELP, SEED_LABEL, backend_controls, cache_controls,
+                              conditions, pick_conditions, query_spec, resolved_on, run_with_status, store)
 from sparsity_app import Spec, UserError
 from sparsity_app.accuracy.proxies import PROXIES
 from sparsity_app.core.limits import current as current_limits
@@ -36,23 +36,25 @@ with st.form("explore"):
                              help=f"rows of X that are timed; at most {max_tokens} on this server")
     c1, c2, c3 = st.columns(3)
     method = c1.selectbox("Pruning method", list(METHODS), index=list(METHODS).index(start.method), key="method",
-                          help="random draws the block (or N:M) pattern at random: the baseline to beat")
+                          help=METHOD_HELP)
     preset = c2.selectbox("Block shape (bs_r x bs_c)", [*BLOCK_PRESETS, "custom"], key="block",
                           index=BLOCK_PRESETS.index(block_text) if block_text in BLOCK_PRESETS else len(BLOCK_PRESETS))
     custom = c3.text_input("Custom block", block_text, key="custom_block", help="e.g. 64x1; used when the preset is 'custom'")
-    c1, c2, c3 = st.columns(3)
+    c1, c2, c3, c4 = st.columns([2, 1, 1, 1])
     sparsity = c1.slider("Sparsity (fraction removed)", 0.0, 0.99, float(start.sparsity), 0.01, key="sparsity")
     nm_names = [*NM_PRESETS, "none"]
     nm_default = "none" if start.nm is None else f"{start.nm[0]}:{start.nm[1]}"
-    nm = c2.selectbox("N:M (method nm, or random N:M)", nm_names, key="nm",
+    nm = c2.selectbox(f"N:M ({NM_METHODS})", nm_names, key="nm",
                       index=nm_names.index(nm_default) if nm_default in nm_names else 0)
     norm = c3.radio("Block score", NORMS, index=NORMS.index(start.norm), horizontal=True, key="norm")
+    seed = c4.number_input(SEED_LABEL, 0, 2**31 - 1, int(start.seed), key="seed", help=SEED_HELP)
     retune = st.checkbox("Measure again and re-tune the schedule (ignore what is stored)", key="retune")
     submitted = st.form_submit_button("Run", type="primary")
 
 spec = None
 try:
     spec = Spec(model=model_name, layer=layer, method=method, tokens=int(tokens), sparsity=float(sparsity), norm=norm,
+                seed=int(seed),
                 block=parse_block(custom if preset == "custom" else preset),
                 nm=None if nm == "none" else parse_nm(nm))
 except UserError as e:
@@ -101,6 +103,12 @@ c = st.columns(len(PROXIES))
 for col, (name, proxy) in zip(c, PROXIES.items()):
     value = r.proxies.get(name)
     col.metric(proxy.label, "n/a" if value is None else f"{value:.3f}")
+if r.same_pattern:
+    st.markdown(f"**What the reconstruction buys**: {r.spec.method} moves the weights it keeps to make up for those it "
+                "drops. The same pattern at the same density, scored on the same calibration tokens:")
+    st.dataframe(analysis.same_pattern_frame(r), hide_index=True,
+                 column_config={c: st.column_config.NumberColumn(c, format="%.3f")
+                                for c in ("layer output cosine", "layer output relative error")})
 st.caption(conditions(r) + f" Layer proxies scored on {r.scored_tokens or '?'} calibration tokens (all of them), "
            f"independent of the {r.spec.tokens} timed. {r.stored_blocks} blocks stored."
            + (" Loaded from the cache." if r.cached else ""))

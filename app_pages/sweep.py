@@ -1,7 +1,8 @@
 """Sweep: a grid of patterns x sparsities on one layer; every point is stored as it finishes."""
 import streamlit as st
 
-from app_pages.common import backend_controls, cache_controls, conditions, query_spec, resolved_spec, session_id, store
+from app_pages.common import (METHOD_HELP, NM_METHODS, SEED_HELP, SEED_LABEL, backend_controls, cache_controls,
+                              conditions, query_spec, resolved_spec, session_id, store)
 from sparsity_app import Spec, UserError
 from sparsity_app.accuracy.proxies import PROXIES
 from sparsity_app.core.errors import one_line
@@ -36,27 +37,23 @@ with st.form("sweep"):
     threads = c3.number_input("Threads", 1, default_threads(), default_threads(), key="sweep_threads")
     c1, c2, c3 = st.columns(3)
     method = c1.selectbox("Method", list(METHODS), index=list(METHODS).index("block"), key="sweep_method",
-                          help="magnitude: unstructured (1x1, CSR); nm: N:M patterns at their own sparsity; "
-                               "random: the block (or N:M) pattern drawn at random, the baseline to beat")
+                          help=METHOD_HELP)
     norm = c2.radio("Block score", NORMS, horizontal=True, key="sweep_norm")
-    seed = c3.number_input("Seed (random)", 0, 2**31 - 1, 0, key="sweep_seed")
-    blocks = st.multiselect("Block shapes (block, random)", BLOCK_PRESETS, default=["32x1", "16x1", "1x32", "4x4"],
-                            key="sweep_blocks")
-    nms = st.multiselect("N:M patterns (nm; random draws N:M when any is chosen)", NM_PRESETS, default=["2:4"],
-                         key="sweep_nms")
-    sparsities = st.multiselect("Sparsities (block, magnitude, random)", SPARSITIES, default=[0.5, 0.7, 0.8, 0.9, 0.95],
-                                key="sweep_sparsities")
+    seed = c3.number_input(SEED_LABEL, 0, 2**31 - 1, 0, key="sweep_seed", help=SEED_HELP)
+    blocks = st.multiselect(f"Block shapes ({', '.join(n for n, m in METHODS.items() if m.takes_block)})",
+                            BLOCK_PRESETS, default=["32x1", "16x1", "1x32", "4x4"], key="sweep_blocks")
+    nms = st.multiselect(f"N:M patterns ({NM_METHODS})",
+                         NM_PRESETS, default=["2:4"], key="sweep_nms")
+    sparsities = st.multiselect(f"Sparsities ({', '.join(n for n, m in METHODS.items() if not m.needs_nm)})",
+                                SPARSITIES, default=[0.5, 0.7, 0.8, 0.9, 0.95], key="sweep_sparsities")
     go = st.form_submit_button("Run sweep", type="primary")
 
 common = dict(model=model_name, layer=layer, method=method, tokens=int(tokens), threads=int(threads), norm=norm,
               seed=int(seed))
-chosen = METHODS[method]  # what the method reads decides the grid: N:M patterns, single weights, or blocks
-if chosen.needs_nm or (chosen.takes_seed and chosen.takes_nm and nms):  # the random baseline draws N:M if asked
-    grid = [Spec(**common, nm=parse_nm(v)) for v in nms]
-elif not chosen.takes_block:
-    grid = [Spec(**common, block=(1, 1), sparsity=s) for s in sorted(sparsities)]
-else:
-    grid = [Spec(**common, block=parse_block(b), sparsity=s) for b in blocks for s in sorted(sparsities)]
+chosen = METHODS[method]  # what the method reads decides the grid: blocks (or single weights) and N:M patterns
+grid = [] if chosen.needs_nm else [Spec(**common, block=parse_block(b) if chosen.takes_block else (1, 1), sparsity=s)
+                                   for b in (blocks if chosen.takes_block else ["1x1"]) for s in sorted(sparsities)]
+grid += [Spec(**common, nm=parse_nm(v)) for v in nms] if chosen.needs_nm or chosen.takes_nm else []
 
 # This page's one check of each point (on the measuring device's cores): everything below takes `points`.
 try:

@@ -114,7 +114,7 @@ def test_an_input_never_seen_is_dropped_not_divided_by_zero():
 
 def test_the_registry_says_it_reconstructs_and_draws_its_calibration():
     method = METHODS["sparsegpt"]
-    assert method.reconstructs and method.takes_seed and method.takes_nm and method.takes_block
+    assert method.reconstruct is sparsegpt.prune and method.reconstructs and method.takes_seed and method.takes_nm
     assert _spec(block=(32, 1), sparsity=0.5, seed=2).label() == "sparsegpt 32x1 seed 2"
     with pytest.raises(Exception, match="seed must be a non-negative integer"):
         _spec(seed=-1)
@@ -145,24 +145,22 @@ def test_a_whole_plan_is_pruned_in_order_each_stage_on_the_pruned_inputs_before_
 
 @pytest.mark.parametrize("fields", [dict(block=(32, 1), sparsity=0.5), dict(nm=(2, 4)), dict(block=(32, 1), sparsity=0.9)])
 def test_on_a_real_layer_it_beats_magnitude_and_wanda_on_text_it_never_saw(fields):
-    """Calibrated on training text, scored on the first 2000 tokens of the evaluation texts (polarity
-    sentences): what the layer proxies read. At 32x1 and 50% this layer's wanda is as good (relative
-    error 0.3041 against sparsegpt's 0.3045): a tie within 1% is allowed, never a loss."""
+    """Calibrated on training text, scored on every token of the evaluation texts (the polarity sentences
+    and the Lee documents, ~10.5k tokens): what the layer proxies read."""
     from sparsity_app.accuracy.proxies import output_error
     from sparsity_app.model.catalog import get_model
 
-    layer = "encoder.layer.2.intermediate.dense"
+    layer = "encoder.layer.0.intermediate.dense"  # its dense inputs need one block of forward only
     spec = resolve.spec(Spec(method="sparsegpt", layer=layer, **fields))
     model = get_model(spec.model)
     weight, bias = model.weight(layer)
-    x = model.calibration(layer, 2000)
+    x = model.calibration_set(layer)
     _, ours = model_pruned.pruned_layer(spec)
     errors = {"sparsegpt": output_error(x, weight, ours, bias)[0]}
     for method in ("wanda", "nm" if spec.nm else "block"):
         other = resolve.spec(Spec(method=method, layer=layer, **fields))
         errors[method] = output_error(x, weight, model_pruned.pruned_layer(other)[1], bias)[0]
-    assert errors["sparsegpt"] < errors["nm" if spec.nm else "block"], errors
-    assert errors["sparsegpt"] < errors["wanda"] * 1.01, errors
+    assert errors["sparsegpt"] < min(errors["nm" if spec.nm else "block"], errors["wanda"]), errors
 
 
 def test_a_layer_run_times_the_reconstructed_weights_and_shows_what_the_update_buys(cache_dir):
@@ -180,3 +178,20 @@ def test_a_layer_run_times_the_reconstructed_weights_and_shows_what_the_update_b
     assert rows["sparsegpt 2:4"]["output_rel_error"] < rows["sparsegpt's mask, no update"]["output_rel_error"]
     assert r.proxies["output_rel_error"] == pytest.approx(rows["sparsegpt 2:4"]["output_rel_error"])
     assert Result.from_dict(json.loads(json.dumps(r.to_dict()))).same_pattern == rows
+    from sparsity_app.serve.report import format_same_pattern
+
+    lines = format_same_pattern(r).splitlines()  # what `run` prints under its table
+    no_update = rows["sparsegpt's mask, no update"]["output_rel_error"]
+    assert len(lines) == 5 and lines[2].split()[-1] == f"{no_update:.3f}"
+
+
+def test_a_links_seed_is_the_calibration_draw_and_is_left_out_at_zero():
+    from sparsity_app.serve.links import plan_from_query, plan_to_query, spec_from_query, spec_to_query
+
+    spec = _spec(block=(32, 1), sparsity=0.5, seed=2)
+    assert spec_to_query(spec)["seed"] == "2" and "seed" not in spec_to_query(_spec(nm=(2, 4)))
+    assert spec_from_query(spec_to_query(spec))[0].seed == 2
+    plan = ModelPlan(method="sparsegpt", nm=(2, 4), seed=1)
+    back, notes = plan_from_query(plan_to_query(plan))
+    assert back.seed == 1 and not notes
+    assert resolve.plan(back).specs["encoder.layer.3.output.dense"].seed == 1  # every layer draws the same set

@@ -12,7 +12,7 @@ from sparsity_app.model.catalog import get_model
 from sparsity_app.prune.methods import METHODS
 from sparsity_app.runs import resolve
 from sparsity_app.runs.layer import STEPS, lookup, run
-from sparsity_app.serve.report import format_table, open_store, say, steps_to_stderr, write_csv
+from sparsity_app.serve.report import format_same_pattern, format_table, open_store, say, steps_to_stderr, write_csv
 
 
 def add_parsers(sub) -> None:
@@ -52,6 +52,8 @@ def _run(args) -> None:
         if result.backend.get("kind") == "rpc":
             print(f"measured on {result.device}; PyTorch peers not measured there")
         print(format_table([result.row()]))
+        if result.same_pattern:
+            print(format_same_pattern(result))
 
 
 def _sweep(args) -> None:

@@ -137,6 +137,14 @@ def tuning_frame(result: Result) -> pd.DataFrame:
                           "vs_winner": t["median_ms"] / best, "round": t["round"]} for t in trials])
 
 
+def same_pattern_frame(result: Result) -> pd.DataFrame:
+    """A reconstructing method's layer run: one row per way of pruning its pattern to its density
+    (Result.same_pattern), its own first, with readable headers and 3-decimal figures."""
+    return pd.DataFrame([{"pruned by": name, "layer output cosine": round(s["output_cosine"], 3),
+                          "layer output relative error": round(s["output_rel_error"], 3)}
+                         for name, s in (result.same_pattern or {}).items()])
+
+
 def model_conditions(result) -> str:
     """Measurement conditions of a whole-model result, as one line (results compare only within one)."""
     m, p = result.machine, result.plan

@@ -28,6 +28,7 @@ _PARSERS: dict[str, Callable[[str], object]] = {  # in the order they are applie
     "block": parse_block,
     "sparsity": float,
     "norm": str,
+    "seed": int,  # random's pattern, sparsegpt's calibration draw; left out of a link at 0
     "tokens": int,
 }
 
@@ -143,7 +144,8 @@ def _query_of(fields: dict, parsers: dict) -> dict[str, str]:
     def text(value) -> str:
         return ";".join(value) if isinstance(value, list) else f"{value:g}" if isinstance(value, float) else str(value)
 
-    return {name: text(fields[name]) for name in parsers if fields.get(name) not in (None, [])}
+    return {name: text(fields[name]) for name in parsers
+            if fields.get(name) not in (None, []) and not (name == "seed" and fields[name] == 0)}
 
 
 _PLAN_PARSERS: dict[str, Callable[[str], object]] = {  # in the order they are applied
@@ -152,6 +154,7 @@ _PLAN_PARSERS: dict[str, Callable[[str], object]] = {  # in the order they are a
     "method": str,
     "block": parse_block,
     "sparsity": float,
+    "seed": int,
     "tokens": int,
     "batch": int,
     "threads": int,

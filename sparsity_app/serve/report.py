@@ -40,6 +40,17 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines) + note
 
 
+def format_same_pattern(result) -> str:
+    """A reconstructing method's layer run: what its update buys (Result.same_pattern), one line per way of
+    pruning the same pattern to the same density; "" for any other result."""
+    if not result.same_pattern:
+        return ""
+    width = max(len(name) for name in result.same_pattern)
+    return "\n".join([f"what the reconstruction buys (layer output on {result.scored_tokens} calibration tokens):",
+                      *(f"  {name:{width}s}  cosine {s['output_cosine']:.3f}  relative error {s['output_rel_error']:.3f}"
+                        for name, s in result.same_pattern.items())])
+
+
 def write_csv(rows: list[dict], path: str) -> None:
     try:
         with open(path, "w", newline="") as f:
