@@ -3,7 +3,7 @@
 specs: layer -> its resolved Spec, or None for a layer left dense (`runs.resolve.plan`).
 
 Most methods only choose a mask, and the pruned weight is W * mask. A method that reconstructs
-(`Method.reconstructs`: sparsegpt) returns new kept weights, computed from the inputs the layer sees
+(`Method.reconstruct`: sparsegpt) returns new kept weights, computed from the inputs the layer sees
 on a calibration draw of training text (`corpus.calibration_draw(spec.seed, SPARSEGPT_SAMPLES)`):
 - one layer alone (layer mode, sensitivity): the dense model's inputs;
 - a whole plan: layer after layer in the model's order, each on the inputs produced by the layers
@@ -21,10 +21,9 @@ import numpy as np
 from sparsity_app.core.requests import Spec
 from sparsity_app.model import corpus
 from sparsity_app.model.catalog import get_model, hf
-from sparsity_app.prune import sparsegpt
 from sparsity_app.prune.methods import METHODS, prune
 
-# SparseGPT's knobs, chosen by fidelity (`bench-oneshot --probe`), never by an evaluation label.
+# A reconstructing method's knobs (SparseGPT's), chosen by fidelity (`bench-oneshot --probe-*`), never by a label.
 SPARSEGPT_SAMPLES = 512  # calibration sequences of 128 tokens (~65k tokens)
 SPARSEGPT_DAMP = 0.001  # lambda, as a fraction of the Hessian's mean diagonal (the paper: 0.01)
 
@@ -46,7 +45,8 @@ def pruned_layer(spec: Spec, samples: int = SPARSEGPT_SAMPLES, damp: float = SPA
     alone in the dense model (no TVM). samples, damp: a reconstructing method's knobs (`bench-oneshot --probe`)."""
     weight, _ = get_model(spec.model).weight(spec.layer)
     if reconstructs(spec):
-        return sparsegpt.prune(weight, _dense_gram(spec.model, spec.layer, spec.seed, samples), spec, damp)
+        return METHODS[spec.method].reconstruct(weight, _dense_gram(spec.model, spec.layer, spec.seed, samples), spec,
+                                                damp)
     mask = prune(weight, spec, layer_input_norms(spec))
     return mask, weight * mask
 
@@ -74,7 +74,7 @@ def pruned_weights(model_name: str, specs: dict[str, Spec | None], progress: Cal
             if spec is None:
                 masks[name], weights[name] = np.ones(weight.shape, bool), weight
             elif reconstructs(spec):
-                masks[name], weights[name] = sparsegpt.prune(weight, grams[name], spec, damp)
+                masks[name], weights[name] = METHODS[spec.method].reconstruct(weight, grams[name], spec, damp)
             else:
                 masks[name] = prune(weight, spec, layer_input_norms(spec))
                 weights[name] = weight * masks[name]
@@ -91,7 +91,7 @@ def pruned_weights(model_name: str, specs: dict[str, Spec | None], progress: Cal
 
     def reconstruct(i: int, grams: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if progress is not None and wanted[i]:
-            progress(f"sparsegpt: {', '.join(wanted[i])} on the inputs of the layers before, pruned "
+            progress(f"{specs[wanted[i][0]].method}: {', '.join(wanted[i])} on the inputs of the layers before, pruned "
                      f"(stage {i + 1} of {len(stages)})")
         return prune_stage(stages[i], grams)
 

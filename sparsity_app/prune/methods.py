@@ -12,10 +12,11 @@ methods (`wanda`); the others ignore it. Adding a method is one function plus on
 CLI's choices and the app's selectors all read the registry.
 
 A method may also reconstruct: move the weights it keeps to make up for those it drops
-(`Method.reconstructs`, SparseGPT: prune.sparsegpt). Its one-shot result is then new kept weights,
-not W * mask, and comes from model.pruned (which runs the layer's calibration inputs); its `mask`
-function is what training re-masks with (the same pattern by magnitude: starting from the
-reconstructed weights, whose dropped entries are zero, the first masks are its own).
+(`Method.reconstruct`, SparseGPT: prune.sparsegpt.prune). Its one-shot result is then new kept
+weights, not W * mask, from model.pruned, which hands it the Gram matrix X^T X of the layer's
+calibration inputs; its `mask` function is what training re-masks with (the same pattern by
+magnitude: starting from the reconstructed weights, whose dropped entries are zero, the first masks
+are its own).
 """
 from __future__ import annotations
 
@@ -26,8 +27,12 @@ import numpy as np
 
 from sparsity_app.core.errors import UserError
 from sparsity_app.core.requests import Spec
+from sparsity_app.prune import sparsegpt
 
 MaskFn = Callable[[np.ndarray, Spec, "np.ndarray | None"], np.ndarray]
+# (weight float32 [out, in], gram float64 [in, in] = X^T X of the calibration inputs, spec, damp) -> (keep-mask
+# bool [out, in], new weights float32 [out, in], zero where dropped)
+ReconstructFn = Callable[[np.ndarray, np.ndarray, Spec, float], "tuple[np.ndarray, np.ndarray]"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +49,11 @@ class Method:
     takes_seed: bool = False  # draws at random from Spec.seed
     unstructured: bool = False  # scores single weights (1x1) itself: a plain sparsity keeps this method
     activation_aware: bool = False  # reads the layer's input norms (calibration activations)
-    reconstructs: bool = False  # one-shot, it returns new kept weights (model.pruned), not W * mask
+    reconstruct: ReconstructFn | None = None  # one-shot, it returns new kept weights (model.pruned), not W * mask
+
+    @property
+    def reconstructs(self) -> bool:
+        return self.reconstruct is not None
 
 
 def _block_scores(weight: np.ndarray, bs_r: int, bs_c: int, norm: str) -> np.ndarray:
@@ -155,7 +164,7 @@ METHODS: dict[str, Method] = {
                     takes_nm=True, takes_norm=True, activation_aware=True, unstructured=True),
     "sparsegpt": Method(pattern_magnitude, "second-order: drops what the layer's inputs miss least, and "
                         "updates the kept weights to make up for it (Frantar & Alistarh 2023)", takes_block=True,
-                        takes_nm=True, takes_seed=True, unstructured=True, reconstructs=True),
+                        takes_nm=True, takes_seed=True, unstructured=True, reconstruct=sparsegpt.prune),
 }
 ACTIVATION_AWARE = frozenset(name for name, m in METHODS.items() if m.activation_aware)  # read input_norms
 
