@@ -78,38 +78,50 @@ def each_linear_input(shared, tokenizer, layers: list[str], texts: list[str], ba
 
 
 class _Seen(Exception):
-    """Raised by the last hook `input_grams` needs: the rest of the forward is not run."""
+    """Raised by the last hook a Gram pass needs: the rest of the forward is not run."""
 
 
-def input_grams(private, layers: list[str], ids: np.ndarray, batch: int = 32) -> dict[str, np.ndarray]:
-    """layer -> X^T X, float64 [in, in], of the inputs each of `layers` (nn.Linear paths) sees on `ids`
-    (int64 [n, seq], no padding), summed over every token.
-
-    `private` is the caller's own copy (hooks go on it for the call; they are removed after). Each
-    forward stops once the last of `layers` (in module order) has seen its input."""
-    grams = {name: 0.0 for name in layers}
-    order = [name for name, _ in private.named_modules() if name in grams]
+def _grams(root, prefix: str, names: list[str], inputs, forward) -> dict[str, np.ndarray]:
+    """layer -> X^T X, float64 [in, in], of the inputs the linears `names` (full paths; `root` is the
+    module at `prefix`, "" for the whole model) see while forward(root, x) runs for each x of `inputs`,
+    summed over every token. Each pass stops once the last of them (in module order) has seen its input."""
+    if not names:
+        return {}
+    grams = {name: 0.0 for name in names}
+    full = {sub: f"{prefix}.{sub}" if prefix else sub for sub, _ in root.named_modules()}
+    last = [full[sub] for sub in full if full[sub] in grams][-1]
 
     def hook(name):
-        def seen(_module, inputs):
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
+        def seen(_module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
             grams[name] = grams[name] + (x.T @ x).numpy()
-            if name == order[-1]:
+            if name == last:
                 raise _Seen
         return seen
 
-    handles = [private.get_submodule(name).register_forward_pre_hook(hook(name)) for name in layers]
+    handles = [root.get_submodule(sub).register_forward_pre_hook(hook(full[sub])) for sub in full if full[sub] in grams]
     try:
         with torch.inference_mode():
-            for start in range(0, len(ids), batch):
+            for x in inputs:
                 try:
-                    private(input_ids=torch.from_numpy(np.ascontiguousarray(ids[start:start + batch])))
+                    forward(root, x)
                 except _Seen:
                     pass
     finally:
         for handle in handles:
             handle.remove()
     return grams
+
+
+def _id_batches(ids: np.ndarray, batch: int):
+    return (torch.from_numpy(np.ascontiguousarray(ids[start:start + batch])) for start in range(0, len(ids), batch))
+
+
+def input_grams(private, layers: list[str], ids: np.ndarray, batch: int = 32) -> dict[str, np.ndarray]:
+    """layer -> X^T X, float64 [in, in], of the inputs each of `layers` (nn.Linear paths) sees on `ids`
+    (int64 [n, seq], no padding), summed over every token. `private` is the caller's own copy (hooks go
+    on it for the call and are removed after); each forward stops after the last of `layers`."""
+    return _grams(private, "", layers, _id_batches(ids, batch), lambda model, x: model(input_ids=x))
 
 
 def prune_in_order(private, stages: list[list[str]], wanted: list[list[str]], ids: np.ndarray,
@@ -123,29 +135,29 @@ def prune_in_order(private, stages: list[list[str]], wanted: list[list[str]], id
     (float32 [n, seq, hidden]), so a stage runs only its own block, up to its last wanted linear, and a
     block runs once more when its stages are done to make the next block's input."""
     block_of = [re.match(r"^(.*\.layer\.\d+)\.", stage[0]) for stage in stages]
-    if not all(block_of) or any(not name.startswith(b.group(1) + ".") for b, stage in zip(block_of, stages) for name in stage):
+    if not all(block_of) or any(not name.startswith(b.group(1) + ".") for b, stage in zip(block_of, stages)
+                                for name in stage):
         raise ValueError("sequential pruning needs every linear inside an encoder block (...layer.N.)")
     blocks = [b.group(1) for b in block_of]
-    first = private.get_submodule(blocks[0])
     hidden: list[torch.Tensor] = []
 
     def keep_input(_module, args, kwargs):
         hidden.append(kwargs.get("hidden_states", args[0] if args else None))
         raise _Seen
 
-    handle = first.register_forward_pre_hook(keep_input, with_kwargs=True)
+    handle = private.get_submodule(blocks[0]).register_forward_pre_hook(keep_input, with_kwargs=True)
     try:
         with torch.inference_mode():
-            for start in range(0, len(ids), batch):
+            for x in _id_batches(ids, batch):
                 try:
-                    private(input_ids=torch.from_numpy(np.ascontiguousarray(ids[start:start + batch])))
+                    private(input_ids=x)
                 except _Seen:
                     pass
     finally:
         handle.remove()
-    for i, (stage, names) in enumerate(zip(stages, wanted)):
+    for i, names in enumerate(wanted):
         block = private.get_submodule(blocks[i])
-        grams = _block_grams(block, blocks[i], names, hidden) if names else {}
+        grams = _grams(block, blocks[i], names, hidden, lambda b, h: b(h))
         set_linear_weights(private, prune_stage(i, grams))
         if i + 1 == len(stages) or blocks[i + 1] != blocks[i]:  # the block is done: its output feeds the next
             with torch.inference_mode():
@@ -154,34 +166,6 @@ def prune_in_order(private, stages: list[list[str]], wanted: list[list[str]], id
 
 def _first(out):
     return out[0] if isinstance(out, tuple) else out
-
-
-def _block_grams(block, prefix: str, names: list[str], hidden: list) -> dict[str, np.ndarray]:
-    """layer -> X^T X of the inputs `names` (full paths, inside `block` at `prefix`) see on each batch of
-    `hidden`; each pass stops after the last of them."""
-    grams = {name: 0.0 for name in names}
-    order = [f"{prefix}.{sub}" for sub, _ in block.named_modules() if f"{prefix}.{sub}" in grams]
-
-    def hook(name):
-        def seen(_module, inputs):
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
-            grams[name] = grams[name] + (x.T @ x).numpy()
-            if name == order[-1]:
-                raise _Seen
-        return seen
-
-    handles = [block.get_submodule(name[len(prefix) + 1:]).register_forward_pre_hook(hook(name)) for name in names]
-    try:
-        with torch.inference_mode():
-            for h in hidden:
-                try:
-                    block(h)
-                except _Seen:
-                    pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return grams
 
 
 def set_linear_weights(private, weights: dict[str, np.ndarray]) -> None:

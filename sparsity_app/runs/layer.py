@@ -21,8 +21,8 @@ from sparsity_app.measure import tuner
 from sparsity_app.measure.backend import LOCAL, Backend, LocalDevice
 from sparsity_app.model.catalog import get_model
 from sparsity_app.model.pruned import pruned_layer, reconstructs
-from sparsity_app.prune.methods import METHODS
 from sparsity_app.prune.formats import to_bsr
+from sparsity_app.prune.methods import METHODS
 from sparsity_app.runs import resolve
 from sparsity_app.runs.pipeline import Progress, StepClock, cached_or_run, measure_until_sound, quiet
 
