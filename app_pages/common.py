@@ -22,7 +22,10 @@ from sparsity_app.serve.links import escape, spec_from_query
 
 # What the method selectors and the seed inputs say, from the method registry
 METHOD_HELP = "  \n".join(f"**{name}**: {method.label}" for name, method in METHODS.items())
-NM_METHODS = ", ".join(name for name, m in METHODS.items() if m.needs_nm or m.takes_nm)  # those that follow N:M
+# which methods read each pattern field, for the selectors' labels
+NM_METHODS = ", ".join(name for name, m in METHODS.items() if m.needs_nm or m.takes_nm)
+BLOCK_METHODS = ", ".join(name for name, m in METHODS.items() if m.takes_block)
+SPARSITY_METHODS = ", ".join(name for name, m in METHODS.items() if not m.needs_nm)
 SEED_LABEL = "Seed"
 SEED_HELP = ("what a method that draws reads: " +
              "; ".join(f"{name}'s {'calibration draw' if m.reconstructs else 'random pattern'}"

@@ -1,8 +1,9 @@
 """Sweep: a grid of patterns x sparsities on one layer; every point is stored as it finishes."""
 import streamlit as st
 
-from app_pages.common import (METHOD_HELP, NM_METHODS, SEED_HELP, SEED_LABEL, backend_controls, cache_controls,
-                              conditions, query_spec, resolved_spec, session_id, store)
+from app_pages.common import (BLOCK_METHODS, METHOD_HELP, NM_METHODS, SEED_HELP, SEED_LABEL, SPARSITY_METHODS,
+                              backend_controls, cache_controls, conditions, query_spec, resolved_spec, session_id,
+                              store)
 from sparsity_app import Spec, UserError
 from sparsity_app.accuracy.proxies import PROXIES
 from sparsity_app.core.errors import one_line
@@ -40,11 +41,11 @@ with st.form("sweep"):
                           help=METHOD_HELP)
     norm = c2.radio("Block score", NORMS, horizontal=True, key="sweep_norm")
     seed = c3.number_input(SEED_LABEL, 0, 2**31 - 1, 0, key="sweep_seed", help=SEED_HELP)
-    blocks = st.multiselect(f"Block shapes ({', '.join(n for n, m in METHODS.items() if m.takes_block)})",
+    blocks = st.multiselect(f"Block shapes ({BLOCK_METHODS})",
                             BLOCK_PRESETS, default=["32x1", "16x1", "1x32", "4x4"], key="sweep_blocks")
     nms = st.multiselect(f"N:M patterns ({NM_METHODS})",
                          NM_PRESETS, default=["2:4"], key="sweep_nms")
-    sparsities = st.multiselect(f"Sparsities ({', '.join(n for n, m in METHODS.items() if not m.needs_nm)})",
+    sparsities = st.multiselect(f"Sparsities ({SPARSITY_METHODS})",
                                 SPARSITIES, default=[0.5, 0.7, 0.8, 0.9, 0.95], key="sweep_sparsities")
     go = st.form_submit_button("Run sweep", type="primary")
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import statistics
 import time
 
 from sparsity_app.accuracy import metrics
@@ -21,7 +20,7 @@ from sparsity_app.core.requests import ModelPlan, ResolvedPlan, parse_floats
 from sparsity_app.model.catalog import get_model
 from sparsity_app.model.pruned import SPARSEGPT_DAMP, SPARSEGPT_SAMPLES, pruned_weights
 from sparsity_app.runs import resolve
-from sparsity_app.serve.report import rows_text, say
+from sparsity_app.serve.report import mean_sd, rows_text, say
 
 MODEL = "minilm-l6"
 PATTERNS = {  # name -> the pattern's plan with its plain method; wanda and sparsegpt prune the same pattern
@@ -37,7 +36,8 @@ def plans(pattern: str, seeds: tuple[int, ...] = DRAWS) -> list[tuple[str, int |
     """(method, draw or None, resolved plan) of every method on the pattern: its plain method, wanda,
     and sparsegpt at each draw."""
     plain = PATTERNS[pattern]
-    out = [(plain.method, None, resolve.plan(plain)), ("wanda", None, resolve.plan(dataclasses.replace(plain, method="wanda")))]
+    out = [(plain.method, None, resolve.plan(plain)),
+           ("wanda", None, resolve.plan(dataclasses.replace(plain, method="wanda")))]
     out += [("sparsegpt", s, resolve.plan(dataclasses.replace(plain, method="sparsegpt", seed=s))) for s in seeds]
     return out
 
@@ -49,16 +49,17 @@ def score(resolved: ResolvedPlan, samples: int = SPARSEGPT_SAMPLES, damp: float 
     began = time.perf_counter()
     _, weights = pruned_weights(MODEL, resolved.specs, None, samples, damp)
     out = {"prune_s": round(time.perf_counter() - began, 1),
-           "metrics": metrics.evaluate(model.pruned_copy(weights), model.tokenizer(), metrics.reference_embeddings(MODEL))}
+           "metrics": metrics.evaluate(model.pruned_copy(weights), model.tokenizer(),
+                                       metrics.reference_embeddings(MODEL))}
     if with_fidelity:
         out["fidelity"] = metrics.fidelity(weights, MODEL)
     return out
 
 
 def summary(values: list[float]) -> dict:
-    """{"mean", "sd", "n"}: sd is the sample standard deviation (0 for one value)."""
-    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
+    """{"mean", "sd", "n"} (report.mean_sd: the population sd, as bench-recovery prints it)."""
+    mean, sd = mean_sd(values)
+    return {"mean": mean, "sd": sd, "n": len(values)}
 
 
 def run(patterns: list[str], seeds: tuple[int, ...] = DRAWS) -> list[dict]:
@@ -73,7 +74,7 @@ def run(patterns: list[str], seeds: tuple[int, ...] = DRAWS) -> list[dict]:
             lee = [r["metrics"]["lee_pearson"] for r in runs]
             rows.append({"pattern": pattern, "method": method, "draws": [r["draw"] for r in runs], "lee": lee,
                          "lee_summary": summary(lee), "prune_s": [r["prune_s"] for r in runs],
-                         "metrics_mean": {k: statistics.fmean(r["metrics"][k] for r in runs) for k in runs[0]["metrics"]}})
+                         "metrics_mean": {k: mean_sd([r["metrics"][k] for r in runs])[0] for k in runs[0]["metrics"]}})
     return rows
 
 
@@ -100,8 +101,10 @@ def verdicts(rows: list[dict]) -> list[str]:
         if s is None:
             return f"- {pattern}: not run"
         if s["n"] < len(DRAWS):
-            return f"- {pattern}: sparsegpt Lee {s['mean']:.3f} over {s['n']} draw(s): reported, not judged (the protocol needs {len(DRAWS)})"
-        return f"- {pattern}: sparsegpt Lee {s['mean']:.3f} (sd {s['sd']:.3f}, draws {', '.join(map(str, DRAWS))}); target {goal}: {'MET' if ok(s['mean']) else 'MISSED'}"
+            return (f"- {pattern}: sparsegpt Lee {s['mean']:.3f} over {s['n']} draw(s): reported, not judged "
+                    f"(the protocol needs {len(DRAWS)})")
+        return (f"- {pattern}: sparsegpt Lee {s['mean']:.3f} (sd {s['sd']:.3f}, draws {', '.join(map(str, DRAWS))}); "
+                f"target {goal}: {'MET' if ok(s['mean']) else 'MISSED'}")
 
     def of(pattern, method):
         return lee[(pattern, method)]["mean"] if (pattern, method) in lee else float("nan")
@@ -111,7 +114,8 @@ def verdicts(rows: list[dict]) -> list[str]:
             judged("2:4", ">= 0.65", lambda m: m >= 0.65),
             judged("unstructured 50%", f">= wanda's {of('unstructured 50%', 'wanda'):.3f}",
                    lambda m: m >= of("unstructured 50%", "wanda")),
-            judged("32x1 at 90%", f"> wanda {of('32x1 at 90%', 'wanda'):.3f} and block {of('32x1 at 90%', 'block'):.3f}",
+            judged("32x1 at 90%",
+                   f"> wanda {of('32x1 at 90%', 'wanda'):.3f} and block {of('32x1 at 90%', 'block'):.3f}",
                    lambda m: m > of("32x1 at 90%", "wanda") and m > of("32x1 at 90%", "block"))]
 
 

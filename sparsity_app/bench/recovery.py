@@ -22,7 +22,7 @@ from sparsity_app.model.catalog import get_model
 from sparsity_app.model.pruned import pruned_weights
 from sparsity_app.runs import resolve
 from sparsity_app.runs.recover import STEPS, recover
-from sparsity_app.serve.report import format_recovery, rows_text, say, steps_to_stderr
+from sparsity_app.serve.report import format_recovery, mean_sd, rows_text, say, steps_to_stderr
 
 BLOCK_50 = ModelPlan(method="block", block=(32, 1), sparsity=0.5)
 BLOCK_90 = ModelPlan(method="block", block=(32, 1), sparsity=0.9)
@@ -220,9 +220,9 @@ def across_seeds(by_seed: dict[int, list]) -> tuple[list[dict], list[str]]:
         row, mean = {"plan": key[0], "recipe": key[1]}, {}
         for metric, short in (("lee_pearson", "lee"), ("polarity_probe_acc", "probe")):
             values = [keyed[s][key].metrics_after[metric] for s in seeds]
-            mean[metric] = float(np.mean(values))
+            mean[metric], sd = mean_sd(values)
             row |= {f"{short}_seed{s}": round(v, 3) for s, v in zip(seeds, values)}
-            row |= {f"{short}_mean": round(mean[metric], 3), f"{short}_sd": round(float(np.std(values)), 3)}
+            row |= {f"{short}_mean": round(mean[metric], 3), f"{short}_sd": round(sd, 3)}
         rows.append(row)
         means.append(SimpleNamespace(request=first.request, metrics_after=mean))
     return rows, target_verdicts(means, f"means of {len(seeds)} seeds each")

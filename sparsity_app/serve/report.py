@@ -115,6 +115,14 @@ def steps_to_stderr(steps: tuple[str, ...], indent: str = ""):
     return show
 
 
+def mean_sd(values) -> tuple[float, float]:
+    """(mean, sd) of a protocol's figures (one per seed or draw); sd is the population one (0 for one
+    value), in every table that prints a mean over seeds."""
+    values = [float(v) for v in values]
+    mean = sum(values) / len(values)
+    return mean, (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+
+
 def say(line: str) -> None:
     """One line on stderr, at once (what a command tells while it works; stdout is its result)."""
     print(line, file=sys.stderr, flush=True)
