@@ -31,6 +31,43 @@ def host_mcpu() -> str:
     return str(tvm.target.codegen.llvm_get_system_cpu())
 
 
+@dataclasses.dataclass(frozen=True)
+class VectorISA:
+    """What the host's vector unit offers a kernel's register tile (its knobs are chosen from this).
+
+    A schedule written for one width spills on the other: the dense GEMM's AVX-512 tile (8 tokens x
+    32 outputs, 16 accumulators of 32) needs 32 AVX2 registers of 16 and ran at 34 GFLOP/s on an
+    AVX2 Zen 3, against 89 with a 6 x 16 tile (768x768, 128 tokens).
+    """
+
+    name: str  # "avx512" | "avx2" | "other" (no AVX2: kernels still compile, with narrower vectors)
+    lanes: int  # float32 lanes of one vector register: 16 (AVX-512), 8 (AVX2 and narrower)
+    registers: int  # vector registers: 32 (AVX-512), 16 (AVX2)
+    int8_dot: str | None  # the u8 x s8 -> s32 dot of 4 products: "vnni" (vpdpbusd), "avx2" (vpmaddubsw + vpmaddwd)
+
+    @property
+    def accumulators(self) -> int:
+        """Vector accumulators a register tile may hold: three quarters of the registers (the rest
+        hold the loaded and broadcast operands)."""
+        return self.registers * 3 // 4
+
+
+def isa_of(target: "tvm.target.Target") -> VectorISA:
+    """The vector unit an LLVM target (host_target(), or a remote device's) compiles for."""
+    has = lambda feature: bool(tvm.target.codegen.target_has_features(feature, target))  # noqa: E731
+    if has("avx512f"):
+        return VectorISA("avx512", 16, 32, "vnni" if has("avx512vnni") else "avx2")
+    if has("avx2"):
+        return VectorISA("avx2", 8, 16, "avx2")
+    return VectorISA("other", 8, 16, None)
+
+
+@functools.cache
+def host_isa() -> VectorISA:
+    """The vector unit of this machine (what `host_target` compiles for)."""
+    return isa_of(host_target())
+
+
 def max_threads() -> int:
     """The size of TVM's thread pool (core.env.configure sets it before the first kernel runs)."""
     return int(os.environ.get("TVM_NUM_THREADS", default_threads()))

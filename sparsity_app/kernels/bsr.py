@@ -27,7 +27,8 @@ import dataclasses
 import numpy as np
 from tvm.script import tirx as T
 
-from sparsity_app.kernels import Kernel, KernelSource, Packed, balanced_parts, max_threads, tir_builder, token_tile
+from sparsity_app.kernels import (Kernel, KernelSource, Packed, balanced_parts, host_isa, max_threads, tir_builder,
+                                  token_tile)
 from sparsity_app.prune.formats import BSR, stacked_indptr
 
 VECS = ("rows", "tokens")
@@ -152,24 +153,27 @@ def default_knobs(tokens: int, weight: BSR) -> BSRKnobs:
 def candidates(tokens: int, weight: BSR) -> list[BSRKnobs]:
     """The tuner's first round for this block shape: vectorised axis x layout x token tile.
 
-    Register budget on AVX-512 (32 vector registers of 16 floats): vec=rows holds tile x
-    ceil(bs_r / 16) accumulators, vec=tokens holds rows_per_pass x ceil(tile / 16); both stay <= 24.
+    Register budget (`host_isa`): vec=rows holds tile x ceil(bs_r / lanes) accumulators, vec=tokens
+    holds rows_per_pass x ceil(tile / lanes); both stay within three quarters of the vector registers
+    (24 of AVX-512's 32 registers of 16 floats, 12 of AVX2's 16 of 8).
     The second round (`variants`) then tries the other splits and unrolling on the winner.
     """
     bs_r, bs_c = weight.block
+    isa = host_isa()
+    lanes, budget = isa.lanes, isa.accumulators
     out: list[BSRKnobs] = [default_knobs(tokens, weight)]
     if bs_r > 1:  # vectorising a one-lane axis is never worth timing
-        lanes = -(-bs_r // 16)
-        for tile in (4, 8, 16):
-            if tile * lanes <= 24:
+        row_vectors = -(-bs_r // lanes)
+        for tile in (2, 4, 8, 16):
+            if tile * row_vectors <= budget and (tile >= 4 or row_vectors > 2):
                 for layout in LAYOUTS:
                     out.append(BSRKnobs(token_tile(tokens, tile), "rows", layout, bs_c > 1, "nnz"))
     for tile in (16, 32, 64, 128):
-        if bs_r * -(-tile // 16) <= 24:
+        if bs_r * -(-tile // lanes) <= budget:
             out.append(BSRKnobs(token_tile(tokens, tile), "tokens", "feature-major", bs_c > 1, "nnz"))
-    for rp in (16, 8):  # blocks too tall for one pass: split their rows into passes
-        if bs_r > rp and bs_r % rp == 0:
-            out.append(BSRKnobs(token_tile(tokens, 16 * 16 // rp), "tokens", "feature-major", bs_c > 1, "nnz", rp))
+    for rp in (16, 8, 4):  # blocks too tall for one pass: split their rows into passes
+        if bs_r > rp and bs_r % rp == 0 and rp * 2 <= budget:
+            out.append(BSRKnobs(token_tile(tokens, budget // rp * lanes), "tokens", "feature-major", bs_c > 1, "nnz", rp))
     return list(dict.fromkeys(out))
 
 
