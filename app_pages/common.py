@@ -11,8 +11,9 @@ from streamlit.runtime.scriptrunner import get_script_run_ctx
 from sparsity_app import Spec, UserError
 from sparsity_app.core.errors import one_line
 from sparsity_app.core.limits import RATE_LIMITER
-from sparsity_app.core.requests import ModelPlan, RecoveryRequest, ResolvedPlan, ResolvedRecovery, ResolvedSpec
-from sparsity_app.core.results import DENSE_PEERS
+from sparsity_app.core.requests import (PRECISIONS, ModelPlan, RecoveryRequest, ResolvedPlan, ResolvedRecovery,
+                                        ResolvedSpec)
+from sparsity_app.core.results import ALL_DENSE_PEERS
 from sparsity_app.core.store import Store, cache_dir
 from sparsity_app.measure.backend import LOCAL, Backend
 from sparsity_app.prune.methods import METHODS
@@ -26,6 +27,10 @@ METHOD_HELP = "  \n".join(f"**{name}**: {method.label}" for name, method in METH
 NM_METHODS = ", ".join(name for name, m in METHODS.items() if m.needs_nm or m.takes_nm)
 BLOCK_METHODS = ", ".join(name for name, m in METHODS.items() if m.takes_block)
 SPARSITY_METHODS = ", ".join(name for name, m in METHODS.items() if not m.needs_nm)
+PRECISION_HELP = ("what the kernels compute in: " + "; ".join(f"{name}: {text}" for name, text in PRECISIONS.items())
+                  + ". INT8 runs blocks with a multiple of 4 input columns (16x4, 32x4, 1x4, ...): the CPU's "
+                  "integer dot sums four products of consecutive inputs per lane; its dense peers include "
+                  "dense INT8 (ours and PyTorch's dynamic quantization).")
 SEED_LABEL = "Seed"
 SEED_HELP = ("what a method that draws reads: " +
              "; ".join(f"{name}'s {'calibration draw' if m.reconstructs else 'random pattern'}"
@@ -110,8 +115,8 @@ def conditions(result) -> str:
             f"{result.spec.threads} threads, TVM {m.get('tvm')}, " + (f"PyTorch {m['torch']}, " if m.get("torch") else "")
             + f"code {str(m.get('code'))[:8]}, "
             f"{result.spec.tokens} tokens timed, float32. Median of {result.spec.repeat} samples; spread = "
-            f"interquartile range. Best dense = fastest of {len([k for k in DENSE_PEERS if k in result.times_ms])} "
-            f"dense peers timed in the same measurement: {DENSE_PEERS[best]}.")
+            f"interquartile range. Best dense = fastest of {len([k for k in ALL_DENSE_PEERS if k in result.times_ms])} "
+            f"dense peers timed in the same measurement: {ALL_DENSE_PEERS[best]}.")
 
 
 def query_spec(default: Spec = Spec()) -> Spec:

@@ -1,13 +1,14 @@
 """Explore a layer: configure one experiment, run it, see its cost and its place among the others."""
 import streamlit as st
 
-from app_pages.common import (METHOD_HELP, NM_METHODS, SEED_HELP, SEED_LABEL, backend_controls, cache_controls,
+from app_pages.common import (METHOD_HELP, NM_METHODS, PRECISION_HELP, SEED_HELP, SEED_LABEL, backend_controls, cache_controls,
                               conditions, pick_conditions, query_spec, resolved_on, run_with_status, store)
 from sparsity_app import Spec, UserError
 from sparsity_app.accuracy.proxies import PROXIES
 from sparsity_app.core.limits import current as current_limits
-from sparsity_app.core.requests import BLOCK_PRESETS, MAX_TOKENS, NM_PRESETS, NORMS, fmt_block, parse_block, parse_nm
-from sparsity_app.core.results import DENSE_PEERS, REMEASURE, SPARSE
+from sparsity_app.core.requests import (BLOCK_PRESETS, MAX_TOKENS, NM_PRESETS, NORMS, PRECISIONS, fmt_block, parse_block,
+                                        parse_nm)
+from sparsity_app.core.results import ALL_DENSE_PEERS, REMEASURE, SPARSE
 from sparsity_app.model.catalog import MODEL_NAMES, get_model
 from sparsity_app.model.pruned import mask_of
 from sparsity_app.prune.methods import METHODS
@@ -28,9 +29,11 @@ layers = {l.name: l.shape for l in get_model(model_name).layers()}
 block_text = fmt_block(start.block)
 
 with st.form("explore"):
-    c1, c2 = st.columns([3, 1])
+    c1, c2, c3 = st.columns([3, 1, 1])
     layer = c1.selectbox("Layer", list(layers), index=list(layers).index(start.layer) if start.layer in layers else 0,
                          format_func=lambda n: f"{n}  ({layers[n][0]}x{layers[n][1]})", key="layer")
+    precision = c3.selectbox("Precision", list(PRECISIONS), index=list(PRECISIONS).index(start.precision),
+                             key="precision", help=PRECISION_HELP)
     max_tokens = min(current_limits().max_tokens or MAX_TOKENS, MAX_TOKENS)  # this server's limit
     tokens = c2.number_input("Tokens", 1, max_tokens, min(start.tokens, max_tokens), key="tokens",
                              help=f"rows of X that are timed; at most {max_tokens} on this server")
@@ -54,7 +57,7 @@ with st.form("explore"):
 spec = None
 try:
     spec = Spec(model=model_name, layer=layer, method=method, tokens=int(tokens), sparsity=float(sparsity), norm=norm,
-                seed=int(seed),
+                seed=int(seed), precision=precision,
                 block=parse_block(custom if preset == "custom" else preset),
                 nm=None if nm == "none" else parse_nm(nm))
 except UserError as e:
@@ -86,13 +89,13 @@ if r.noisy:
 c = st.columns(4)
 c[0].metric("Speedup vs best dense", f"{r.speedup_vs_best_dense:.2f}x", f"ideal {r.ideal_speedup:.2f}x",
             delta_color="off", help="Best dense = the fastest dense peer of the same measurement: "
-            + "; ".join(DENSE_PEERS.values()))
+            + "; ".join(v for k, v in ALL_DENSE_PEERS.items() if k in t))
 c[1].metric("Achieved sparsity", f"{r.sparsity_achieved:.3f}", f"target {r.spec.sparsity:g}", delta_color="off")
 c[2].metric(f"{analysis.kernel_title(r)[4:]} bytes vs dense", f"{r.sparse_bytes / 1024:.0f} KiB",
             f"dense {r.dense_bytes / 1024:.0f} KiB", delta_color="off")
 c[3].metric("Tuning / compile time", f"{r.tune_s:.2f} s / {r.compile_s:.2f} s",
             "schedule reused: no tuning" if not r.tune_s else "tuned in this run", delta_color="off")
-titles = {SPARSE: analysis.kernel_title(r), **{k: v.split(" (")[0] for k, v in DENSE_PEERS.items()}}
+titles = {SPARSE: analysis.kernel_title(r), **{k: v.split(" (")[0] for k, v in ALL_DENSE_PEERS.items()}}
 c = st.columns(len([k for k in titles if k in t]))
 for col, name in zip(c, [k for k in titles if k in t]):
     best = " (best dense)" if name == r.best_dense else ""

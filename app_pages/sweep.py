@@ -1,15 +1,15 @@
 """Sweep: a grid of patterns x sparsities on one layer; every point is stored as it finishes."""
 import streamlit as st
 
-from app_pages.common import (BLOCK_METHODS, METHOD_HELP, NM_METHODS, SEED_HELP, SEED_LABEL, SPARSITY_METHODS,
+from app_pages.common import (BLOCK_METHODS, METHOD_HELP, NM_METHODS, PRECISION_HELP, SEED_HELP, SEED_LABEL, SPARSITY_METHODS,
                               backend_controls, cache_controls, conditions, query_spec, resolved_spec, session_id,
                               store)
 from sparsity_app import Spec, UserError
 from sparsity_app.accuracy.proxies import PROXIES
 from sparsity_app.core.errors import one_line
 from sparsity_app.core.limits import RATE_LIMITER, current as current_limits
-from sparsity_app.core.requests import (BLOCK_PRESETS, MAX_TOKENS, NM_PRESETS, NORMS, default_threads, parse_block,
-                                        parse_nm)
+from sparsity_app.core.requests import (BLOCK_PRESETS, MAX_TOKENS, NM_PRESETS, NORMS, PRECISIONS, default_threads,
+                                        parse_block, parse_nm)
 from sparsity_app.model.catalog import MODEL_NAMES, get_model
 from sparsity_app.prune.methods import METHODS
 from sparsity_app.runs import sweep
@@ -45,16 +45,20 @@ with st.form("sweep"):
                             BLOCK_PRESETS, default=["32x1", "16x1", "1x32", "4x4"], key="sweep_blocks")
     nms = st.multiselect(f"N:M patterns ({NM_METHODS})",
                          NM_PRESETS, default=["2:4"], key="sweep_nms")
+    precisions = st.multiselect("Precisions", list(PRECISIONS), default=["fp32"], key="sweep_precisions",
+                                help=PRECISION_HELP + " Points INT8 cannot run are listed as skipped.")
     sparsities = st.multiselect(f"Sparsities ({SPARSITY_METHODS})",
                                 SPARSITIES, default=[0.5, 0.7, 0.8, 0.9, 0.95], key="sweep_sparsities")
     go = st.form_submit_button("Run sweep", type="primary")
 
-common = dict(model=model_name, layer=layer, method=method, tokens=int(tokens), threads=int(threads), norm=norm,
-              seed=int(seed))
 chosen = METHODS[method]  # what the method reads decides the grid: blocks (or single weights) and N:M patterns
-grid = [] if chosen.needs_nm else [Spec(**common, block=parse_block(b) if chosen.takes_block else (1, 1), sparsity=s)
-                                   for b in (blocks if chosen.takes_block else ["1x1"]) for s in sorted(sparsities)]
-grid += [Spec(**common, nm=parse_nm(v)) for v in nms] if chosen.needs_nm or chosen.takes_nm else []
+grid = []
+for precision in precisions:
+    common = dict(model=model_name, layer=layer, method=method, tokens=int(tokens), threads=int(threads), norm=norm,
+                  seed=int(seed), precision=precision)
+    grid += [] if chosen.needs_nm else [Spec(**common, block=parse_block(b) if chosen.takes_block else (1, 1), sparsity=s)
+                                        for b in (blocks if chosen.takes_block else ["1x1"]) for s in sorted(sparsities)]
+    grid += [Spec(**common, nm=parse_nm(v)) for v in nms] if chosen.needs_nm or chosen.takes_nm else []
 
 # This page's one check of each point (on the measuring device's cores): everything below takes `points`.
 try:

@@ -92,7 +92,9 @@ def test_bench_and_run_share_the_dense_peers():
 
     rng = np.random.default_rng(0)
     w, x = rng.standard_normal((64, 32), dtype=np.float32), rng.standard_normal((8, 32), dtype=np.float32)
-    assert set(bench._dense_rows(w, x)) == {bench.DENSE_TITLES[k] for k in dense_peers(w, x)}
+    for precisions in (("fp32",), ("fp32", "int8")):
+        peers = dense_peers(w, x, "int8" if "int8" in precisions else "fp32")
+        assert set(bench._dense_rows(w, x, precisions)) == {bench.DENSE_TITLES[k] for k in peers}
     fm = dense_peers(w, x)["torch_dense_fm"]
     np.testing.assert_allclose(fm.output(), x.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-5, atol=1e-4)
 
@@ -134,7 +136,8 @@ def test_tuning_and_compile_time_are_reported_apart(cache_dir):
 # 8. Cache keys: everything that changes a result; re-tune and clear ---------------------------------------
 
 SPEC_CHANGES = dict(model="bert-base-synthetic", layer="encoder.layer.0.attention.self.key", method="magnitude",
-                    block=(16, 1), sparsity=0.8, nm=(2, 4), norm="l1", tokens=64, seed=3, threads=1, repeat=9)
+                    block=(16, 1), sparsity=0.8, nm=(2, 4), norm="l1", tokens=64, seed=3, threads=1, repeat=9,
+                    precision="int8")
 
 
 def test_every_spec_field_is_in_the_key():

@@ -26,16 +26,18 @@ def retained_energy(weight: np.ndarray, mask: np.ndarray) -> float:
     return float((w * w * mask).sum() / total) if total else 1.0
 
 
-def output_error(x: np.ndarray, weight: np.ndarray, pruned: np.ndarray, bias: np.ndarray | None) -> tuple[float, float]:
+def output_error(x: np.ndarray, weight: np.ndarray, pruned: np.ndarray, bias: np.ndarray | None,
+                 layer_output: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[float, float]:
     """(relative Frobenius error, mean cosine per token) of the pruned vs the dense layer output.
 
     x: float32 [tokens, in], the layer's real calibration inputs. Outputs include the bias, as in
-    the model.
+    the model. layer_output: the pruned layer as its kernel computes it (x -> float32 [tokens, out],
+    no bias; INT8 quantizes), None = X @ pruned^T.
     """
     b = 0.0 if bias is None else bias.astype(np.float64)
     x64 = x.astype(np.float64)
     y = x64 @ weight.astype(np.float64).T + b
-    yp = x64 @ pruned.astype(np.float64).T + b
+    yp = (x64 @ pruned.astype(np.float64).T if layer_output is None else layer_output(x).astype(np.float64)) + b
     norm = np.linalg.norm(y)
     rel = float(np.linalg.norm(yp - y) / norm) if norm else 0.0
     dots = (y * yp).sum(axis=1)
@@ -60,8 +62,10 @@ def lee_pearson(lee_embeddings: np.ndarray) -> float:
     return float(np.corrcoef(sim[iu], data.lee_similarity()[iu])[0, 1])
 
 
-def model_level(model_name: str, layer: str, pruned: np.ndarray) -> dict[str, float | None]:
-    """That one layer pruned inside the full model, on the Lee documents and polarity sentences.
+def model_level(model_name: str, layer: str, pruned: np.ndarray,
+                layer_output: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, float | None]:
+    """That one layer pruned inside the full model, on the Lee documents and polarity sentences
+    (computed by `layer_output` if given, as in `output_error`).
 
     embedding_cosine: mean cosine of pruned vs dense sentence embeddings (1 = unchanged);
     lee_pearson: document-similarity correlation with human scores (dense MiniLM: 0.656).
@@ -71,7 +75,7 @@ def model_level(model_name: str, layer: str, pruned: np.ndarray) -> dict[str, fl
     if not isinstance(model, MiniLM):
         return {"embedding_cosine": None, "lee_pearson": None}
     dense = _dense_embeddings(model_name)
-    emb = model.embed(_eval_texts(), weights={layer: pruned})
+    emb = model.embed(_eval_texts(), weights={layer: pruned}, outputs={layer: layer_output} if layer_output else None)
     n_lee = len(data.lee_documents())
     return {
         "embedding_cosine": float(np.clip((dense * emb).sum(axis=1), -1, 1).mean()),
@@ -99,14 +103,17 @@ class Case:
     pruned: np.ndarray  # float32 [out, in]: zero where mask drops; W * mask unless the method reconstructs
     bias: np.ndarray | None  # float32 [out]
     x: np.ndarray  # float32 [tokens, in]: the layer's real calibration inputs (every one)
+    # the layer as its kernel computes it: x float32 [tokens, in] -> float32 [tokens, out], no bias (INT8:
+    # quantized weights and activations, kernels.families.Family.reference); None = X @ pruned^T
+    layer_output: Callable[[np.ndarray], np.ndarray] | None = None
 
     @functools.cached_property
     def output_error(self) -> tuple[float, float]:
-        return output_error(self.x, self.weight, self.pruned, self.bias)
+        return output_error(self.x, self.weight, self.pruned, self.bias, self.layer_output)
 
     @functools.cached_property
     def model_level(self) -> dict[str, float | None]:
-        return model_level(self.model, self.layer, self.pruned)
+        return model_level(self.model, self.layer, self.pruned, self.layer_output)
 
 
 @dataclasses.dataclass(frozen=True)

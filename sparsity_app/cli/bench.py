@@ -82,6 +82,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--threads", type=int, default=0, help="0 = all cores; the benchmark also runs 1 thread with --also-1-thread")
     p.add_argument("--also-1-thread", action="store_true", help="repeat the whole benchmark on one thread")
     p.add_argument("--repeat", type=int, default=15, help="timed samples per implementation")
+    p.add_argument("--precisions", type=flags.precisions, default=("fp32",), metavar="fp32,int8",
+                   help="the precisions of the rows (default fp32): int8 adds dense INT8 peers (ours, PyTorch's dynamic "
+                   "quantization) and BSR INT8 rows of blocks 32x4, 16x4, 8x4, 4x4, 1x4, all in the same measurements")
     p.add_argument("--cache-dir", default=None, help="where tuner winners are kept (default cache/)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout instead of tables")
 

@@ -8,7 +8,7 @@ import argparse
 
 from sparsity_app.accuracy.recipes import LENGTHS, RECIPES
 from sparsity_app.core.errors import UserError
-from sparsity_app.core.requests import (BLOCK_PRESETS, NORMS, ModelPlan, RecoveryRequest, ResolvedPlan,
+from sparsity_app.core.requests import (BLOCK_PRESETS, NORMS, PRECISIONS, ModelPlan, RecoveryRequest, ResolvedPlan,
                                         ResolvedRecovery, Spec, parse_block, parse_nm)
 from sparsity_app.measure.backend import LOCAL, Backend
 from sparsity_app.prune.methods import METHODS
@@ -46,6 +46,16 @@ def seeds(text: str) -> tuple[int, ...]:
     return seeds
 
 
+def precisions(text: str) -> tuple[str, ...]:
+    """Comma-separated precision names (PRECISIONS), e.g. fp32,int8."""
+    names_ = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    for name in names_:
+        one_of(PRECISIONS, "precision", "precisions")(name)
+    if not names_:
+        raise argparse.ArgumentTypeError(f"takes one or more of {', '.join(PRECISIONS)}, got {text!r}")
+    return names_
+
+
 def add_spec_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     d = Spec()
     p.add_argument("--model", default=d.model, help="model name (default %(default)s)")
@@ -56,6 +66,13 @@ def add_spec_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
         p.add_argument("--block", default="32x1", help=f"bs_r x bs_c, e.g. {', '.join(BLOCK_PRESETS)}")
         p.add_argument("--sparsity", type=float, default=d.sparsity, help="fraction removed, 0..0.99")
         p.add_argument("--nm", default=None, help="N:M pattern for --method nm (or random), e.g. 2:4")
+        p.add_argument("--precision", default=d.precision, type=one_of(PRECISIONS, "precision", "precisions"),
+                       metavar=names(PRECISIONS), help="what the kernels compute in (default %(default)s; int8 needs "
+                       "blocks of 4 input columns, e.g. 16x4)")
+    else:
+        p.add_argument("--precisions", default=d.precision, type=precisions, metavar="fp32,int8",
+                       help="precisions of the grid, comma-separated (int8 runs the blocks with a multiple of 4 "
+                       "input columns; the others are left out, and said so)")
     p.add_argument("--norm", default=d.norm, choices=NORMS, help="block score norm (default %(default)s)")
     p.add_argument("--tokens", type=int, default=d.tokens, help="rows of X (default %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of random pruning, or sparsegpt's calibration draw")
@@ -158,7 +175,7 @@ def spec(args: argparse.Namespace, **over) -> Spec:
                   tokens=args.tokens, seed=args.seed, threads=args.threads, repeat=args.repeat)
     if hasattr(args, "block"):
         fields.update(block=parse_block(args.block), sparsity=args.sparsity,
-                      nm=None if args.nm is None else parse_nm(args.nm))
+                      nm=None if args.nm is None else parse_nm(args.nm), precision=args.precision)
     fields.update(over)
     return Spec(**fields)
 

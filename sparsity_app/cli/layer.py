@@ -1,6 +1,7 @@
 """The layer commands: `layers` (a model's prunable linears), `run` (one configuration), `sweep` (a grid)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -10,6 +11,7 @@ from sparsity_app.core.limits import current as current_limits
 from sparsity_app.core.requests import Spec, parse_block, parse_floats, parse_nm
 from sparsity_app.model.catalog import get_model
 from sparsity_app.prune.methods import METHODS
+from sparsity_app.prune.quantize import int8_misfit
 from sparsity_app.runs import resolve
 from sparsity_app.runs.layer import STEPS, lookup, run
 from sparsity_app.serve.report import format_same_pattern, format_table, open_store, say, steps_to_stderr, write_csv
@@ -58,10 +60,24 @@ def _run(args) -> None:
 
 def _sweep(args) -> None:
     if METHODS[args.method].needs_nm:
-        specs = [flags.spec(args, nm=parse_nm(v)) for v in args.nms.split(",") if v.strip()]
+        specs = [flags.spec(args, nm=parse_nm(v), precision=p) for v in args.nms.split(",") if v.strip()
+                 for p in args.precisions]
     else:
         blocks = [parse_block(b) for b in args.blocks.split(",") if b.strip()]
-        specs = [flags.spec(args, block=b, sparsity=s) for b in blocks for s in parse_floats(args.sparsities)]
+        specs = [flags.spec(args, block=b, sparsity=s, precision=p) for p in args.precisions for b in blocks
+                 for s in parse_floats(args.sparsities)]
+    left_out = {}
+    for s in specs:
+        if s.precision == "int8":  # the pattern as its method stores it (magnitude: 1x1), checked for INT8
+            stored = resolve.spec(dataclasses.replace(s, precision="fp32"))
+            if why := int8_misfit(stored.block, stored.nm):
+                left_out[s.label()] = why
+    if left_out:
+        say(f"left out {len(left_out)} INT8 point(s) that INT8 kernels cannot run: {', '.join(left_out)} "
+            f"(blocks need a multiple of 4 input columns; N:M has no INT8 kernel)")
+        specs = [s for s in specs if s.label() not in left_out]
+        if not specs:
+            raise UserError("nothing left to measure: every point of the grid was left out (see above)")
     current_limits().check_sweep(len(specs))
     backend = flags.backend(args)
     if backend.kind == "rpc":

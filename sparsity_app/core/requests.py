@@ -18,9 +18,14 @@ from typing import Any
 
 from sparsity_app.core.errors import UserError
 
-BLOCK_PRESETS = ("32x1", "16x1", "8x1", "4x1", "1x32", "4x4", "8x8", "16x16", "1x1")
+# the last three before 1x1 fit INT8's integer dot (a multiple of 4 input columns), as do 1x32, 4x4, 8x8, 16x16
+BLOCK_PRESETS = ("32x1", "16x1", "8x1", "4x1", "1x32", "4x4", "8x8", "16x16", "32x4", "16x4", "1x4", "1x1")
 NM_PRESETS = ("2:4", "1:4", "4:8")
 NORMS = ("l2", "l1")
+PRECISIONS = {  # name -> what the kernels compute in (the dense peers include this precision's)
+    "fp32": "float32 weights and activations",
+    "int8": "INT8: per-row weight scales, activations quantized per token at run time, int32 accumulation",
+}
 MAX_SPARSITY = 0.99
 MAX_TOKENS = 4096  # most rows of X a timed layer gets (the real text yields ~11k token rows)
 MAX_REPEAT = 200
@@ -76,6 +81,7 @@ class Spec:
     seed: int = 0  # random pruning's seed; sparsegpt's calibration draw
     threads: int = 0  # threads for every kernel; 0 = all cores
     repeat: int = 25  # timed samples per implementation (more: a steadier median)
+    precision: str = "fp32"  # PRECISIONS: the kept weights (and the activations) as the kernel computes them
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able: block "32x1", nm "2:4" or None (and `from_dict` reads it back)."""
@@ -101,7 +107,11 @@ class Spec:
                             f"M={self.nm[1]} must divide the input dimension {in_f}")
 
     def label(self) -> str:
-        """Short name of the pattern, e.g. 'block 32x1', 'nm 2:4', 'magnitude'."""
+        """Short name of the pattern, e.g. 'block 32x1', 'nm 2:4', 'magnitude', 'block 16x4 int8'."""
+        precision = "" if self.precision == "fp32" else f" {self.precision}"
+        return self._pattern_label() + precision
+
+    def _pattern_label(self) -> str:
         if self.nm is not None:
             seed = f" seed {self.seed}" if self.seed else ""  # canonical: 0 unless the method draws
             return f"{self.method} {self.nm[0]}:{self.nm[1]}{seed}"

@@ -29,6 +29,11 @@ DENSE_PEERS = {  # name -> what it is; the best dense is the fastest of these
     "torch_dense": "PyTorch dense (nn.functional.linear, X row-major)",
     "torch_dense_fm": "PyTorch dense, feature-major (W @ X^T, the sparse kernels' layout)",
 }
+INT8_PEERS = {  # an INT8 layer's dense peers at INT8 (as well as DENSE_PEERS): the best dense is the fastest of all
+    "tvm_dense_int8": "TVM dense INT8 (our kernel: per-row weights, per-token activations quantized inside)",
+    "torch_dynamic_int8": "PyTorch dynamic INT8 (quantize_dynamic on nn.Linear, per-channel weights, fbgemm)",
+}
+ALL_DENSE_PEERS = {**DENSE_PEERS, **INT8_PEERS}
 _OLD_NAMES = {"tvm_bsr": SPARSE, "bsr_bytes": "sparse_bytes", "nnz_blocks": "stored_blocks"}  # before 0.3
 
 
@@ -68,8 +73,8 @@ class Result:
 
     @property
     def best_dense(self) -> str:
-        """Name (a DENSE_PEERS key) of the fastest dense peer timed with this result."""
-        return min((k for k in DENSE_PEERS if k in self.times_ms), key=lambda k: self.times_ms[k].median)
+        """Name (an ALL_DENSE_PEERS key) of the fastest dense peer timed with this result, at any precision."""
+        return min((k for k in ALL_DENSE_PEERS if k in self.times_ms), key=lambda k: self.times_ms[k].median)
 
     def speedup_vs(self, peer: str) -> float | None:
         """None when `peer` was not measured with the sparse kernel (e.g. PyTorch on a remote device):
@@ -112,6 +117,7 @@ class Result:
             "nm": None if s.nm is None else f"{s.nm[0]}:{s.nm[1]}",
             "norm": s.norm,
             "seed": s.seed,
+            "precision": s.precision,
             "sparsity_target": s.sparsity,
             "sparsity_achieved": self.sparsity_achieved,
             "tokens": s.tokens,
@@ -145,7 +151,7 @@ class Result:
     def row(self) -> dict[str, Any]:
         """One flat row for tables, CSV and charts (times in ms, speedups as ratios)."""
         d, s = self.to_dict(), self.spec
-        row = {k: d[k] for k in ("model", "layer", "method", "block", "nm", "norm", "seed", "sparsity_target",
+        row = {k: d[k] for k in ("model", "layer", "method", "block", "nm", "norm", "seed", "precision", "sparsity_target",
                                  "sparsity_achieved", "tokens", "threads", "repeat", "stored_blocks", "sparse_bytes",
                                  "dense_bytes", "best_dense", "speedup_vs_best_dense", "speedup_vs_tvm_dense",
                                  "speedup_vs_torch_dense", "ideal_speedup", "tune_s", "compile_s", "scored_tokens",
@@ -172,7 +178,7 @@ class Result:
         spec = Spec(model=d["model"], layer=d["layer"], method=d["method"], block=parse_block(d["block"]),
                     sparsity=d["sparsity_target"], nm=None if d["nm"] is None else parse_nm(d["nm"]),
                     norm=d["norm"], tokens=d["tokens"], seed=d["seed"], threads=d["threads"],
-                    repeat=d.get("repeat", times[SPARSE].runs))
+                    repeat=d.get("repeat", times[SPARSE].runs), precision=d.get("precision", "fp32"))
         return cls(spec=spec, shape=tuple(d["shape"]), sparsity_achieved=d["sparsity_achieved"],
                    stored_blocks=d["stored_blocks"], sparse_bytes=d["sparse_bytes"], dense_bytes=d["dense_bytes"],
                    times_ms=times, tune_s=d.get("tune_s", 0.0), compile_s=d["compile_s"],
@@ -203,12 +209,15 @@ REMEASURE = 2  # a measurement that fails its bounds is taken again this many ti
 
 
 def _noise(times: dict[str, Timing], bound: float, bound_name: str) -> str | None:
-    """TVM sparse faster than TVM dense by more than BOUND_SLACK x `bound`, and every timing whose
-    interquartile spread exceeds MAX_SPREAD of its median, as one line; None if neither."""
+    """TVM sparse faster than TVM dense of its own precision (an INT8 layer: tvm_dense_int8) by more
+    than BOUND_SLACK x `bound`, and every timing whose interquartile spread exceeds MAX_SPREAD of its
+    median, as one line; None if neither."""
     problems = []
-    speedup = times["tvm_dense"].median / times[SPARSE].median if "tvm_dense" in times else 0.0
+    dense = "tvm_dense_int8" if "tvm_dense_int8" in times else "tvm_dense"
+    speedup = times[dense].median / times[SPARSE].median if dense in times else 0.0
     if speedup > BOUND_SLACK * bound:
-        problems.append(f"{speedup:.2f}x vs TVM dense is above its {bound_name} of {bound:.2f}x")
+        problems.append(f"{speedup:.2f}x vs {'TVM dense INT8' if dense != 'tvm_dense' else 'TVM dense'} is above "
+                        f"its {bound_name} of {bound:.2f}x")
     for name, t in times.items():
         if t.spread > MAX_SPREAD * t.median:
             problems.append(f"{name} spread {t.spread:.3g} ms on a {t.median:.3g} ms median")

@@ -14,8 +14,8 @@ from typing import Callable
 import numpy as np
 
 from sparsity_app.core.requests import Spec
-from sparsity_app.kernels import Kernel, Packed, bsr, csr, nm
-from sparsity_app.prune import formats
+from sparsity_app.kernels import Kernel, Packed, bsr, csr, int8, nm
+from sparsity_app.prune import formats, quantize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +29,9 @@ class Family:
     default: Callable  # (tokens, format) -> knobs: the untuned schedule
     candidates: Callable  # (tokens, format) -> [knobs]: the tuner's first round
     variants: Callable  # (knobs, format) -> [knobs]: its second round, around a winner
+    # (format, x float32 [tokens, in]) -> Y [tokens, out], the NumPy reference of the kernel's own arithmetic
+    # (INT8: the quantized one, to the bit); None: X @ W^T in float64 of the pruned float32 weights
+    reference: Callable[[object, np.ndarray], np.ndarray] | None = None
 
     def kernel(self, weight, x: np.ndarray, knobs=None, n_parts: int | None = None) -> Kernel:
         """The compiled kernel of `weight` (this family's format) bound to x float32 [tokens, in]."""
@@ -36,7 +39,14 @@ class Family:
         return Kernel(self.pack(weight, tokens, knobs or self.default(tokens, weight), n_parts)).bind(x)
 
 
+def _int8_reference(weight, x: np.ndarray) -> np.ndarray:
+    return quantize.int8_linear(x, weight.rows(), int8.host_dot())
+
+
 FAMILIES: dict[str, Family] = {
+    "bsr_int8": Family("BSR INT8", lambda s: s.precision == "int8",
+                       lambda w, m, s: quantize.to_quantized_bsr(w, m, s.block), int8.Int8Knobs, int8.pack,
+                       int8.stack_rows, int8.default_knobs, int8.candidates, int8.variants, _int8_reference),
     "nm": Family("N:M", lambda s: s.nm is not None, lambda w, m, s: formats.to_nm(w, m, s.nm), nm.NMKnobs, nm.pack,
                  nm.stack_rows, nm.default_knobs, nm.candidates, nm.variants),
     "csr": Family("CSR", lambda s: s.block == (1, 1), lambda w, m, s: formats.to_csr(w, m), csr.CSRKnobs, csr.pack,

@@ -9,7 +9,7 @@ between "what to measure" and "where"; `LocalDevice` here, `remote.RemoteDevice`
   n_parts             parallel parts of split="nnz" schedules (one per thread of the device)
   slot(who, waiting)  what to hold while measuring (the machine-wide measurement slot, or nothing)
   set_threads(n)
-  dense_peers(weight, x)  the dense peers it can run (PyTorch runs only here)
+  dense_peers(weight, x, precision)  the dense peers it can run (PyTorch runs only here)
   prepare(kernels)    -> Prepared: compiled (and, remotely, uploaded), with output(name) -> Y and
                       time(repeat, ...) -> name -> Timing, every kernel in one measurement
   where(names)        Result.backend: which implementation was measured where, and what was not
@@ -128,8 +128,8 @@ class LocalDevice:
     def mcpu(self) -> str:
         return _kernels().host_mcpu()
 
-    def dense_peers(self, weight: np.ndarray, x: np.ndarray) -> dict:
-        return _kernels().peers.dense_peers(weight, x)
+    def dense_peers(self, weight: np.ndarray, x: np.ndarray, precision: str = "fp32") -> dict:
+        return _kernels().peers.dense_peers(weight, x, precision)
 
     def prepare(self, kernels: dict) -> LocalPrepared:
         return LocalPrepared(kernels)

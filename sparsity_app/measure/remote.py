@@ -271,8 +271,9 @@ class RemoteDevice:
     def mcpu(self) -> str:
         return dict(self.info.target).get("mcpu", self.info.mcpu)
 
-    def dense_peers(self, weight: np.ndarray, x: np.ndarray) -> dict:
-        """TVM dense only (PyTorch does not run on the device)."""
+    def dense_peers(self, weight: np.ndarray, x: np.ndarray, precision: str = "fp32") -> dict:
+        """TVM dense only (PyTorch does not run on the device). INT8 layers run on this machine only
+        (their integer dot is chosen for the host's ISA): a remote INT8 run is refused before it gets here."""
         return {"tvm_dense": TVMDense(weight, x)}
 
     def prepare(self, kernels: dict) -> RemotePrepared:

@@ -215,19 +215,21 @@ class MiniLM:
     def tokenizer(self):
         return self._hf[1]
 
-    def pruned_copy(self, weights: dict[str, np.ndarray]):
+    def pruned_copy(self, weights: dict[str, np.ndarray], outputs: dict | None = None):
         """A private copy of the model (torch BertModel, eval mode) with `weights` (layer -> float32
         [out, in]) in place of its own. The shared model is never touched."""
-        return hf().masked_copy(self._hf[0], weights)
+        return hf().masked_copy(self._hf[0], weights, outputs)
 
-    def embed(self, texts: list[str], weights: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    def embed(self, texts: list[str], weights: dict[str, np.ndarray] | None = None,
+              outputs: dict | None = None) -> np.ndarray:
         """Sentence embeddings, float32 [len(texts), 384] (model.hf.embed: mean pooling, L2 norm).
 
         `weights` (layer -> float32 [out, in]) are used instead of the model's own, in a private
-        copy (`pruned_copy`), so concurrent callers never see each other's weights.
+        copy (`pruned_copy`), so concurrent callers never see each other's weights; `outputs` (layer ->
+        x float32 [tokens, in] -> float32 [tokens, out]) computes a layer instead (INT8), its bias added.
         """
         shared, tok = self._hf
-        return hf().embed(self.pruned_copy(weights) if weights else shared, tok, texts)
+        return hf().embed(self.pruned_copy(weights, outputs) if weights else shared, tok, texts)
 
 
 class SyntheticBert:

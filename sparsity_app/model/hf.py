@@ -176,12 +176,14 @@ def set_linear_weights(private, weights: dict[str, np.ndarray]) -> None:
             private.get_submodule(name).weight.copy_(torch.from_numpy(np.asarray(w, dtype=np.float32)))
 
 
-def masked_copy(hf_model, weights: dict[str, np.ndarray]):
+def masked_copy(hf_model, weights: dict[str, np.ndarray], outputs: dict | None = None):
     """A deep copy of `hf_model` whose named nn.Linear layers carry the given weights.
 
     weights: layer name (e.g. "encoder.layer.0.attention.self.query") -> float32 [out, in], the
     pruned weight (W * mask). Biases and every other layer are copied unchanged; `hf_model` is
     never touched. The copy is in eval mode with gradients off.
+    outputs: layer name -> a function x float32 [tokens, in] -> float32 [tokens, out] (no bias) that
+    computes the layer instead of its weights (an INT8 layer's quantized arithmetic); its bias is added.
     """
     for name, w in weights.items():
         try:
@@ -196,7 +198,18 @@ def masked_copy(hf_model, weights: dict[str, np.ndarray]):
     pruned = copy.deepcopy(hf_model).eval()
     set_linear_weights(pruned, weights)
     pruned.requires_grad_(False)
+    for name, compute in (outputs or {}).items():
+        pruned.get_submodule(name).register_forward_hook(_computed_by(compute))
     return pruned
+
+
+def _computed_by(compute):
+    """A forward hook that replaces an nn.Linear's output by compute(x) + bias."""
+    def hook(module, inputs, output):
+        x = inputs[0].detach().reshape(-1, module.in_features).numpy().astype(np.float32)
+        y = torch.from_numpy(np.ascontiguousarray(compute(x), dtype=np.float32)).reshape(output.shape)
+        return y + module.bias if module.bias is not None else y
+    return hook
 
 
 def embed(model, tokenizer, texts: tuple[str, ...] | list[str]) -> np.ndarray:

@@ -44,6 +44,9 @@ def run(request: Spec | ResolvedSpec, store: Store | None = None, progress: Prog
     if backend.resolve().kind == "local":
         device = LocalDevice()
         return run_on(device, _resolved(request, device.cores), store, progress, retune)
+    if (request.spec if isinstance(request, ResolvedSpec) else request).precision != "fp32":
+        raise UserError("INT8 layers are measured on this machine only for now (their integer dot is chosen for "
+                        "this CPU's ISA): use the local backend, or fp32 on a remote device")
     resolved = _resolved(request, _remote().probe(backend).cores)
     if store is not None and not retune and (hit := lookup(resolved, store, backend)) is not None:
         return hit  # no server is taken for a stored result
@@ -80,15 +83,16 @@ def _measure(device, spec: Spec, shape: tuple[int, int], store: Store | None, pr
                    f"in {sparse.nbytes / 1024:.0f} KiB; ")
 
     device.set_threads(spec.threads)
-    reference = x.astype(np.float64) @ pruned.astype(np.float64).T
+    fam = tuner.families()[family]
+    reference = fam.reference(sparse, x) if fam.reference else x.astype(np.float64) @ pruned.astype(np.float64).T
     tuned = store is not None and not retune and tuner.is_tuned(family, sparse, x, spec, spec.threads, store, device)
     with clock.step("tune", stored_note + ("reusing the stored winning schedule" if tuned else
                                            "tuning: compiling, checking and timing candidate schedules")):
         tuning = tuner.best_schedule(family, sparse, x, reference, spec, spec.threads, store, retune=retune,
                                      device=device)
     with clock.step("compile", f"compiling the {title} kernel ({tuning.label}) and the dense peers"):
-        kernel = tuner.compile_kernel(tuner.families()[family], sparse, x, tuning.knobs(), device)
-        peers = device.dense_peers(weight, x)
+        kernel = tuner.compile_kernel(fam, sparse, x, tuning.knobs(), device)
+        peers = device.dense_peers(weight, x, spec.precision)
         prepared = device.prepare({SPARSE: kernel, **peers})
     with clock.step("verify", "checking every kernel against NumPy before timing it"):
         errors = _verify(prepared, peers, x, weight, reference)
@@ -102,7 +106,8 @@ def _measure(device, spec: Spec, shape: tuple[int, int], store: Store | None, pr
     times, noisy = measure_until_sound(time_once, lambda t: layer_noise(t, achieved), progress)
     with clock.step("score", "scoring the accuracy proxies on the full calibration set" +
                     (", and the same pattern pruned without reconstruction" if reconstructs(spec) else "")):
-        scores, scored = _score(spec, weight, mask, pruned, bias)
+        scores, scored = _score(spec, weight, mask, pruned, bias,
+                                None if fam.reference is None else lambda xs: fam.reference(sparse, xs))
         compared = same_pattern(spec, weight, mask, pruned, bias) if reconstructs(spec) else None
 
     result = Result(spec=spec, shape=shape, sparsity_achieved=achieved, stored_blocks=stored,
@@ -118,19 +123,22 @@ def _measure(device, spec: Spec, shape: tuple[int, int], store: Store | None, pr
 
 def _verify(prepared, peers: dict, x: np.ndarray, weight: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     """name -> max relative error of each kernel's output, computed where it runs, against NumPy
-    here. A kernel that computes the wrong answer never reports a time (raises RuntimeError)."""
+    here (a peer that computes another arithmetic, INT8, says what it must match: `expected`). A
+    kernel that computes the wrong answer never reports a time (raises RuntimeError)."""
     errors = {SPARSE: tuner.check_output("TVM sparse", prepared.output(SPARSE), reference)}
     dense_reference = x.astype(np.float64) @ weight.astype(np.float64).T
-    for name in peers:
-        errors[name] = tuner.check_output(name, prepared.output(name), dense_reference)
+    for name, peer in peers.items():
+        want, tolerance = peer.expected() if hasattr(peer, "expected") else (dense_reference, 1e-4)
+        errors[name] = tuner.check_output(name, prepared.output(name), want, tolerance)
     return errors
 
 
-def _score(spec: Spec, weight: np.ndarray, mask: np.ndarray, pruned: np.ndarray, bias: np.ndarray | None
-           ) -> tuple[dict, int]:
-    """(proxies, scored tokens): layer proxies on every calibration token, whatever spec.tokens is."""
+def _score(spec: Spec, weight: np.ndarray, mask: np.ndarray, pruned: np.ndarray, bias: np.ndarray | None,
+           layer_output=None) -> tuple[dict, int]:
+    """(proxies, scored tokens): layer proxies on every calibration token, whatever spec.tokens is.
+    layer_output: the layer as its kernel computes it (INT8: quantized), None = X @ pruned^T."""
     x_all = get_model(spec.model).calibration_set(spec.layer)
-    scores = proxies.score(proxies.Case(spec.model, spec.layer, weight, mask, pruned, bias, x_all))
+    scores = proxies.score(proxies.Case(spec.model, spec.layer, weight, mask, pruned, bias, x_all, layer_output))
     return scores, len(x_all)
 
 

@@ -17,11 +17,12 @@ import numpy as np
 
 from sparsity_app.accuracy.recipes import BETA_SCHEDULES, LENGTHS, LOSSES, MAX_STEPS, RECIPES
 from sparsity_app.core.errors import UserError
-from sparsity_app.core.requests import (MAX_BATCH, MAX_REPEAT, MAX_SEQ, MAX_SPARSITY, MAX_TOKENS, NORMS, ModelPlan,
-                                        RecoveryRequest, ResolvedPlan, ResolvedRecovery, ResolvedSpec, Spec,
+from sparsity_app.core.requests import (MAX_BATCH, MAX_REPEAT, MAX_SEQ, MAX_SPARSITY, MAX_TOKENS, NORMS, PRECISIONS,
+                                        ModelPlan, RecoveryRequest, ResolvedPlan, ResolvedRecovery, ResolvedSpec, Spec,
                                         canonical_override, default_threads, parse_block, parse_nm)
 from sparsity_app.model.catalog import get_model, layer_info
 from sparsity_app.prune.methods import METHODS
+from sparsity_app.prune.quantize import int8_misfit
 
 # What `recovery` gives the knobs a recipe ignores: fixed values, not the current defaults, so that tuning one
 # recipe's default (group-lasso's penalty went from 2e-5 to 2e-6) leaves every other recipe's stored runs theirs.
@@ -102,6 +103,10 @@ def _spec(request: Spec, cores: int | None) -> Spec:
     seed = s.seed if method.takes_seed else 0
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
         raise UserError(f"seed must be a non-negative integer (below 2**32), got {s.seed!r}")
+    if s.precision not in PRECISIONS:
+        raise UserError(f"unknown precision {s.precision!r}; valid precisions: {', '.join(PRECISIONS)}")
+    if s.precision == "int8" and (why := int8_misfit(block, nm)):
+        raise UserError(why)
     return dataclasses.replace(s, block=block, nm=nm, sparsity=round(sparsity, 6), norm=norm,
                                seed=int(seed), threads=s.threads or cores)
 

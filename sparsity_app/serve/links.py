@@ -29,6 +29,7 @@ _PARSERS: dict[str, Callable[[str], object]] = {  # in the order they are applie
     "sparsity": float,
     "norm": str,
     "seed": int,  # random's pattern, sparsegpt's calibration draw; left out of a link at 0
+    "precision": str,  # left out of a link at fp32
     "tokens": int,
 }
 
@@ -145,7 +146,8 @@ def _query_of(fields: dict, parsers: dict) -> dict[str, str]:
         return ";".join(value) if isinstance(value, list) else f"{value:g}" if isinstance(value, float) else str(value)
 
     return {name: text(fields[name]) for name in parsers
-            if fields.get(name) not in (None, []) and not (name == "seed" and fields[name] == 0)}
+            if fields.get(name) not in (None, []) and not (name == "seed" and fields[name] == 0)
+            and not (name == "precision" and fields[name] == "fp32")}
 
 
 _PLAN_PARSERS: dict[str, Callable[[str], object]] = {  # in the order they are applied
