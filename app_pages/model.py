@@ -5,11 +5,12 @@ import pandas as pd
 import streamlit as st
 
 from app_pages import job_panel
-from app_pages.common import (METHOD_HELP, NM_METHODS, SEED_HELP, SEED_LABEL, cache_controls, pick_conditions,
+from app_pages.common import (METHOD_HELP, NM_METHODS, PRECISION_HELP, SEED_HELP, SEED_LABEL, cache_controls, pick_conditions,
                               resolved_plan, store)
 from sparsity_app import UserError
 from sparsity_app.accuracy.metrics import METRICS
-from sparsity_app.core.requests import BLOCK_PRESETS, MAX_BATCH, NM_PRESETS, ROLES, ModelPlan, parse_block, parse_nm
+from sparsity_app.core.requests import (BLOCK_PRESETS, MAX_BATCH, NM_PRESETS, PRECISIONS, ROLES, ModelPlan, parse_block,
+                                        parse_nm)
 from sparsity_app.core.results import MODEL_DENSE_PEERS, MODEL_OTHER_PEERS, REMEASURE
 from sparsity_app.model.catalog import MODEL_NAMES, get_model
 from sparsity_app.prune.methods import METHODS
@@ -39,11 +40,14 @@ with st.form("model"):
     nm_names = [*NM_PRESETS, "none"]
     nm = c4.selectbox(f"N:M ({NM_METHODS})", nm_names, index=nm_names.index(nm_text) if nm_text in nm_names else 0,
                       key="m_nm")
-    c1, c2, c3, c4 = st.columns([2, 1, 1, 1])
+    c1, c2, c3, c4, c5 = st.columns([2, 1, 1, 1, 1])
     sparsity = c1.slider("Sparsity of every layer", 0.0, 0.99, float(start.sparsity), 0.01, key="m_sparsity")
     tokens = c2.number_input("Tokens per sequence", 2, 512, start.tokens, key="m_tokens")
     batch = c3.number_input("Batch", 1, MAX_BATCH, start.batch, key="m_batch")
     seed = c4.number_input(SEED_LABEL, 0, 2**31 - 1, int(start.seed), key="m_seed", help=SEED_HELP)
+    precision = c5.selectbox("Precision", list(PRECISIONS), index=list(PRECISIONS).index(start.precision),
+                             key="m_precision", help=PRECISION_HELP + " Every linear (a layer left dense runs dense "
+                             "INT8); attention, softmax, layer norm and GELU stay float32.")
     overrides = st.text_area("Per-layer overrides, one per line: TARGET=VALUE", "\n".join(start.overrides),
                              key="m_overrides",
                              placeholder="attention.self.*=0.7\nffn-out=dense\nencoder.layer.0.*=16x1@0.5\nq=2:4",
@@ -57,7 +61,7 @@ try:
     plan = ModelPlan(model=model_name, method=method, block=parse_block(block), sparsity=float(sparsity),
                      nm=None if nm == "none" else parse_nm(nm), tokens=int(tokens), batch=int(batch), seed=int(seed),
                      overrides=tuple(line.strip() for line in overrides.splitlines() if line.strip()),
-                     threads=start.threads, repeat=start.repeat)  # from the link (the CLI sets them; the form does not)
+                     threads=start.threads, repeat=start.repeat, precision=precision)  # from the link (the CLI sets them; the form does not)
     resolved = resolved_plan(plan)  # the page's one check of the plan: the job and the lookup take it as it is
 except UserError as e:
     st.error(str(e))

@@ -44,9 +44,10 @@ def test_quantization_round_trips_within_half_a_step_and_keeps_zeros():
 @pytest.mark.parametrize("tokens", [1, 5, 27, 128])
 def test_dense_int8_kernel_is_the_reference_to_the_bit(tokens):
     w, x = _case(48, 96, tokens, seed=tokens)
-    kernel = int8.TVMDenseInt8(w, x)
-    y = kernel.output()
+    y = int8.TVMDenseInt8(w, x).output()
     np.testing.assert_array_equal(y, int8_linear(x, quantize_rows(w), int8.host_dot()))
+    graph_layout = int8.pick_dense_knobs(tokens, 48, int8.host_dot(), "feature-major")  # X^T in, Y^T out
+    np.testing.assert_array_equal(int8.TVMDenseInt8(w, x, graph_layout).output(), y)
     dense = x.astype(np.float64) @ w.astype(np.float64).T  # and it is the same linear, within quantization noise
     assert np.abs(y - dense).max() / np.abs(dense).max() < 0.05
 
@@ -101,3 +102,31 @@ def test_an_int8_layer_run_meets_dense_int8_peers_and_scores_the_quantized_layer
     _, fp32_cosine = output_error(model.calibration_set(spec.layer), weight, pruned, bias)
     assert 0 < fp32_cosine - result.proxies["output_cosine"] < 0.05
     assert result.to_dict()["precision"] == "int8" and type(result).from_dict(result.to_dict()).spec == result.spec
+
+
+def test_an_int8_graph_matches_its_int8_pytorch_reference():
+    """Sparse INT8 (both layouts, both vectorised axes), dense INT8 and float32 linears in one compiled
+    encoder, against PyTorch with each INT8 linear computed by the INT8 arithmetic (graph.reference_model);
+    a small model, so the rounding cascade of `graph.tolerance` stays small here (measured ~1e-6)."""
+    from sparsity_app.model import graph
+
+    model = graph.synthetic_bert(layers=2, hidden=64, heads=4, intermediate=128, seed=3)
+    names = [f"encoder.layer.{i}.{sub}" for i in range(2) for sub in graph.SUBLAYERS]
+    knobs = [int8.Int8Knobs(4, "rows", layout="feature-major"), int8.Int8Knobs(16, "tokens", layout="feature-major"),
+             int8.Int8Knobs(8, "rows"), int8.Int8Knobs(16, "tokens", rows_per_pass=8)]
+    rng, plans = np.random.default_rng(0), {}
+    for i, name in enumerate(names):
+        module = model.get_submodule(name)
+        w, b = module.weight.detach().numpy(), module.bias.detach().numpy()
+        if i % 3 == 2:
+            plans[name] = graph.dense_linear(w, b, "int8")
+        elif i % 3 == 1:
+            mask = np.kron(rng.random((w.shape[0] // 16, w.shape[1] // 4)) < 0.4, np.ones((16, 4), bool))
+            plans[name] = graph.LinearPlan("bsr_int8", to_quantized_bsr(w, mask, (16, 4)), b, knobs[i % len(knobs)])
+    ids = rng.integers(0, model.config.vocab_size, (2, 16))
+    mask = np.ones((2, 16), np.int64)
+    encoder = graph.compile_encoder(model, model, plans, 2, 16)
+    assert graph.verify(encoder, graph.reference_model(model, plans), ids, mask, 1e-3) <= 1e-3
+    float_weights = graph.reference_model(model, {n: graph.LinearPlan("dense", p.dense_weight(), p.bias)
+                                                  for n, p in plans.items()})  # INT8 is not float32: it moved
+    assert graph.verify(encoder, float_weights, ids, mask, 1.0) > 1e-4

@@ -109,8 +109,7 @@ def bench_shape(shape: tuple[int, int], sparsities, tokens: int, threads: int, r
             spec = resolve.spec(spec)
             mask = prune(w, spec)
             family, weight = tuner.sparse_format(w, mask, spec)
-            fam = tuner.families()[family]
-            reference = fam.reference(weight, x) if fam.reference else x.astype(np.float64) @ (w * mask).astype(np.float64).T
+            reference = tuner.reference_of(family, weight, x, w * mask)
             tuning = tuner.best_schedule(family, weight, x, reference, spec, threads, store)
             kernel = tuner.families()[family].kernel(weight, x, tuning.knobs())
             tuner.check_output(name, kernel.output(), reference)

@@ -1,4 +1,5 @@
-"""The benchmark commands' flags: `bench` (kernels), `bench-model`, `bench-recovery`, `bench-oneshot`, `loadtest`.
+"""The benchmark commands' flags: `bench` (kernels), `bench-model`, `bench-recovery`, `bench-oneshot`,
+`bench-int8-accuracy`, `loadtest`.
 
 Benchmarks are commands, never tests: their bodies live in sparsity_app/bench/, this module only
 says what they take. The kernel benchmark and the load test load TVM or a browser protocol, so
@@ -6,7 +7,8 @@ they are imported when chosen; every other command starts without them.
 """
 from __future__ import annotations
 
-from sparsity_app.bench import model as bench_model, oneshot as bench_oneshot, recovery as bench_recovery
+from sparsity_app.bench import (model as bench_model, oneshot as bench_oneshot, quantized as bench_quantized,
+                                recovery as bench_recovery)
 from sparsity_app.cli import flags
 from sparsity_app.core.requests import RecoveryRequest
 from sparsity_app.prune.methods import METHODS
@@ -55,6 +57,11 @@ def add_parsers(sub) -> None:
                    "dampenings (lambda, a fraction of the Hessian's mean diagonal); with --probe-samples, every pair")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("bench-int8-accuracy", help="what INT8 costs MiniLM, dense and pruned: every real-label metric "
+                       "in fp32 and with every linear in INT8 (both integer dots' arithmetic), and the dense verdict")
+    p.add_argument("--only", default=None, help="only the plans whose name contains this (e.g. dense)")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("bench-model", help="whole-model benchmark: the targets' configurations, measured afresh")
     p.add_argument("--configs", default="minilm-l6:1x128,minilm-l6:8x128,bert-base-synthetic:1x128",
                    help="comma-separated MODEL:BATCHxTOKENS")
@@ -62,6 +69,8 @@ def add_parsers(sub) -> None:
                    metavar=flags.names(METHODS))
     p.add_argument("--block", default="32x1")
     p.add_argument("--sparsity", type=float, default=0.9)
+    flags.add_precision_arg(p, "every linear's in the configs (int8: the INT8 targets, against dense INT8 peers and "
+                            "the same masks in float32; e.g. --block 16x4 --precision int8 --configs minilm-l6:1x128)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--repeat", type=int, default=25)
     p.add_argument("--lengths", default=None, metavar="LENGTHS",
@@ -117,5 +126,6 @@ def _loadtest(args) -> int:
 
 
 COMMANDS = {"bench-recovery": bench_recovery.main, "bench-oneshot": bench_oneshot.main, "bench-model": bench_model.main,
+            "bench-int8-accuracy": bench_quantized.main,
             "bench": _bench,
             "loadtest": _loadtest}

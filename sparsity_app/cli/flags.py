@@ -56,6 +56,12 @@ def precisions(text: str) -> tuple[str, ...]:
     return names_
 
 
+def add_precision_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--precision", default="fp32", type=one_of(PRECISIONS, "precision", "precisions"),
+                   metavar=names(PRECISIONS), help=f"what the kernels compute in, {what} (default %(default)s; int8 "
+                   "needs blocks of a multiple of 4 input columns, e.g. 16x4)")
+
+
 def add_spec_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     d = Spec()
     p.add_argument("--model", default=d.model, help="model name (default %(default)s)")
@@ -66,9 +72,7 @@ def add_spec_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
         p.add_argument("--block", default="32x1", help=f"bs_r x bs_c, e.g. {', '.join(BLOCK_PRESETS)}")
         p.add_argument("--sparsity", type=float, default=d.sparsity, help="fraction removed, 0..0.99")
         p.add_argument("--nm", default=None, help="N:M pattern for --method nm (or random), e.g. 2:4")
-        p.add_argument("--precision", default=d.precision, type=one_of(PRECISIONS, "precision", "precisions"),
-                       metavar=names(PRECISIONS), help="what the kernels compute in (default %(default)s; int8 needs "
-                       "blocks of 4 input columns, e.g. 16x4)")
+        add_precision_arg(p, "the layer's")
     else:
         p.add_argument("--precisions", default=d.precision, type=precisions, metavar="fp32,int8",
                        help="precisions of the grid, comma-separated (int8 runs the blocks with a multiple of 4 "

@@ -1,6 +1,7 @@
 """The whole-model commands: `model` (prune every linear, compile, time, score) and `recover` (fine-tune)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from sparsity_app.cli import flags
@@ -12,6 +13,8 @@ from sparsity_app.serve.report import format_model, format_recovery, open_store,
 def add_parsers(sub) -> None:
     p = sub.add_parser("model", help="prune every encoder linear, run the whole model in TVM, time and score it")
     flags.add_plan_args(p)
+    flags.add_precision_arg(p, "every encoder linear's (a layer left dense runs the dense INT8 kernel; the rest of "
+                            "the graph stays float32)")
     flags.add_recovery_args(p, required=False)
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
 
@@ -23,7 +26,7 @@ def add_parsers(sub) -> None:
 
 
 def _model(args) -> None:
-    plan = flags.plan(args)
+    plan = dataclasses.replace(flags.plan(args), precision=args.precision)
     resolved = resolve.plan(plan)  # every bad input before anything loads
     request = None if args.recipe is None else flags.recovery_request(args, plan, resolved)
     store = open_store(args.cache_dir)

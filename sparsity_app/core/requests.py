@@ -158,6 +158,7 @@ class ModelPlan:
     batch: int = 1  # inputs per call; the kernels see batch * tokens rows
     threads: int = 0  # threads for every implementation; 0 = all cores
     repeat: int = 25  # timed samples per implementation
+    precision: str = "fp32"  # PRECISIONS: every linear's (a layer left dense too); the rest of the graph is fp32
 
     def _default_fields(self) -> dict[str, Any]:
         return dict(method=self.method, block=self.block, sparsity=self.sparsity, nm=self.nm, norm=self.norm,
@@ -165,7 +166,7 @@ class ModelPlan:
 
     def _layer_spec(self, layer: str, fields: dict[str, Any]) -> Spec:
         return Spec(model=self.model, layer=layer, tokens=self.batch * self.tokens, threads=self.threads,
-                    repeat=self.repeat, **fields)
+                    repeat=self.repeat, precision=self.precision, **fields)
 
     def overrides_of(self, layer: str) -> list[str]:
         """The VALUEs of the overrides whose TARGET matches `layer`, in order (the last wins)."""

@@ -227,7 +227,8 @@ def _noise(times: dict[str, Timing], bound: float, bound_name: str) -> str | Non
 def model_noise(times: dict[str, Timing], breakdown: dict[str, dict[str, float]]) -> str | None:
     """Why a whole-model measurement is not a figure, or None: a speedup over TVM dense above the Amdahl
     bound (a pass cannot beat its own graph with free linears), or a timing too spread (a busy machine)."""
-    return _noise(times, amdahl_bound(breakdown.get("tvm_dense", {})), "Amdahl bound")
+    dense = "tvm_dense_int8" if "tvm_dense_int8" in times else "tvm_dense"  # the dense graph of its own precision
+    return _noise(times, amdahl_bound(breakdown.get(dense, {})), "Amdahl bound")
 
 
 def layer_noise(times: dict[str, Timing], sparsity_achieved: float) -> str | None:
@@ -240,9 +241,14 @@ MODEL_DENSE_PEERS = {  # name -> what it is; the best dense is the fastest of th
     "tvm_dense": "TVM dense: the same compiled graph, every linear the project's scheduled dense kernel",
     "torch_eager": "PyTorch eager, dense",
     "onnxruntime": "ONNX Runtime, dense (exported with torch.onnx.export, all graph optimisations)",
+    # an INT8 plan's dense peers at INT8 too (timed for INT8 plans only)
+    "tvm_dense_int8": "TVM dense INT8: the same compiled graph, every linear the project's dense INT8 kernel",
+    "torch_dynamic_int8": "PyTorch eager, dense, every nn.Linear dynamically quantized to INT8 (quantize_dynamic)",
+    "onnxruntime_int8": "ONNX Runtime INT8, dense (the export quantized by quantize_dynamic, per-channel)",
 }
 MODEL_OTHER_PEERS = {  # timed in the same call, not a candidate for best dense (it is torch_eager again)
     "torch_eager_pruned": "PyTorch eager with the pruned weights stored dense (pruning alone buys no speed)",
+    "tvm_sparse_fp32": "TVM sparse with the same masks in float32 kernels (an INT8 plan only: what INT8 buys)",
 }
 
 

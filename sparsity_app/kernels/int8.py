@@ -20,7 +20,9 @@ which must agree to the bit, before it is timed.
 Schedules (`Int8Knobs`): vec="rows" vectorises over a block's rows (bs_r a multiple of the lanes:
 16x4 and 32x4, and 8x4 on AVX2), reads the codes token-major and writes Y [tokens, out]; vec="tokens"
 vectorises over a tile of tokens (any bs_r: 1x4, 4x4), reads the codes quad-major int32 [in / 4,
-tokens] and writes Y^T [out, tokens]. The dense kernel is the vec="rows" schedule on panels of vn rows.
+tokens] and writes Y^T [out, tokens]. layout="feature-major" reads X^T [in, tokens] and writes Y^T, the
+whole-model graph's layout (no transposes around the linear). The dense kernel is the vec="rows"
+schedule on panels of vn rows.
 """
 from __future__ import annotations
 
@@ -32,9 +34,10 @@ from tvm.script import tirx as T
 from sparsity_app.core.errors import CompileError
 from sparsity_app.kernels import (Kernel, KernelSource, Packed, balanced_parts, host_isa, largest_divisor, max_threads,
                                   tir_builder, token_tile)
-from sparsity_app.prune.quantize import LEVELS, TINY, QuantizedBSR, quantize_rows
+from sparsity_app.prune.quantize import LEVELS, TINY, QuantizedBSR, QuantizedRows, quantize_rows
 
 VECS = ("rows", "tokens")
+LAYOUTS = ("row-major", "feature-major")  # of X (and of Y, for vec="rows"; vec="tokens" always writes Y^T)
 SPLITS = ("rows", "nnz")
 DOT_LANES = {"vnni": 16, "avx2": 8}  # int32 lanes of one integer dot
 
@@ -63,10 +66,23 @@ def dot4(dot: str, acc, codes, weights):
                                          T.broadcast(T.int16(1), 2 * lanes), dtype=f"int32x{lanes}")
 
 
-def _quantize_macro(tokens: int, in_f: int, dot: str, quad_major: bool, padded: int = 0):
-    """T.macro quantize(X, codes, xscale): codes uint8, [tokens, in] or quad-major [in / 4, padded, 4];
-    tokens from `tokens` to `padded` (a vector of tokens wider than X) get codes of zero and scale 0."""
+def dequantize(acc, colsum, xscale, wscale):
+    """The epilogue, one float32 expression in the reference's order: float32(acc - colsum) * xscale * wscale."""
+    return (T.Cast("float32", acc - colsum) * xscale) * wscale
+
+
+def _quantize_macro(tokens: int, in_f: int, dot: str, quad_major: bool, padded: int = 0, x_fm: bool = False):
+    """T.macro quantize(X, codes, xscale): X float32 [tokens, in], or X^T [in, tokens] if x_fm (the graph's
+    layout); codes uint8, [tokens, in] or quad-major [in / 4, padded, 4]; tokens from `tokens` to `padded`
+    (a vector of tokens wider than X) get codes of zero and scale 0. Same float32 operations either way."""
     levels, offset = LEVELS[dot]
+
+    @T.macro
+    def store(codes, t, k, value):
+        if quad_major:
+            codes[k // 4, t, k % 4] = T.Cast("uint8", T.Cast("int32", T.nearbyint(value)) + offset)
+        else:
+            codes[t, k] = T.Cast("uint8", T.Cast("int32", T.nearbyint(value)) + offset)
 
     @T.macro
     def quantize(X, codes, xscale):
@@ -75,18 +91,30 @@ def _quantize_macro(tokens: int, in_f: int, dot: str, quad_major: bool, padded: 
                 xscale[t] = T.float32(0)
                 for k in range(in_f):
                     codes[k // 4, t, k % 4] = T.uint8(offset)
-        for t in T.parallel(tokens):
-            peak = T.alloc_buffer((1,), "float32", scope="local")
-            peak[0] = T.float32(0)
+        if x_fm:  # rows of X^T stream past a vector of every token's running peak
+            peak = T.alloc_buffer((tokens,), "float32")
+            inv = T.alloc_buffer((tokens,), "float32")
+            for t in range(tokens):
+                peak[t] = T.float32(0)
             for k in range(in_f):
-                peak[0] = T.max(peak[0], T.fabs(X[t, k]))
-            inv = T.float32(levels) / T.max(peak[0], T.float32(TINY))
-            xscale[t] = peak[0] / T.float32(levels)
-            for k in range(in_f):
-                if quad_major:
-                    codes[k // 4, t, k % 4] = T.Cast("uint8", T.Cast("int32", T.nearbyint(X[t, k] * inv)) + offset)
-                else:
-                    codes[t, k] = T.Cast("uint8", T.Cast("int32", T.nearbyint(X[t, k] * inv)) + offset)
+                for t in T.vectorized(tokens):
+                    peak[t] = T.max(peak[t], T.fabs(X[k, t]))
+            for t in range(tokens):
+                inv[t] = T.float32(levels) / T.max(peak[t], T.float32(TINY))
+                xscale[t] = peak[t] / T.float32(levels)
+            for k in T.parallel(in_f):
+                for t in range(tokens):
+                    store(codes, t, k, X[k, t] * inv[t])
+        else:
+            for t in T.parallel(tokens):
+                peak = T.alloc_buffer((1,), "float32", scope="local")
+                peak[0] = T.float32(0)
+                for k in range(in_f):
+                    peak[0] = T.max(peak[0], T.fabs(X[t, k]))
+                inv = T.float32(levels) / T.max(peak[0], T.float32(TINY))
+                xscale[t] = peak[0] / T.float32(levels)
+                for k in range(in_f):
+                    store(codes, t, k, X[t, k] * inv)
 
     return quantize
 
@@ -95,31 +123,42 @@ def _quantize_macro(tokens: int, in_f: int, dot: str, quad_major: bool, padded: 
 class DenseInt8Knobs:
     vn: int = 16  # output rows per panel (a multiple of the dot's lanes)
     tile: int = 6  # tokens per register tile (need not divide them)
+    layout: str = "row-major"  # LAYOUTS: X [tokens, in] -> Y [tokens, out], or X^T -> Y^T (the graph's)
 
     def label(self) -> str:
-        return f"vn={self.vn} tile={self.tile}"
+        return f"vn={self.vn} tile={self.tile} {self.layout}"
 
 
-def pick_dense_knobs(tokens: int, out_f: int, dot: str) -> DenseInt8Knobs:
+def pick_dense_knobs(tokens: int, out_f: int, dot: str, layout: str = "row-major") -> DenseInt8Knobs:
     """Two vectors of rows by the token tile the float32 GEMM uses on this vector unit (`host_isa`)."""
     lanes = DOT_LANES[dot]
     vn = largest_divisor(out_f, 2 * lanes)
-    return DenseInt8Knobs(vn, min(tokens, max(1, host_isa().accumulators // max(1, vn // lanes))))
+    return DenseInt8Knobs(vn, min(tokens, max(1, host_isa().accumulators // max(1, vn // lanes))), layout)
 
 
 @tir_builder
 def dense_int8_prim_func(tokens: int, out_f: int, in_f: int, knobs: DenseInt8Knobs, dot: str):
     """X float32 [tokens, in], Wq int32 [out / vn, in / 4, vn] (four int8 codes per int32), wscale float32
-    [out], colsum int32 [out] (offset * sum of a row's codes) -> Y float32 [tokens, out]."""
+    [out], colsum int32 [out] (offset * sum of a row's codes) -> Y float32 [tokens, out]; with
+    layout="feature-major" X^T [in, tokens] -> Y^T [out, tokens]."""
     lanes, vn = DOT_LANES[dot], knobs.vn
     tile = min(knobs.tile, tokens)
     n_tiles, quads = -(-tokens // tile), in_f // 4
-    quantize = _quantize_macro(tokens, in_f, dot, quad_major=False)
+    fm = knobs.layout == "feature-major"
+    quantize = _quantize_macro(tokens, in_f, dot, quad_major=False, x_fm=fm)
+    x_shape, y_shape = ((in_f, tokens), (out_f, tokens)) if fm else ((tokens, in_f), (tokens, out_f))
+
+    @T.macro
+    def put(Y, t, n, value):
+        if fm:
+            Y[n, t] = value
+        else:
+            Y[t, n] = value
 
     @T.prim_func
-    def dense_int8(X: T.Buffer((tokens, in_f), "float32"), Wq: T.Buffer((out_f // vn, quads, vn), "int32"),
+    def dense_int8(X: T.Buffer(x_shape, "float32"), Wq: T.Buffer((out_f // vn, quads, vn), "int32"),
                    wscale: T.Buffer((out_f,), "float32"), colsum: T.Buffer((out_f,), "int32"),
-                   Y: T.Buffer((tokens, out_f), "float32")):
+                   Y: T.Buffer(y_shape, "float32")):
         T.func_attr({"tirx.noalias": True})
         codes = T.alloc_buffer((tokens, in_f), "uint8")
         xscale = T.alloc_buffer((tokens,), "float32")
@@ -139,9 +178,10 @@ def dense_int8_prim_func(tokens: int, out_f: int, in_f: int, knobs: DenseInt8Kno
                             Wq[task // n_tiles, kk, T.ramp(j * lanes, 1, lanes)])
             for t in T.unroll(tile):
                 for v in T.vectorized(vn):
-                    Y[T.min((task % n_tiles) * tile, tokens - tile) + t, (task // n_tiles) * vn + v] = (
-                        T.Cast("float32", acc[t, v] - colsum[(task // n_tiles) * vn + v])
-                        * xscale[T.min((task % n_tiles) * tile, tokens - tile) + t]) * wscale[(task // n_tiles) * vn + v]
+                    put(Y, T.min((task % n_tiles) * tile, tokens - tile) + t, (task // n_tiles) * vn + v,
+                        dequantize(acc[t, v], colsum[(task // n_tiles) * vn + v],
+                                   xscale[T.min((task % n_tiles) * tile, tokens - tile) + t],
+                                   wscale[(task // n_tiles) * vn + v]))
 
     return dense_int8
 
@@ -153,21 +193,26 @@ def pack_quads(codes: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(quads, -3, -2)).view(np.int32).reshape(*lead, cols // 4, rows)
 
 
+def pack_dense(weight: QuantizedRows, tokens: int, knobs: DenseInt8Knobs | None = None, dot: str | None = None) -> Packed:
+    """The dense INT8 kernel's source and arguments: panels int32 [out / vn, in / 4, vn] (`pack_quads`),
+    wscale float32 [out], colsum int32 [out] (offset of this dot times each row's code sum)."""
+    dot = dot or host_dot()
+    (out_f, in_f), knobs = weight.codes.shape, knobs or pick_dense_knobs(tokens, weight.codes.shape[0], dot)
+    panels = pack_quads(weight.codes.reshape(out_f // knobs.vn, knobs.vn, in_f))
+    return Packed(KernelSource("dense_int8", dense_int8_prim_func, (tokens, out_f, in_f, knobs, dot)), (out_f, in_f),
+                  tokens, (panels, weight.scales, weight.column_sums(LEVELS[dot][1])), x_layout=knobs.layout,
+                  y_feature_major=knobs.layout == "feature-major")
+
+
 class TVMDenseInt8(Kernel):
     """Our dense INT8 peer: Y = X @ W^T with W quantized per row (float32 in and out, activations
     quantized inside the kernel); bound to x float32 [tokens, in]."""
 
     def __init__(self, weight: np.ndarray, x: np.ndarray, knobs: DenseInt8Knobs | None = None, dot: str | None = None):
-        dot = dot or host_dot()
-        (out_f, in_f), tokens = weight.shape, x.shape[0]
-        self.knobs = knobs or pick_dense_knobs(tokens, out_f, dot)
+        self.dot = dot or host_dot()
+        self.knobs = knobs or pick_dense_knobs(x.shape[0], weight.shape[0], self.dot)
         self.quantized = quantize_rows(weight)
-        vn = self.knobs.vn
-        panels = pack_quads(self.quantized.codes.reshape(out_f // vn, vn, in_f))
-        super().__init__(Packed(KernelSource("dense_int8", dense_int8_prim_func, (tokens, out_f, in_f, self.knobs, dot)),
-                                weight.shape, tokens,
-                                (panels, self.quantized.scales, self.quantized.column_sums(LEVELS[dot][1])),
-                                x_layout="row-major", y_feature_major=False))
+        super().__init__(pack_dense(self.quantized, x.shape[0], self.knobs, self.dot))
         self.bind(x)
 
 
@@ -179,14 +224,15 @@ class Int8Knobs:
     vec: str = "rows"  # VECS: a block's rows (Y [tokens, out]) or a tile of tokens (Y^T [out, tokens])
     split: str = "nnz"  # SPLITS: one parallel task per block row, or a run of rows of equal work per thread
     rows_per_pass: int = 0  # vec="tokens": block rows accumulated per pass (0 = all bs_r)
+    layout: str = "row-major"  # LAYOUTS: X [tokens, in] in, or X^T [in, tokens] in and Y^T [out, tokens] out
 
     def __post_init__(self):
-        if self.vec not in VECS or self.split not in SPLITS or self.tile < 1:
+        if self.vec not in VECS or self.split not in SPLITS or self.layout not in LAYOUTS or self.tile < 1:
             raise ValueError(f"invalid INT8 knobs {self}")
 
     def label(self) -> str:
         rp = f" rows/pass={self.rows_per_pass}" if self.rows_per_pass else ""
-        return f"vec={self.vec} tile={self.tile} split={self.split}{rp}"
+        return f"vec={self.vec} tile={self.tile} split={self.split}{rp} {self.layout}"
 
 
 @tir_builder
@@ -204,8 +250,11 @@ def bsr_int8_prim_func(tokens: int, shape: tuple[int, int], block: tuple[int, in
     tile = max(token_tile(tokens, knobs.tile), lanes) if by_tokens else token_tile(tokens, knobs.tile)
     n_rows, n_tiles = out_f // bs_r, -(-padded // tile)
     rp = knobs.rows_per_pass or bs_r
-    y_shape = (out_f, tokens) if by_tokens else (tokens, out_f)
-    quantize = _quantize_macro(tokens, in_f, dot, by_tokens, padded)
+    x_fm = knobs.layout == "feature-major"
+    y_fm = by_tokens or x_fm
+    x_shape = (in_f, tokens) if x_fm else (tokens, in_f)
+    y_shape = (out_f, tokens) if y_fm else (tokens, out_f)
+    quantize = _quantize_macro(tokens, in_f, dot, by_tokens, padded, x_fm)
 
     @T.macro
     def tile_by_rows(Xq, data, indices, indptr, wscale, colsum, xscale, Y, i, t0):
@@ -225,8 +274,12 @@ def bsr_int8_prim_func(tokens: int, shape: tuple[int, int], block: tuple[int, in
                             data[nb, c, T.ramp(j * lanes, 1, lanes)])
         for t in T.unroll(tile):
             for r in T.vectorized(bs_r):
-                Y[first + t, i * bs_r + r] = (T.Cast("float32", acc[t, r] - colsum[i * bs_r + r])
-                                              * xscale[first + t]) * wscale[i * bs_r + r]
+                if y_fm:
+                    Y[i * bs_r + r, first + t] = dequantize(acc[t, r], colsum[i * bs_r + r], xscale[first + t],
+                                                            wscale[i * bs_r + r])
+                else:
+                    Y[first + t, i * bs_r + r] = dequantize(acc[t, r], colsum[i * bs_r + r], xscale[first + t],
+                                                            wscale[i * bs_r + r])
 
     @T.macro
     def tile_by_tokens(Xq, data, indices, indptr, wscale, colsum, xscale, Y, i, t0):
@@ -248,16 +301,15 @@ def bsr_int8_prim_func(tokens: int, shape: tuple[int, int], block: tuple[int, in
             for r in T.unroll(rp):
                 for t in T.vectorized(tile):
                     if padded == tokens or first + t < tokens:
-                        Y[i * bs_r + h * rp + r, first + t] = (
-                            T.Cast("float32", acc[r, t] - colsum[i * bs_r + h * rp + r])
-                            * xscale[first + t]) * wscale[i * bs_r + h * rp + r]
+                        Y[i * bs_r + h * rp + r, first + t] = dequantize(
+                            acc[r, t], colsum[i * bs_r + h * rp + r], xscale[first + t], wscale[i * bs_r + h * rp + r])
 
     body = tile_by_tokens if by_tokens else tile_by_rows
     codes_shape = (quads, padded, 4) if by_tokens else (tokens, in_f)
     xq_shape = (quads, padded) if by_tokens else (tokens, quads)
 
     @T.prim_func
-    def bsr_int8(X: T.Buffer((tokens, in_f), "float32"), data: T.Buffer((nnz_blocks, quads_per_block, bs_r), "int32"),
+    def bsr_int8(X: T.Buffer(x_shape, "float32"), data: T.Buffer((nnz_blocks, quads_per_block, bs_r), "int32"),
                  indices: T.Buffer((nnz_blocks,), "int32"), indptr: T.Buffer((n_rows + 1,), "int32"),
                  parts: T.Buffer((n_parts + 1,), "int32"), wscale: T.Buffer((out_f,), "float32"),
                  colsum: T.Buffer((out_f,), "int32"), Y: T.Buffer(y_shape, "float32")):
@@ -306,7 +358,8 @@ def candidates(tokens: int, weight: QuantizedBSR, dot: str | None = None) -> lis
                 out.append(Int8Knobs(token_tile(tokens, tile), "rows"))
     for vectors in (1, 2, 4):
         out.append(Int8Knobs(token_tile(tokens, vectors * lanes), "tokens", rows_per_pass=_rows_per_pass(bs_r, vectors)))
-    return list(dict.fromkeys(out))
+    both = [dataclasses.replace(k, layout=layout) for k in out for layout in LAYOUTS]  # the graph reads X^T
+    return list(dict.fromkeys(both))
 
 
 def variants(knobs: Int8Knobs, weight: QuantizedBSR) -> list[Int8Knobs]:
@@ -329,7 +382,7 @@ def pack(weight: QuantizedBSR, tokens: int, knobs: Int8Knobs, n_parts: int | Non
                   bsr.shape, tokens,
                   (data, indices, bsr.indptr, balanced_parts(bsr.indptr, n_parts), weight.scales,
                    weight.column_sums(LEVELS[dot][1])),
-                  x_layout="row-major", tile=tile, y_feature_major=knobs.vec == "tokens")
+                  x_layout=knobs.layout, tile=tile, y_feature_major=knobs.vec == "tokens" or knobs.layout == "feature-major")
 
 
 def stack_rows(weights: list[QuantizedBSR]) -> None:

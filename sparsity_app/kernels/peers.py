@@ -21,7 +21,7 @@ import warnings
 from sparsity_app.core.results import DENSE_PEERS, INT8_PEERS
 from sparsity_app.kernels import compile_prim_func, empty, tensor
 from sparsity_app.kernels.dense import TorchDense, TVMDense
-from sparsity_app.kernels.int8 import TVMDenseInt8, host_dot
+from sparsity_app.kernels.int8 import TVMDenseInt8
 from sparsity_app.prune.quantize import int8_linear
 
 
@@ -48,8 +48,8 @@ class TVMDenseInt8Peer(TVMDenseInt8):
         return int8_linear(self._x, self.quantized, self.dot), 1e-6
 
     def __init__(self, weight: np.ndarray, x: np.ndarray):
-        self._x, self.dot = x, host_dot()
-        super().__init__(weight, x, dot=self.dot)
+        self._x = x
+        super().__init__(weight, x)
 
 
 class TorchDynamicInt8:

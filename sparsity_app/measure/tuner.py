@@ -150,6 +150,14 @@ def compile_kernel(fam, weight, x: np.ndarray, knobs, device=None):
         raise CompileError(f"TVM could not compile the kernel with schedule {knobs.label()}: {one_line(e)}") from e
 
 
+def reference_of(family: str, weight, x: np.ndarray, pruned: np.ndarray) -> np.ndarray:
+    """Y [tokens, out] a kernel of `family` on `weight` (its format) must produce from x float32 [tokens, in]:
+    the family's own arithmetic (INT8: quantized, to the bit), else X @ pruned^T in float64 (pruned:
+    float32 [out, in], the weights the format stores)."""
+    fam = families()[family]
+    return fam.reference(weight, x) if fam.reference else x.astype(np.float64) @ pruned.astype(np.float64).T
+
+
 def check_output(name: str, got: np.ndarray, want: np.ndarray, tolerance: float = 1e-4) -> float:
     """A kernel that computes the wrong answer must never produce a speedup (or win a tuning).
 

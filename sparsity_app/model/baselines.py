@@ -194,3 +194,53 @@ def onnxruntime_session(model, batch: int, seq: int, threads: int, tokenizer=Non
         raise RuntimeError(f"ONNX Runtime output differs from PyTorch eager at {batch}x{seq}: relative error "
                            f"{rel:.2e} > {MAX_REL_ERROR:.0e} (shapes {list(got.shape)} vs {list(reference.shape)})")
     return forward
+
+
+# INT8 peers: what a user gets from a one-line dynamic quantization. Their arithmetic is their own (per-tensor
+# activations, fbgemm / MLAS kernels), so they are checked against the float32 model within quantization noise.
+INT8_MAX_REL_ERROR = 0.5  # a sanity bound (a wrong model is ~1 or more): measured 0.16 (ONNX Runtime), 0.26 (PyTorch) on MiniLM
+
+
+def _check_int8(name: str, got: np.ndarray, model, batch: int, seq: int, tokenizer) -> None:
+    reference = torch_eager(model, batch, seq, tokenizer)().numpy()
+    rel = float(np.linalg.norm(got - reference) / max(np.linalg.norm(reference), 1e-30)) \
+        if got.shape == reference.shape else float("inf")
+    if not rel <= INT8_MAX_REL_ERROR:
+        raise RuntimeError(f"{name} output differs from float32 PyTorch eager at {batch}x{seq}: relative error "
+                           f"{rel:.2e} > {INT8_MAX_REL_ERROR:.0e}")
+
+
+def torch_dynamic_int8(model, batch: int, seq: int, tokenizer=None) -> Callable[[], "torch.Tensor"]:
+    """PyTorch eager with every nn.Linear dynamically quantized (`torch.ao.quantization.quantize_dynamic`,
+    per-channel INT8 weights, fbgemm); the model is copied, never changed."""
+    _check(model, batch, seq)
+    with warnings.catch_warnings():  # torch 2.13 deprecates the quantized tensor types it still uses
+        warnings.simplefilter("ignore")
+        quantized = torch.ao.quantization.quantize_dynamic(
+            copy.deepcopy(model).eval(), {torch.nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig},
+            dtype=torch.qint8)
+    forward = torch_eager(quantized, batch, seq, tokenizer)
+    _check_int8("PyTorch dynamic INT8", forward().numpy(), model, batch, seq, tokenizer)
+    return forward
+
+
+def onnxruntime_int8_session(model, batch: int, seq: int, threads: int, tokenizer=None) -> Callable[[], np.ndarray]:
+    """ONNX Runtime running the export quantized by `onnxruntime.quantization.quantize_dynamic` (per-channel
+    INT8 weights, activations quantized at run time: the one-line INT8 of ONNX Runtime's docs)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic  # lazy: only INT8 plans time it
+
+    _check(model, batch, seq, threads)
+    ids, mask = example_inputs(tokenizer or _shared_tokenizer(), batch, seq)
+    with tempfile.TemporaryDirectory(prefix="sparsity-onnx-int8-") as tmp:
+        path, quantized = os.path.join(tmp, "model.onnx"), os.path.join(tmp, "model.int8.onnx")
+        _export(copy.deepcopy(model).eval(), ids, mask, path)
+        with _quiet("root", "onnxruntime"):
+            quantize_dynamic(path, quantized, per_channel=True, weight_type=QuantType.QInt8)
+        session = ort.InferenceSession(quantized, sess_options=_ort_options(threads), providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": ids, "attention_mask": mask}
+
+    def forward() -> np.ndarray:
+        return session.run(["last_hidden_state"], feeds)[0]
+
+    _check_int8("ONNX Runtime INT8", forward(), model, batch, seq, tokenizer)
+    return forward

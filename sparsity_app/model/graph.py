@@ -42,12 +42,14 @@ from tvm.script import tirx as T
 
 from sparsity_app.core.errors import UserError
 from sparsity_app.core.requests import Spec
-from sparsity_app.kernels import compile_prim_func, dense, empty, families, host_target, max_threads, ops
+from sparsity_app.kernels import compile_prim_func, dense, empty, families, host_target, int8, max_threads, ops
 from sparsity_app.measure import tuner
 from sparsity_app.measure.timing import measure
 from sparsity_app.model.catalog import get_model
 from sparsity_app.model.hf import masked_copy
+from sparsity_app.prune.quantize import QuantizedBSR, QuantizedRows, int8_linear, quantize_rows
 
+DENSE_FAMILIES = ("dense", "dense_int8")  # the graph's own dense linears (float32 feature-major GEMM; INT8 GEMM)
 SUBLAYERS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
              "intermediate.dense", "output.dense")
 GROUPS = ("linears", "attention matmuls", "softmax", "layer norm", "GELU", "other")
@@ -60,14 +62,24 @@ _GROUP_OF = {"linear": "linears", "attention": "attention matmuls", "softmax": "
 class LinearPlan:
     """How one nn.Linear (Y = X W^T + b) runs in the graph."""
 
-    family: str  # "dense", or a sparse family (kernels.families.FAMILIES)
-    weight: object  # the family's format (formats.BSR, CSR, NM, ...), or np.ndarray float32 [out, in] for dense
+    family: str  # "dense", "dense_int8", or a sparse family (kernels.families.FAMILIES)
+    # the family's format (formats.BSR, CSR, NM, quantize.QuantizedBSR, ...); dense: np.ndarray float32 [out, in];
+    # dense_int8: quantize.QuantizedRows
+    weight: object
     bias: np.ndarray | None  # float32 [out]; None = no bias
     knobs: object | None = None  # the family's Knobs (tuner winner; DenseFMKnobs for dense); None = default
 
     def __post_init__(self):
-        if self.family != "dense" and self.family not in families.FAMILIES:
-            raise UserError(f"unknown linear family {self.family!r}; valid families: dense, {', '.join(families.FAMILIES)}")
+        if self.family not in DENSE_FAMILIES and self.family not in families.FAMILIES:
+            raise UserError(f"unknown linear family {self.family!r}; valid families: {', '.join(DENSE_FAMILIES)}, "
+                            f"{', '.join(families.FAMILIES)}")
+
+    @property
+    def int8_rows(self) -> QuantizedRows | None:
+        """The codes and scales of an INT8 linear (what its kernel computes with, `quantize.int8_linear`), else None."""
+        if self.family == "dense_int8":
+            return self.weight
+        return self.weight.rows() if isinstance(self.weight, QuantizedBSR) else None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -328,8 +340,12 @@ class _Builder:
                 raise UserError(f"dense linears in the graph take DenseFMKnobs (feature-major), got {k!r}")
             return self.call("linear_dense", dense.dense_fm_prim_func(t, out_f, in_f, k),
                              [x, self.const(dense.pack_fm(plan.dense_weight(), k.mr))], (out_f, t))
-        family = families.FAMILIES[plan.family]
-        packed = family.pack(plan.weight, t, plan.knobs or family.default(t, plan.weight))
+        if plan.family == "dense_int8":  # the graph's layout: X^T in, Y^T out
+            packed = int8.pack_dense(plan.weight, t, plan.knobs or int8.pick_dense_knobs(t, out_f, int8.host_dot(),
+                                                                                          "feature-major"))
+        else:
+            family = families.FAMILIES[plan.family]
+            packed = family.pack(plan.weight, t, plan.knobs or family.default(t, plan.weight))
         if packed.x_layout == "row-major":
             x = self.transpose(x, in_f, t)
         elif packed.x_layout == "tiles":
@@ -349,6 +365,9 @@ def _stack_rows(plans: list[LinearPlan]) -> LinearPlan | None:
         return None
     if p0.family == "dense":
         return LinearPlan("dense", np.concatenate([p.dense_weight() for p in plans]), None, p0.knobs)
+    if p0.family == "dense_int8":  # per-row scales: stacking rows keeps every row's arithmetic
+        return LinearPlan("dense_int8", QuantizedRows(np.concatenate([p.weight.codes for p in plans]),
+                                                      np.concatenate([p.weight.scales for p in plans])), None, p0.knobs)
     stacked = families.FAMILIES[p0.family].stack_rows([p.weight for p in plans])
     return None if stacked is None else LinearPlan(p0.family, stacked, None, p0.knobs)
 
@@ -477,10 +496,17 @@ def compile_encoder(config, params, linears: Mapping[str, LinearPlan], batch: in
 # the PyTorch reference and the check
 
 
+def dense_linear(weight: np.ndarray, bias: np.ndarray | None, precision: str = "fp32") -> LinearPlan:
+    """A layer left dense in the graph: the float32 GEMM, or at INT8 the dense INT8 GEMM (weights quantized per row)."""
+    return LinearPlan("dense_int8", quantize_rows(weight), bias) if precision == "int8" else LinearPlan("dense", weight, bias)
+
+
 def plan_linears(model_name: str, specs: Mapping[str, Spec | None], pruned: Mapping[str, np.ndarray],
                  masks: Mapping[str, np.ndarray], biases: Mapping[str, np.ndarray | None], rows: int, threads: int,
-                 store=None, retune: bool = False) -> dict[str, tuple[LinearPlan, object | None]]:
+                 store=None, retune: bool = False, precision: str = "fp32") -> dict[str, tuple[LinearPlan, object | None]]:
     """layer -> (how it runs in the graph, its tuner.Tuning or None for a layer left dense).
+
+    precision: the plan's (a layer left dense runs `dense_linear` at it).
 
     specs: layer -> resolved Spec or None; pruned: layer -> float32 [out, in], W * mask; masks: layer ->
     bool [out, in]; biases: layer -> float32 [out] or None. Each pruned layer is stored in its kernel family's format, and its schedule is the
@@ -491,11 +517,11 @@ def plan_linears(model_name: str, specs: Mapping[str, Spec | None], pruned: Mapp
     for name, spec in specs.items():
         bias = biases[name]
         if spec is None:
-            out[name] = (LinearPlan("dense", pruned[name], bias), None)
+            out[name] = (dense_linear(pruned[name], bias, precision), None)
             continue
         family, fmt = tuner.sparse_format(pruned[name], masks[name], spec)
         x = model.calibration(name, rows)
-        reference = x.astype(np.float64) @ pruned[name].astype(np.float64).T
+        reference = tuner.reference_of(family, fmt, x, pruned[name])
         tuning = tuner.best_schedule(family, fmt, x, reference, spec, threads, store, retune=retune,
                                      layouts=("feature-major",))
         out[name] = (LinearPlan(family, fmt, bias, tuning.knobs()), tuning)
@@ -504,8 +530,10 @@ def plan_linears(model_name: str, specs: Mapping[str, Spec | None], pruned: Mapp
 
 def reference_model(model, linears: Mapping[str, LinearPlan]):
     """A copy of a BertModel (model.hf.masked_copy) with each planned linear's weight replaced by its
-    dense form (pruned entries zero) and its bias; the shared model is never modified."""
-    ref = masked_copy(model, {name: plan.dense_weight() for name, plan in linears.items()})
+    dense form (pruned entries zero) and its bias, and an INT8 linear computed by the INT8 arithmetic
+    (`quantize.int8_linear`); the shared model is never modified."""
+    computed = {name: int8_computation(plan.int8_rows) for name, plan in linears.items() if plan.int8_rows is not None}
+    ref = masked_copy(model, {name: plan.dense_weight() for name, plan in linears.items()}, computed)
     with torch.no_grad():
         for name, plan in linears.items():
             mod = ref.get_submodule(name)
@@ -516,11 +544,34 @@ def reference_model(model, linears: Mapping[str, LinearPlan]):
     return ref
 
 
+def int8_computation(rows: QuantizedRows):
+    """x float32 [tokens, in] -> Y float32 [tokens, out] as this machine's INT8 kernels compute it."""
+    dot = int8.host_dot()
+    return lambda x: int8_linear(x, rows, dot)
+
+
 def torch_forward(model, input_ids, attention_mask) -> np.ndarray:
     """last_hidden_state float32 [batch, seq, hidden] of a BertModel in eager mode."""
     with torch.inference_mode():
         out = model(input_ids=torch.as_tensor(input_ids), attention_mask=torch.as_tensor(attention_mask))
     return out.last_hidden_state.numpy()
+
+
+def tolerance(precision: str) -> float:
+    """The relative error `verify` allows an executable of this precision against its PyTorch reference.
+
+    float32: 1e-4 (the same arithmetic, reordered). INT8: each INT8 linear alone equals its reference
+    (`quantize.int8_linear`) to the bit, and a graph with one INT8 linear of MiniLM agrees to 2e-4. Whole
+    graphs do not: the other operators differ from PyTorch's by float32 rounding (~1e-6), an activation
+    on a rounding boundary then takes the neighbouring code (a step of 1/63 of its token's largest value
+    on AVX2), and the next layers' inputs differ by that much, which flips more codes: the difference
+    cascades. Measured on MiniLM at 1x128: 8e-3 (90% 16x4 sparse INT8) and 7.1e-2 (dense INT8, every
+    linear) against the INT8 reference, where dense INT8 itself is 0.16 (ONNX Runtime) to 0.26 (PyTorch)
+    from float32. No bound below that cascade can be proven, so INT8 graphs are held to 0.2, a check
+    that a wrong kernel, scale or layout (errors of order 1) cannot pass, not a proof of bit agreement;
+    the bit agreement is the kernels' (tests/test_int8.py).
+    """
+    return 0.2 if precision == "int8" else 1e-4
 
 
 def verify(encoder: Encoder, reference, input_ids, attention_mask, tol: float = 1e-4) -> float:

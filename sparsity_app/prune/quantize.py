@@ -49,6 +49,18 @@ class QuantizedRows:
     codes: np.ndarray  # int8 [out, in]; pruned entries 0
     scales: np.ndarray  # float32 [out]: w ~ codes * scales[:, None]
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.codes.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.nbytes + self.scales.nbytes
+
+    def to_dense(self) -> np.ndarray:
+        """float32 [out, in], as the float reference of a graph multiplies (`dequantized`)."""
+        return self.dequantized()
+
     def dequantized(self) -> np.ndarray:
         """float32 [out, in]: what the INT8 kernels multiply by, in float."""
         return self.codes.astype(np.float32) * self.scales[:, None]
@@ -77,6 +89,10 @@ class QuantizedBSR:
     def rows(self) -> QuantizedRows:
         """The same codes and scales as a dense [out, in] (what the NumPy reference multiplies by)."""
         return QuantizedRows(self.bsr.to_dense().astype(np.int8), self.scales)
+
+    def to_dense(self) -> np.ndarray:
+        """float32 [out, in]: the dequantized kept weights, zeros elsewhere."""
+        return self.rows().dequantized()
 
     def column_sums(self, offset: int) -> np.ndarray:
         """int32 [out]: offset * the sum of each row's codes."""
@@ -123,3 +139,12 @@ def int8_linear(x: np.ndarray, weight: QuantizedRows, dot: str) -> np.ndarray:
     acc = np.rint(codes.astype(np.float64) @ weight.codes.astype(np.float64).T).astype(np.int64)
     centred = (acc - weight.column_sums(offset)).astype(np.int32).astype(np.float32)
     return (centred * xscale[:, None]).astype(np.float32) * weight.scales[None, :]
+
+
+def int8_layers(weights: dict[str, np.ndarray], dot: str) -> dict:
+    """layer -> x float32 [tokens, in] -> Y float32 [tokens, out]: each weight (float32 [out, in], pruned
+    or not) run as an INT8 kernel with integer dot `dot` runs it (`int8_linear`), for
+    model.hf.masked_copy's `outputs`: the model evaluated with these linears in INT8."""
+    def layer(rows: QuantizedRows):
+        return lambda x: int8_linear(x, rows, dot)
+    return {name: layer(quantize_rows(w)) for name, w in weights.items()}

@@ -84,7 +84,7 @@ def _measure(device, spec: Spec, shape: tuple[int, int], store: Store | None, pr
 
     device.set_threads(spec.threads)
     fam = tuner.families()[family]
-    reference = fam.reference(sparse, x) if fam.reference else x.astype(np.float64) @ pruned.astype(np.float64).T
+    reference = tuner.reference_of(family, sparse, x, pruned)
     tuned = store is not None and not retune and tuner.is_tuned(family, sparse, x, spec, spec.threads, store, device)
     with clock.step("tune", stored_note + ("reusing the stored winning schedule" if tuned else
                                            "tuning: compiling, checking and timing candidate schedules")):

@@ -91,44 +91,69 @@ def _measure(plan: ModelPlan, specs: dict, store: Store | None, progress: Progre
     with clock.step("tune", "sparse formats and each layer's schedule (layers of one shape and pattern share a "
                     "tuning)"):
         linears = graph.plan_linears(plan.model, specs, pruned, masks, {name: weights[name][1] for name in specs}, rows,
-                                     threads, store, retune)
+                                     threads, store, retune, plan.precision)
         plans = {name: linear for name, (linear, _) in linears.items()}
         tuned_now = sum(t is not None and not t.cached for _, t in linears.values())
-        layers = [_layer_row(name, "dense", "dense", 0.0, None, weights[name][0].nbytes, weights[name][0].nbytes)
+        layers = [_layer_row(name, "dense", linear.family, 0.0, None, linear.weight.nbytes, weights[name][0].nbytes)
                   if tuning is None else
                   _layer_row(name, specs[name].label(), linear.family, 1.0 - float(masks[name].mean()), tuning.label,
                              linear.weight.nbytes, weights[name][0].nbytes)
                   for name, (linear, tuning) in linears.items()]
-    with clock.step("compile", "compiling the sparse and the dense encoders for this CPU"):
+    int8 = plan.precision == "int8"
+    with clock.step("compile", "compiling the sparse and the dense encoders for this CPU"
+                    + (" (dense in float32 and in INT8)" if int8 else "")):
         sparse = graph.compile_encoder(hf, hf, plans, plan.batch, plan.tokens)
-        dense = graph.compile_encoder(hf, hf, {}, plan.batch, plan.tokens)
+        executables = {"tvm_dense": graph.compile_encoder(hf, hf, {}, plan.batch, plan.tokens)}
+        if int8:  # every linear the dense INT8 GEMM (weights quantized per row); and the same masks in float32
+            dense_int8 = {name: graph.dense_linear(weights[name][0], weights[name][1], "int8") for name in specs}
+            executables["tvm_dense_int8"] = graph.compile_encoder(hf, hf, dense_int8, plan.batch, plan.tokens)
+            fp32_specs = {name: None if spec is None else dataclasses.replace(spec, precision="fp32")
+                          for name, spec in specs.items()}
+            fp32_plans = {name: linear for name, (linear, _) in graph.plan_linears(
+                plan.model, fp32_specs, pruned, masks, {name: weights[name][1] for name in specs}, rows, threads, store,
+                retune).items()}
+            executables["tvm_sparse_fp32"] = graph.compile_encoder(hf, hf, fp32_plans, plan.batch, plan.tokens)
     ids, attention = baselines.example_inputs(tokenizer, plan.batch, plan.tokens)
-    with clock.step("verify", "checking both executables against PyTorch (relative error <= 1e-4)"):
-        reference = model.pruned_copy(pruned)
-        error = graph.verify(sparse, reference, ids, attention)
-        graph.verify(dense, hf, ids, attention)
-        sparse.set_inputs(ids, attention)
-        dense.set_inputs(ids, attention)
+    tolerance = graph.tolerance(plan.precision)
+    with clock.step("verify", f"checking every executable against PyTorch (relative error <= {tolerance:.0e}"
+                    + (", INT8 linears by their own arithmetic)" if int8 else ")")):
+        reference = model.pruned_copy(pruned)  # float32: what PyTorch runs (and times) of the pruned weights
+        # what the sparse executable computes: INT8 linears by the INT8 arithmetic (the model scored below)
+        computed = graph.reference_model(hf, plans) if int8 else reference
+        error = graph.verify(sparse, computed, ids, attention, tolerance)
+        graph.verify(executables["tvm_dense"], hf, ids, attention)
+        if int8:
+            graph.verify(executables["tvm_dense_int8"], graph.reference_model(hf, dense_int8), ids, attention, tolerance)
+            graph.verify(executables["tvm_sparse_fp32"], reference, ids, attention)
+        for executable in (sparse, *executables.values()):
+            executable.set_inputs(ids, attention)
         peers = {"torch_eager": baselines.torch_eager(hf, plan.batch, plan.tokens, tokenizer),
                  "torch_eager_pruned": baselines.torch_eager(reference, plan.batch, plan.tokens, tokenizer),
                  "onnxruntime": baselines.onnxruntime_session(hf, plan.batch, plan.tokens, threads, tokenizer)}
+        if int8:
+            peers.update(torch_dynamic_int8=baselines.torch_dynamic_int8(hf, plan.batch, plan.tokens, tokenizer),
+                         onnxruntime_int8=baselines.onnxruntime_int8_session(hf, plan.batch, plan.tokens, threads,
+                                                                             tokenizer))
+    also = " (float32 and INT8)" if int8 else ""
+
     def time_once():
-        with clock.step("time", f"timing TVM sparse, TVM dense, PyTorch eager (dense and pruned) and ONNX Runtime "
-                        f"on {threads} threads, {plan.repeat} samples each"):
+        with clock.step("time", f"timing TVM sparse, TVM dense{also}, PyTorch eager (dense and pruned) and ONNX "
+                        f"Runtime{also} on {threads} threads, {plan.repeat} samples each"):
             LocalDevice().set_threads(threads)
             # Each runtime's idle pool spins after a pass (ONNX Runtime's for longer than TVM's): a 0.2 s
             # settle before each one's samples lets the previous pool go quiet (measured: ORT's spinning
             # raised the next runtime's median ~10% with the default 0.02 s).
-            times = measure({SPARSE: sparse.run, "tvm_dense": dense.run, **peers}, repeat=plan.repeat, per_round=3,
-                            settle_s=0.2)
-        with clock.step("breakdown", "timing each operator of both executables"):
-            return times, {SPARSE: sparse.breakdown(), "tvm_dense": dense.breakdown()}
+            times = measure({SPARSE: sparse.run, **{name: e.run for name, e in executables.items()}, **peers},
+                            repeat=plan.repeat, per_round=3, settle_s=0.2)
+        with clock.step("breakdown", "timing each operator of the TVM executables"):
+            return times, {SPARSE: sparse.breakdown(), **{name: e.breakdown() for name, e in executables.items()}}
 
     (times, breakdown), noisy = measure_until_sound(time_once, lambda figures: model_noise(*figures), progress)
     for row, ms in zip(layers, _per_linear_ms(sparse, list(specs))):
         row["kernel_ms"] = ms
-    with clock.step("evaluate", "real-label metrics of the pruned model (Lee, polarity, WordSim, SimLex)"):
-        metrics, dense_metrics = _evaluate(plan.model, reference)
+    with clock.step("evaluate", "real-label metrics of the pruned model (Lee, polarity, WordSim, SimLex)"
+                    + (", its linears by the INT8 arithmetic" if int8 else "")):
+        metrics, dense_metrics = _evaluate(plan.model, computed)
 
     total = sum(m.size for m in masks.values())
     result = ModelResult(plan=plan, sparsity_achieved=float(sum((~m).sum() for m in masks.values()) / total),

@@ -143,6 +143,8 @@ def recovery(request: RecoveryRequest, resolved_plan: ResolvedPlan | None = None
     then measured with), so the plan is not validated twice.
     """
     r = request
+    if r.plan.precision != "fp32":
+        raise UserError("recovery trains float32 weights: recover the fp32 plan (INT8 of recovered weights is not built yet)")
     t = _TIMING_DEFAULTS  # the plan's timing fields do not change the weights: one entry whatever they are
     if resolved_plan is not None:
         weights_plan = resolved_plan.with_timing(tokens=t.tokens, batch=t.batch, repeat=t.repeat, threads=default_threads())

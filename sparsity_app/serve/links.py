@@ -157,6 +157,7 @@ _PLAN_PARSERS: dict[str, Callable[[str], object]] = {  # in the order they are a
     "block": parse_block,
     "sparsity": float,
     "seed": int,
+    "precision": str,  # left out of a link at fp32
     "tokens": int,
     "batch": int,
     "threads": int,
