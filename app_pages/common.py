@@ -114,7 +114,8 @@ def conditions(result) -> str:
     return (f"Measured on {where}{m.get('cpu')} ({result.kernel.get('mcpu', '?')}, {', '.join(m.get('isa', [])[-3:])}), "
             f"{result.spec.threads} threads, TVM {m.get('tvm')}, " + (f"PyTorch {m['torch']}, " if m.get("torch") else "")
             + f"code {str(m.get('code'))[:8]}, "
-            f"{result.spec.tokens} tokens timed, float32. Median of {result.spec.repeat} samples; spread = "
+            f"{result.spec.tokens} tokens timed, {PRECISIONS[result.spec.precision]}. Median of {result.spec.repeat} "
+            "samples; spread = "
             f"interquartile range. Best dense = fastest of {len([k for k in ALL_DENSE_PEERS if k in result.times_ms])} "
             f"dense peers timed in the same measurement: {ALL_DENSE_PEERS[best]}.")
 
