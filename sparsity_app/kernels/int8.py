@@ -76,6 +76,7 @@ def _quantize_macro(tokens: int, in_f: int, dot: str, quad_major: bool, padded: 
     layout); codes uint8, [tokens, in] or quad-major [in / 4, padded, 4]; tokens from `tokens` to `padded`
     (a vector of tokens wider than X) get codes of zero and scale 0. Same float32 operations either way."""
     levels, offset = LEVELS[dot]
+    lanes = 8  # float32 lanes of an AVX2 vector (AVX-512 splits them two to a register)
 
     @T.macro
     def store(codes, t, k, value):
@@ -103,17 +104,28 @@ def _quantize_macro(tokens: int, in_f: int, dot: str, quad_major: bool, padded: 
                 inv[t] = T.float32(levels) / T.max(peak[t], T.float32(TINY))
                 xscale[t] = peak[t] / T.float32(levels)
             for k in T.parallel(in_f):
-                for t in range(tokens):
+                for t in T.vectorized(tokens):
                     store(codes, t, k, X[k, t] * inv[t])
-        else:
+        else:  # a token's row in vectors of `lanes` inputs (max is exact in any order)
             for t in T.parallel(tokens):
+                lane_peak = T.alloc_buffer((lanes,), "float32", scope="local")
+                for v in T.vectorized(lanes):
+                    lane_peak[v] = T.float32(0)
+                for k0 in range(in_f // lanes):
+                    for v in T.vectorized(lanes):
+                        lane_peak[v] = T.max(lane_peak[v], T.fabs(X[t, k0 * lanes + v]))
                 peak = T.alloc_buffer((1,), "float32", scope="local")
                 peak[0] = T.float32(0)
-                for k in range(in_f):
+                for v in range(lanes):
+                    peak[0] = T.max(peak[0], lane_peak[v])
+                for k in range(in_f // lanes * lanes, in_f):
                     peak[0] = T.max(peak[0], T.fabs(X[t, k]))
                 inv = T.float32(levels) / T.max(peak[0], T.float32(TINY))
                 xscale[t] = peak[0] / T.float32(levels)
-                for k in range(in_f):
+                for k0 in range(in_f // lanes):
+                    for v in T.vectorized(lanes):
+                        store(codes, t, k0 * lanes + v, X[t, k0 * lanes + v] * inv)
+                for k in range(in_f // lanes * lanes, in_f):
                     store(codes, t, k, X[t, k] * inv)
 
     return quantize
