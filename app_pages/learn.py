@@ -64,6 +64,20 @@ else:
             st.markdown(f"*{model}, {layer} ({g['shape'].iloc[0]})*: " + ", ".join(
                 f"{row.pattern} {row.fraction_of_ideal:.2f} ({row.measured} points)" for row in fractions.itertuples()))
 
+st.markdown("**The best block shape moves with precision.** In float32 a tall block wins because one input is "
+            "broadcast into the lanes of 32 rows (an FMA reduces nothing). The CPU's integer dot (AVX2's "
+            "`vpmaddubsw` + `vpmaddwd`, AVX-512 VNNI's `vpdpbusd`) sums four u8 x s8 products of four "
+            "*consecutive inputs* into each 32-bit lane: it reduces along the input dimension, so an INT8 block "
+            "needs 4 input columns (32x4, 16x4, 1x4) and 32x1 does not run at all. From your own cached "
+            "measurements at sparsity >= 0.8, each pattern's fraction of the ideal against the fastest dense "
+            "kernel of its own precision (run Sweep with Precisions fp32 and int8 to fill both):")
+if not df.empty:
+    per_precision = analysis.best_block_per_precision(df)
+    if per_precision.empty:
+        st.info("No result at sparsity >= 0.8 under these conditions yet.")
+    else:
+        st.dataframe(per_precision, hide_index=True, key="learn_per_precision")
+
 st.header("3. Break-even sparsity")
 st.markdown("Each stored block costs an index lookup and, for small blocks, a partly empty vector. So a sparse "
             "kernel only wins above some sparsity: the **break-even sparsity**, where it starts to beat the best "

@@ -130,3 +130,21 @@ def test_an_int8_graph_matches_its_int8_pytorch_reference():
     float_weights = graph.reference_model(model, {n: graph.LinearPlan("dense", p.dense_weight(), p.bias)
                                                   for n, p in plans.items()})  # INT8 is not float32: it moved
     assert graph.verify(encoder, float_weights, ids, mask, 1.0) > 1e-4
+
+
+def test_learn_ranks_blocks_per_precision_against_dense_of_that_precision():
+    import pandas as pd
+
+    from sparsity_app.serve.analysis import best_block_per_precision
+
+    rows = [("fp32", "block 32x1", 0.95), ("fp32", "block 32x1", 0.9), ("fp32", "block 1x32", 0.5),
+            ("int8", "block 16x4 int8", 0.6), ("int8", "block 32x4 int8", 0.7), ("int8", "block 32x4 int8", 0.65),
+            ("int8", "block 1x4 int8", 0.9)]
+    df = pd.DataFrame([{"precision": p, "pattern": pat, "fraction_of_ideal_same_precision": f, "sparsity_achieved": 0.9,
+                        "noisy": pat == "block 1x4 int8"} for p, pat, f in rows])  # the noisy point makes no verdict
+    table = best_block_per_precision(df)
+    best = table[table["best"] == "best"].set_index("precision")["pattern"].to_dict()
+    assert best == {"fp32": "block 32x1", "int8": "block 32x4 int8"}
+    assert "block 1x4 int8" not in set(table["pattern"])
+    single = best_block_per_precision(df[df["pattern"] != "block 32x4 int8"])
+    assert single[single["precision"] == "int8"]["best"].iloc[0] == "one point: no verdict"

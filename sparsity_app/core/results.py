@@ -76,6 +76,13 @@ class Result:
         """Name (an ALL_DENSE_PEERS key) of the fastest dense peer timed with this result, at any precision."""
         return min((k for k in ALL_DENSE_PEERS if k in self.times_ms), key=lambda k: self.times_ms[k].median)
 
+    @property
+    def best_dense_same_precision(self) -> str:
+        """Name of the fastest dense peer of the layer's own precision (an INT8 layer: INT8_PEERS), the
+        one a fraction of ideal per precision is taken against."""
+        own = [k for k in (INT8_PEERS if self.spec.precision == "int8" else DENSE_PEERS) if k in self.times_ms]
+        return min(own, key=lambda k: self.times_ms[k].median) if own else self.best_dense
+
     def speedup_vs(self, peer: str) -> float | None:
         """None when `peer` was not measured with the sparse kernel (e.g. PyTorch on a remote device):
         a speedup only ever compares kernels timed on the same device in the same measurement."""
@@ -157,6 +164,7 @@ class Result:
                                  "speedup_vs_torch_dense", "ideal_speedup", "tune_s", "compile_s", "scored_tokens",
                                  "cached")}
         row["fraction_of_ideal"] = self.speedup_vs_best_dense / self.ideal_speedup
+        row["fraction_of_ideal_same_precision"] = self.speedup_vs(self.best_dense_same_precision) / self.ideal_speedup
         row["noisy"] = bool(self.noisy)
         row["pattern"] = s.label()
         row["format"], row["schedule"] = self.kernel.get("format"), self.kernel.get("schedule")

@@ -120,6 +120,27 @@ def fraction_of_ideal(df: pd.DataFrame, min_sparsity: float = 0.8) -> pd.DataFra
             .sort_values("fraction_of_ideal", ascending=False).reset_index(drop=True))
 
 
+def best_block_per_precision(df: pd.DataFrame, min_sparsity: float = 0.8) -> pd.DataFrame:
+    """Per precision, every pattern's median fraction of the ideal 1/(1-s) against the fastest dense of
+    that precision (`Result.best_dense_same_precision`), at sparsity >= min_sparsity, best first; noisy
+    results left out. Columns: precision, pattern, fraction of ideal, measured, best (the first of its
+    precision, and only when it rests on two or more points)."""
+    columns = ["precision", "pattern", "fraction of ideal", "measured", "best"]
+    df = _sound(df)
+    if df.empty or "fraction_of_ideal_same_precision" not in df:
+        return pd.DataFrame(columns=columns)
+    high = df[df["sparsity_achieved"] >= min_sparsity - 1e-9].assign(precision=lambda d: d["precision"].fillna("fp32"))
+    if high.empty:
+        return pd.DataFrame(columns=columns)
+    table = (high.groupby(["precision", "pattern"])["fraction_of_ideal_same_precision"].agg(["median", "size"])
+             .reset_index().rename(columns={"median": "fraction of ideal", "size": "measured"})
+             .sort_values(["precision", "fraction of ideal"], ascending=[True, False]).reset_index(drop=True))
+    first = ~table["precision"].duplicated()
+    table["best"] = np.where(first & (table["measured"] >= 2), "best", np.where(first, "one point: no verdict", ""))
+    table["fraction of ideal"] = table["fraction of ideal"].round(2)
+    return table[columns]
+
+
 def kernel_title(result: Result) -> str:
     """'TVM BSR', 'TVM CSR' or 'TVM N:M': the sparse kernel the result timed."""
     title = result.kernel.get("title")  # the kernel family's, recorded by the run
