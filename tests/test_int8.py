@@ -148,3 +148,19 @@ def test_learn_ranks_blocks_per_precision_against_dense_of_that_precision():
     assert "block 1x4 int8" not in set(table["pattern"])
     single = best_block_per_precision(df[df["pattern"] != "block 32x4 int8"])
     assert single[single["precision"] == "int8"]["best"].iloc[0] == "one point: no verdict"
+
+
+def test_stacked_int8_weights_compute_each_layer_to_the_bit():
+    """Q, K and V stacked by rows run as one INT8 kernel (their input quantized once): the same rows, bits."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((19, 64)).astype(np.float32)
+    parts = []
+    for seed in range(3):
+        w = np.random.default_rng(seed).standard_normal((32, 64)).astype(np.float32)
+        parts.append(to_quantized_bsr(w, np.kron(rng.random((2, 16)) < 0.5, np.ones((16, 4), bool)), (16, 4)))
+    stacked = int8.stack_rows(parts)
+    knobs = int8.Int8Knobs(4, "rows", layout="feature-major")
+    got = Kernel(int8.pack(stacked, 19, knobs)).bind(x).output()
+    want = np.concatenate([Kernel(int8.pack(p, 19, knobs)).bind(x).output() for p in parts], axis=1)
+    np.testing.assert_array_equal(got, want)
+    assert int8.stack_rows([parts[0], to_quantized_bsr(parts[1].rows().dequantized(), np.ones((32, 64), bool), (8, 4))]) is None

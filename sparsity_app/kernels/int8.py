@@ -32,7 +32,7 @@ import numpy as np
 from tvm.script import tirx as T
 
 from sparsity_app.core.errors import CompileError
-from sparsity_app.kernels import (Kernel, KernelSource, Packed, balanced_parts, host_isa, largest_divisor, max_threads,
+from sparsity_app.kernels import (Kernel, KernelSource, Packed, balanced_parts, bsr, host_isa, largest_divisor, max_threads,
                                   tir_builder, token_tile)
 from sparsity_app.prune.quantize import LEVELS, TINY, QuantizedBSR, QuantizedRows, quantize_rows
 
@@ -397,6 +397,8 @@ def pack(weight: QuantizedBSR, tokens: int, knobs: Int8Knobs, n_parts: int | Non
                   x_layout=knobs.layout, tile=tile, y_feature_major=knobs.vec == "tokens" or knobs.layout == "feature-major")
 
 
-def stack_rows(weights: list[QuantizedBSR]) -> None:
-    """INT8 layers are not stacked (the whole-model graph runs float32 linears)."""
-    return None
+def stack_rows(weights: list[QuantizedBSR]) -> QuantizedBSR | None:
+    """One weight of the weights stacked by rows (Q, K, V as one call: their shared input is quantized
+    once), or None if their blocks differ. Scales are per row, so each row's arithmetic is unchanged."""
+    stacked = bsr.stack_rows([w.bsr for w in weights])
+    return None if stacked is None else QuantizedBSR(stacked, np.concatenate([w.scales for w in weights]))
