@@ -134,7 +134,8 @@ def mask_of_weights(weight: np.ndarray, spec: Spec) -> np.ndarray:
 
 def compile_plan(plan: ModelPlan, specs: dict[str, Spec | None], pruned: dict[str, np.ndarray], store=None):
     """The plan's sparse encoder (graph.Encoder) with `pruned` weights, each linear on its tuned schedule,
-    verified against the PyTorch model with the same weights (relative error <= 1e-4)."""
+    verified against the PyTorch model with the same weights (relative error <= 1e-4; an INT8 plan:
+    against the model whose linears compute the INT8 arithmetic, within `graph.tolerance`)."""
     model = get_model(plan.model)
     threads = plan.threads or default_threads()
     set_threads(threads)
@@ -142,11 +143,13 @@ def compile_plan(plan: ModelPlan, specs: dict[str, Spec | None], pruned: dict[st
     masks = {name: np.ones(pruned[name].shape, bool) if spec is None else mask_of_weights(pruned[name], spec)
              for name, spec in specs.items()}
     biases = {name: model.weight(name)[1] for name in specs}
-    linears = graph.plan_linears(plan.model, specs, pruned, masks, biases, plan.batch * plan.tokens, threads, store)
+    linears = graph.plan_linears(plan.model, specs, pruned, masks, biases, plan.batch * plan.tokens, threads, store,
+                                 precision=plan.precision)
     plans = {name: linear for name, (linear, _) in linears.items()}
     encoder = graph.compile_encoder(hf, hf, plans, plan.batch, plan.tokens)
     ids, attention = baselines.example_inputs(model.tokenizer(), plan.batch, plan.tokens)
-    graph.verify(encoder, model.pruned_copy(pruned), ids, attention)
+    reference = graph.reference_model(hf, plans) if plan.precision == "int8" else model.pruned_copy(pruned)
+    graph.verify(encoder, reference, ids, attention, graph.tolerance(plan.precision))
     return encoder
 
 
