@@ -63,7 +63,7 @@ def _dense_rows(w: np.ndarray, x: np.ndarray, precisions: tuple[str, ...]) -> di
     want = x.astype(np.float64) @ w.astype(np.float64).T
     rows = {}
     for name, peer in dense_peers(w, x, "int8" if "int8" in precisions else "fp32").items():
-        reference, tolerance = peer.expected() if hasattr(peer, "expected") else (want, 1e-4)
+        reference, tolerance = tuner.expected_of(peer, want)
         check_output(DENSE_TITLES[name], peer.output(), reference, tolerance)
         rows[DENSE_TITLES[name]] = peer.run
     return rows

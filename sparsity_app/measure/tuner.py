@@ -158,6 +158,12 @@ def reference_of(family: str, weight, x: np.ndarray, pruned: np.ndarray) -> np.n
     return fam.reference(weight, x) if fam.reference else x.astype(np.float64) @ pruned.astype(np.float64).T
 
 
+def expected_of(peer, dense_reference: np.ndarray) -> tuple[np.ndarray, float]:
+    """(Y a dense peer must produce, its tolerance): a peer with its own arithmetic (INT8) says so with
+    `expected()` (kernels.peers); any other computes X @ W^T, `dense_reference`, within 1e-4."""
+    return peer.expected() if hasattr(peer, "expected") else (dense_reference, 1e-4)
+
+
 def check_output(name: str, got: np.ndarray, want: np.ndarray, tolerance: float = 1e-4) -> float:
     """A kernel that computes the wrong answer must never produce a speedup (or win a tuning).
 

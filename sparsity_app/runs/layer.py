@@ -128,7 +128,7 @@ def _verify(prepared, peers: dict, x: np.ndarray, weight: np.ndarray, reference:
     errors = {SPARSE: tuner.check_output("TVM sparse", prepared.output(SPARSE), reference)}
     dense_reference = x.astype(np.float64) @ weight.astype(np.float64).T
     for name, peer in peers.items():
-        want, tolerance = peer.expected() if hasattr(peer, "expected") else (dense_reference, 1e-4)
+        want, tolerance = tuner.expected_of(peer, dense_reference)
         errors[name] = tuner.check_output(name, prepared.output(name), want, tolerance)
     return errors
 
